@@ -1,0 +1,190 @@
+"""cdk.context.json -> one typed, validated config object, used by app.py, the CDK stacks and the local runtime.
+
+Keys are those of the AWS sample this project succeeds (``data_firehose_configuration`` ...), so a context file
+written for it loads unchanged; meterlake's own settings live under ``meterlake``. Ranges are Firehose's own, so a
+value Firehose would refuse fails here, with one message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+#: Firehose requires this prefix on a delivery stream that receives API Gateway access logs.
+APIGATEWAY_STREAM_PREFIX = "amazon-apigateway-"
+_STREAM_NAME = re.compile(r"^[a-zA-Z0-9_.-]+$")
+_STREAM_NAME_MAX = 64
+
+#: Glue database and table names: lower case letters, digits, underscore (no hyphens: Firehose rejects them).
+GlueName = Annotated[str, Meta(pattern=r"^[a-z0-9_]+$", min_length=1, max_length=255)]
+
+CONFIG_ENV = "METERLAKE_CONFIG"
+DEFAULT_CONFIG_FILE = "cdk.context.json"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or holds a value that is not allowed."""
+
+
+class _Section(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of every config section: unknown keys are typos, so they are rejected."""
+
+
+class BufferingHints(_Section, frozen=True):
+    """Firehose delivery buffering: flush when either limit is reached."""
+
+    interval_in_seconds: Annotated[int, Meta(ge=0, le=900)] = 60
+    size_in_mbs: Annotated[int, Meta(ge=1, le=128)] = 128
+
+
+class LambdaProcessing(_Section, frozen=True):
+    """Firehose's Lambda processor settings (BufferSizeInMBs, BufferIntervalInSeconds, NumberOfRetries)."""
+
+    buffer_size: Annotated[float, Meta(ge=0.2, le=3)] = 3
+    buffer_interval: Annotated[int, Meta(ge=0, le=900)] = 300
+    number_of_retries: Annotated[int, Meta(ge=0, le=300)] = 3
+
+
+class IcebergDestination(_Section, frozen=True):
+    """Where metering events land: the Glue (or local SQLite) database and Iceberg table."""
+
+    database_name: GlueName = "restapi_access_log_iceberg_db"
+    table_name: GlueName = "restapi_access_log_iceberg"
+
+
+class DataFirehoseConfiguration(_Section, frozen=True):
+    """The sample-compatible ``data_firehose_configuration`` section."""
+
+    stream_name: str = "random-gen"
+    buffering_hints: BufferingHints = msgspec.field(default_factory=BufferingHints)
+    transform_records_with_aws_lambda: LambdaProcessing = msgspec.field(default_factory=LambdaProcessing)
+    destination_iceberg_table_configuration: IcebergDestination = msgspec.field(default_factory=IcebergDestination)
+    output_prefix: str = "restapi_access_log_iceberg_db/restapi_access_log_iceberg"
+    error_output_prefix: str = (
+        "error/year=!{timestamp:yyyy}/month=!{timestamp:MM}/day=!{timestamp:dd}/hour=!{timestamp:HH}"
+        "/!{firehose:error-output-type}"
+    )
+    s3_bucket: str | None = None
+
+    def __post_init__(self) -> None:
+        name = self.delivery_stream_name
+        if not _STREAM_NAME.match(self.stream_name):
+            raise ValueError(
+                f"stream_name {self.stream_name!r}: Firehose allows only letters, digits, '_', '.' and '-'"
+            )
+        if len(name) > _STREAM_NAME_MAX:
+            raise ValueError(
+                f"stream_name {self.stream_name!r}: the delivery stream name {name!r} would be {len(name)} "
+                f"characters; Firehose allows {_STREAM_NAME_MAX}"
+            )
+
+    @property
+    def delivery_stream_name(self) -> str:
+        """The Firehose stream name: ``amazon-apigateway-<stream_name>`` unless it already has the prefix."""
+        if self.stream_name.startswith(APIGATEWAY_STREAM_PREFIX):
+            return self.stream_name
+        return APIGATEWAY_STREAM_PREFIX + self.stream_name
+
+
+class LocalRuntime(_Section, frozen=True):
+    """The embedded runtime's gateway and its stand-in Cognito user pool."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8850
+    user_pool_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$")] = "local_pool"
+    client_id: Annotated[str, Meta(min_length=1)] = "meterlake-local-client"
+    token_ttl_seconds: Annotated[int, Meta(ge=1, le=86400)] = 3600
+
+    def __post_init__(self) -> None:
+        if self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"host {self.host!r}: the local gateway only listens on loopback")
+
+
+class MeterlakeSettings(_Section, frozen=True):
+    """meterlake's own settings, beside the sample's keys."""
+
+    unmetered_http_methods: tuple[Annotated[str, Meta(pattern=r"^[A-Z]+$")], ...] = ("OPTIONS",)
+    api_stage: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]+$")] = "prod"
+    local: LocalRuntime = msgspec.field(default_factory=LocalRuntime)
+
+
+class Config(Struct, kw_only=True, frozen=True):
+    """The whole configuration. Unknown top-level keys are CDK's own (feature flags, lookups) and are kept out."""
+
+    data_firehose_configuration: DataFirehoseConfiguration = msgspec.field(default_factory=DataFirehoseConfiguration)
+    meterlake: MeterlakeSettings = msgspec.field(default_factory=MeterlakeSettings)
+
+    @property
+    def database_name(self) -> str:
+        """The Iceberg table's database."""
+        return self.data_firehose_configuration.destination_iceberg_table_configuration.database_name
+
+    @property
+    def table_name(self) -> str:
+        """The Iceberg table's name."""
+        return self.data_firehose_configuration.destination_iceberg_table_configuration.table_name
+
+
+def parse_config(raw: Any, *, source: str = DEFAULT_CONFIG_FILE) -> Config:
+    """Validate an already-decoded context mapping into a :class:`Config`.
+
+    Raises:
+        ConfigError: naming the offending key, e.g. ``data_firehose_configuration.buffering_hints.size_in_mbs``.
+    """
+    try:
+        return msgspec.convert(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, raw, source)) from None
+
+
+def load_config(path: Path | str | None = None) -> Config:
+    """Load the config from ``path``, else ``$METERLAKE_CONFIG``, else ./cdk.context.json, else the defaults.
+
+    Raises:
+        ConfigError: the file cannot be read, is not JSON, or holds a bad value.
+    """
+    if path is None:
+        env = os.environ.get(CONFIG_ENV)
+        path = Path(env) if env else Path(DEFAULT_CONFIG_FILE)
+        if not env and not path.exists():
+            return Config()
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    try:
+        raw = msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+    return parse_config(raw, source=str(path))
+
+
+def _describe(exc: msgspec.ValidationError, raw: Any, source: str) -> str:
+    """Turn msgspec's ``Expected ... - at `$.a.b` `` into ``source: a.b: Expected ..., got <value>``."""
+    message = str(exc)
+    match = re.search(r" - at `\$\.?(.*)`$", message)
+    if not match:
+        return f"{source}: {message}"
+    key = match.group(1) or "(top level)"
+    text = message[: match.start()]
+    found, value = _lookup(raw, match.group(1))
+    if found and not isinstance(value, dict | list) and "got" not in text:
+        text += f", got {value!r}"
+    return f"{source}: {key}: {text}"
+
+
+def _lookup(raw: Any, dotted: str) -> tuple[bool, Any]:
+    """Follow a msgspec path such as ``a.b[0].c`` into ``raw``; (False, None) if it leads nowhere."""
+    node = raw
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
+        try:
+            node = node[int(part[1:-1])] if part.startswith("[") else node[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, node

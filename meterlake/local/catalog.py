@@ -1,0 +1,41 @@
+"""The local Iceberg catalog: pyiceberg's SqlCatalog on SQLite with a filesystem warehouse in the data dir."""
+
+from __future__ import annotations
+
+import contextlib
+
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.exceptions import NamespaceAlreadyExistsError, TableAlreadyExistsError
+from pyiceberg.table import Table
+
+from meterlake.config import Config
+from meterlake.local.home import DataDir
+from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA, TABLE_PROPERTIES
+
+CATALOG_NAME = "meterlake"
+
+
+def open_catalog(data: DataDir) -> SqlCatalog:
+    """Open (creating on first use) the SQLite-backed catalog under the data dir."""
+    data.ensure()
+    return SqlCatalog(
+        CATALOG_NAME,
+        uri=f"sqlite:///{data.catalog_db}",
+        warehouse=data.warehouse.as_uri(),
+    )
+
+
+def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:
+    """Return the metering-events table, creating its namespace and the table first if needed (idempotent)."""
+    with contextlib.suppress(NamespaceAlreadyExistsError):
+        catalog.create_namespace(config.database_name)
+    identifier = (config.database_name, config.table_name)
+    try:
+        return catalog.create_table(
+            identifier,
+            schema=METERING_EVENT_SCHEMA,
+            partition_spec=METERING_EVENT_PARTITION_SPEC,
+            properties=TABLE_PROPERTIES,
+        )
+    except TableAlreadyExistsError:
+        return catalog.load_table(identifier)

@@ -1,0 +1,78 @@
+"""The metering-events Iceberg table, defined once: schema, partition spec and identifier field.
+
+Generated from the access-log record (``meterlake.records``) so the two cannot drift. The local catalog creates
+the table from these objects and the CDK Glue table is generated from them.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.transforms import DayTransform
+from pyiceberg.types import (
+    IcebergType,
+    IntegerType,
+    LongType,
+    NestedField,
+    StringType,
+    TimestamptzType,
+)
+
+from meterlake.records import ACCESS_LOG_FIELDS, INGESTED_AT, FieldType
+
+_ICEBERG_TYPES: dict[FieldType, IcebergType] = {
+    FieldType.STRING: StringType(),
+    FieldType.INT: IntegerType(),
+    FieldType.LONG: LongType(),
+    FieldType.EPOCH_MILLIS: TimestamptzType(),
+}
+
+#: Iceberg field ids assigned to the partition fields start here, as the Iceberg spec does.
+PARTITION_FIELD_ID_START = 1000
+
+
+def _build_schema() -> Schema:
+    fields = [
+        NestedField(field_id=i, name=f.name, field_type=_ICEBERG_TYPES[f.type], required=f.required, doc=f.doc)
+        for i, f in enumerate(ACCESS_LOG_FIELDS, start=1)
+    ]
+    fields.append(
+        NestedField(
+            field_id=len(fields) + 1,
+            name=INGESTED_AT,
+            field_type=TimestamptzType(),
+            required=True,
+            doc="When the pipeline processed the event",
+        )
+    )
+    request_id = next(f for f in fields if f.name == "request_id")
+    return Schema(*fields, identifier_field_ids=[request_id.field_id])
+
+
+METERING_EVENT_SCHEMA: Schema = _build_schema()
+
+#: The column the table is partitioned on, by day.
+PARTITION_SOURCE_COLUMN = "request_time"
+
+METERING_EVENT_PARTITION_SPEC: PartitionSpec = PartitionSpec(
+    PartitionField(
+        source_id=METERING_EVENT_SCHEMA.find_field(PARTITION_SOURCE_COLUMN).field_id,
+        field_id=PARTITION_FIELD_ID_START,
+        transform=DayTransform(),
+        name=f"{PARTITION_SOURCE_COLUMN}_day",
+    )
+)
+
+#: Table properties shared by the local catalog and the Glue table.
+TABLE_PROPERTIES: dict[str, str] = {
+    "format-version": "2",
+    "write.format.default": "parquet",
+    "write.parquet.compression-codec": "zstd",
+}
+
+
+def metering_event_arrow_schema() -> pa.Schema:
+    """The Arrow schema rows must have to be appended to the table (timestamps in UTC microseconds)."""
+    schema: pa.Schema = METERING_EVENT_SCHEMA.as_arrow()
+    return schema
