@@ -1,0 +1,286 @@
+"""A local stand-in for an Amazon Cognito user pool: it signs ID tokens and verifies them like a Cognito authorizer.
+
+The RS256 signing key lives in the data dir (created on first use, mode 0600) so tokens survive a restart, and is
+published as a JWKS document exactly where Cognito publishes it: ``<issuer>/.well-known/jwks.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import stat
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from meterlake.config import Config
+from meterlake.local.home import DataDir
+
+#: The only algorithm a Cognito user pool signs with, and the only one accepted here.
+ALGORITHM = "RS256"
+#: Where, under the issuer URL, the pool publishes its public keys.
+JWKS_PATH = "/.well-known/jwks.json"
+#: Name of the PEM file holding the pool's private key, under ``DataDir.keys``.
+SIGNING_KEY_FILE = "user-pool-rs256.pem"
+#: Clock skew tolerated on ``exp`` and ``iat``, in seconds.
+LEEWAY_SECONDS = 5
+#: How many verified tokens are remembered, as API Gateway caches a Cognito authorizer's result per token.
+VERIFIED_TOKEN_CACHE_SIZE = 4096
+
+_KEY_SIZE = 2048
+_PUBLIC_EXPONENT = 65537
+#: ``token_use`` of an ID token; a Cognito authorizer refuses access tokens.
+_ID_TOKEN_USE = "id"  # noqa: S105 - a claim value, not a secret
+_REQUIRED_CLAIMS = ["sub", "iss", "aud", "exp", "iat", "token_use", "cognito:username"]
+#: Namespace of the ``sub`` uuid5s, so one user name always maps to the same subject.
+_SUBJECT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:meterlake:local-user-pool:users")
+
+
+class InvalidToken(Exception):  # noqa: N818 - the name the gateway and its callers agreed on
+    """A token a Cognito authorizer would refuse; ``reason`` says why (for logs, never for the client)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class SigningKeyError(Exception):
+    """The signing key file exists but cannot be used (unreadable, not an RSA PEM key, or readable by others)."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = path
+
+
+@dataclass(frozen=True, slots=True)
+class IdTokenClaims:
+    """What the API needs from a verified ID token; ``tenant_id`` is None when the user has no tenant claim."""
+
+    user: str
+    tenant_id: str | None
+    client_id: str
+    sub: str
+
+
+def signing_key_path(data_dir: DataDir) -> Path:
+    """The PEM file holding the local pool's RSA private key."""
+    return data_dir.keys / SIGNING_KEY_FILE
+
+
+def issuer_url(*, host: str, port: int, user_pool_id: str) -> str:
+    """The pool's issuer, shaped like Cognito's ``https://cognito-idp.<region>.amazonaws.com/<pool id>``."""
+    authority = f"[{host}]" if ":" in host else host
+    return f"http://{authority}:{port}/{user_pool_id}"
+
+
+def for_config(config: Config, data_dir: DataDir, *, port: int | None = None) -> UserPool:
+    """Build the user pool described by ``config.meterlake.local``; ``port`` overrides the configured one.
+
+    Raises:
+        SigningKeyError: the existing key file cannot be used.
+    """
+    local = config.meterlake.local
+    return UserPool(
+        data_dir=data_dir,
+        issuer=issuer_url(host=local.host, port=local.port if port is None else port, user_pool_id=local.user_pool_id),
+        client_id=local.client_id,
+        token_ttl_seconds=local.token_ttl_seconds,
+    )
+
+
+class UserPool:
+    """Issues RS256 ID tokens carrying Cognito's claims and verifies them as a Cognito user-pool authorizer does."""
+
+    def __init__(self, *, data_dir: DataDir, issuer: str, client_id: str, token_ttl_seconds: int) -> None:
+        """Load the signing key from the data dir, creating it on first use.
+
+        Raises:
+            SigningKeyError: the existing key file cannot be used.
+            ValueError: ``token_ttl_seconds`` is not positive.
+        """
+        if token_ttl_seconds < 1:
+            raise ValueError(f"token_ttl_seconds must be at least 1, got {token_ttl_seconds}")
+        self.issuer = issuer
+        self.client_id = client_id
+        self.token_ttl_seconds = token_ttl_seconds
+        self._private_key = _load_or_create_key(signing_key_path(data_dir))
+        # Verifying with the key object (not PEM text) spares PyJWT a parse per request.
+        self._public_key = self._private_key.public_key()
+        self._public_jwk = _public_jwk(self._public_key)
+        self.kid = _jwk_thumbprint(self._public_jwk)
+        # token -> (claims, exp): an RS256 check costs ~0.1 ms, a lookup ~1 µs; expiry is still checked per call.
+        self._verified: dict[str, tuple[IdTokenClaims, int]] = {}
+        self._verified_lock = threading.Lock()
+
+    @property
+    def jwks_url(self) -> str:
+        """Where the pool's JWKS document is served."""
+        return self.issuer + JWKS_PATH
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWKS document listing the pool's one public signing key."""
+        return {"keys": [{**self._public_jwk, "kid": self.kid, "use": "sig", "alg": ALGORITHM}]}
+
+    def issue_id_token(
+        self, *, user: str, tenant_id: str | None, ttl_seconds: int | None = None, email: str | None = None
+    ) -> str:
+        """Sign an ID token for ``user``, as Cognito's InitiateAuth would return it.
+
+        Raises:
+            ValueError: ``user`` is empty or ``ttl_seconds`` is not positive.
+        """
+        if not user:
+            raise ValueError("user must not be empty")
+        ttl = self.token_ttl_seconds if ttl_seconds is None else ttl_seconds
+        if ttl < 1:
+            raise ValueError(f"ttl_seconds must be at least 1, got {ttl}")
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "sub": str(uuid.uuid5(_SUBJECT_NAMESPACE, user)),
+            "iss": self.issuer,
+            "aud": self.client_id,
+            "token_use": _ID_TOKEN_USE,
+            "auth_time": now,
+            "iat": now,
+            "exp": now + ttl,
+            "cognito:username": user,
+        }
+        if tenant_id is not None:
+            claims["custom:tenant_id"] = tenant_id
+        if email is not None:
+            claims["email"] = email
+        return jwt.encode(claims, self._private_key, algorithm=ALGORITHM, headers={"kid": self.kid})
+
+    def verify_id_token(self, token: str) -> IdTokenClaims:
+        """Check signature, algorithm, key id, lifetime, issuer, audience and token use; return the claims.
+
+        A token that passed is remembered (up to ``VERIFIED_TOKEN_CACHE_SIZE`` of them) and then only its expiry
+        is checked again: the same bytes carry the same signature and claims.
+
+        Raises:
+            InvalidToken: the token would be refused by a Cognito authorizer; ``reason`` says why.
+        """
+        with self._verified_lock:
+            hit = self._verified.get(token)
+        if hit is not None:
+            if time.time() > hit[1] + LEEWAY_SECONDS:
+                raise InvalidToken("ExpiredSignatureError: Signature has expired")
+            return hit[0]
+        verified, expires_at = self._verify(token)
+        with self._verified_lock:
+            if len(self._verified) >= VERIFIED_TOKEN_CACHE_SIZE:
+                del self._verified[next(iter(self._verified))]
+            self._verified[token] = (verified, expires_at)
+        return verified
+
+    def _verify(self, token: str) -> tuple[IdTokenClaims, int]:
+        """Fully verify ``token``; return its claims and ``exp``."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"malformed token: {exc}") from None
+        alg = header.get("alg")
+        if alg != ALGORITHM:
+            raise InvalidToken(f"algorithm {alg!r} is not {ALGORITHM}")
+        kid = header.get("kid")
+        if kid != self.kid:
+            raise InvalidToken(f"unknown key id {kid!r}")
+        try:
+            claims = jwt.decode(
+                token,
+                self._public_key,
+                algorithms=[ALGORITHM],
+                audience=self.client_id,
+                issuer=self.issuer,
+                leeway=LEEWAY_SECONDS,
+                options={"require": _REQUIRED_CLAIMS},
+            )
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(f"{type(exc).__name__}: {exc}") from None
+        token_use = claims["token_use"]
+        if token_use != _ID_TOKEN_USE:
+            raise InvalidToken(f"token_use {token_use!r} is not {_ID_TOKEN_USE!r}")
+        user = claims["cognito:username"]
+        tenant_id = claims.get("custom:tenant_id")
+        sub = claims["sub"]
+        if not isinstance(user, str) or not user:
+            raise InvalidToken(f"cognito:username {user!r} is not a non-empty string")
+        if tenant_id is not None and not isinstance(tenant_id, str):
+            raise InvalidToken(f"custom:tenant_id {tenant_id!r} is not a string")
+        if not isinstance(sub, str):
+            raise InvalidToken(f"sub {sub!r} is not a string")
+        return IdTokenClaims(user=user, tenant_id=tenant_id, client_id=self.client_id, sub=sub), int(claims["exp"])
+
+
+def _load_or_create_key(path: Path) -> rsa.RSAPrivateKey:
+    """Read the pool's key, or create it so that concurrent first starts still agree on one key."""
+    try:
+        return _load_key(path)
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = rsa.generate_private_key(public_exponent=_PUBLIC_EXPONENT, key_size=_KEY_SIZE)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    # Write a private temp file, then link it into place: the key appears whole or not at all, and if another
+    # process got there first, its key wins and ours is discarded.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink()
+    return _load_key(path)
+
+
+def _load_key(path: Path) -> rsa.RSAPrivateKey:
+    """Read and check the PEM key at ``path``; FileNotFoundError if there is none yet."""
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SigningKeyError(path, f"cannot read the signing key ({exc.strerror})") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SigningKeyError(path, f"the signing key is accessible to others (mode {stat.filemode(mode)}); chmod 600")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise SigningKeyError(path, f"not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, rsa.RSAPrivateKey) or key.key_size < _KEY_SIZE:
+        raise SigningKeyError(path, f"not an RSA key of at least {_KEY_SIZE} bits")
+    return key
+
+
+def _b64url_uint(value: int) -> str:
+    """Base64url (unpadded) of an unsigned big-endian integer, as JWK's ``n`` and ``e`` are written."""
+    raw = value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _public_jwk(public_key: rsa.RSAPublicKey) -> dict[str, str]:
+    """The RSA public key's required JWK members: ``kty``, ``n``, ``e``."""
+    numbers = public_key.public_numbers()
+    return {"kty": "RSA", "n": _b64url_uint(numbers.n), "e": _b64url_uint(numbers.e)}
+
+
+def _jwk_thumbprint(jwk: dict[str, str]) -> str:
+    """RFC 7638 thumbprint: SHA-256 of the required members, sorted, without whitespace; base64url."""
+    canonical = json.dumps({name: jwk[name] for name in ("e", "kty", "n")}, separators=(",", ":"), sort_keys=True)
+    digest = hashlib.sha256(canonical.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")

@@ -1,0 +1,355 @@
+"""The local API gateway over real HTTP on loopback: routing, the Cognito authorizer, one access-log line a request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import string
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from meterlake.config import Config, parse_config
+from meterlake.local.gateway import (
+    AccessLogDeliveryError,
+    AccessLogWriter,
+    GatewayError,
+    GatewayServer,
+    create_gateway_app,
+)
+from meterlake.local.home import DataDir
+from meterlake.records import ACCESS_LOG_FIELDS, MISSING
+from tests.meterlake.local.test_auth import bad_tokens
+
+FIELD_NAMES = [f.name for f in ACCESS_LOG_FIELDS]
+CONFIG = Config()
+STAGE = CONFIG.meterlake.api_stage
+
+
+class CollectingSink:
+    """An in-memory delivery stream; ``fail_next`` makes that many calls raise first."""
+
+    def __init__(self, fail_next: int = 0) -> None:
+        self.lines: list[bytes] = []
+        self.batches: list[int] = []
+        self.fail_next = fail_next
+        self._lock = threading.Lock()
+
+    def put_records(self, lines: Sequence[bytes]) -> None:
+        with self._lock:
+            if self.fail_next:
+                self.fail_next -= 1
+                raise OSError("disk full")
+            self.lines.extend(lines)
+            self.batches.append(len(lines))
+
+    def records(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [json.loads(line) for line in self.lines]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> DataDir:
+    """One data dir, so one RSA key generation, for the module."""
+    return DataDir.resolve(tmp_path_factory.mktemp("home"))
+
+
+@pytest.fixture
+def sink() -> CollectingSink:
+    return CollectingSink()
+
+
+@pytest.fixture
+def gateway(data_dir: DataDir, sink: CollectingSink) -> Iterator[GatewayServer]:
+    with GatewayServer(config=CONFIG, data_dir=data_dir, access_log=sink, port=0) as server:
+        yield server
+
+
+@pytest.fixture
+def client(gateway: GatewayServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gateway.invoke_url, timeout=10) as http:
+        yield http
+
+
+def logged(gateway: GatewayServer, sink: CollectingSink) -> list[dict[str, Any]]:
+    gateway.drain(5)
+    return sink.records()
+
+
+def test_authorized_request_is_served_and_logged_with_its_claims(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink
+) -> None:
+    token = gateway.user_pool.issue_id_token(user="alice", tenant_id="acme")
+    before_ms = time.time_ns() // 1_000_000
+    response = client.get(
+        "/random/strings", params={"len": 7, "num": 3, "chars": "digits"}, headers={"Authorization": token}
+    )
+    after_ms = time.time_ns() // 1_000_000
+    assert response.status_code == 200
+    strings = response.json()
+    assert len(strings) == 3
+    assert all(len(s) == 7 and set(s) <= set(string.digits) for s in strings)
+    (record,) = logged(gateway, sink)
+    assert record["request_id"] == response.headers["x-amzn-RequestId"]
+    assert before_ms <= int(record["request_time"]) <= after_ms
+    assert int(record["response_latency_ms"]) >= int(record["integration_latency_ms"]) >= 0
+    assert {
+        k: v
+        for k, v in record.items()
+        if k not in ("request_id", "request_time", "response_latency_ms", "integration_latency_ms")
+    } == {
+        "api_id": "local",
+        "stage": STAGE,
+        "tenant_id": "acme",
+        "user": "alice",
+        "client_id": CONFIG.meterlake.local.client_id,
+        "ip": "127.0.0.1",
+        "user_agent": client.headers["user-agent"],
+        "http_method": "GET",
+        "resource_path": "/random/strings",
+        "path": f"/{STAGE}/random/strings",
+        "status": "200",
+        "protocol": "HTTP/1.1",
+        "response_length": str(len(response.content)),
+    }
+
+
+def test_bearer_form_is_accepted_and_a_tenantless_token_is_served(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink
+) -> None:
+    with_tenant = gateway.user_pool.issue_id_token(user="alice", tenant_id="acme")
+    without_tenant = gateway.user_pool.issue_id_token(user="bob", tenant_id=None)
+    assert client.get("/random/strings", headers={"Authorization": f"Bearer {with_tenant}"}).status_code == 200
+    assert client.get("/random/strings", headers={"Authorization": without_tenant}).status_code == 200
+    first, second = logged(gateway, sink)
+    assert (first["tenant_id"], first["user"]) == ("acme", "alice")
+    assert (second["tenant_id"], second["user"], second["status"]) == (MISSING, "bob", "200")
+
+
+def test_every_bad_token_is_a_bare_401_logged_without_claims(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink, data_dir: DataDir
+) -> None:
+    headers: list[dict[str, str]] = [{}, {"Authorization": ""}, {"Authorization": "Bearer"}]
+    headers += [{"Authorization": token} for token in bad_tokens(data_dir, gateway.user_pool).values()]
+    for header in headers:
+        response = client.get("/random/strings", headers=header)
+        assert (response.status_code, response.json()) == (401, {"message": "Unauthorized"}), header
+    records = logged(gateway, sink)
+    assert len(records) == len(headers)
+    for record in records:
+        assert record["status"] == "401"
+        assert record["resource_path"] == "/random/strings"
+        assert (
+            record["tenant_id"] == record["user"] == record["client_id"] == record["integration_latency_ms"] == MISSING
+        )
+
+
+@pytest.mark.parametrize(
+    ("params", "count", "length", "alphabet"),
+    [
+        ({}, 1, 1, string.ascii_letters),
+        ({"len": "50", "num": "0"}, 1, 20, string.ascii_letters),
+        ({"len": "-3", "num": "1000", "chars": "uppercase"}, 100, 1, string.ascii_uppercase),
+        ({"len": "20", "num": "+4", "chars": "lowercase"}, 4, 20, string.ascii_lowercase),
+        ({"len": "9" * 5000, "num": "-" + "9" * 5000}, 1, 20, string.ascii_letters),
+        ({"len": "0007", "num": "0100", "chars": "digits"}, 100, 7, string.digits),
+    ],
+)
+def test_parameters_default_and_clamp_like_the_sample(
+    gateway: GatewayServer, client: httpx.Client, params: dict[str, str], count: int, length: int, alphabet: str
+) -> None:
+    token = gateway.user_pool.issue_id_token(user="alice", tenant_id="acme")
+    strings = client.get("/random/strings", params=params, headers={"Authorization": token}).json()
+    assert len(strings) == count
+    assert all(len(s) == length and set(s) <= set(alphabet) for s in strings)
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [({"chars": "symbols"}, "chars"), ({"num": "abc"}, "num"), ({"len": "1.5"}, "len"), ({"len": ""}, "len")],
+)
+def test_bad_parameters_are_400_naming_the_parameter(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink, params: dict[str, str], named: str
+) -> None:
+    token = gateway.user_pool.issue_id_token(user="alice", tenant_id="acme")
+    response = client.get("/random/strings", params=params, headers={"Authorization": token})
+    assert response.status_code == 400
+    assert response.json()["message"].startswith(f"{named} must be")
+    (record,) = logged(gateway, sink)
+    assert (record["status"], record["tenant_id"]) == ("400", "acme")
+    assert record["integration_latency_ms"] != MISSING
+
+
+def test_unknown_paths_and_wrong_methods_are_answered_and_logged_once(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink
+) -> None:
+    not_found = client.get("/random/numbers")
+    outside_stage = client.get(f"http://127.0.0.1:{gateway.port}/other")
+    wrong_method = client.post("/random/strings", headers={"Authorization": "whatever"})
+    head = client.head("/random/strings")
+    assert (not_found.status_code, not_found.json()) == (404, {"message": "Not Found"})
+    assert outside_stage.status_code == 404
+    assert (wrong_method.status_code, wrong_method.json()) == (405, {"message": "Method Not Allowed"})
+    assert wrong_method.headers["allow"] == "GET"
+    assert head.status_code == 405
+    records = logged(gateway, sink)
+    assert [(r["status"], r["http_method"], r["path"], r["resource_path"]) for r in records] == [
+        ("404", "GET", f"/{STAGE}/random/numbers", MISSING),
+        ("404", "GET", "/other", MISSING),
+        ("405", "POST", f"/{STAGE}/random/strings", "/random/strings"),
+        ("405", "HEAD", f"/{STAGE}/random/strings", "/random/strings"),
+    ]
+    assert [r["request_id"] for r in records] == [
+        r.headers["x-amzn-RequestId"] for r in (not_found, outside_stage, wrong_method, head)
+    ]
+
+
+def test_jwks_is_served_at_the_issuer_and_not_access_logged(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink
+) -> None:
+    assert gateway.issuer == f"http://127.0.0.1:{gateway.port}/{CONFIG.meterlake.local.user_pool_id}"
+    assert gateway.invoke_url == f"http://127.0.0.1:{gateway.port}/{STAGE}"
+    response = client.get(gateway.user_pool.jwks_url)
+    assert response.status_code == 200
+    assert response.json() == gateway.user_pool.jwks()
+    assert logged(gateway, sink) == []
+
+
+def test_lines_hold_exactly_the_record_fields_as_strings(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink
+) -> None:
+    token = gateway.user_pool.issue_id_token(user="alice", tenant_id=None)
+    client.get("/random/strings", headers={"Authorization": token})
+    client.get("/random/strings")
+    client.get("/nowhere", headers={"User-Agent": ""})
+    gateway.drain(5)
+    assert len(sink.lines) == 3
+    for line in sink.lines:
+        record = json.loads(line)
+        assert list(record) == FIELD_NAMES
+        assert all(isinstance(value, str) and value for value in record.values())
+
+
+def test_concurrent_requests_each_log_exactly_one_line(gateway: GatewayServer, sink: CollectingSink) -> None:
+    tokens = [gateway.user_pool.issue_id_token(user=f"user{i}", tenant_id=f"t{i % 3}") for i in range(4)]
+    targets = [("/random/strings", {"Authorization": tokens[i % 4]}) for i in range(240)]
+    targets += [("/random/strings", {"Authorization": "bad"}) for _ in range(30)]
+    targets += [("/missing", {}) for _ in range(30)]
+
+    async def worker(jobs: list[tuple[str, dict[str, str]]], ids: list[str]) -> None:
+        async with httpx.AsyncClient(base_url=gateway.invoke_url, timeout=10) as http:
+            for path, headers in jobs:
+                ids.append((await http.get(path, headers=headers)).headers["x-amzn-RequestId"])
+
+    async def load() -> list[str]:
+        ids: list[str] = []
+        await asyncio.gather(*(worker(targets[i::16], ids) for i in range(16)))
+        return ids
+
+    response_ids = asyncio.run(load())
+    records = logged(gateway, sink)
+    assert len(records) == len(targets) == 300
+    assert sorted(r["request_id"] for r in records) == sorted(response_ids)
+    assert len(set(response_ids)) == 300
+    statuses = [r["status"] for r in records]
+    assert (statuses.count("200"), statuses.count("401"), statuses.count("404")) == (240, 30, 30)
+
+
+def test_closing_the_server_delivers_every_line(data_dir: DataDir) -> None:
+    sink = CollectingSink()
+    with GatewayServer(config=CONFIG, data_dir=data_dir, access_log=sink, port=0) as server:
+        for _ in range(5):
+            httpx.get(server.invoke_url + "/nowhere")
+    assert len(sink.lines) == 5
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.invoke_url + "/nowhere")
+
+
+def test_a_port_in_use_is_a_clear_error(data_dir: DataDir) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(GatewayError, match=f"port {port} on 127.0.0.1 is in use"):
+            GatewayServer(config=CONFIG, data_dir=data_dir, access_log=CollectingSink(), port=port)
+
+
+def test_the_configured_port_is_used_when_none_is_given(data_dir: DataDir) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = parse_config({"meterlake": {"local": {"port": port}}})
+    with GatewayServer(config=config, data_dir=data_dir, access_log=CollectingSink()) as server:
+        assert server.port == port
+        assert server.user_pool.issuer.startswith(f"http://127.0.0.1:{port}/")
+
+
+def test_an_exception_is_a_logged_500(data_dir: DataDir, gateway: GatewayServer) -> None:
+    sink = CollectingSink()
+    app = create_gateway_app(config=CONFIG, user_pool=gateway.user_pool, access_log=sink)
+
+    async def broken(_: Request) -> Response:
+        raise RuntimeError("integration bug")
+
+    async def broken_midway(_: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"["
+            raise RuntimeError("failed while streaming")
+
+        return StreamingResponse(body())
+
+    app.add_route(f"/{STAGE}/broken", broken)
+    app.add_route(f"/{STAGE}/broken-midway", broken_midway)
+
+    async def call() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as http:
+            response = await http.get(f"/{STAGE}/broken")
+            with pytest.raises(RuntimeError, match="failed while streaming"):
+                await http.get(f"/{STAGE}/broken-midway")
+            return response
+
+    response = asyncio.run(call())
+    assert (response.status_code, response.json()) == (500, {"message": "Internal server error"})
+    app.access_log_writer.close(5)
+    first, second = (json.loads(line) for line in sink.lines)
+    assert (first["status"], first["request_id"]) == ("500", response.headers["x-amzn-RequestId"])
+    assert (second["status"], second["response_length"]) == ("200", "1")
+
+
+def test_writer_keeps_and_retries_lines_a_failing_sink_refused(caplog: pytest.LogCaptureFixture) -> None:
+    sink = CollectingSink(fail_next=2)
+    writer = AccessLogWriter(sink, max_batch=4, max_delay=0.001)
+    lines = [f"line {i}".encode() for i in range(10)]
+    with caplog.at_level(logging.ERROR, logger="meterlake.local.gateway"):
+        for line in lines:
+            writer.put(line)
+        writer.drain(10)
+    assert sink.lines == lines
+    assert max(sink.batches) <= 4
+    assert writer.pending == 0
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 2
+    writer.close(5)
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.put(b"late")
+
+
+def test_drain_reports_lines_a_broken_sink_still_holds() -> None:
+    sink = CollectingSink(fail_next=10**9)
+    writer = AccessLogWriter(sink, max_delay=0.001)
+    writer.put(b"one")
+    writer.put(b"two")
+    with pytest.raises(AccessLogDeliveryError, match=r"2 access-log lines not yet delivered.*disk full") as failed:
+        writer.drain(0.3)
+    assert failed.value.pending == 2
+    assert isinstance(failed.value.last_error, OSError)
+    sink.fail_next = 0
+    writer.close(10)
+    assert sink.lines == [b"one", b"two"]
