@@ -1,0 +1,1061 @@
+"""The local delivery stream: Amazon Data Firehose with an Apache Iceberg destination, on one machine.
+
+``put_records`` makes lines durable in the spool (that return is the acknowledgement). A flush then does what
+Firehose does with a buffer: it cuts the records into Lambda-sized events, calls the transform handler (retrying a
+failed invocation ``number_of_retries`` times), writes rejected records to the error folder under the error output
+prefix, and appends the Ok rows to the Iceberg table each names, with one commit per table.
+
+Exactly once, even across ``kill -9``: every commit carries the spool offset it covers in its snapshot summary
+(``meterlake.spool-offset``), so the data and the offset land atomically; flushes that commit no rows advance a local
+checkpoint written after the fact. On open the stream resumes from the larger of the two. Firehose is at-least-once,
+so the same access-log line can be put twice: rows whose ``request_id`` was already committed are dropped before the
+commit, using an on-disk index (DuckDB) that is a cache of the table and is brought up to date from it on open.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import io
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import duckdb
+import msgspec
+import pyarrow as pa
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+from pyiceberg.catalog import Catalog
+from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Snapshot
+
+from meterlake.config import Config, load_config
+from meterlake.local.catalog import ensure_metering_table, open_catalog
+from meterlake.local.home import DataDir
+from meterlake.local.spool import Spool, SpoolBatch, SpoolError, SpoolInUseError
+from transform_lambda.handler import TransformSettings, make_handler
+from transform_lambda.normalize import rejection_reason
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+#: Lambda's synchronous request payload limit; a Firehose event must stay below it.
+LAMBDA_REQUEST_LIMIT_BYTES = 6 * 1024 * 1024
+_MIB = 1024 * 1024
+#: JSON around each record in an event ({"recordId": ..., "approximateArrivalTimestamp": ..., "data": ...}) and
+#: around the event itself; generous so the real size stays below the estimate.
+_RECORD_JSON_OVERHEAD = 128
+_EVENT_JSON_OVERHEAD = 1024
+#: The largest record ``put_records`` accepts: one that still fits, base64-encoded, in a Lambda request. Records
+#: above Firehose's 1,000 KiB limit are accepted and reach the transform, which rejects them with a reason, so one
+#: oversized line lands in the error folder instead of blocking the gateway's writer.
+MAX_PUT_RECORD_BYTES = (LAMBDA_REQUEST_LIMIT_BYTES - _EVENT_JSON_OVERHEAD - _RECORD_JSON_OVERHEAD) // 4 * 3
+
+#: Snapshot-summary keys: the spool offset a commit covers, and which stream made it.
+SPOOL_OFFSET_PROPERTY = "meterlake.spool-offset"
+STREAM_PROPERTY = "meterlake.delivery-stream"
+CHECKPOINT_FILE = "checkpoint.json"
+REQUEST_ID_INDEX_FILE = "request-ids.duckdb"
+REQUEST_ID_COLUMN = "request_id"
+
+#: Error output types (the value of ``!{firehose:error-output-type}``).
+PROCESSING_FAILED = "processing-failed"
+DELIVERY_FAILED = "iceberg-failed"
+
+_RESULTS = frozenset({"Ok", "Dropped", "ProcessingFailed"})
+_SUPPORTED_OPERATION = "insert"
+_FLUSHER_BACKOFF_SECONDS = 1.0
+
+
+class StreamError(Exception):
+    """Base of the delivery stream's errors."""
+
+
+class StreamInUseError(StreamError):
+    """Another process holds the stream's spool."""
+
+    def __init__(self, directory: Path, pid: int | None) -> None:
+        holder = f"pid {pid}" if pid is not None else "another process"
+        super().__init__(f"the delivery stream in {directory} is in use by {holder}")
+        self.directory = directory
+        self.pid = pid
+
+
+class SpoolUnusableError(StreamError):
+    """The spool cannot be opened or read (damaged, or it does not hold the offsets the table says are pending)."""
+
+    def __init__(self, directory: Path, problem: str) -> None:
+        super().__init__(f"the delivery stream's spool in {directory} cannot be used: {problem}")
+        self.directory = directory
+
+
+class RecordTooLargeError(StreamError):
+    """A record cannot fit in a Lambda request even alone; the whole batch was refused."""
+
+    def __init__(self, index: int, size: int) -> None:
+        super().__init__(f"record {index} of the batch is {size} bytes; a record may be at most {MAX_PUT_RECORD_BYTES}")
+        self.index = index
+        self.size = size
+
+
+class ErrorPrefixError(StreamError):
+    """The error output prefix uses an expression the local stream cannot render."""
+
+    def __init__(self, prefix: str, expression: str) -> None:
+        super().__init__(f"error_output_prefix {prefix!r}: cannot render {expression!r}")
+        self.prefix = prefix
+        self.expression = expression
+
+
+class StreamClosedError(StreamError):
+    """``put_records`` or ``flush`` was called after ``close``."""
+
+
+class DeliveryFailedError(StreamError):
+    """The Iceberg commit of a flush failed; the records stay in the spool and the next flush retries them."""
+
+    def __init__(self, table: str, cause: BaseException) -> None:
+        super().__init__(f"committing to Iceberg table {table} failed: {cause}")
+        self.table = table
+
+
+@dataclass(frozen=True, slots=True)
+class FlushReport:
+    """What a flush did. Counts are records; ``snapshot_id`` is the last Iceberg snapshot it committed."""
+
+    records_read: int = 0
+    ok_written: int = 0
+    dropped: int = 0
+    failed: int = 0
+    duplicates_skipped: int = 0
+    invocations: int = 0
+    commits: int = 0
+    snapshot_id: int | None = None
+    committed_offset: int = 0
+
+    def __add__(self, later: FlushReport) -> FlushReport:
+        """Sum the counts; snapshot and offset come from the later report."""
+        counts = {
+            f.name: getattr(self, f.name) + getattr(later, f.name)
+            for f in fields(FlushReport)
+            if f.name not in ("snapshot_id", "committed_offset")
+        }
+        snapshot = later.snapshot_id if later.snapshot_id is not None else self.snapshot_id
+        offset = max(self.committed_offset, later.committed_offset)
+        return FlushReport(**counts, snapshot_id=snapshot, committed_offset=offset)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStats:
+    """A snapshot of the stream for status output: spool offsets, pending bytes and the oldest pending record's age."""
+
+    spooled_offset: int
+    committed_offset: int
+    pending_bytes: int
+    lag_seconds: float
+    last_error: str | None
+
+
+@dataclass(slots=True)
+class _Rejected:
+    """One record bound for the error folder."""
+
+    offset: int
+    arrival_ms: int
+    raw: bytes
+    error_code: str
+    message: str
+    attempts: int
+    output_type: str
+
+    @classmethod
+    def of(cls, piece: SpoolBatch, i: int, code: str, message: str, attempts: int, output_type: str) -> _Rejected:
+        """The reject for record ``i`` of ``piece``."""
+        return cls(piece.offsets[i], piece.arrivals_ms[i], piece.records[i], code, message, attempts, output_type)
+
+
+class _Sink:
+    """One destination table of a buffer and the Arrow rows decoded for it so far."""
+
+    def __init__(self, table: Table | None) -> None:
+        self.table = table
+        self.schema: pa.Schema = table.schema().as_arrow() if table is not None else pa.schema([])
+        self.chunks: list[pa.Table] = []
+
+
+@dataclass(slots=True)
+class _Buffer:
+    """What one flush buffer has read and decided so far; ``[start, end)`` is the spool range it covers."""
+
+    start: int
+    end: int
+    first_arrival_ms: int = 0
+    records_read: int = 0
+    dropped: int = 0
+    duplicates: int = 0
+    invocations: int = 0
+    rejected: list[_Rejected] = field(default_factory=list)
+    destinations: dict[tuple[str, str], _Sink] = field(default_factory=dict)
+
+
+# -- error output ---------------------------------------------------------------------------------------------------
+
+_JAVA_DATE_TOKENS = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
+_EXPRESSION = re.compile(r"!\{([^}]*)\}")
+_DATE_TOKEN = re.compile("|".join(sorted(_JAVA_DATE_TOKENS, key=len, reverse=True)))
+
+
+def render_error_prefix(prefix: str, *, when_ms: int, output_type: str) -> str:
+    """Render Firehose's error output prefix (``!{timestamp:...}``, ``!{firehose:error-output-type}``) in UTC.
+
+    Raises:
+        ErrorPrefixError: an expression other than those two, or a date pattern with other letters.
+    """
+    moment = datetime.fromtimestamp(when_ms / 1000, tz=UTC)
+
+    def render(match: re.Match[str]) -> str:
+        kind, _, argument = match.group(1).partition(":")
+        if kind == "firehose" and argument == "error-output-type":
+            return output_type
+        if kind == "timestamp" and argument:
+            if re.sub(r"[^A-Za-z]", "", _DATE_TOKEN.sub("", argument)):
+                raise ErrorPrefixError(prefix, match.group(0))
+            return moment.strftime(_DATE_TOKEN.sub(lambda t: _JAVA_DATE_TOKENS[t.group(0)], argument))
+        raise ErrorPrefixError(prefix, match.group(0))
+
+    rendered = _EXPRESSION.sub(render, prefix).strip("/")
+    if any(part in ("", ".", "..") for part in rendered.split("/")):
+        raise ErrorPrefixError(prefix, rendered)
+    return rendered
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+# -- the request_id index -------------------------------------------------------------------------------------------
+
+#: 16-byte key of a request_id: the UUID itself when it is a canonical (lower-case) UUID, else its MD5.
+_KEY_SQL = (
+    "CASE WHEN regexp_full_match(request_id, '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}') "
+    "THEN request_id::UUID ELSE md5(request_id)::UUID END"
+)
+
+
+class RequestIdIndex:
+    """The request_ids committed to each table, as 16-byte keys in a DuckDB file: a cache derivable from the table.
+
+    Each table's entry records the last snapshot it covers; :meth:`catch_up` indexes newer snapshots' data files, so
+    a crash between an Iceberg commit and the index update costs a re-read, never a missed duplicate. Hash joins of a
+    flush's keys against the whole key set measured ~0.4 us/key at 5M keys, ~20x faster than a SQLite B-tree.
+    """
+
+    def __init__(self, path: Path, *, memory_limit_mb: int = 128) -> None:
+        self.path = path
+        config: dict[str, str | bool | int | float | list[str]] = {
+            "memory_limit": f"{memory_limit_mb}MB",
+            "threads": 2,
+        }
+        try:
+            self._db = duckdb.connect(str(path), config=config)
+            self._exec("CREATE TABLE IF NOT EXISTS tables (name VARCHAR, id INTEGER, snapshot_id BIGINT)")
+        except duckdb.Error as exc:
+            # The index is only a cache of the table: a damaged file is rebuilt, not a reason to stop.
+            logger.warning("request_id index %s unreadable (%s); rebuilding it from the table", path, exc)
+            for stale in (path, path.with_name(path.name + ".wal")):
+                stale.unlink(missing_ok=True)
+            self._db = duckdb.connect(str(path), config=config)
+            self._exec("CREATE TABLE tables (name VARCHAR, id INTEGER, snapshot_id BIGINT)")
+        self._staged: dict[str, str] = {}
+
+    def _exec(self, sql: str, params: list[object] | None = None) -> list[tuple[Any, ...]]:
+        """Run one statement to completion (DuckDB refuses new work while a result is unread)."""
+        rows: list[tuple[Any, ...]] = self._db.execute(sql, params).fetchall()
+        return rows
+
+    def close(self) -> None:
+        """Close the DuckDB connection."""
+        self._db.close()
+
+    def _table_id(self, name: str) -> int:
+        rows = self._exec("SELECT id FROM tables WHERE name = ?", [name])
+        if rows:
+            return int(rows[0][0])
+        table_id = int(self._exec("SELECT count(*) FROM tables")[0][0])
+        self._exec(f"CREATE TABLE IF NOT EXISTS seen_{table_id} (k UUID)")
+        self._exec("INSERT INTO tables VALUES (?, ?, NULL)", [name, table_id])
+        return table_id
+
+    def table_names(self) -> list[str]:
+        """The tables the index holds keys for ("database.table")."""
+        return [str(name) for (name,) in self._exec("SELECT name FROM tables ORDER BY id")]
+
+    def covered_snapshot(self, name: str) -> int | None:
+        """The last snapshot of table ``name`` whose request_ids are indexed."""
+        rows = self._exec("SELECT snapshot_id FROM tables WHERE name = ?", [name])
+        return None if not rows or rows[0][0] is None else int(rows[0][0])
+
+    def catch_up(self, name: str, table: Table) -> int:
+        """Index the request_ids of ``table``'s snapshots newer than the covered one; returns data files read."""
+        current = table.current_snapshot()
+        covered = self.covered_snapshot(name)
+        if current is None or current.snapshot_id == covered:
+            return 0
+        newer: list[Snapshot] = []
+        paths: list[str] = []
+        snapshot: Snapshot | None = current
+        while snapshot is not None and snapshot.snapshot_id != covered:
+            newer.append(snapshot)
+            snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
+        table_id = self._table_id(name)
+        if snapshot is None:
+            # The covered snapshot is not an ancestor (table replaced or expired): rebuild from the live files.
+            self._exec(f"DELETE FROM seen_{table_id}")  # noqa: S608 (table ids are our own integers)
+            scan = table.scan(selected_fields=(REQUEST_ID_COLUMN,))
+            paths = [str(task.file.file_path) for task in scan.plan_files()]
+        else:
+            for snap in newer:
+                for manifest in snap.manifests(table.io):
+                    if manifest.added_snapshot_id != snap.snapshot_id:
+                        continue
+                    paths.extend(
+                        entry.data_file.file_path
+                        for entry in manifest.fetch_manifest_entry(table.io)
+                        if entry.status == ManifestEntryStatus.ADDED
+                        and entry.snapshot_id == snap.snapshot_id
+                        and entry.data_file.content == DataFileContent.DATA
+                    )
+        self._exec("BEGIN")
+        for path in paths:
+            with table.io.new_input(path).open() as handle:
+                ids = pq.read_table(handle, columns=[REQUEST_ID_COLUMN])
+            self._db.register("indexed", ids)
+            self._exec(
+                f"INSERT INTO seen_{table_id} SELECT DISTINCT k FROM (SELECT {_KEY_SQL} AS k FROM indexed) "  # noqa: S608
+                f"WHERE k NOT IN (SELECT k FROM seen_{table_id})"
+            )
+            self._db.unregister("indexed")
+        self._exec("UPDATE tables SET snapshot_id = ? WHERE name = ?", [current.snapshot_id, name])
+        self._exec("COMMIT")
+        return len(paths)
+
+    def stage_unseen(self, name: str, request_ids: pa.ChunkedArray | pa.Array) -> pa.Array:
+        """Positions of the rows to commit: each request_id's first occurrence, unless already committed.
+
+        Their keys are staged until :meth:`commit_staged` (after the Iceberg commit) or :meth:`discard_staged`.
+        """
+        table_id = self._table_id(name)
+        batch = pa.table({"i": pa.array(range(len(request_ids)), pa.int64()), REQUEST_ID_COLUMN: request_ids})
+        self._db.register("batch", batch)
+        staged = f"staged_{table_id}"
+        self._exec(
+            f"CREATE OR REPLACE TEMP TABLE {staged} AS "  # noqa: S608
+            f"WITH keyed AS (SELECT i, {_KEY_SQL} AS k FROM batch), "
+            f"firsts AS (SELECT k, min(i) AS i FROM keyed GROUP BY k) "
+            f"SELECT f.i, f.k FROM firsts f ANTI JOIN seen_{table_id} s ON f.k = s.k"
+        )
+        self._db.unregister("batch")
+        self._staged[name] = staged
+        positions: pa.Array = self._db.sql(f"SELECT i FROM {staged} ORDER BY i").to_arrow_table().column(0)  # noqa: S608
+        return positions.combine_chunks() if isinstance(positions, pa.ChunkedArray) else positions
+
+    def commit_staged(self, name: str, snapshot_id: int) -> None:
+        """Add the staged keys of ``name`` as committed in ``snapshot_id`` (one DuckDB transaction)."""
+        staged = self._staged.pop(name)
+        table_id = self._table_id(name)
+        self._exec("BEGIN")
+        self._exec(f"INSERT INTO seen_{table_id} SELECT k FROM {staged}")  # noqa: S608
+        self._exec("UPDATE tables SET snapshot_id = ? WHERE name = ?", [snapshot_id, name])
+        self._exec("COMMIT")
+        self._exec(f"DROP TABLE {staged}")
+
+    def discard_staged(self, name: str) -> None:
+        """Forget the staged keys of ``name`` (its commit failed or had no rows)."""
+        staged = self._staged.pop(name, None)
+        if staged is not None:
+            self._exec(f"DROP TABLE IF EXISTS {staged}")
+
+
+# -- Arrow decoding -------------------------------------------------------------------------------------------------
+
+
+def _json_parse_schema(target: pa.Schema) -> pa.Schema:
+    """The schema to parse transformed JSON with: timestamps arrive as integer microseconds, everything nullable."""
+    return pa.schema(
+        pa.field(f.name, pa.int64() if pa.types.is_timestamp(f.type) else f.type, nullable=True) for f in target
+    )
+
+
+def _rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
+    """Parse JSON object lines into ``target``'s types (raises pyarrow/ValueError errors on a bad row)."""
+    body = b"\n".join(lines)
+    longest = max(len(line) for line in lines)
+    table = pa_json.read_json(
+        io.BytesIO(body),
+        read_options=pa_json.ReadOptions(block_size=max(4 * _MIB, 2 * longest + 2)),
+        parse_options=pa_json.ParseOptions(
+            explicit_schema=_json_parse_schema(target), unexpected_field_behavior="error"
+        ),
+    )
+    return table.select(target.names).cast(target)
+
+
+def _decode_rows(encoded: list[str], target: pa.Schema) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """Base64 JSON rows -> one Arrow table of ``target``, plus (position, problem) for rows that do not fit.
+
+    The whole batch is parsed at once; only if that fails is it parsed row by row to single out the bad rows.
+    """
+    lines: list[bytes] = msgspec.convert(encoded, type=list[bytes])
+    try:
+        return _rows_to_arrow(lines, target), []
+    except (pa.ArrowException, ValueError):
+        logger.info("batch JSON decode failed; decoding %d rows one by one", len(lines))
+    good: list[pa.Table] = []
+    bad: list[tuple[int, str]] = []
+    for i, line in enumerate(lines):
+        if b"\n" in line or b"\r" in line:
+            bad.append((i, "the transformed record spans several lines"))
+            continue
+        try:
+            good.append(_rows_to_arrow([line], target))
+        except (pa.ArrowException, ValueError) as exc:
+            bad.append((i, f"the transformed record does not fit the table: {exc}"))
+    arrow = pa.concat_tables(good) if good else target.empty_table()
+    return arrow, bad
+
+
+# -- the stream -----------------------------------------------------------------------------------------------------
+
+
+class DeliveryStream:
+    """The local Firehose delivery stream: durable puts, buffered flushes through the transform into Iceberg.
+
+    Raises (from the constructor):
+        StreamInUseError: another process holds the spool.
+        SpoolUnusableError: the spool is damaged or does not hold the offsets still to be delivered.
+        ErrorPrefixError: the config's error output prefix cannot be rendered.
+    """
+
+    def __init__(self, *, config: Config, data_dir: DataDir, handler: Handler | None = None) -> None:
+        self.config = config
+        self.data_dir = data_dir.ensure()
+        firehose = config.data_firehose_configuration
+        self.name = firehose.delivery_stream_name
+        self._arn = f"arn:aws:firehose:local:000000000000:deliverystream/{self.name}"
+        hints = firehose.buffering_hints
+        self._size_bytes = hints.size_in_mbs * _MIB
+        self._interval_s = float(hints.interval_in_seconds)
+        processing = firehose.transform_records_with_aws_lambda
+        self._event_limit = min(LAMBDA_REQUEST_LIMIT_BYTES, int(processing.buffer_size * _MIB))
+        # Spool bytes whose base64 fills about one event: the buffer is read and transformed one event at a time.
+        self._event_read_bytes = max(1, (self._event_limit - _EVENT_JSON_OVERHEAD) * 3 // 4)
+        self._attempts = 1 + processing.number_of_retries
+        self._error_prefix = firehose.error_output_prefix
+        render_error_prefix(self._error_prefix, when_ms=0, output_type=PROCESSING_FAILED)
+        if handler is None:
+            settings = TransformSettings(
+                database=config.database_name,
+                table=config.table_name,
+                operation=_SUPPORTED_OPERATION,
+                unmetered_http_methods=frozenset(config.meterlake.unmetered_http_methods),
+            )
+            handler = make_handler(settings, emit_metrics=False)
+        self._handler = handler
+        self._default_destination = (config.database_name, config.table_name)
+
+        self._catalog: Catalog = open_catalog(self.data_dir)
+        table = ensure_metering_table(self._catalog, config)
+        self._tables: dict[tuple[str, str], Table] = {self._default_destination: table}
+        checkpoint = self._read_checkpoint()
+        committed = max(checkpoint, self._table_offset(table))
+        try:
+            self._spool = Spool(self.data_dir.spool, initial_offset=committed)
+        except SpoolInUseError as exc:
+            raise StreamInUseError(exc.directory, exc.pid) from None
+        except SpoolError as exc:
+            raise SpoolUnusableError(self.data_dir.spool, str(exc)) from None
+        try:
+            if not self._spool.start <= committed <= self._spool.end:
+                raise SpoolUnusableError(
+                    self.data_dir.spool,
+                    f"it holds offsets [{self._spool.start}, {self._spool.end}] but delivery resumes at {committed}",
+                )
+            self._index = RequestIdIndex(self.data_dir.spool / REQUEST_ID_INDEX_FILE)
+            for known in self._index_table_names():
+                self._catch_up_index(known)
+        except BaseException:
+            self._spool.close()
+            raise
+        self._committed = committed
+        self._spooled = self._spool.end
+        # (end offset of a put, arrival ms) for puts not wholly committed: the oldest drives the interval trigger.
+        self._pending_puts: collections.deque[tuple[int, int]] = collections.deque()
+        if self._spooled > committed:
+            first = self._spool.read(committed, 1)
+            self._pending_puts.append((self._spooled, first.arrivals_ms[0]))
+        self._cond = threading.Condition()
+        self._flush_lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._last_error: BaseException | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the background flusher that applies the buffering hints (idempotent)."""
+        with self._cond:
+            if self._closed:
+                raise StreamClosedError(f"the delivery stream {self.name} is closed")
+            if self._flusher is not None:
+                return
+            self._stopping = False
+            self._flusher = threading.Thread(target=self._run_flusher, name=f"flusher-{self.name}", daemon=True)
+            self._flusher.start()
+
+    def stop(self) -> None:
+        """Stop the background flusher after its current flush (no final flush; see :meth:`close`)."""
+        with self._cond:
+            flusher = self._flusher
+            self._stopping = True
+            self._cond.notify_all()
+        if flusher is not None:
+            flusher.join()
+        with self._cond:
+            self._flusher = None
+
+    def close(self) -> FlushReport:
+        """Stop the flusher, deliver everything acknowledged, and release the spool (idempotent)."""
+        if self._closed:
+            return FlushReport(committed_offset=self._committed)
+        self.stop()
+        try:
+            report = self.flush()
+        finally:
+            self._closed = True
+            self._index.close()
+            self._spool.close()
+        return report
+
+    def __enter__(self) -> DeliveryStream:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- putting -----------------------------------------------------------------------------------------------------
+
+    def put_records(self, lines: Sequence[bytes]) -> None:
+        """Durably accept ``lines`` (one fsync for the batch); returning is the acknowledgement.
+
+        Raises:
+            RecordTooLargeError: a line cannot fit in a Lambda request (nothing is written).
+            StreamClosedError: the stream was closed.
+        """
+        if self._closed:
+            raise StreamClosedError(f"the delivery stream {self.name} is closed")
+        for index, line in enumerate(lines):
+            if len(line) > MAX_PUT_RECORD_BYTES:
+                raise RecordTooLargeError(index, len(line))
+        if not lines:
+            return
+        arrival_ms = int(time.time() * 1000)
+        end = self._spool.append(lines, arrival_ms=arrival_ms)
+        with self._cond:
+            self._spooled = max(self._spooled, end)
+            self._pending_puts.append((end, arrival_ms))
+            self._cond.notify_all()
+
+    # -- status ------------------------------------------------------------------------------------------------------
+
+    def stats(self) -> StreamStats:
+        """Spooled and committed offsets, pending bytes and the age of the oldest pending record."""
+        with self._cond:
+            oldest = self._pending_puts[0][1] if self._pending_puts else None
+            lag = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
+            return StreamStats(
+                spooled_offset=self._spooled,
+                committed_offset=self._committed,
+                pending_bytes=self._spooled - self._committed,
+                lag_seconds=lag,
+                last_error=None if self._last_error is None else str(self._last_error),
+            )
+
+    # -- flushing ----------------------------------------------------------------------------------------------------
+
+    def flush(self) -> FlushReport:
+        """Deliver everything spooled when called, one buffer (``size_in_mbs``) per commit.
+
+        Raises:
+            DeliveryFailedError: an Iceberg commit failed; nothing after the last good commit is lost.
+            SpoolUnusableError: the spool is damaged.
+        """
+        if self._closed:
+            raise StreamClosedError(f"the delivery stream {self.name} is closed")
+        with self._cond:
+            target = self._spooled
+        report = FlushReport(committed_offset=self._committed)
+        while self._committed < target:
+            report += self._flush_buffer()
+        return report
+
+    def _due_in(self) -> float | None:
+        """Seconds until the buffering hints call for a flush (0: now), None when nothing is pending."""
+        pending = self._spooled - self._committed
+        if pending <= 0 or not self._pending_puts:
+            return None
+        if pending >= self._size_bytes:
+            return 0.0
+        return max(0.0, self._pending_puts[0][1] / 1000 + self._interval_s - time.time())
+
+    def _run_flusher(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and (due := self._due_in()) != 0.0:
+                    self._cond.wait(due)
+                if self._stopping:
+                    return
+            try:
+                self._flush_buffer()
+                self._last_error = None
+            except Exception as exc:  # the flusher must outlive a failed delivery, as Firehose retries it
+                logger.exception("delivery stream %s: flush failed; retrying", self.name)
+                self._last_error = exc
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, timeout=_FLUSHER_BACKOFF_SECONDS)
+
+    def _flush_buffer(self) -> FlushReport:
+        """Deliver one buffer (up to ``size_in_mbs`` of spool from the committed offset) and advance past it."""
+        with self._flush_lock:
+            buffer = _Buffer(start=self._committed, end=self._committed)
+            try:
+                report = self._deliver(buffer)
+            except SpoolError as exc:
+                raise SpoolUnusableError(self.data_dir.spool, str(exc)) from None
+            if buffer.end == buffer.start:
+                return report
+            _atomic_write(
+                self.data_dir.spool / CHECKPOINT_FILE,
+                json.dumps({"offset": buffer.end, "delivery_stream": self.name}).encode(),
+            )
+            with self._cond:
+                self._committed = buffer.end
+                while self._pending_puts and self._pending_puts[0][0] <= buffer.end:
+                    self._pending_puts.popleft()
+                self._cond.notify_all()
+            self._spool.delete_below(buffer.end)
+            return report
+
+    def _deliver(self, buffer: _Buffer) -> FlushReport:
+        """Transform one buffer piece by piece, write its rejects, and commit its Ok rows: one commit per table.
+
+        The spool is read one Lambda event's worth at a time and each event's Ok rows are decoded to Arrow at once,
+        so memory holds the buffer's Arrow rows, not its raw lines, base64 copies and transform answers too.
+        """
+        with self._cond:
+            limit = min(self._spooled, buffer.start + self._size_bytes)
+        while buffer.end < limit:
+            piece = self._spool.read(buffer.end, min(self._event_read_bytes, limit - buffer.end))
+            if not piece.records:
+                break
+            if buffer.records_read == 0:
+                buffer.first_arrival_ms = piece.arrivals_ms[0]
+            buffer.records_read += len(piece)
+            buffer.end = piece.end
+            for event_range in self._event_ranges(piece):
+                self._deliver_event(buffer, piece, event_range)
+
+        # Dedup every table's rows first, so all rejects reach the error folder before any commit.
+        appends: list[tuple[str, Table, pa.Table, pa.Array]] = []
+        # The configured table commits last: its snapshot's offset is what a restart resumes from.
+        for destination in sorted(buffer.destinations, key=lambda d: d == self._default_destination):
+            sink = buffer.destinations[destination]
+            if sink.table is None or not sink.chunks:
+                continue
+            label = ".".join(destination)
+            arrow = pa.concat_tables(sink.chunks)
+            sink.chunks.clear()
+            keep = self._index.stage_unseen(label, arrow.column(REQUEST_ID_COLUMN))
+            buffer.duplicates += arrow.num_rows - len(keep)
+            appends.append((label, sink.table, arrow, keep))
+
+        self._write_errors(buffer)
+
+        ok_written = commits = 0
+        snapshot_id: int | None = None
+        try:
+            for label, table, arrow, keep in appends:
+                if len(keep) == 0:
+                    continue
+                rows = arrow if len(keep) == arrow.num_rows else arrow.take(keep)
+                try:
+                    table.append(
+                        rows, snapshot_properties={SPOOL_OFFSET_PROPERTY: str(buffer.end), STREAM_PROPERTY: self.name}
+                    )
+                except Exception as exc:
+                    self._tables = {d: t for d, t in self._tables.items() if t is not table}
+                    raise DeliveryFailedError(label, exc) from exc
+                snapshot = table.current_snapshot()
+                assert snapshot is not None  # an append that returned has made a snapshot
+                snapshot_id = snapshot.snapshot_id
+                self._index.commit_staged(label, snapshot_id)
+                ok_written += rows.num_rows
+                commits += 1
+        finally:
+            for label, *_ in appends:
+                self._index.discard_staged(label)
+            # Give the buffer's Arrow memory back to the system rather than keep it for the next buffer.
+            pa.default_memory_pool().release_unused()
+        return FlushReport(
+            records_read=buffer.records_read,
+            ok_written=ok_written,
+            dropped=buffer.dropped,
+            failed=len(buffer.rejected),
+            duplicates_skipped=buffer.duplicates,
+            invocations=buffer.invocations,
+            commits=commits,
+            snapshot_id=snapshot_id,
+            committed_offset=buffer.end,
+        )
+
+    def _deliver_event(self, buffer: _Buffer, piece: SpoolBatch, event_range: range) -> None:
+        """Invoke the transform on one event's records and sort the answers into rows, drops and rejects."""
+        answers, attempts, failure = self._invoke(piece, event_range)
+        buffer.invocations += attempts
+        if failure is not None:
+            code, message = failure
+            buffer.rejected.extend(
+                _Rejected.of(piece, i, code, message, attempts, PROCESSING_FAILED) for i in event_range
+            )
+            return
+        routed_rows: dict[tuple[str, str], tuple[list[int], list[str]]] = {}
+        # The transform usually attaches one shared metadata object to every record: route each object once.
+        routes: dict[int, tuple[str, str] | str] = {}
+        for i, answer in zip(event_range, answers, strict=True):
+            result = answer["result"]
+            if result == "Ok":
+                metadata = answer.get("metadata")
+                routed = routes.get(id(metadata))
+                if routed is None:
+                    routed = routes[id(metadata)] = self._route(metadata)
+                if isinstance(routed, str):
+                    code = "Iceberg.UnsupportedOperation"
+                    buffer.rejected.append(_Rejected.of(piece, i, code, routed, attempts, DELIVERY_FAILED))
+                    continue
+                rows = routed_rows.get(routed)
+                if rows is None:
+                    rows = routed_rows[routed] = ([], [])
+                rows[0].append(i)
+                rows[1].append(answer["data"])
+            elif result == "Dropped":
+                buffer.dropped += 1
+            else:
+                reason = rejection_reason(piece.records[i]) or "the transform rejected the record"
+                code = "Lambda.ProcessingFailed"
+                buffer.rejected.append(_Rejected.of(piece, i, code, reason, attempts, PROCESSING_FAILED))
+        del answers
+        for destination, (indices, encoded) in routed_rows.items():
+            sink = buffer.destinations.get(destination)
+            if sink is None:
+                sink = buffer.destinations[destination] = _Sink(self._load_table(destination))
+            if sink.table is None:
+                message = f"table {'.'.join(destination)} does not exist"
+                buffer.rejected.extend(
+                    _Rejected.of(piece, i, "Iceberg.NoSuchTable", message, 1, DELIVERY_FAILED) for i in indices
+                )
+                continue
+            arrow, bad = _decode_rows(encoded, sink.schema)
+            buffer.rejected.extend(
+                _Rejected.of(piece, indices[j], "Iceberg.InvalidRecord", message, 1, DELIVERY_FAILED)
+                for j, message in bad
+            )
+            if arrow.num_rows:
+                sink.chunks.append(arrow)
+
+    def _event_ranges(self, batch: SpoolBatch) -> Iterator[range]:
+        """Cut the buffer into events whose JSON stays below the Lambda request limit and the processor buffer."""
+        start = 0
+        size = _EVENT_JSON_OVERHEAD
+        for i, record in enumerate(batch.records):
+            record_size = (len(record) + 2) // 3 * 4 + _RECORD_JSON_OVERHEAD
+            if i > start and size + record_size > self._event_limit:
+                yield range(start, i)
+                start, size = i, _EVENT_JSON_OVERHEAD
+            size += record_size
+        if start < len(batch.records):
+            yield range(start, len(batch.records))
+
+    def _invoke(
+        self, batch: SpoolBatch, event_range: range
+    ) -> tuple[list[dict[str, Any]], int, tuple[str, str] | None]:
+        """Call the handler, retrying ``number_of_retries`` times: (answers in record order, attempts, failure)."""
+        chosen = slice(event_range.start, event_range.stop)
+        record_ids = list(map(str, batch.offsets[chosen]))
+        # msgspec base64-encodes a whole list of bytes in one C call.
+        encoded: list[str] = msgspec.to_builtins(batch.records[chosen])
+        records = [
+            {"recordId": record_id, "approximateArrivalTimestamp": arrival, "data": data}
+            for record_id, arrival, data in zip(record_ids, batch.arrivals_ms[chosen], encoded, strict=True)
+        ]
+        failure = ("Lambda.FunctionError", "not invoked")
+        for attempt in range(1, self._attempts + 1):
+            event = {
+                "invocationId": str(uuid.uuid4()),
+                "deliveryStreamArn": self._arn,
+                "region": "local",
+                "records": records,
+            }
+            try:
+                response = self._handler(event, None)
+            except Exception as exc:  # a Lambda that raises is an invocation error, retried like Firehose does
+                failure = ("Lambda.FunctionError", f"{type(exc).__name__}: {exc}")
+                logger.warning("transform invocation failed (attempt %d/%d): %s", attempt, self._attempts, exc)
+                continue
+            answers = _answers_in_order(response, record_ids)
+            if isinstance(answers, list):
+                return answers, attempt, None
+            failure = ("Lambda.InvalidResponse", answers)
+            logger.warning("transform answer rejected (attempt %d/%d): %s", attempt, self._attempts, answers)
+        return [], self._attempts, failure
+
+    def _route(self, metadata: object) -> tuple[str, str] | str:
+        """The (database, table) an Ok record with this ``metadata`` goes to, or why it cannot go anywhere."""
+        otf = metadata.get("otfMetadata") if isinstance(metadata, dict) else None
+        if not isinstance(otf, dict):
+            return self._default_destination
+        operation = otf.get("operation", _SUPPORTED_OPERATION)
+        if operation != _SUPPORTED_OPERATION:
+            return f"operation {operation!r} is not supported locally (only {_SUPPORTED_OPERATION!r})"
+        database = otf.get("destinationDatabaseName", self._default_destination[0])
+        table = otf.get("destinationTableName", self._default_destination[1])
+        return (str(database), str(table))
+
+    def _load_table(self, destination: tuple[str, str]) -> Table | None:
+        """The destination table, refreshed so the commit builds on its latest metadata; None if it does not exist."""
+        table = self._tables.get(destination)
+        try:
+            if table is None:
+                table = self._catalog.load_table(destination)
+                self._tables[destination] = table
+                self._catch_up_index(".".join(destination))
+            else:
+                table.refresh()
+        except (NoSuchTableError, NoSuchNamespaceError):
+            return None
+        return table
+
+    def _write_errors(self, buffer: _Buffer) -> None:
+        """Write the buffer's rejects as Firehose error-output JSON lines, one file per output type.
+
+        A file is named by the buffer's spool range: a replay after a crash starts at the same offset, so it
+        replaces the file (any file of the same start) instead of adding a second copy.
+        """
+        if not buffer.rejected:
+            return
+        ended_ms = int(time.time() * 1000)
+        by_type: dict[str, list[_Rejected]] = {}
+        for reject in buffer.rejected:
+            by_type.setdefault(reject.output_type, []).append(reject)
+        for output_type, rejects in by_type.items():
+            rejects.sort(key=lambda r: r.offset)
+            folder = self.data_dir.errors / render_error_prefix(
+                self._error_prefix, when_ms=buffer.first_arrival_ms, output_type=output_type
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            stem = f"{self.name}-{buffer.start:020d}"
+            body = "".join(
+                json.dumps(
+                    {
+                        "attemptsMade": r.attempts,
+                        "arrivalTimestamp": r.arrival_ms,
+                        "errorCode": r.error_code,
+                        "errorMessage": r.message,
+                        "attemptEndingTimestamp": ended_ms,
+                        "rawData": base64.b64encode(r.raw).decode("ascii"),
+                    }
+                )
+                + "\n"
+                for r in rejects
+            )
+            for stale in folder.glob(f"{stem}-*.jsonl"):
+                stale.unlink()
+            _atomic_write(folder / f"{stem}-{buffer.end:020d}.jsonl", body.encode())
+
+    # -- recovery ----------------------------------------------------------------------------------------------------
+
+    def _read_checkpoint(self) -> int:
+        path = self.data_dir.spool / CHECKPOINT_FILE
+        try:
+            raw = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError) as exc:
+            raise SpoolUnusableError(self.data_dir.spool, f"checkpoint {path} is unreadable: {exc}") from None
+        offset = raw.get("offset") if isinstance(raw, dict) else None
+        if not isinstance(offset, int) or offset < 0:
+            raise SpoolUnusableError(self.data_dir.spool, f"checkpoint {path} holds no offset: {raw!r}")
+        return offset
+
+    def _table_offset(self, table: Table) -> int:
+        """The spool offset of this stream's newest commit in ``table`` (other writers' snapshots are skipped)."""
+        snapshot = table.current_snapshot()
+        while snapshot is not None:
+            summary = snapshot.summary
+            if summary is not None and summary.get(STREAM_PROPERTY) == self.name:
+                offset = summary.get(SPOOL_OFFSET_PROPERTY)
+                if offset is not None:
+                    return int(offset)
+            parent = snapshot.parent_snapshot_id
+            snapshot = table.snapshot_by_id(parent) if parent is not None else None
+        return 0
+
+    def _index_table_names(self) -> list[str]:
+        names = [".".join(self._default_destination)]
+        names.extend(name for name in self._index.table_names() if name not in names)
+        return names
+
+    def _catch_up_index(self, label: str) -> None:
+        destination = tuple(label.split(".", 1))
+        table = self._tables.get((destination[0], destination[1]))
+        if table is None:
+            try:
+                table = self._catalog.load_table(label)
+            except (NoSuchTableError, NoSuchNamespaceError):
+                return
+            self._tables[(destination[0], destination[1])] = table
+        read = self._index.catch_up(label, table)
+        if read:
+            logger.info("request_id index caught up with %s: %d data files", label, read)
+
+
+def _answers_in_order(response: object, record_ids: list[str]) -> list[dict[str, Any]] | str:
+    """The answer's records in request order, or why the answer does not answer every record exactly once."""
+    records = response.get("records") if isinstance(response, dict) else None
+    if not isinstance(records, list):
+        return "the answer has no records list"
+    if not all(type(item) is dict for item in records):
+        return "an answered record is not an object"
+    answered = [item.get("recordId") for item in records]
+    if answered != record_ids:
+        by_id: dict[object, dict[str, Any]] = {}
+        for record_id, item in zip(answered, records, strict=True):
+            if record_id in by_id:
+                return f"recordId {record_id} is answered twice"
+            by_id[record_id] = item
+        missing = [record_id for record_id in record_ids if record_id not in by_id]
+        if missing or len(by_id) != len(record_ids):
+            unknown = len(by_id) - (len(record_ids) - len(missing))
+            return f"{len(missing)} records unanswered (first {missing[:1]}), {unknown} unknown recordIds"
+        records = [by_id[record_id] for record_id in record_ids]
+    for item in records:
+        result = item.get("result")
+        if result not in _RESULTS:
+            return f"recordId {item['recordId']} has result {result!r}"
+        if result == "Ok" and type(item.get("data")) is not str:
+            return f"recordId {item['recordId']} is Ok without base64 data"
+    return records
+
+
+# -- process entry --------------------------------------------------------------------------------------------------
+
+
+def ingest_lines(
+    stream: DeliveryStream,
+    lines: Iterable[bytes],
+    *,
+    batch: int = 1000,
+    on_ack: Callable[[int], None] | None = None,
+) -> int:
+    """Put ``lines`` into ``stream`` in batches of ``batch``, calling ``on_ack(total)`` after each durable batch.
+
+    Returns:
+        How many lines were put (all acknowledged).
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    total = 0
+    pending: list[bytes] = []
+    for line in lines:
+        pending.append(line)
+        if len(pending) >= batch:
+            stream.put_records(pending)
+            total += len(pending)
+            pending = []
+            if on_ack is not None:
+                on_ack(total)
+    if pending:
+        stream.put_records(pending)
+        total += len(pending)
+        if on_ack is not None:
+            on_ack(total)
+    return total
+
+
+def _read_lines(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        for line in handle:
+            stripped = line.rstrip(b"\r\n")
+            if stripped:
+                yield stripped
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m meterlake.local.stream ingest --home DIR [--config FILE] [--batch N] FILE``: put, ack, flush."""
+    parser = argparse.ArgumentParser(prog="python -m meterlake.local.stream")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ingest = commands.add_parser("ingest", help="put a file of access-log lines (one per line), then flush")
+    ingest.add_argument("--home", type=Path, required=True, help="the data directory")
+    ingest.add_argument("--config", type=Path, default=None, help="the config file (default: load_config's)")
+    ingest.add_argument("--batch", type=int, default=1000, help="lines per put_records call")
+    ingest.add_argument("file", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        with DeliveryStream(config=config, data_dir=DataDir.resolve(args.home)) as stream:
+            stream.start()
+            ingest_lines(
+                stream, _read_lines(args.file), batch=args.batch, on_ack=lambda n: print(f"acked {n}", flush=True)
+            )
+            report = stream.close()
+    except StreamError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"flushed: committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}, "
+        f"duplicates skipped {report.duplicates_skipped}",
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
