@@ -1,0 +1,318 @@
+"""The ``meterlake`` command line: thin commands over the pipeline's modules.
+
+User mistakes (bad config, unknown query, unreachable URL, ...) print one ``error:`` line and exit non-zero; they
+never show a traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Literal, NoReturn
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from meterlake.config import Config, ConfigError, load_config
+from meterlake.loadtest import (
+    Caller,
+    LoadTestError,
+    LoadTestPlan,
+    dry_run_commands,
+    invoke_url_from_parts,
+    run_load_test,
+    summary_lines,
+)
+from meterlake.local.home import DataDir
+from meterlake.query import QueryError
+
+app = typer.Typer(
+    name="meterlake",
+    help="Turn API traffic into billable usage: local pipeline, SQL, load test.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+# Piped output (make demo in CI, | less) gets a fixed width instead of rich's 80-column default.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True)
+
+
+class UsageError(Exception):
+    """A command was given something it cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    """Options shared by every command."""
+
+    config_path: Path | None
+    home: Path | None
+
+    def config(self) -> Config:
+        """The validated config."""
+        return load_config(self.config_path)
+
+    def data_dir(self) -> DataDir:
+        """The local runtime's data dir."""
+        return DataDir.resolve(self.home)
+
+
+@app.callback()
+def _options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Config file (default: $METERLAKE_CONFIG or ./cdk.context.json).")
+    ] = None,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="Data dir (default: $METERLAKE_HOME or ./.meterlake).")
+    ] = None,
+) -> None:
+    ctx.obj = Context(config_path=config, home=home)
+
+
+def _context(ctx: typer.Context) -> Context:
+    obj = ctx.obj
+    assert isinstance(obj, Context)
+    return obj
+
+
+@app.command("config")
+def show_config(ctx: typer.Context) -> None:
+    """Validate the config and print what the pipeline will use."""
+    config = _context(ctx).config()
+    firehose = config.data_firehose_configuration
+    console.print(f"delivery stream  {firehose.delivery_stream_name}")
+    console.print(f"table            {config.database_name}.{config.table_name}")
+    hints = firehose.buffering_hints
+    console.print(f"buffering        {hints.size_in_mbs} MB or {hints.interval_in_seconds} s")
+    console.print(f"unmetered        {', '.join(config.meterlake.unmetered_http_methods) or '(none)'}")
+
+
+@app.command("access-log-format")
+def access_log_format() -> None:
+    """Print API Gateway's access-log format, rendered from the one record definition."""
+    from meterlake.records import render_access_log_format
+
+    print(render_access_log_format())
+
+
+@app.command()
+def token(
+    ctx: typer.Context,
+    tenant: Annotated[str | None, typer.Option(help="custom:tenant_id claim (omit for a tenant-less user).")] = None,
+    user: Annotated[str, typer.Option(help="cognito:username claim.")] = "demo-user",
+    ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds (default: config token_ttl_seconds).")] = None,
+) -> None:
+    """Issue an ID token from the local user pool, for the gateway `meterlake up` serves."""
+    from meterlake.local.auth import for_config
+
+    c = _context(ctx)
+    pool = for_config(c.config(), c.data_dir().ensure())
+    print(pool.issue_id_token(user=user, tenant_id=tenant, ttl_seconds=ttl))
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Gateway port (default: config meterlake.local.port).")] = None,
+) -> None:
+    """Run the local pipeline until Ctrl-C or SIGTERM; on the way out everything acknowledged is flushed."""
+    from meterlake.local.stack import LocalStack
+
+    c = _context(ctx)
+    config, data_dir = c.config(), c.data_dir()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with LocalStack(config=config, data_dir=data_dir, port=port) as stack:
+            console.print(f"RestApiEndpoint {stack.gateway.invoke_url}", highlight=False)
+            console.print(
+                f"data dir {data_dir.root}; get a token: meterlake token --tenant acme --user alice; "
+                f'try: curl -H "Authorization: $TOKEN" {stack.gateway.invoke_url}/random/strings?len=8',
+                highlight=False,
+            )
+            hints = config.data_firehose_configuration.buffering_hints
+            console.print(f"flushing to Iceberg every {hints.interval_in_seconds} s or {hints.size_in_mbs} MB")
+            stop.wait()
+            console.print("stopping: flushing the delivery stream ...")
+            report = stack.settle()
+            console.print(f"flushed {report.ok_written} events; stopped cleanly")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@app.command()
+def demo(
+    ctx: typer.Context,
+    requests: Annotated[int, typer.Option(min=1, help="Requests the load test sends.")] = 3000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 32,
+) -> None:
+    """Run the pipeline end to end on this machine and reconcile answered requests with the lake, per tenant."""
+    from meterlake.local.demo import run_demo
+
+    c = _context(ctx)
+    ok = run_demo(config=c.config(), data_dir=c.data_dir(), requests=requests, concurrency=concurrency, console=console)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("load-test")
+def load_test(
+    ctx: typer.Context,
+    apigw_invoke_url: Annotated[
+        str | None,
+        typer.Option("--apigw-invoke-url", help="Invoke URL, e.g. https://ID.execute-api.REGION.amazonaws.com/prod"),
+    ] = None,
+    auth_token: Annotated[
+        list[str] | None, typer.Option("--auth-token", help="ID token sent raw in Authorization (repeatable).")
+    ] = None,
+    max_count: Annotated[int | None, typer.Option("--max-count", help="Total requests (default 10).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Run for this many seconds instead of --max-count.")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 8,
+    tenants: Annotated[
+        int, typer.Option(min=0, help="Local gateway only: issue tokens for this many tenants (tenant-1 ...).")
+    ] = 0,
+    unauthenticated_share: Annotated[float, typer.Option(help="Share of requests sent without a token.")] = 0.0,
+    not_found_share: Annotated[
+        float, typer.Option(help="Share of requests sent to a route that does not exist.")
+    ] = 0.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the curl commands instead of sending.")] = False,
+    api_stage: Annotated[str, typer.Option("--api-stage", help="Stage, with --execution-id.")] = "prod",
+    region_name: Annotated[str, typer.Option("--region-name", help="Region, with --execution-id.")] = "us-east-1",
+    execution_id: Annotated[str | None, typer.Option("--execution-id", help="REST API id, instead of a URL.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed, for a repeatable request mix.")] = None,
+) -> None:
+    """Drive the API: the local gateway (`meterlake up`) or a real API Gateway stage; run_test.py's flags."""
+    url = apigw_invoke_url or invoke_url_from_parts(
+        execution_id=execution_id, region_name=region_name, api_stage=api_stage
+    )
+    callers = [Caller(tenant_id=None, token=t) for t in auth_token or []]
+    if tenants:
+        from meterlake.local.auth import for_config
+
+        c = _context(ctx)
+        pool = for_config(c.config(), c.data_dir().ensure())
+        callers += [
+            Caller(tenant_id=f"tenant-{i}", token=pool.issue_id_token(user=f"user-{i}", tenant_id=f"tenant-{i}"))
+            for i in range(1, tenants + 1)
+        ]
+    if not callers:
+        if unauthenticated_share < 1.0:
+            raise UsageError("no token: give --auth-token, or --tenants N against the local gateway")
+        callers = [Caller(tenant_id=None, token=None)]
+    plan = LoadTestPlan(
+        invoke_url=url,
+        callers=tuple(callers),
+        total=None if duration is not None and max_count is None else (max_count or 10),
+        duration_s=duration,
+        concurrency=concurrency,
+        unauthenticated_share=unauthenticated_share,
+        not_found_share=not_found_share,
+        seed=seed,
+    )
+    if dry_run:
+        for command in dry_run_commands(plan, plan.total or 10):
+            print(command)
+        return
+    with Progress(
+        TextColumn("load test"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("requests", total=plan.total)
+        report = run_load_test(plan, on_progress=lambda n: progress.advance(task, n))
+    for line in summary_lines(report):
+        console.print(line, highlight=False)
+
+
+@app.command()
+def query(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(help="A query name from sql/ (see --list) or a .sql file.")] = None,
+    param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Parameter as k=v (repeatable).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    list_: Annotated[bool, typer.Option("--list", help="List the queries in sql/ and their parameters.")] = False,
+) -> None:
+    """Run an Athena-dialect SQL query from sql/ locally (sqlglot -> DuckDB over the Iceberg table's files)."""
+    from meterlake.query import format_result, list_queries, load_query, parse_param_args, run_local_query
+
+    if list_ or name is None:
+        for q in list_queries():
+            params = ", ".join(p.name for p in q.params)
+            console.print(f"[bold]{q.name}[/bold]  {q.description}  [dim]params: {params or '-'}[/dim]")
+        return
+    if fmt not in ("table", "csv", "json"):
+        raise UsageError(f"--format must be table, csv or json, got {fmt!r}")
+    output: Literal["table", "csv", "json"] = fmt  # type: ignore[assignment]
+    c = _context(ctx)
+    result = run_local_query(load_query(name), parse_param_args(param or []), config=c.config(), data_dir=c.data_dir())
+    sys.stdout.write(format_result(result, output))
+
+
+@app.command()
+def ingest(
+    ctx: typer.Context,
+    source: Annotated[str, typer.Argument(help="File of access-log lines, one per line, or - for stdin.")],
+) -> None:
+    """Put access-log lines into the local delivery stream and flush them into Iceberg."""
+    from meterlake.local.stream import DeliveryStream, ingest_lines
+
+    c = _context(ctx)
+    if source == "-":
+        handle = sys.stdin.buffer
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise UsageError(f"{source}: no such file")
+        handle = path.open("rb")
+    with handle, DeliveryStream(config=c.config(), data_dir=c.data_dir()) as stream:
+        count = ingest_lines(stream, (line.rstrip(b"\r\n") for line in handle if line.strip()))
+        report = stream.flush()
+    console.print(
+        f"acknowledged {count} lines; committed {report.ok_written}, rejected {report.failed}, "
+        f"dropped {report.dropped}, duplicates skipped {report.duplicates_skipped}"
+    )
+
+
+@app.command()
+def flush(ctx: typer.Context) -> None:
+    """Commit whatever the delivery stream acknowledged but has not committed yet (e.g. after a crash)."""
+    from meterlake.local.stream import DeliveryStream
+
+    c = _context(ctx)
+    with DeliveryStream(config=c.config(), data_dir=c.data_dir()) as stream:
+        report = stream.flush()
+    console.print(f"committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}")
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"error: {message}\n")
+    raise SystemExit(2)
+
+
+def main() -> None:
+    """Console-script entry: run the app, turning known failures into one line."""
+    from meterlake.local.auth import InvalidToken
+    from meterlake.local.gateway import GatewayError
+    from meterlake.local.stream import StreamError
+
+    try:
+        app()
+    except (ConfigError, QueryError, LoadTestError, UsageError, GatewayError, StreamError, InvalidToken) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted")

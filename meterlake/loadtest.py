@@ -1,0 +1,222 @@
+"""Load test for the metered API: the local gateway or a real API Gateway stage with Cognito ID tokens.
+
+Successor of the AWS sample's tests/run_test.py: it sends ``GET <invoke-url>/random/strings`` with random
+``len``/``num``/``chars`` parameters, the token raw in ``Authorization``, and keeps that script's flags' meaning.
+It adds concurrency, several tenants, a share of unauthenticated and not-found requests, and a report (rps,
+latency percentiles, status counts, answered requests per tenant) that the demo reconciles against the lake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shlex
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlencode, urlsplit
+
+import httpx
+
+ROUTE = "/random/strings"
+NOT_FOUND_ROUTE = "/random/nothing-here"
+_CHARS = ("", "lowercase", "uppercase", "letters", "digits")
+
+
+class LoadTestError(Exception):
+    """The load test cannot run: a bad URL, no token, or the API cannot be reached at all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sends a request: a tenant label (None = unauthenticated) and the ID token to send."""
+
+    tenant_id: str | None
+    token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadTestPlan:
+    """What to send. ``total`` requests, or for ``duration_s`` seconds when ``total`` is None."""
+
+    invoke_url: str
+    callers: tuple[Caller, ...]
+    total: int | None = 10
+    duration_s: float | None = None
+    concurrency: int = 8
+    unauthenticated_share: float = 0.0
+    not_found_share: float = 0.0
+    timeout_s: float = 10.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.invoke_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise LoadTestError(f"invoke URL {self.invoke_url!r} is not an http(s) URL")
+        if self.total is None and self.duration_s is None:
+            raise LoadTestError("give a request count or a duration")
+        if self.total is not None and self.total < 1:
+            raise LoadTestError(f"request count must be at least 1, got {self.total}")
+        if self.concurrency < 1:
+            raise LoadTestError(f"concurrency must be at least 1, got {self.concurrency}")
+        for name, share in (("unauthenticated", self.unauthenticated_share), ("not-found", self.not_found_share)):
+            if not 0.0 <= share <= 1.0:
+                raise LoadTestError(f"{name} share must be between 0 and 1, got {share}")
+        if not self.callers:
+            raise LoadTestError("no callers: give at least one token (or tenant)")
+
+
+@dataclass(slots=True)
+class LoadTestReport:
+    """What the API answered. Only answered requests (any HTTP status) count; transport failures are listed apart."""
+
+    duration_s: float = 0.0
+    status_counts: Counter[int] = field(default_factory=Counter)
+    answered_by_tenant: Counter[str | None] = field(default_factory=Counter)
+    latencies_ms: list[float] = field(default_factory=list)
+    transport_errors: Counter[str] = field(default_factory=Counter)
+    request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def answered(self) -> int:
+        """Requests that got an HTTP response."""
+        return sum(self.status_counts.values())
+
+    @property
+    def requests_per_s(self) -> float:
+        """Answered requests per second over the whole run."""
+        return self.answered / self.duration_s if self.duration_s > 0 else 0.0
+
+    def latency_percentile(self, q: float) -> float:
+        """Nearest-rank latency percentile in ms (0 when nothing was answered)."""
+        if not self.latencies_ms:
+            return 0.0
+        ordered = sorted(self.latencies_ms)
+        rank = max(0, min(len(ordered) - 1, round(q * len(ordered) + 0.5) - 1))
+        return ordered[rank]
+
+
+def random_query_params(rng: random.Random) -> dict[str, int | str]:
+    """Random ``chars``/``len``/``num`` parameters, as the sample's gen_params() draws them."""
+    params: dict[str, int | str] = {}
+    chars = rng.choice(_CHARS)
+    length = rng.randint(0, 20)
+    num = rng.randint(0, 5)
+    if chars:
+        params["chars"] = chars
+    if length:
+        params["len"] = length
+    if num:
+        params["num"] = num
+    return params
+
+
+def invoke_url_from_parts(*, execution_id: str | None, region_name: str, api_stage: str) -> str:
+    """Build ``https://<execution-id>.execute-api.<region>.amazonaws.com/<stage>`` as run_test.py does."""
+    if not execution_id:
+        raise LoadTestError("give --apigw-invoke-url, or --execution-id (with --region-name and --api-stage)")
+    return f"https://{execution_id}.execute-api.{region_name}.amazonaws.com/{api_stage}"
+
+
+def dry_run_commands(plan: LoadTestPlan, count: int) -> list[str]:
+    """The curl commands the plan would send (the sample's --dry-run output), without sending anything."""
+    rng = random.Random(plan.seed)
+    commands = []
+    for _ in range(count):
+        url, caller = _next_request(plan, rng)
+        header = f" --header {shlex.quote('Authorization: ' + caller.token)}" if caller.token else ""
+        commands.append(f"curl -XGET {shlex.quote(url)}{header}")
+    return commands
+
+
+def _next_request(plan: LoadTestPlan, rng: random.Random) -> tuple[str, Caller]:
+    base = plan.invoke_url.rstrip("/")
+    route = NOT_FOUND_ROUTE if rng.random() < plan.not_found_share else ROUTE
+    if rng.random() < plan.unauthenticated_share:
+        caller = Caller(tenant_id=None, token=None)
+    else:
+        caller = rng.choice(plan.callers)
+    query = urlencode(random_query_params(rng))
+    return (f"{base}{route}?{query}" if query else f"{base}{route}"), caller
+
+
+def _attributed_tenant(url: str, caller: Caller, status: int) -> str | None:
+    """The tenant the access log will carry: none unless the authorizer ran on a real route and accepted the token.
+
+    API Gateway does not run the authorizer for a route that does not exist, so those requests have no claims.
+    """
+    if status in (401, 403) or urlsplit(url).path.endswith(NOT_FOUND_ROUTE):
+        return None
+    return caller.tenant_id
+
+
+async def _run(plan: LoadTestPlan, on_progress: Callable[[int], None] | None) -> LoadTestReport:
+    rng = random.Random(plan.seed)
+    report = LoadTestReport()
+    deadline = time.monotonic() + plan.duration_s if plan.duration_s is not None else None
+    remaining = [plan.total]
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    timeout = httpx.Timeout(plan.timeout_s)
+
+    def take() -> bool:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        if remaining[0] is not None:
+            if remaining[0] <= 0:
+                return False
+            remaining[0] -= 1
+        return True
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while take():
+            url, caller = _next_request(plan, rng)
+            headers = {"Authorization": caller.token} if caller.token else {}
+            started = time.perf_counter()
+            try:
+                response = await client.get(url, headers=headers)
+            except httpx.TransportError as exc:
+                report.transport_errors[type(exc).__name__] += 1
+            else:
+                report.latencies_ms.append((time.perf_counter() - started) * 1000)
+                report.status_counts[response.status_code] += 1
+                report.answered_by_tenant[_attributed_tenant(url, caller, response.status_code)] += 1
+                request_id = response.headers.get("x-amzn-requestid")
+                if request_id:
+                    report.request_ids.append(request_id)
+            if on_progress is not None:
+                on_progress(1)
+
+    # One client (one keep-alive connection) per worker: a single shared pool serializes on its own bookkeeping.
+    clients = [httpx.AsyncClient(limits=limits, timeout=timeout) for _ in range(plan.concurrency)]
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(worker(client) for client in clients))
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
+    report.duration_s = time.perf_counter() - started
+    if report.answered == 0 and report.transport_errors:
+        kinds = ", ".join(f"{k} x{v}" for k, v in report.transport_errors.items())
+        raise LoadTestError(f"{plan.invoke_url} could not be reached ({kinds})")
+    return report
+
+
+def run_load_test(plan: LoadTestPlan, *, on_progress: Callable[[int], None] | None = None) -> LoadTestReport:
+    """Send the plan's requests with ``plan.concurrency`` connections and report what was answered.
+
+    Raises:
+        LoadTestError: nothing could be sent at all (every request failed at the transport level).
+    """
+    return asyncio.run(_run(plan, on_progress))
+
+
+def summary_lines(report: LoadTestReport) -> Sequence[str]:
+    """Human-readable summary: rps, latency percentiles, status counts, transport errors."""
+    lines = [
+        f"answered {report.answered} requests in {report.duration_s:.2f} s ({report.requests_per_s:,.0f} req/s)",
+        "latency ms: " + ", ".join(f"p{int(q * 100)} {report.latency_percentile(q):.1f}" for q in (0.5, 0.95, 0.99)),
+        "status: " + ", ".join(f"{code} x{n}" for code, n in sorted(report.status_counts.items())),
+    ]
+    if report.transport_errors:
+        lines.append("not answered: " + ", ".join(f"{k} x{v}" for k, v in report.transport_errors.items()))
+    return lines

@@ -1,0 +1,77 @@
+"""The command line: user mistakes give one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meterlake.records import render_access_log_format
+
+
+def meterlake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from meterlake.cli import main; main()", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "METERLAKE_HOME": str(cwd / "home")},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["query", "no_such_query"], "unknown query"),
+        (["query", "usage_per_tenant_day", "--param", "start"], "start"),
+        (["query", "usage_per_tenant_day", "--param", "bogus=1"], "bogus"),
+        (["query", "usage_per_tenant_day", "--param", "start=yesterday-ish"], "start"),
+        (["load-test", "--apigw-invoke-url", "http://127.0.0.1:9/prod", "--auth-token", "x"], "could not be reached"),
+        (["load-test", "--apigw-invoke-url", "ftp://example/prod", "--auth-token", "x"], "not an http"),
+        (["load-test", "--auth-token", "x"], "--execution-id"),
+        (["--config", "missing.json", "config"], "cannot read"),
+        (["ingest", "nowhere.txt"], "no such file"),
+    ],
+)
+def test_user_mistakes_print_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = meterlake(*args, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]
+
+
+def test_bad_config_value_names_the_key(tmp_path: Path) -> None:
+    (tmp_path / "cdk.context.json").write_text(
+        json.dumps({"data_firehose_configuration": {"buffering_hints": {"interval_in_seconds": 5000}}})
+    )
+    result = meterlake("config", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "data_firehose_configuration.buffering_hints.interval_in_seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_access_log_format_is_the_rendered_definition(tmp_path: Path) -> None:
+    result = meterlake("access-log-format", cwd=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.strip() == render_access_log_format()
+
+
+def test_dry_run_prints_curl_commands_like_run_test(tmp_path: Path) -> None:
+    result = meterlake(
+        "load-test", "--execution-id", "abc123", "--region-name", "eu-west-1", "--api-stage", "dev",
+        "--auth-token", "TOKEN", "--max-count", "3", "--dry-run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.strip().splitlines()
+    assert len(commands) == 3
+    assert all(
+        c.startswith("curl -XGET 'https://abc123.execute-api.eu-west-1.amazonaws.com/dev/random/") for c in commands
+    )
+    assert all("Authorization: TOKEN" in c for c in commands)
