@@ -34,5 +34,8 @@ demo: install
 bench: install
 	$(BIN)/python -m bench
 
+synth: install
+	$(BIN)/python app.py
+
 clean:
 	rm -rf .meterlake cdk.out .pytest_cache .mypy_cache .ruff_cache

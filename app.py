@@ -1,21 +1,29 @@
 #!/usr/bin/env python3
-"""CDK app entry point. The stacks arrive with the CDK issue; today it validates cdk.context.json, the one config."""
+"""CDK app entry point: load the one config, build meterlake's stacks (checked by cdk-nag), synthesize to cdk.out.
+
+A bad config value fails synthesis with one message naming its key and a non-zero exit.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from meterlake.config import ConfigError, load_config
 
 
 def main() -> int:
-    """Load and validate the config; exit non-zero with one line naming the bad key."""
+    """Synthesize every stack; exit 1 with one ``error:`` line naming the key if the config is invalid."""
     try:
         config = load_config()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"config ok: delivery stream {config.data_firehose_configuration.delivery_stream_name}")
+    # Imported after the config check: a bad value should fail fast, before jsii starts node.
+    from cdk_stacks.app import build_app
+
+    # The cdk CLI tells the app where to write; run directly, it writes ./cdk.out.
+    build_app(config, outdir=os.environ.get("CDK_OUTDIR", "cdk.out")).app.synth()
     return 0
 
 

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -189,15 +189,41 @@ def load_test(
     ] = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the curl commands instead of sending.")] = False,
     api_stage: Annotated[str, typer.Option("--api-stage", help="Stage, with --execution-id.")] = "prod",
-    region_name: Annotated[str, typer.Option("--region-name", help="Region, with --execution-id.")] = "us-east-1",
+    region_name: Annotated[
+        str | None,
+        typer.Option(
+            "--region-name",
+            help="Region, with --execution-id (default us-east-1) or --cognito-client-id ($AWS_REGION).",
+        ),
+    ] = None,
     execution_id: Annotated[str | None, typer.Option("--execution-id", help="REST API id, instead of a URL.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed, for a repeatable request mix.")] = None,
+    cognito_client_id: Annotated[
+        str | None,
+        typer.Option(
+            "--cognito-client-id", help="Sign in to this Cognito app client (USER_PASSWORD_AUTH) for a token."
+        ),
+    ] = None,
+    username: Annotated[str | None, typer.Option("--username", help="Cognito user, with --cognito-client-id.")] = None,
+    password: Annotated[
+        str | None,
+        typer.Option(
+            "--password",
+            envvar="METERLAKE_PASSWORD",
+            show_envvar=True,
+            help="Cognito password, with --cognito-client-id (prompted for when not given).",
+        ),
+    ] = None,
 ) -> None:
     """Drive the API: the local gateway (`meterlake up`) or a real API Gateway stage; run_test.py's flags."""
     url = apigw_invoke_url or invoke_url_from_parts(
-        execution_id=execution_id, region_name=region_name, api_stage=api_stage
+        execution_id=execution_id, region_name=region_name or "us-east-1", api_stage=api_stage
     )
     callers = [Caller(tenant_id=None, token=t) for t in auth_token or []]
+    if cognito_client_id:
+        callers.append(_cognito_caller(cognito_client_id, username, password, region_name))
+    elif username is not None:
+        raise UsageError("--username only applies with --cognito-client-id")
     if tenants:
         from meterlake.local.auth import for_config
 
@@ -209,7 +235,9 @@ def load_test(
         ]
     if not callers:
         if unauthenticated_share < 1.0:
-            raise UsageError("no token: give --auth-token, or --tenants N against the local gateway")
+            raise UsageError(
+                "no token: give --auth-token or --cognito-client-id, or --tenants N against the local gateway"
+            )
         callers = [Caller(tenant_id=None, token=None)]
     plan = LoadTestPlan(
         invoke_url=url,
@@ -239,6 +267,39 @@ def load_test(
         console.print(line, highlight=False)
 
 
+def _aws_client(service: str, region: str | None, *, region_option: str) -> Any:
+    """A boto3 client for ``service`` in the region the option, $AWS_REGION or $AWS_DEFAULT_REGION names."""
+    import boto3  # type: ignore[import-untyped]
+    from botocore.exceptions import BotoCoreError  # type: ignore[import-untyped]
+
+    from meterlake.aws import AwsClientSetupError, resolve_region
+
+    region = resolve_region(region, option=region_option)
+    try:
+        return boto3.client(service, region_name=region)
+    except BotoCoreError as exc:
+        raise AwsClientSetupError(service, str(exc)) from exc
+
+
+def _cognito_caller(client_id: str, username: str | None, password: str | None, region: str | None) -> Caller:
+    """Sign in to Cognito for an ID token; the caller's tenant label is the token's custom:tenant_id."""
+    from meterlake.aws.cognito import fetch_id_token, tenant_of
+
+    if not username:
+        raise UsageError("--cognito-client-id needs --username")
+    client = _aws_client("cognito-idp", region, region_option="--region-name")
+    if password is None:
+        password = typer.prompt(f"Cognito password for {username}", hide_input=True)
+    token = fetch_id_token(
+        client_id=client_id,
+        username=username,
+        password=password,
+        region=client.meta.region_name,
+        cognito_client=client,
+    )
+    return Caller(tenant_id=tenant_of(token), token=token)
+
+
 @app.command()
 def query(
     ctx: typer.Context,
@@ -246,8 +307,19 @@ def query(
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Parameter as k=v (repeatable).")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     list_: Annotated[bool, typer.Option("--list", help="List the queries in sql/ and their parameters.")] = False,
+    athena: Annotated[bool, typer.Option("--athena", help="Run on Amazon Athena instead of locally.")] = False,
+    workgroup: Annotated[
+        str, typer.Option("--workgroup", envvar="METERLAKE_ATHENA_WORKGROUP", help="Athena workgroup, with --athena.")
+    ] = "meterlake",
+    region: Annotated[
+        str | None, typer.Option("--region", help="AWS region, with --athena (default: $AWS_REGION).")
+    ] = None,
+    output_location: Annotated[
+        str | None,
+        typer.Option("--output-location", help="s3:// prefix for Athena's results (default: the workgroup's)."),
+    ] = None,
 ) -> None:
-    """Run an Athena-dialect SQL query from sql/ locally (sqlglot -> DuckDB over the Iceberg table's files)."""
+    """Run an Athena-dialect SQL query from sql/: locally (sqlglot -> DuckDB over the table's files) or on Athena."""
     from meterlake.query import format_result, list_queries, load_query, parse_param_args, run_local_query
 
     if list_ or name is None:
@@ -259,7 +331,23 @@ def query(
         raise UsageError(f"--format must be table, csv or json, got {fmt!r}")
     output: Literal["table", "csv", "json"] = fmt  # type: ignore[assignment]
     c = _context(ctx)
-    result = run_local_query(load_query(name), parse_param_args(param or []), config=c.config(), data_dir=c.data_dir())
+    if not athena:
+        if region is not None or output_location is not None:
+            raise UsageError("--region and --output-location only apply with --athena")
+        result = run_local_query(
+            load_query(name), parse_param_args(param or []), config=c.config(), data_dir=c.data_dir()
+        )
+    else:
+        from meterlake.aws.athena import run_athena_query
+
+        result = run_athena_query(
+            load_query(name),
+            parse_param_args(param or []),
+            config=c.config(),
+            athena_client=_aws_client("athena", region, region_option="--region"),
+            workgroup=workgroup,
+            output_location=output_location,
+        )
     sys.stdout.write(format_result(result, output))
 
 
@@ -306,13 +394,23 @@ def _fail(message: str) -> NoReturn:
 
 def main() -> None:
     """Console-script entry: run the app, turning known failures into one line."""
+    from meterlake.aws import AwsError
     from meterlake.local.auth import InvalidToken
     from meterlake.local.gateway import GatewayError
     from meterlake.local.stream import StreamError
 
     try:
         app()
-    except (ConfigError, QueryError, LoadTestError, UsageError, GatewayError, StreamError, InvalidToken) as exc:
+    except (
+        ConfigError,
+        QueryError,
+        LoadTestError,
+        UsageError,
+        GatewayError,
+        StreamError,
+        InvalidToken,
+        AwsError,
+    ) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted")

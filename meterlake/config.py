@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -105,12 +105,49 @@ class LocalRuntime(_Section, frozen=True):
             raise ValueError(f"host {self.host!r}: the local gateway only listens on loopback")
 
 
+#: The retention periods CloudWatch Logs accepts, in days.
+LOG_RETENTION_DAYS: frozenset[int] = frozenset(
+    {1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653}
+)
+
+
+class AwsDeployment(_Section, frozen=True):
+    """Settings only the CDK app uses: retention, cost guards, throttling, Lambda sizing, table maintenance."""
+
+    #: CloudWatch Logs retention of every log group the app creates.
+    log_retention_days: int = 30
+    #: Days before objects under the error output prefix's static part (e.g. ``error/``) and Athena results expire.
+    error_output_expiration_days: Annotated[int, Meta(ge=1, le=3650)] = 30
+    #: Athena refuses a query of the workgroup once it would scan more than this (Athena's minimum is 10 MB).
+    athena_bytes_scanned_cutoff_per_query: Annotated[int, Meta(ge=10_000_000)] = 10_000_000_000
+    #: Steady-state requests per second the API stage admits before answering 429.
+    api_throttling_rate_limit: Annotated[float, Meta(ge=0)] = 100.0
+    #: Burst of requests the API stage admits above the steady rate.
+    api_throttling_burst_limit: Annotated[int, Meta(ge=0)] = 200
+    #: Lambda architecture; arm64 wheels of msgspec and Powertools exist and Graviton is cheaper per GB-second.
+    lambda_architecture: Literal["arm64", "x86_64"] = "arm64"
+    #: Memory of the transform Lambda; CPU scales with it, and decoding a 6 MB batch is CPU-bound.
+    transform_memory_mb: Annotated[int, Meta(ge=128, le=10240)] = 1024
+    #: Snapshots younger than this are kept by the Glue retention optimizer (time travel, in-flight readers).
+    snapshot_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 5
+    #: Snapshots always kept by the Glue retention optimizer, whatever their age.
+    snapshots_to_retain: Annotated[int, Meta(ge=1, le=1000)] = 1
+    #: Files no snapshot references are deleted by the Glue orphan-file optimizer after this many days.
+    orphan_file_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 3
+
+    def __post_init__(self) -> None:
+        if self.log_retention_days not in LOG_RETENTION_DAYS:
+            allowed = ", ".join(str(days) for days in sorted(LOG_RETENTION_DAYS))
+            raise ValueError(f"log_retention_days {self.log_retention_days}: CloudWatch Logs allows only {allowed}")
+
+
 class MeterlakeSettings(_Section, frozen=True):
     """meterlake's own settings, beside the sample's keys."""
 
     unmetered_http_methods: tuple[Annotated[str, Meta(pattern=r"^[A-Z]+$")], ...] = ("OPTIONS",)
     api_stage: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]+$")] = "prod"
     local: LocalRuntime = msgspec.field(default_factory=LocalRuntime)
+    aws: AwsDeployment = msgspec.field(default_factory=AwsDeployment)
 
 
 class Config(Struct, kw_only=True, frozen=True):

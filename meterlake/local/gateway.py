@@ -15,9 +15,7 @@ import collections
 import contextlib
 import errno
 import logging
-import random
 import socket
-import string
 import threading
 import time
 import uuid
@@ -28,7 +26,6 @@ from typing import Protocol
 import msgspec
 import uvicorn
 from starlette.applications import Starlette
-from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -37,6 +34,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meterlake.config import Config
+from meterlake.demo_api import RANDOM_STRINGS_RESOURCE, BadParameterError, random_strings
 from meterlake.local.auth import JWKS_PATH, IdTokenClaims, InvalidToken, UserPool, for_config
 from meterlake.local.home import DataDir
 from meterlake.records import render_access_log_line
@@ -45,21 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: ``$context.apiId`` of the local REST API.
 LOCAL_API_ID = "local"
-#: The one resource of the sample API, as ``$context.resourcePath`` names it.
-RANDOM_STRINGS_RESOURCE = "/random/strings"
 #: API Gateway's response header carrying ``$context.requestId``.
 REQUEST_ID_HEADER = "x-amzn-RequestId"
-
-#: The sample Lambda's character sets, by the value of its ``chars`` parameter.
-CHARACTER_SETS: dict[str, str] = {
-    "letters": string.ascii_letters,
-    "lowercase": string.ascii_lowercase,
-    "uppercase": string.ascii_uppercase,
-    "digits": string.digits,
-}
-DEFAULT_CHARS = "letters"
-MAX_STRING_LENGTH = 20
-MAX_STRING_COUNT = 100
 
 _EXCHANGE = "meterlake.exchange"
 _JSON = "application/json"
@@ -408,40 +393,12 @@ def _bearer_token(header: str | None) -> str | None:
 
 
 async def _random_strings(request: Request) -> Response:
-    """The AWS sample's Lambda: ``num`` random strings of ``len`` characters drawn from ``chars``."""
-    params = request.query_params
-    chars = params.get("chars", DEFAULT_CHARS)
-    alphabet = CHARACTER_SETS.get(chars)
-    if alphabet is None:
-        choices = ", ".join(sorted(CHARACTER_SETS))
-        return _json_response(400, {"message": f"chars must be one of {choices}; got {chars!r}"})
+    """The demo API, answered by the same logic as the AWS demo Lambda (``meterlake.demo_api``)."""
     try:
-        length = _clamped_int(params, "len", 1, MAX_STRING_LENGTH)
-        count = _clamped_int(params, "num", 1, MAX_STRING_COUNT)
-    except _BadParameterError as exc:
+        strings = random_strings(request.query_params)
+    except BadParameterError as exc:
         return _json_response(400, {"message": str(exc)})
-    drawn = "".join(random.choices(alphabet, k=length * count))
-    strings = [drawn[i : i + length] for i in range(0, length * count, length)]
     return Response(msgspec.json.encode(strings), media_type=_JSON)
-
-
-class _BadParameterError(ValueError):
-    """A query parameter that is not what the API accepts; the message is the client's 400 message."""
-
-
-def _clamped_int(params: QueryParams, name: str, low: int, high: int) -> int:
-    """Read integer parameter ``name`` (default ``low``) and clamp it to ``low..high`` as the sample does."""
-    text = params.get(name)
-    if text is None:
-        return low
-    stripped = text.strip()
-    digits = stripped[1:] if stripped[:1] in ("+", "-") else stripped
-    if not digits.isascii() or not digits.isdigit():
-        raise _BadParameterError(f"{name} must be an integer; got {text!r}")
-    if len(digits.lstrip("0")) > len(str(high)):
-        # Beyond either bound whatever the digits; and int() refuses numbers of over 4300 digits.
-        return low if stripped.startswith("-") else high
-    return max(low, min(high, int(stripped)))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -95,3 +95,36 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("METERLAKE_CONFIG", raising=False)
     assert load_config() == Config()
+
+
+def test_repository_context_file_holds_the_aws_defaults() -> None:
+    config = load_config(Path(__file__).parents[2] / "cdk.context.json")
+    assert config.meterlake.aws == Config().meterlake.aws
+
+
+@pytest.mark.parametrize(
+    ("aws", "key", "detail"),
+    [
+        ({"log_retention_days": 8}, "meterlake.aws", "CloudWatch Logs allows only"),
+        ({"lambda_architecture": "mips"}, "meterlake.aws.lambda_architecture", "'mips'"),
+        (
+            {"athena_bytes_scanned_cutoff_per_query": 5},
+            "meterlake.aws.athena_bytes_scanned_cutoff_per_query",
+            ">= 10000000",
+        ),
+        ({"api_throttling_burst_limit": -1}, "meterlake.aws.api_throttling_burst_limit", "got -1"),
+        ({"transform_memory_mb": 64}, "meterlake.aws.transform_memory_mb", ">= 128"),
+        ({"compaction": True}, "meterlake.aws", "unknown field `compaction`"),
+    ],
+)
+def test_bad_aws_value_names_its_key(aws: dict[str, Any], key: str, detail: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"meterlake": {"aws": aws}})
+    assert key in str(info.value)
+    assert detail in str(info.value)
+
+
+def test_aws_values_are_read() -> None:
+    config = parse_config({"meterlake": {"aws": {"log_retention_days": 90, "lambda_architecture": "x86_64"}}})
+    assert config.meterlake.aws.log_retention_days == 90
+    assert config.meterlake.aws.lambda_architecture == "x86_64"

@@ -1,0 +1,188 @@
+"""API: Cognito user pool, the REST API ``GET /random/strings`` and the stage whose access logs go to Firehose."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aws_cdk import Aws, CfnOutput, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_apigateway as apigateway
+from aws_cdk import aws_cognito as cognito
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kinesisfirehose as firehose
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code
+from cdk_stacks.shared import (
+    LAMBDA_PYTHON_VERSION,
+    LAMBDA_RUNTIME,
+    LAMBDA_RUNTIME_REASON,
+    acknowledge,
+    lambda_architecture,
+    log_retention,
+)
+from meterlake.demo_api import RANDOM_STRINGS_RESOURCE
+from meterlake.records import render_access_log_format
+
+#: The Cognito custom attribute that carries a user's tenant; the access log reads the claim ``custom:tenant_id``.
+TENANT_ATTRIBUTE: Final = "tenant_id"
+#: The demo Lambda is the stdlib-only demo API module; no third-party packages.
+DEMO_SOURCES: Final = (
+    ("meterlake/__init__.py", "meterlake/__init__.py"),
+    ("meterlake/demo_api.py", "meterlake/demo_api.py"),
+)
+DEMO_HANDLER: Final = "meterlake.demo_api.lambda_handler"
+#: The query-string parameters of the demo API, all optional.
+DEMO_QUERY_PARAMETERS: Final = ("chars", "len", "num")
+
+
+class ApiStack(Stack):
+    """The metered API: user pool + app client, demo Lambda, REST API with a Cognito authorizer, logged stage.
+
+    Attributes:
+        rest_api: the REST API; its stage is ``rest_api.deployment_stage``.
+        user_pool / user_pool_client: where API users sign in.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        delivery_stream: firehose.CfnDeliveryStream,
+        stage_name: str,
+        throttling_rate_limit: float,
+        throttling_burst_limit: int,
+        architecture: str,
+        log_retention_days: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.user_pool = cognito.UserPool(
+            self,
+            "UserPool",
+            # Tenants' users are created by the operator (AdminCreateUser with custom:tenant_id), never by themselves.
+            self_sign_up_enabled=False,
+            sign_in_aliases=cognito.SignInAliases(username=True, email=True),
+            password_policy=cognito.PasswordPolicy(
+                min_length=12,
+                require_lowercase=True,
+                require_uppercase=True,
+                require_digits=True,
+                require_symbols=True,
+                temp_password_validity=Duration.days(3),
+            ),
+            custom_attributes={
+                TENANT_ATTRIBUTE: cognito.StringAttribute(min_len=1, max_len=64, mutable=True),
+            },
+            feature_plan=cognito.FeaturePlan.PLUS,
+            standard_threat_protection_mode=cognito.StandardThreatProtectionMode.FULL_FUNCTION,
+            account_recovery=cognito.AccountRecovery.EMAIL_ONLY,
+            removal_policy=RemovalPolicy.RETAIN,
+        )
+        acknowledge(
+            self.user_pool,
+            "AwsSolutions-COG2",
+            "API clients sign in non-interactively (USER_PASSWORD_AUTH, e.g. `meterlake load-test`); MFA would "
+            "block them. Threat protection (Plus plan, full function) guards the sign-ins instead.",
+        )
+        self.user_pool_client = self.user_pool.add_client(
+            "AppClient",
+            auth_flows=cognito.AuthFlow(user_password=True, user_srp=True),
+            generate_secret=False,
+            # Clients sign in with the Cognito API (USER_PASSWORD_AUTH / SRP); no hosted UI, no OAuth redirects.
+            disable_o_auth=True,
+            prevent_user_existence_errors=True,
+            read_attributes=cognito.ClientAttributes()
+            .with_standard_attributes(email=True, email_verified=True, preferred_username=True)
+            .with_custom_attributes(TENANT_ATTRIBUTE),
+            # The tenant is what usage is billed to: users can read it (it is in their ID token) but never change it.
+            write_attributes=cognito.ClientAttributes().with_standard_attributes(email=True, preferred_username=True),
+        )
+
+        demo_log_group = logs.LogGroup(self, "DemoLogGroup", retention=log_retention(log_retention_days))
+        demo_role = iam.Role(
+            self,
+            "DemoRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description="meterlake demo API Lambda: writes its own logs, nothing else",
+        )
+        demo_log_group.grant_write(demo_role)
+        demo_function = lambda_.Function(
+            self,
+            "DemoFunction",
+            description="meterlake demo API: GET /random/strings",
+            runtime=LAMBDA_RUNTIME,
+            architecture=lambda_architecture(architecture),
+            handler=DEMO_HANDLER,
+            code=lambda_code(
+                PythonBundle(
+                    sources=DEMO_SOURCES,
+                    requirements=(),
+                    target=PythonTarget.for_lambda(architecture=architecture, python_version=LAMBDA_PYTHON_VERSION),
+                )
+            ),
+            memory_size=256,
+            timeout=Duration.seconds(10),
+            role=demo_role,
+            log_group=demo_log_group,
+        )
+
+        acknowledge(demo_function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)
+        self.rest_api = apigateway.RestApi(
+            self,
+            "RestApi",
+            rest_api_name="meterlake-random-strings",
+            description="meterlake demo API: every request is access-logged to Firehose and metered",
+            endpoint_types=[apigateway.EndpointType.REGIONAL],
+            # The account-wide API Gateway CloudWatch role (AWS::ApiGateway::Account) is not this app's to own.
+            cloud_watch_role=False,
+            deploy_options=apigateway.StageOptions(
+                stage_name=stage_name,
+                access_log_destination=apigateway.FirehoseLogDestination(delivery_stream),
+                access_log_format=apigateway.AccessLogFormat.custom(render_access_log_format()),
+                throttling_rate_limit=throttling_rate_limit,
+                throttling_burst_limit=throttling_burst_limit,
+                metrics_enabled=True,
+                tracing_enabled=True,
+            ),
+        )
+        authorizer = apigateway.CognitoUserPoolsAuthorizer(
+            self, "Authorizer", cognito_user_pools=[self.user_pool], results_cache_ttl=Duration.minutes(5)
+        )
+        validator = self.rest_api.add_request_validator(
+            "RequestValidator", validate_request_parameters=True, validate_request_body=True
+        )
+        resource = self.rest_api.root.resource_for_path(RANDOM_STRINGS_RESOURCE)
+        resource.add_method(
+            "GET",
+            apigateway.LambdaIntegration(demo_function),
+            authorization_type=apigateway.AuthorizationType.COGNITO,
+            authorizer=authorizer,
+            request_validator=validator,
+            request_parameters={f"method.request.querystring.{name}": False for name in DEMO_QUERY_PARAMETERS},
+        )
+        # RestApi adds its own URL output; the stack's RestApiEndpoint output below replaces it.
+        self.rest_api.node.try_remove_child("Endpoint")
+        stage = self.rest_api.deployment_stage
+        acknowledge(
+            stage,
+            "AwsSolutions-APIG3",
+            "A WAF web ACL is an account-level cost and policy decision; the demo stage is throttled "
+            "(meterlake.aws.api_throttling_*) and every method requires a Cognito ID token.",
+        )
+        acknowledge(
+            stage,
+            "AwsSolutions-APIG6",
+            "Execution logging needs the account-wide API Gateway CloudWatch role (AWS::ApiGateway::Account), a "
+            "singleton this app must not take over; every request is access-logged to Firehose instead.",
+        )
+
+        CfnOutput(self, "UserPoolId", value=self.user_pool.user_pool_id)
+        CfnOutput(self, "UserPoolClientId", value=self.user_pool_client.user_pool_client_id)
+        CfnOutput(
+            self,
+            "RestApiEndpoint",
+            value=f"https://{self.rest_api.rest_api_id}.execute-api.{Aws.REGION}.{Aws.URL_SUFFIX}/{stage_name}",
+        )

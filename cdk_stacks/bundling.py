@@ -1,0 +1,180 @@
+"""Lambda assets built at synth time without Docker: ``pip install --platform`` for the Lambda's platform plus a copy.
+
+Both Lambdas are plain Python; the only compiled dependency (msgspec) ships manylinux wheels, so pip can fetch the
+wheels of the Lambda's platform and Python version on any machine. The asset hash covers the copied sources, the
+requirement pins and the target, so CDK skips bundling when none of them changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsii
+from aws_cdk import AssetHashType, BundlingOptions, DockerImage, ILocalBundling
+from aws_cdk import aws_lambda as lambda_
+
+#: The repository root: the sources bundled into the Lambdas and pyproject.toml live here.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Bump when the way bundles are built changes, so cached assets are rebuilt.
+_BUNDLER_VERSION = "1"
+_IGNORED_PARTS = frozenset({"__pycache__"})
+_REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+class BundlingError(RuntimeError):
+    """pip could not install a Lambda's requirements for its platform, or a source to copy is missing."""
+
+
+@dataclass(frozen=True, slots=True)
+class PythonTarget:
+    """The platform and CPython version a bundle's compiled wheels are chosen for."""
+
+    platform: str
+    python_version: str
+
+    @classmethod
+    def for_lambda(cls, *, architecture: str, python_version: str) -> PythonTarget:
+        """The manylinux target of a Lambda architecture (``arm64`` or ``x86_64``)."""
+        machine = {"arm64": "aarch64", "x86_64": "x86_64"}[architecture]
+        return cls(platform=f"manylinux2014_{machine}", python_version=python_version)
+
+
+@dataclass(frozen=True, slots=True)
+class PythonBundle:
+    """A Lambda asset: sources copied to paths inside the bundle, plus pip requirements installed for a target.
+
+    Args:
+        sources: (file or directory, its path inside the bundle), relative to ``root``.
+        requirements: pip requirement specifiers, e.g. ``msgspec>=0.19,<0.23``.
+        target: the platform/Python the wheels are chosen for.
+        root: where ``sources`` are read from.
+    """
+
+    sources: tuple[tuple[str, str], ...]
+    requirements: tuple[str, ...]
+    target: PythonTarget
+    root: Path = PROJECT_ROOT
+
+    def asset_hash(self) -> str:
+        """A digest of everything the bundle is built from: source files, requirement pins, target, bundler."""
+        digest = hashlib.sha256()
+        for part in (_BUNDLER_VERSION, *self.requirements, self.target.platform, self.target.python_version):
+            digest.update(part.encode() + b"\0")
+        for source, destination in self._files():
+            digest.update(destination.encode() + b"\0")
+            digest.update(source.read_bytes() + b"\0")
+        return digest.hexdigest()
+
+    def build(self, output_dir: Path) -> None:
+        """Install the requirements into ``output_dir`` for the target, then copy the sources there.
+
+        Raises:
+            BundlingError: pip failed (its last lines are in the message) or a source is missing.
+        """
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if self.requirements:
+            self._pip_install(output_dir)
+        for source, destination in self._files():
+            path = output_dir / destination
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, path)
+
+    def _pip_install(self, output_dir: Path) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-compile",
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+            "--platform",
+            self.target.platform,
+            "--python-version",
+            self.target.python_version,
+            "--target",
+            str(output_dir),
+            *self.requirements,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
+        if result.returncode != 0:
+            tail = " | ".join(result.stderr.strip().splitlines()[-3:])
+            raise BundlingError(f"pip could not install {list(self.requirements)} for {self.target}: {tail}")
+
+    def _files(self) -> Iterator[tuple[Path, str]]:
+        """Every file to copy, as (source file, path inside the bundle), in a stable order."""
+        for source, destination in self.sources:
+            path = self.root / source
+            if path.is_file():
+                yield path, destination
+            elif path.is_dir():
+                for file in sorted(path.rglob("*")):
+                    relative = file.relative_to(path)
+                    if file.is_file() and not _IGNORED_PARTS.intersection(relative.parts) and file.suffix != ".pyc":
+                        yield file, f"{destination}/{relative.as_posix()}"
+            else:
+                raise BundlingError(f"{path}: no such file or directory to bundle")
+
+
+@jsii.implements(ILocalBundling)
+class _LocalPythonBundling:
+    """CDK's hook to bundle on this machine instead of in a Docker container."""
+
+    def __init__(self, bundle: PythonBundle) -> None:
+        self._bundle = bundle
+
+    def try_bundle(self, output_dir: str, *, image: DockerImage, **_options: Any) -> bool:
+        """Build the bundle into CDK's output directory; True tells CDK no Docker is needed."""
+        self._bundle.build(Path(output_dir))
+        return True
+
+
+def lambda_code(bundle: PythonBundle) -> lambda_.Code:
+    """The Lambda code asset of ``bundle``, bundled locally and hashed by its inputs (never needs Docker)."""
+    first_source = bundle.root / bundle.sources[0][0]
+    return lambda_.Code.from_asset(
+        # CDK wants a directory to "bundle from"; the custom hash means it is not fingerprinted, nor copied.
+        str(first_source if first_source.is_dir() else first_source.parent),
+        asset_hash_type=AssetHashType.CUSTOM,
+        asset_hash=bundle.asset_hash(),
+        bundling=BundlingOptions(
+            # Never pulled: the local bundler always succeeds, but CDK requires an image to fall back on.
+            image=DockerImage.from_registry("unused"),
+            local=_LocalPythonBundling(bundle),
+        ),
+    )
+
+
+def project_requirements(names: Sequence[str], *, pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> tuple[str, ...]:
+    """The specifiers of ``names`` exactly as pyproject.toml's ``[project].dependencies`` pin them.
+
+    Raises:
+        BundlingError: a name is not a dependency of the project.
+    """
+    dependencies: list[str] = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    by_name: dict[str, str] = {}
+    for specifier in dependencies:
+        match = _REQUIREMENT_NAME.match(specifier)
+        if match:
+            by_name[_canonical(match.group(1))] = specifier
+    missing = [name for name in names if _canonical(name) not in by_name]
+    if missing:
+        raise BundlingError(f"{pyproject}: not in [project].dependencies: {missing}")
+    return tuple(by_name[_canonical(name)] for name in names)
+
+
+def _canonical(name: str) -> str:
+    """PEP 503 name normalization."""
+    return re.sub(r"[-_.]+", "-", name).lower()

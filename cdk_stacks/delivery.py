@@ -1,0 +1,233 @@
+"""Delivery: the Firehose stream that receives the API's access logs and upserts metering events into Iceberg."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from aws_cdk import ArnFormat, Aws, CfnOutput, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kinesisfirehose as firehose
+from aws_cdk import aws_lakeformation as lakeformation
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from cdk_stacks.shared import acknowledge, acknowledge_resources, log_retention
+from meterlake.config import DataFirehoseConfiguration
+
+#: How long Firehose retries a failed Iceberg commit before the records go to the error output prefix.
+RETRY_DURATION_SECONDS: Final = 300
+#: What a principal needs on the table to write it: Glue reads the table, Firehose commits (insert/update/delete).
+TABLE_WRITE_PERMISSIONS: Final = ("SELECT", "INSERT", "DELETE", "DESCRIBE", "ALTER")
+#: The log streams of the delivery stream's destination (Iceberg) and S3 backup (failed records) logs.
+DESTINATION_LOG_STREAM: Final = "DestinationDelivery"
+BACKUP_LOG_STREAM: Final = "BackupDelivery"
+#: lakeformation:GetDataAccess has no resource-level permissions: AWS only accepts "*" for it.
+UNSCOPABLE_ACTIONS: Final = ("lakeformation:GetDataAccess",)
+
+
+def glue_arns(stack: Stack, *, database_name: str, table_name: str) -> list[str]:
+    """The Glue catalog, database and table ARNs of the metering-events table."""
+    prefix = f"arn:{Aws.PARTITION}:glue:{stack.region}:{stack.account}"
+    return [f"{prefix}:catalog", f"{prefix}:database/{database_name}", f"{prefix}:table/{database_name}/{table_name}"]
+
+
+def grant_table_access(
+    scope: Construct, construct_id: str, *, role: iam.IRole, database_name: str, table_name: str
+) -> lakeformation.CfnPrincipalPermissions:
+    """Lake Formation permissions on the table for ``role``: one grant, leaving the account's LF admins untouched.
+
+    The grant is made by CloudFormation's role, which created the table and so may grant on it.
+    """
+    stack = Stack.of(scope)
+    return lakeformation.CfnPrincipalPermissions(
+        scope,
+        construct_id,
+        principal=lakeformation.CfnPrincipalPermissions.DataLakePrincipalProperty(
+            data_lake_principal_identifier=role.role_arn
+        ),
+        resource=lakeformation.CfnPrincipalPermissions.ResourceProperty(
+            table=lakeformation.CfnPrincipalPermissions.TableResourceProperty(
+                catalog_id=stack.account, database_name=database_name, name=table_name
+            )
+        ),
+        permissions=list(TABLE_WRITE_PERMISSIONS),
+        permissions_with_grant_option=[],
+    )
+
+
+def _mb(value: float) -> str:
+    """A size as Firehose's processor parameters take it: ``3``, ``0.2``."""
+    return f"{value:g}"
+
+
+class DeliveryStack(Stack):
+    """The Firehose service role, its Lake Formation grant, its log group and the delivery stream.
+
+    Attributes:
+        delivery_stream: the stream the API stage's access logs go to.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        bucket_name: str,
+        database_name: str,
+        table_name: str,
+        unique_keys: Sequence[str],
+        transform_function: lambda_.IFunction,
+        settings: DataFirehoseConfiguration,
+        log_retention_days: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)
+        stream_name = settings.delivery_stream_name
+        log_group_name = f"/aws/kinesisfirehose/{stream_name}"
+        log_group = logs.LogGroup(
+            self,
+            "LogGroup",
+            log_group_name=log_group_name,
+            retention=log_retention(log_retention_days),
+        )
+        for construct_id, log_stream in (("DestinationLog", DESTINATION_LOG_STREAM), ("BackupLog", BACKUP_LOG_STREAM)):
+            logs.LogStream(self, construct_id, log_group=log_group, log_stream_name=log_stream)
+
+        policy = iam.PolicyDocument(
+            statements=[
+                iam.PolicyStatement(
+                    sid="LakeBucket",
+                    actions=[
+                        "s3:AbortMultipartUpload",
+                        "s3:GetBucketLocation",
+                        "s3:GetObject",
+                        "s3:ListBucket",
+                        "s3:ListBucketMultipartUploads",
+                        "s3:PutObject",
+                        "s3:DeleteObject",
+                    ],
+                    resources=[bucket.bucket_arn, bucket.arn_for_objects("*")],
+                ),
+                iam.PolicyStatement(
+                    sid="MeteringTable",
+                    actions=["glue:GetTable", "glue:GetDatabase", "glue:UpdateTable"],
+                    resources=glue_arns(self, database_name=database_name, table_name=table_name),
+                ),
+                iam.PolicyStatement(
+                    sid="TransformLambda",
+                    actions=["lambda:InvokeFunction", "lambda:GetFunctionConfiguration"],
+                    resources=[transform_function.function_arn],
+                ),
+                iam.PolicyStatement(
+                    sid="DeliveryLogs",
+                    actions=["logs:PutLogEvents"],
+                    resources=[
+                        self.format_arn(
+                            service="logs",
+                            resource="log-group",
+                            resource_name=f"{log_group_name}:log-stream:{log_stream}",
+                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                        for log_stream in (DESTINATION_LOG_STREAM, BACKUP_LOG_STREAM)
+                    ],
+                ),
+                iam.PolicyStatement(sid="LakeFormationData", actions=list(UNSCOPABLE_ACTIONS), resources=["*"]),
+            ]
+        )
+        role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal(
+                "firehose.amazonaws.com", conditions={"StringEquals": {"aws:SourceAccount": self.account}}
+            ),
+            description=f"Firehose stream {stream_name}: writes the metering-events Iceberg table",
+            inline_policies={"Delivery": policy},
+        )
+        acknowledge(
+            role,
+            "AwsSolutions-IAM5[Resource::*]",
+            "lakeformation:GetDataAccess supports no resource-level permissions; Lake Formation scopes the data "
+            "itself through the table grant.",
+        )
+        acknowledge_resources(
+            role,
+            "AwsSolutions-IAM5",
+            [bucket.arn_for_objects("*")],
+            "Firehose writes Iceberg data, metadata and error output under object keys it chooses in the lake bucket "
+            "(table location and error prefix); the role may touch no other bucket.",
+        )
+        grant = grant_table_access(self, "TableGrant", role=role, database_name=database_name, table_name=table_name)
+
+        lambda_processor = firehose.CfnDeliveryStream.ProcessorProperty(
+            type="Lambda",
+            parameters=[
+                firehose.CfnDeliveryStream.ProcessorParameterProperty(parameter_name=name, parameter_value=value)
+                for name, value in (
+                    ("LambdaArn", transform_function.function_arn),
+                    ("BufferSizeInMBs", _mb(settings.transform_records_with_aws_lambda.buffer_size)),
+                    ("BufferIntervalInSeconds", str(settings.transform_records_with_aws_lambda.buffer_interval)),
+                    ("NumberOfRetries", str(settings.transform_records_with_aws_lambda.number_of_retries)),
+                )
+            ],
+        )
+        self.delivery_stream = firehose.CfnDeliveryStream(
+            self,
+            "DeliveryStream",
+            delivery_stream_name=stream_name,
+            delivery_stream_type="DirectPut",
+            delivery_stream_encryption_configuration_input=(
+                firehose.CfnDeliveryStream.DeliveryStreamEncryptionConfigurationInputProperty(key_type="AWS_OWNED_CMK")
+            ),
+            iceberg_destination_configuration=firehose.CfnDeliveryStream.IcebergDestinationConfigurationProperty(
+                catalog_configuration=firehose.CfnDeliveryStream.CatalogConfigurationProperty(
+                    catalog_arn=glue_arns(self, database_name=database_name, table_name=table_name)[0],
+                    warehouse_location=f"s3://{bucket_name}",
+                ),
+                role_arn=role.role_arn,
+                s3_configuration=firehose.CfnDeliveryStream.S3DestinationConfigurationProperty(
+                    bucket_arn=bucket.bucket_arn,
+                    role_arn=role.role_arn,
+                    error_output_prefix=settings.error_output_prefix,
+                    cloud_watch_logging_options=firehose.CfnDeliveryStream.CloudWatchLoggingOptionsProperty(
+                        enabled=True,
+                        log_group_name=log_group.log_group_name,
+                        log_stream_name=BACKUP_LOG_STREAM,
+                    ),
+                ),
+                s3_backup_mode="FailedDataOnly",
+                destination_table_configuration_list=[
+                    firehose.CfnDeliveryStream.DestinationTableConfigurationProperty(
+                        destination_database_name=database_name,
+                        destination_table_name=table_name,
+                        unique_keys=list(unique_keys),
+                        s3_error_output_prefix=settings.error_output_prefix,
+                    )
+                ],
+                processing_configuration=firehose.CfnDeliveryStream.ProcessingConfigurationProperty(
+                    enabled=True, processors=[lambda_processor]
+                ),
+                buffering_hints=firehose.CfnDeliveryStream.BufferingHintsProperty(
+                    interval_in_seconds=settings.buffering_hints.interval_in_seconds,
+                    size_in_m_bs=settings.buffering_hints.size_in_mbs,
+                ),
+                retry_options=firehose.CfnDeliveryStream.RetryOptionsProperty(
+                    duration_in_seconds=RETRY_DURATION_SECONDS
+                ),
+                cloud_watch_logging_options=firehose.CfnDeliveryStream.CloudWatchLoggingOptionsProperty(
+                    enabled=True, log_group_name=log_group.log_group_name, log_stream_name=DESTINATION_LOG_STREAM
+                ),
+                # Not append-only: the design dedups at write. The transform asks for "update" (an upsert on the
+                # unique key request_id), so a redelivered access-log line replaces its first copy instead of adding
+                # a row, and no query has to deduplicate (README: "Duplicates are removed at write"). AppendOnly
+                # would forbid update/delete operations and keys.
+                append_only=False,
+            ),
+        )
+        # The stream must not start writing before its role may read and write the table.
+        self.delivery_stream.node.add_dependency(role, grant)
+
+        CfnOutput(self, "DeliveryStreamName", value=stream_name, description="Firehose stream of the access logs")

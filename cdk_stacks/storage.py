@@ -1,0 +1,126 @@
+"""Storage: the S3 bucket of the lake, the Glue database and the Iceberg metering-events table."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aws_cdk import Aws, CfnOutput, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_glue as glue
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from cdk_stacks.glue_iceberg import open_table_format_input
+from cdk_stacks.shared import acknowledge
+
+#: Where the Athena workgroup writes query results; expired like error output.
+ATHENA_RESULTS_PREFIX: Final = "athena-results/"
+
+
+class StaticPrefixError(ValueError):
+    """An S3 prefix that starts with a Firehose expression has no static part a lifecycle rule could match."""
+
+
+def static_prefix(prefix: str) -> str:
+    """The part of a Firehose prefix before its first ``!{...}`` expression, cut after the last ``/``.
+
+    ``error/year=!{timestamp:yyyy}/...`` -> ``error/``.
+
+    Raises:
+        StaticPrefixError: the prefix has no static folder before its first expression.
+    """
+    head = prefix.split("!{", 1)[0]
+    folder = head[: head.rfind("/") + 1]
+    if not folder.strip("/"):
+        raise StaticPrefixError(f"error_output_prefix {prefix!r}: no static folder (e.g. 'error/') to expire")
+    return folder
+
+
+class StorageStack(Stack):
+    """The lake's bucket (plus its access-log bucket), the Glue database and the Iceberg table.
+
+    Attributes:
+        bucket: the lake's bucket: table data, Firehose error output, Athena results.
+        bucket_name: its name: ``s3_bucket`` from the config, else ``meterlake-<account>-<region>``. Other stacks
+            take the name, not the bucket, so no export ties them to this stack and their policies name exact ARNs.
+        database_name / table_name: the Glue names of the table.
+        table_location: ``s3://<bucket>/<output_prefix>``, the table's Iceberg location.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        bucket_name: str | None,
+        database_name: str,
+        table_name: str,
+        output_prefix: str,
+        error_output_prefix: str,
+        expiration_days: int,
+        log_retention_days: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        access_logs = s3.Bucket(
+            self,
+            "AccessLogBucket",
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            enforce_ssl=True,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            lifecycle_rules=[s3.LifecycleRule(expiration=Duration.days(log_retention_days))],
+            removal_policy=RemovalPolicy.RETAIN,
+        )
+        acknowledge(
+            access_logs,
+            "AwsSolutions-S1",
+            "This bucket is the target of the lake bucket's server access logs; logging it would log its own logs.",
+        )
+        self.bucket_name = bucket_name or f"meterlake-{Aws.ACCOUNT_ID}-{Aws.REGION}"
+        self.bucket = s3.Bucket(
+            self,
+            "LakeBucket",
+            bucket_name=self.bucket_name,
+            # SSE-S3: Firehose, Glue's optimizers and Athena read and write it without a KMS key policy to maintain.
+            encryption=s3.BucketEncryption.S3_MANAGED,
+            enforce_ssl=True,
+            block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
+            object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
+            server_access_logs_bucket=access_logs,
+            server_access_logs_prefix="lake/",
+            lifecycle_rules=[
+                s3.LifecycleRule(
+                    id="ExpireErrorOutput",
+                    prefix=static_prefix(error_output_prefix),
+                    expiration=Duration.days(expiration_days),
+                ),
+                s3.LifecycleRule(
+                    id="ExpireAthenaResults", prefix=ATHENA_RESULTS_PREFIX, expiration=Duration.days(expiration_days)
+                ),
+                s3.LifecycleRule(id="AbortIncompleteUploads", abort_incomplete_multipart_upload_after=Duration.days(1)),
+            ],
+            removal_policy=RemovalPolicy.RETAIN,
+        )
+        self.database_name = database_name
+        self.table_name = table_name
+        self.table_location = f"s3://{self.bucket_name}/{output_prefix.strip('/')}"
+
+        database = glue.CfnDatabase(
+            self,
+            "Database",
+            catalog_id=self.account,
+            database_input=glue.CfnDatabase.DatabaseInputProperty(
+                name=database_name, description="meterlake: per-tenant metering events"
+            ),
+        )
+        self.table = glue.CfnTable(
+            self,
+            "MeteringEventsTable",
+            catalog_id=self.account,
+            database_name=database_name,
+            name=table_name,
+            open_table_format_input=open_table_format_input(self.table_location),
+        )
+        self.table.add_resource_dependency(database)
+
+        CfnOutput(self, "BucketName", value=self.bucket_name, description="The lake's S3 bucket")

@@ -1,0 +1,104 @@
+"""Transform: the Firehose data-transformation Lambda (``transform_lambda/``), bundled without Docker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from aws_cdk import Duration, Stack
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code, project_requirements
+from cdk_stacks.shared import (
+    LAMBDA_PYTHON_VERSION,
+    LAMBDA_RUNTIME,
+    LAMBDA_RUNTIME_REASON,
+    acknowledge,
+    lambda_architecture,
+    log_retention,
+)
+from transform_lambda.handler import (
+    ENV_DATABASE,
+    ENV_OPERATION,
+    ENV_TABLE,
+    ENV_UNMETERED_HTTP_METHODS,
+    METRICS_NAMESPACE,
+    SERVICE,
+)
+
+#: What the handler imports: itself, its pure logic and the stdlib-only record definition.
+TRANSFORM_SOURCES: Final = (
+    ("transform_lambda", "transform_lambda"),
+    ("meterlake/__init__.py", "meterlake/__init__.py"),
+    ("meterlake/records.py", "meterlake/records.py"),
+)
+#: Third-party packages the handler imports, pinned as pyproject.toml pins them.
+TRANSFORM_REQUIREMENTS: Final = ("msgspec", "aws-lambda-powertools")
+TRANSFORM_HANDLER: Final = "transform_lambda.handler.lambda_handler"
+#: Firehose upserts on the table's unique key, so a redelivered access-log line replaces its first copy.
+OTF_OPERATION: Final = "update"
+
+
+def transform_bundle(target: PythonTarget) -> PythonBundle:
+    """The transform Lambda's asset for ``target``: the test builds the same bundle for this machine."""
+    return PythonBundle(
+        sources=TRANSFORM_SOURCES, requirements=project_requirements(TRANSFORM_REQUIREMENTS), target=target
+    )
+
+
+class TransformStack(Stack):
+    """The transform Lambda, its role and its log group.
+
+    Attributes:
+        function: the Lambda Firehose invokes as its processor.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        database_name: str,
+        table_name: str,
+        unmetered_http_methods: Sequence[str],
+        architecture: str,
+        memory_mb: int,
+        log_retention_days: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        log_group = logs.LogGroup(self, "LogGroup", retention=log_retention(log_retention_days))
+        role = iam.Role(
+            self,
+            "Role",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description="meterlake transform Lambda: writes its own logs, nothing else",
+        )
+        log_group.grant_write(role)
+        target = PythonTarget.for_lambda(architecture=architecture, python_version=LAMBDA_PYTHON_VERSION)
+        self.function = lambda_.Function(
+            self,
+            "Function",
+            description="meterlake: API Gateway access-log lines -> metering events for the Iceberg table",
+            runtime=LAMBDA_RUNTIME,
+            architecture=lambda_architecture(architecture),
+            handler=TRANSFORM_HANDLER,
+            code=lambda_code(transform_bundle(target)),
+            memory_size=memory_mb,
+            # Firehose waits at most 5 minutes for a processor; a full 6 MB batch takes well under a second.
+            timeout=Duration.minutes(1),
+            role=role,
+            log_group=log_group,
+            environment={
+                ENV_DATABASE: database_name,
+                ENV_TABLE: table_name,
+                ENV_OPERATION: OTF_OPERATION,
+                ENV_UNMETERED_HTTP_METHODS: ",".join(unmetered_http_methods),
+                "POWERTOOLS_SERVICE_NAME": SERVICE,
+                "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
+            },
+        )
+        acknowledge(self.function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)

@@ -1,0 +1,86 @@
+"""The app is built and synthesized once per session, from a non-default config, so values prove they are read."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aws_cdk.assertions import Template
+
+from cdk_stacks.app import STACK_NAMES, MeterlakeStacks, build_app
+from meterlake.config import Config, parse_config
+
+#: Every value differs from the defaults in meterlake/config.py and cdk.context.json.
+TEST_CONTEXT: dict[str, Any] = {
+    "data_firehose_configuration": {
+        "stream_name": "metering-test",
+        "buffering_hints": {"interval_in_seconds": 120, "size_in_mbs": 64},
+        "transform_records_with_aws_lambda": {"buffer_size": 0.5, "buffer_interval": 90, "number_of_retries": 7},
+        "destination_iceberg_table_configuration": {"database_name": "usage_db", "table_name": "api_events"},
+        "output_prefix": "lake/usage_db/api_events",
+        "error_output_prefix": "failed/records/!{firehose:error-output-type}/!{timestamp:yyyy}",
+        "s3_bucket": "meterlake-test-lake",
+    },
+    "meterlake": {
+        "unmetered_http_methods": ["OPTIONS", "HEAD"],
+        "api_stage": "beta",
+        "aws": {
+            "log_retention_days": 90,
+            "error_output_expiration_days": 9,
+            "athena_bytes_scanned_cutoff_per_query": 123_000_000,
+            "api_throttling_rate_limit": 17,
+            "api_throttling_burst_limit": 23,
+            "lambda_architecture": "arm64",
+            "transform_memory_mb": 1536,
+            "snapshot_retention_days": 4,
+            "snapshots_to_retain": 6,
+            "orphan_file_retention_days": 8,
+        },
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def test_config() -> Config:
+    config = parse_config(TEST_CONTEXT)
+    assert config != Config()
+    return config
+
+
+@pytest.fixture(scope="session")
+def cdk_outdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cdk.out")
+
+
+@pytest.fixture(scope="session")
+def stacks(test_config: Config, cdk_outdir: Path) -> Iterator[MeterlakeStacks]:
+    """The whole app, synthesized once; synthesis raises if cdk-nag has an unacknowledged finding."""
+    previous = os.environ.get("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION")
+    os.environ["JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION"] = "20"
+    built = build_app(test_config, outdir=str(cdk_outdir))
+    built.app.synth()
+    yield built
+    if previous is None:
+        os.environ.pop("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", None)
+
+
+@pytest.fixture(scope="session")
+def templates(stacks: MeterlakeStacks) -> dict[str, Template]:
+    """Each stack's synthesized template, by stack name."""
+    assembly = stacks.app.synth()
+    return {name: Template.from_json(assembly.get_stack_by_name(name).template) for name in STACK_NAMES}
+
+
+def resources_of(template: Template, resource_type: str) -> dict[str, dict[str, Any]]:
+    """The template's resources of one type, by logical id."""
+    return {logical_id: dict(resource) for logical_id, resource in template.find_resources(resource_type).items()}
+
+
+def only_resource(template: Template, resource_type: str) -> dict[str, Any]:
+    """The properties of the template's one resource of ``resource_type``."""
+    (resource,) = resources_of(template, resource_type).values()
+    properties: dict[str, Any] = resource["Properties"]
+    return properties
