@@ -22,10 +22,11 @@ from constructs import Construct
 from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, glue_arns, grant_table_access
 from cdk_stacks.shared import acknowledge, acknowledge_resources
 from cdk_stacks.storage import ATHENA_RESULTS_PREFIX
+from meterlake.aws.athena import WORKGROUP
 from meterlake.config import Config
 from meterlake.query import athena_table, list_queries, prepare
 
-WORKGROUP_NAME: Final = "meterlake"
+WORKGROUP_NAME: Final = WORKGROUP
 ATHENA_ENGINE: Final = "Athena engine version 3"
 #: Glue optimizer type -> the log group Glue writes its runs to (fixed by Glue, per account and region).
 OPTIMIZER_LOG_GROUPS: Final = {

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from meterlake.aws.athena import WORKGROUP as ATHENA_WORKGROUP
 from meterlake.config import Config, ConfigError, load_config
 from meterlake.loadtest import (
     Caller,
@@ -310,7 +311,7 @@ def query(
     athena: Annotated[bool, typer.Option("--athena", help="Run on Amazon Athena instead of locally.")] = False,
     workgroup: Annotated[
         str, typer.Option("--workgroup", envvar="METERLAKE_ATHENA_WORKGROUP", help="Athena workgroup, with --athena.")
-    ] = "meterlake",
+    ] = ATHENA_WORKGROUP,
     region: Annotated[
         str | None, typer.Option("--region", help="AWS region, with --athena (default: $AWS_REGION).")
     ] = None,

@@ -24,6 +24,8 @@ from meterlake.query import QueryFile, QueryResult, athena_table, bind_params, p
 
 #: The Glue Data Catalog as Athena names it; the metering-events table is registered there.
 CATALOG = "AwsDataCatalog"
+#: The workgroup the Analytics stack creates and `meterlake query --athena` uses by default.
+WORKGROUP = "meterlake"
 #: Each poll waits this much longer than the one before, up to :data:`MAX_POLL_INTERVAL_S`.
 POLL_BACKOFF = 1.5
 MAX_POLL_INTERVAL_S = 5.0
