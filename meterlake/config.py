@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from meterlake.meters import DEFAULT_METERS, AmberfloSettings, Meter, check_meters
+from meterlake.structs import ConfigSection
+
 #: Firehose requires this prefix on a delivery stream that receives API Gateway access logs.
 APIGATEWAY_STREAM_PREFIX = "amazon-apigateway-"
 _STREAM_NAME = re.compile(r"^[a-zA-Z0-9_.-]+$")
@@ -31,18 +34,14 @@ class ConfigError(Exception):
     """The configuration file is missing, unreadable or holds a value that is not allowed."""
 
 
-class _Section(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """Base of every config section: unknown keys are typos, so they are rejected."""
-
-
-class BufferingHints(_Section, frozen=True):
+class BufferingHints(ConfigSection, frozen=True):
     """Firehose delivery buffering: flush when either limit is reached."""
 
     interval_in_seconds: Annotated[int, Meta(ge=0, le=900)] = 60
     size_in_mbs: Annotated[int, Meta(ge=1, le=128)] = 128
 
 
-class LambdaProcessing(_Section, frozen=True):
+class LambdaProcessing(ConfigSection, frozen=True):
     """Firehose's Lambda processor settings (BufferSizeInMBs, BufferIntervalInSeconds, NumberOfRetries)."""
 
     buffer_size: Annotated[float, Meta(ge=0.2, le=3)] = 3
@@ -50,14 +49,14 @@ class LambdaProcessing(_Section, frozen=True):
     number_of_retries: Annotated[int, Meta(ge=0, le=300)] = 3
 
 
-class IcebergDestination(_Section, frozen=True):
+class IcebergDestination(ConfigSection, frozen=True):
     """Where metering events land: the Glue (or local SQLite) database and Iceberg table."""
 
     database_name: GlueName = "restapi_access_log_iceberg_db"
     table_name: GlueName = "restapi_access_log_iceberg"
 
 
-class DataFirehoseConfiguration(_Section, frozen=True):
+class DataFirehoseConfiguration(ConfigSection, frozen=True):
     """The sample-compatible ``data_firehose_configuration`` section."""
 
     stream_name: str = "random-gen"
@@ -91,7 +90,7 @@ class DataFirehoseConfiguration(_Section, frozen=True):
         return APIGATEWAY_STREAM_PREFIX + self.stream_name
 
 
-class LocalRuntime(_Section, frozen=True):
+class LocalRuntime(ConfigSection, frozen=True):
     """The embedded runtime's gateway and its stand-in Cognito user pool."""
 
     host: str = "127.0.0.1"
@@ -111,7 +110,7 @@ LOG_RETENTION_DAYS: frozenset[int] = frozenset(
 )
 
 
-class AwsDeployment(_Section, frozen=True):
+class AwsDeployment(ConfigSection, frozen=True):
     """Settings only the CDK app uses: retention, cost guards, throttling, Lambda sizing, table maintenance."""
 
     #: CloudWatch Logs retention of every log group the app creates.
@@ -141,7 +140,7 @@ class AwsDeployment(_Section, frozen=True):
             raise ValueError(f"log_retention_days {self.log_retention_days}: CloudWatch Logs allows only {allowed}")
 
 
-class MeterlakeSettings(_Section, frozen=True):
+class MeterlakeSettings(ConfigSection, frozen=True):
     """meterlake's own settings, beside the sample's keys."""
 
     unmetered_http_methods: tuple[Annotated[str, Meta(pattern=r"^[A-Z]+$")], ...] = ("OPTIONS",)
@@ -155,6 +154,12 @@ class Config(Struct, kw_only=True, frozen=True):
 
     data_firehose_configuration: DataFirehoseConfiguration = msgspec.field(default_factory=DataFirehoseConfiguration)
     meterlake: MeterlakeSettings = msgspec.field(default_factory=MeterlakeSettings)
+    #: What is billed: each meter turns matching metering events into Amberflo records.
+    meters: tuple[Meter, ...] = DEFAULT_METERS
+    amberflo: AmberfloSettings = msgspec.field(default_factory=AmberfloSettings)
+
+    def __post_init__(self) -> None:
+        check_meters(self.meters)
 
     @property
     def database_name(self) -> str:

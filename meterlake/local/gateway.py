@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -24,7 +22,6 @@ from types import TracebackType
 from typing import Protocol
 
 import msgspec
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -37,6 +34,7 @@ from meterlake.config import Config
 from meterlake.demo_api import RANDOM_STRINGS_RESOURCE, BadParameterError, random_strings
 from meterlake.local.auth import JWKS_PATH, IdTokenClaims, InvalidToken, UserPool, for_config
 from meterlake.local.home import DataDir
+from meterlake.local.serving import BackgroundServer, ServingError, bind_listening_socket
 from meterlake.records import render_access_log_line
 
 logger = logging.getLogger(__name__)
@@ -448,42 +446,25 @@ class GatewayServer:
             SigningKeyError: the user pool's key file cannot be used.
         """
         local = config.meterlake.local
-        self._host = local.host
-        self._sock = _bind(local.host, local.port if port is None else port)
         try:
-            self.port: int = self._sock.getsockname()[1]
+            sock = bind_listening_socket(local.host, local.port if port is None else port)
+        except ServingError as exc:
+            raise GatewayError(str(exc)) from None
+        try:
+            self.port: int = sock.getsockname()[1]
             self.user_pool = for_config(config, data_dir, port=self.port)
             self.issuer = self.user_pool.issuer
-            self.invoke_url = f"http://{_authority(local.host)}:{self.port}/{config.meterlake.api_stage}"
             self.app = create_gateway_app(config=config, user_pool=self.user_pool, access_log=access_log)
-            self._server = uvicorn.Server(
-                uvicorn.Config(
-                    self.app,
-                    log_config=None,
-                    log_level="warning",
-                    access_log=False,
-                    lifespan="on",
-                    timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_SECONDS,
-                )
-            )
-            self._thread = threading.Thread(
-                target=self._server.run, kwargs={"sockets": [self._sock]}, name=f"gateway-{self.port}", daemon=True
-            )
-            self._thread.start()
-            self._wait_started()
         except BaseException:
-            self._sock.close()
+            sock.close()
             raise
-
-    def _wait_started(self) -> None:
-        deadline = time.monotonic() + _STARTUP_TIMEOUT_SECONDS
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise GatewayError(f"the gateway on {self._host}:{self.port} exited while starting; see the log")
-            if time.monotonic() > deadline:
-                self._server.should_exit = True
-                raise GatewayError(f"the gateway on {self._host}:{self.port} did not start in time")
-            time.sleep(0.005)
+        try:
+            self._server = BackgroundServer(
+                self.app, sock, name="gateway", graceful_shutdown_s=_GRACEFUL_SHUTDOWN_SECONDS
+            )
+        except ServingError as exc:
+            raise GatewayError(f"the gateway did not start: {exc}") from None
+        self.invoke_url = f"{self._server.url}/{config.meterlake.api_stage}"
 
     def drain(self, timeout: float) -> None:
         """Block until every access-log line of the requests answered so far was handed to the sink.
@@ -503,11 +484,10 @@ class GatewayServer:
         try:
             self.drain(timeout)
         finally:
-            self._server.should_exit = True
-            self._thread.join(timeout)
-            self._sock.close()
-        if self._thread.is_alive():
-            raise GatewayError(f"the gateway on {self._host}:{self.port} did not stop within {timeout} s")
+            try:
+                self._server.close(timeout)
+            except ServingError as exc:
+                raise GatewayError(str(exc)) from None
 
     def __enter__(self) -> GatewayServer:
         return self
@@ -516,27 +496,3 @@ class GatewayServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def _authority(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (0: ephemeral).
-
-    Raises:
-        GatewayError: the port is in use or the address cannot be bound.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise GatewayError(f"port {port} on {host} is in use") from None
-        raise GatewayError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    return sock

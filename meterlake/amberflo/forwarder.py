@@ -1,0 +1,301 @@
+"""The Amberflo forwarder: POSTs batches of meter records to Amberflo's ingest API until each gets a final answer.
+
+One forwarder for both runtimes (the local process and AWS Lambda). It speaks the contract in
+``/work/shared/notes/amberflo-api.md`` directly rather than through Amberflo's SDK, which drops records when its
+queue is full or its retries run out and sets no timeouts:
+
+- at most 100 records per request, gzip-compressed JSON array, ``X-API-KEY`` header;
+- bounded connect and read timeouts;
+- 429, 5xx, network errors and timeouts are transient: retried with full-jitter exponential backoff, waiting at
+  least what ``Retry-After`` asks, for ``give_up_after_s`` (well past Amberflo's advised 20 s); then the batch is
+  :class:`GaveUp` and stays with the caller to be tried again later, never dropped;
+- any other answer (a 4xx) is permanent: :class:`DeadLetter` carries Amberflo's status and body.
+
+The forwarder does not decide what is sent twice: callers resend the same encoded batch, whose deterministic
+uniqueIds let Amberflo drop the duplicates (see ``meterlake.amberflo.outbox``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from types import TracebackType
+from typing import Any, TypeVar
+
+import httpx
+import msgspec
+
+from meterlake.meters import AmberfloSettings
+
+logger = logging.getLogger(__name__)
+
+#: Every official Amberflo client sends at most this many records per request.
+MAX_BATCH_RECORDS = 100
+#: How much of a permanent refusal's body is kept with the dead letter.
+ANSWER_LIMIT_CHARS = 4096
+_GZIP_LEVEL = 5
+_USER_AGENT = "meterlake-forwarder"
+
+K = TypeVar("K")
+
+
+class BatchTooLargeError(ValueError):
+    """A batch holds more records than one Amberflo request may carry."""
+
+    def __init__(self, records: int) -> None:
+        super().__init__(f"a batch may hold at most {MAX_BATCH_RECORDS} records, got {records}")
+        self.records = records
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """A request body ready to send: the records as a gzip-compressed JSON array, and how many there are."""
+
+    body: bytes
+    records: int
+
+    def decode(self) -> list[dict[str, Any]]:
+        """The records the body carries."""
+        records: list[dict[str, Any]] = msgspec.json.decode(gzip.decompress(self.body))
+        return records
+
+
+def encode_batch(records: Sequence[Mapping[str, Any]]) -> EncodedBatch:
+    """Encode records (Amberflo's JSON shape) as one request body.
+
+    Raises:
+        BatchTooLargeError: more than :data:`MAX_BATCH_RECORDS` records.
+    """
+    if len(records) > MAX_BATCH_RECORDS:
+        raise BatchTooLargeError(len(records))
+    body = gzip.compress(msgspec.json.encode(records), compresslevel=_GZIP_LEVEL, mtime=0)
+    return EncodedBatch(body=body, records=len(records))
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """Amberflo accepted the batch (2xx)."""
+
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """Amberflo refused the batch for good (a 4xx other than 429): its status and answer say why."""
+
+    status: int
+    body: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class GaveUp:
+    """Transient failures lasted past the retry budget (or the caller halted): the batch is still to be sent."""
+
+    last_error: str
+    attempts: int
+
+
+SendOutcome = Sent | DeadLetter | GaveUp
+
+
+@dataclass(slots=True)
+class ForwarderStats:
+    """Counters since the forwarder was made: batches and records by outcome, retries by cause."""
+
+    sent_batches: int = 0
+    sent_records: int = 0
+    dead_batches: int = 0
+    dead_records: int = 0
+    gave_up_batches: int = 0
+    requests: int = 0
+    #: Retries by cause: ``http_429``, ``http_503`` ..., ``timeout``, ``network``.
+    retries: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def retries_total(self) -> int:
+        """All retries, whatever the cause."""
+        return sum(self.retries.values())
+
+
+class Forwarder:
+    """Sends encoded batches to Amberflo's ingest endpoint with retries; thread-safe; close it (or use ``with``)."""
+
+    def __init__(self, settings: AmberfloSettings, *, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self._url = settings.ingest_url
+        self._rng = rng or random.Random()
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(
+                connect=settings.connect_timeout_s,
+                read=settings.read_timeout_s,
+                write=settings.read_timeout_s,
+                pool=settings.connect_timeout_s + settings.read_timeout_s,
+            ),
+            limits=httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency),
+        )
+        self._lock = threading.Lock()
+        self._stats = ForwarderStats()
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    def __enter__(self) -> Forwarder:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def stats(self) -> ForwarderStats:
+        """A copy of the counters."""
+        with self._lock:
+            return ForwarderStats(
+                sent_batches=self._stats.sent_batches,
+                sent_records=self._stats.sent_records,
+                dead_batches=self._stats.dead_batches,
+                dead_records=self._stats.dead_records,
+                gave_up_batches=self._stats.gave_up_batches,
+                requests=self._stats.requests,
+                retries=dict(self._stats.retries),
+            )
+
+    def send_batch(self, batch: EncodedBatch, *, api_key: str, halt: threading.Event | None = None) -> SendOutcome:
+        """POST one batch until Amberflo gives a final answer or the retry budget (or ``halt``) ends the attempts.
+
+        Raises:
+            BatchTooLargeError: the batch holds more than :data:`MAX_BATCH_RECORDS` records.
+        """
+        if batch.records > MAX_BATCH_RECORDS:
+            raise BatchTooLargeError(batch.records)
+        headers = {
+            "X-API-KEY": api_key,
+            "Content-Type": "application/json",
+            "Content-Encoding": "gzip",
+            "User-Agent": _USER_AGENT,
+        }
+        give_up_at = time.monotonic() + self.settings.give_up_after_s
+        attempt = 0
+        while True:
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                response = self._client.post(self._url, content=batch.body, headers=headers)
+            except httpx.TimeoutException as exc:
+                cause, error = "timeout", f"{type(exc).__name__}: {exc}"
+            except httpx.TransportError as exc:
+                cause, error = "network", f"{type(exc).__name__}: {exc}"
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    self._count(sent=batch.records, requests=1)
+                    return Sent(attempts=attempt)
+                if status != 429 and status < 500:
+                    self._count(dead=batch.records, requests=1)
+                    answer = response.text[:ANSWER_LIMIT_CHARS]
+                    logger.error("Amberflo refused a batch of %d records: %d %s", batch.records, status, answer)
+                    return DeadLetter(status=status, body=answer, attempts=attempt)
+                cause, error = f"http_{status}", f"HTTP {status}: {response.text[:200]}"
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            ceiling = min(self.settings.max_backoff_s, self.settings.min_backoff_s * 2 ** min(attempt - 1, 30))
+            delay = self._rng.uniform(0, ceiling)
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            if time.monotonic() + delay > give_up_at:
+                self._count(gave_up=1, requests=1)
+                logger.warning("gave up on a batch after %d attempts: %s", attempt, error)
+                return GaveUp(last_error=error, attempts=attempt)
+            self._count(retry=cause, requests=1)
+            logger.debug("retrying a batch in %.3f s (attempt %d): %s", delay, attempt, error)
+            if halt is not None and halt.wait(delay):
+                return GaveUp(last_error=f"halted while retrying ({error})", attempts=attempt)
+            if halt is None:
+                time.sleep(delay)
+
+    def forward(
+        self,
+        batches: Iterable[tuple[K, EncodedBatch]],
+        on_outcome: Callable[[K, EncodedBatch, SendOutcome], None],
+        *,
+        api_key: str,
+        halt: threading.Event | None = None,
+    ) -> bool:
+        """Send ``(key, batch)`` pairs with ``settings.concurrency`` requests in flight, in the order given.
+
+        ``on_outcome`` is called in the calling thread as each batch is answered, so it may write to a store that
+        only this thread uses. After a :class:`GaveUp` (Amberflo unreachable for the whole budget) or once ``halt``
+        is set, no further batch is started.
+
+        Returns:
+            True if every batch got a final answer (Sent or DeadLetter); False if some were left unsent.
+        """
+        items = iter(batches)
+        complete = True
+        exhausted = False
+        with ThreadPoolExecutor(max_workers=self.settings.concurrency, thread_name_prefix="amberflo") as pool:
+            inflight: dict[Future[SendOutcome], tuple[K, EncodedBatch]] = {}
+            while True:
+                while not exhausted and complete and len(inflight) < self.settings.concurrency:
+                    if halt is not None and halt.is_set():
+                        complete = False
+                        break
+                    item = next(items, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    key, batch = item
+                    inflight[pool.submit(self.send_batch, batch, api_key=api_key, halt=halt)] = (key, batch)
+                if not inflight:
+                    break
+                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    key, batch = inflight.pop(future)
+                    outcome = future.result()
+                    if isinstance(outcome, GaveUp):
+                        complete = False
+                    on_outcome(key, batch, outcome)
+        return complete and exhausted
+
+    def _count(
+        self, *, sent: int = 0, dead: int = 0, gave_up: int = 0, retry: str | None = None, requests: int = 0
+    ) -> None:
+        with self._lock:
+            stats = self._stats
+            stats.requests += requests
+            if sent:
+                stats.sent_batches += 1
+                stats.sent_records += sent
+            if dead:
+                stats.dead_batches += 1
+                stats.dead_records += dead
+            stats.gave_up_batches += gave_up
+            if retry is not None:
+                stats.retries[retry] = stats.retries.get(retry, 0) + 1
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks to wait (delay-seconds or an HTTP date); None if absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -1,0 +1,632 @@
+"""The durable outbox between the lake and Amberflo: committed metering events in, Amberflo meter records out.
+
+The Iceberg table is the only source of truth. :meth:`Outbox.stage_committed` walks the table's snapshots committed
+since its checkpoint, in commit order, reads only the data files each APPEND snapshot added, turns their events into
+meter records (:func:`meterlake.meters.meter_records`) and stores them as batches of at most 100 records. A
+snapshot's batches and the checkpoint (that snapshot's id) are written in ONE SQLite transaction (WAL,
+``synchronous=FULL``), so a crash at any point re-stages nothing twice and skips nothing. Staging only reads the
+catalog and the data files: it never blocks the delivery stream that commits them. Snapshots of other operations
+(compaction's ``replace``, ``overwrite``, ``delete``) restate rows already staged and add no new requests: skipped.
+
+:meth:`Outbox.drain` sends pending batches oldest first and marks each sent or dead in its own transaction after
+Amberflo answers. Exactly once in effect: a batch's body is fixed when it is staged, and every record carries a
+deterministic uniqueId (``<meter>:<request_id>``). If the process dies after Amberflo accepted a batch but before
+it was marked sent, the batch is sent again after the restart with the same uniqueIds, and Amberflo drops the
+duplicates. Transient failures leave a batch pending (never dead); a permanent refusal moves it to the dead-letter
+store with Amberflo's answer, from which :meth:`Outbox.retry_dead` re-drives it.
+
+Without an API key the drain runs dry: records are staged (and can be reconciled with :meth:`staged_records`),
+nothing is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation, Snapshot
+
+from meterlake.amberflo.forwarder import DeadLetter, EncodedBatch, Forwarder, GaveUp, SendOutcome, encode_batch
+from meterlake.local.home import DataDir
+from meterlake.meters import (
+    DEFAULT_METERS,
+    REQUEST_ID_COLUMN,
+    TENANT_COLUMN,
+    TIME_COLUMN,
+    AmberfloSettings,
+    Meter,
+    check_meters,
+    meter_records,
+)
+from meterlake.schema import metering_event_arrow_schema
+
+logger = logging.getLogger(__name__)
+
+OUTBOX_DIR = "amberflo"
+OUTBOX_FILE = "outbox.db"
+#: Pending batches read from SQLite at a time while draining.
+_DRAIN_PAGE = 256
+_PENDING, _SENT, _DEAD = "pending", "sent", "dead"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS snapshots (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    snapshot_id INTEGER NOT NULL UNIQUE,
+    operation TEXT NOT NULL,
+    committed_ms INTEGER NOT NULL,
+    staged_ms INTEGER NOT NULL,
+    data_files INTEGER NOT NULL,
+    events INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    untenanted INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    snapshot_id INTEGER NOT NULL,
+    committed_ms INTEGER NOT NULL,
+    records INTEGER NOT NULL,
+    min_time_ms INTEGER NOT NULL,
+    max_time_ms INTEGER NOT NULL,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sent', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    http_status INTEGER,
+    answer TEXT,
+    updated_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS batches_by_state ON batches (state, id);
+"""
+
+
+class OutboxError(Exception):
+    """Base of the outbox's errors."""
+
+
+class OutboxTableMismatchError(OutboxError):
+    """The outbox was staged from another table (its UUID differs): a reset lake needs a fresh outbox."""
+
+    def __init__(self, path: Path, staged_uuid: str, table_uuid: str) -> None:
+        super().__init__(
+            f"the outbox {path} holds records of table {staged_uuid}, not of table {table_uuid}; "
+            "move it aside to forward the new table"
+        )
+        self.path = path
+
+
+class LakeHistoryGapError(OutboxError):
+    """The staged checkpoint is not an ancestor of the table's current snapshot (rolled back, or history expired
+    before it was staged): which events were never staged cannot be told from the snapshots."""
+
+    def __init__(self, checkpoint: int, current: int) -> None:
+        super().__init__(
+            f"snapshot {checkpoint}, the last one staged, is not an ancestor of the current snapshot {current}"
+        )
+        self.checkpoint = checkpoint
+        self.current = current
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """The outbox at a glance. ``lag_seconds`` is the age of the oldest pending record's commit (0 if none)."""
+
+    pending_batches: int
+    pending_records: int
+    sent_batches: int
+    sent_records: int
+    dead_batches: int
+    dead_records: int
+    untenanted_events: int
+    staged_snapshots: int
+    checkpoint_snapshot_id: int | None
+    lag_seconds: float
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterEntry:
+    """A batch Amberflo refused for good, with its answer."""
+
+    batch_id: int
+    records: int
+    http_status: int | None
+    answer: str | None
+    unique_ids: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class DrainReport:
+    """What one drain did. ``dry_run``: nothing was sent (no API key, or dry_run set)."""
+
+    dry_run: bool
+    sent_batches: int = 0
+    sent_records: int = 0
+    dead_batches: int = 0
+    gave_up_batches: int = 0
+    pending_batches: int = 0
+
+
+class Outbox:
+    """The SQLite outbox (WAL, synchronous=FULL). Methods may be called from several threads (one lock guards it).
+
+    Raises (from the constructor):
+        OutboxError: the database cannot be opened.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        meters: Sequence[Meter] = DEFAULT_METERS,
+        settings: AmberfloSettings | None = None,
+    ) -> None:
+        check_meters(meters)
+        self.path = path
+        self.meters = tuple(meters)
+        self.settings = settings or AmberfloSettings()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open the outbox {path}: {exc}") from exc
+        self._lock = threading.RLock()
+        self._columns = _columns_read(self.meters)
+
+    @classmethod
+    def in_data_dir(
+        cls, data_dir: DataDir, *, meters: Sequence[Meter] = DEFAULT_METERS, settings: AmberfloSettings | None = None
+    ) -> Outbox:
+        """The outbox of the local runtime: ``<data dir>/amberflo/outbox.db``."""
+        return cls(data_dir.root / OUTBOX_DIR / OUTBOX_FILE, meters=meters, settings=settings)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # -- staging -----------------------------------------------------------------------------------------------------
+
+    def stage_committed(self, table: Table) -> int:
+        """Stage the records of every snapshot ``table`` committed since the checkpoint; returns records staged.
+
+        ``table`` is read as loaded: refresh it first to see the latest commits.
+
+        Raises:
+            OutboxTableMismatchError: the outbox belongs to another table.
+            LakeHistoryGapError: the checkpoint is not an ancestor of the current snapshot.
+        """
+        table_uuid = str(table.metadata.table_uuid)
+        staged = 0
+        while True:
+            checkpoint = self._checkpoint(table_uuid)
+            pending = _snapshots_after(table, checkpoint)
+            if not pending:
+                return staged
+            for snapshot in pending:
+                written = self._stage_snapshot(table, snapshot, expected_checkpoint=checkpoint)
+                if written is None:
+                    break  # another process staged concurrently: walk again from its checkpoint
+                staged += written
+                checkpoint = snapshot.snapshot_id
+            else:
+                return staged
+
+    def _stage_snapshot(self, table: Table, snapshot: Snapshot, *, expected_checkpoint: int | None) -> int | None:
+        """Stage one snapshot's records and advance the checkpoint to it in one transaction; None if raced."""
+        operation = snapshot.summary.operation if snapshot.summary is not None else Operation.APPEND
+        paths = _added_data_files(table, snapshot) if operation == Operation.APPEND else []
+        if operation != Operation.APPEND:
+            logger.info("snapshot %d is a %s: it adds no new requests, skipped", snapshot.snapshot_id, operation)
+        events = self._read_events(table, paths)
+        batch = meter_records(events, self.meters)
+        rows = list(self._encode(batch.records(), snapshot))
+        now_ms = _now_ms()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if self._meta("checkpoint") != (None if expected_checkpoint is None else str(expected_checkpoint)):
+                    self._db.execute("ROLLBACK")
+                    return None
+                self._db.executemany(
+                    "INSERT INTO batches (snapshot_id, committed_ms, records, min_time_ms, max_time_ms, body, state) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(*row, _PENDING) for row in rows],
+                )
+                self._db.execute(
+                    "INSERT INTO snapshots (snapshot_id, operation, committed_ms, staged_ms, data_files, events, "
+                    "records, untenanted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        snapshot.snapshot_id,
+                        str(operation.value),
+                        snapshot.timestamp_ms,
+                        now_ms,
+                        len(paths),
+                        events.num_rows,
+                        len(batch),
+                        batch.untenanted,
+                    ),
+                )
+                self._set_meta("checkpoint", str(snapshot.snapshot_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if len(batch):
+            logger.info(
+                "staged snapshot %d: %d events -> %d records in %d batches (%d without tenant)",
+                snapshot.snapshot_id,
+                events.num_rows,
+                len(batch),
+                len(rows),
+                batch.untenanted,
+            )
+        return len(batch)
+
+    def _read_events(self, table: Table, paths: Sequence[str]) -> pa.Table:
+        """The columns the meters read, from the given data files, typed as the metering-event schema."""
+        target = pa.schema([metering_event_arrow_schema().field(name) for name in self._columns])
+        pieces = []
+        for path in paths:
+            with table.io.new_input(path).open() as handle:
+                pieces.append(pq.read_table(handle, columns=list(self._columns)).select(self._columns).cast(target))
+        return pa.concat_tables(pieces) if pieces else target.empty_table()
+
+    def _encode(
+        self, records: Iterator[dict[str, Any]], snapshot: Snapshot
+    ) -> Iterator[tuple[int, int, int, int, int, bytes]]:
+        """Rows of the batches table: (snapshot, committed_ms, records, min time, max time, gzip body)."""
+        size = self.settings.batch_size
+        chunk: list[dict[str, Any]] = []
+        for record in records:
+            chunk.append(record)
+            if len(chunk) == size:
+                yield self._batch_row(chunk, snapshot)
+                chunk = []
+        if chunk:
+            yield self._batch_row(chunk, snapshot)
+
+    @staticmethod
+    def _batch_row(chunk: list[dict[str, Any]], snapshot: Snapshot) -> tuple[int, int, int, int, int, bytes]:
+        times = [record["meterTimeInMillis"] for record in chunk]
+        encoded = encode_batch(chunk)
+        return (snapshot.snapshot_id, snapshot.timestamp_ms, encoded.records, min(times), max(times), encoded.body)
+
+    # -- draining ----------------------------------------------------------------------------------------------------
+
+    def drain(self, forwarder: Forwarder, *, api_key: str | None, halt: threading.Event | None = None) -> DrainReport:
+        """Send pending batches, oldest first, the forwarder's ``concurrency`` at a time; mark each after its answer.
+
+        Without ``api_key`` (or with ``settings.dry_run``) nothing is sent and the report says ``dry_run``. A batch
+        whose transient failures outlast the retry budget stays pending and ends this drain; ``halt`` ends it early.
+        """
+        if api_key is None or self.settings.dry_run:
+            pending = self.status().pending_batches
+            why = "dry_run is set" if self.settings.dry_run else f"${self.settings.api_key_env} is not set"
+            logger.info("Amberflo forwarding is a dry run (%s): %d batches stay staged, nothing sent", why, pending)
+            return DrainReport(dry_run=True, pending_batches=pending)
+        counts = {"sent": 0, "sent_records": 0, "dead": 0, "gave_up": 0}
+
+        def on_outcome(batch_id: int, batch: EncodedBatch, outcome: SendOutcome) -> None:
+            self._mark(batch_id, outcome)
+            if isinstance(outcome, DeadLetter):
+                counts["dead"] += 1
+            elif isinstance(outcome, GaveUp):
+                counts["gave_up"] += 1
+            else:
+                counts["sent"] += 1
+                counts["sent_records"] += batch.records
+
+        forwarder.forward(self._pending_batches(), on_outcome, api_key=api_key, halt=halt)
+        return DrainReport(
+            dry_run=False,
+            sent_batches=counts["sent"],
+            sent_records=counts["sent_records"],
+            dead_batches=counts["dead"],
+            gave_up_batches=counts["gave_up"],
+            pending_batches=self.status().pending_batches,
+        )
+
+    def _pending_batches(self) -> Iterator[tuple[int, EncodedBatch]]:
+        """Pending batches in staging order, read a page at a time (each batch once per drain)."""
+        after = 0
+        while True:
+            with self._lock:
+                page = self._db.execute(
+                    "SELECT id, records, body FROM batches WHERE state = ? AND id > ? ORDER BY id LIMIT ?",
+                    (_PENDING, after, _DRAIN_PAGE),
+                ).fetchall()
+            if not page:
+                return
+            for batch_id, records, body in page:
+                yield int(batch_id), EncodedBatch(body=bytes(body), records=int(records))
+            after = int(page[-1][0])
+
+    def _mark(self, batch_id: int, outcome: SendOutcome) -> None:
+        """Record one batch's answer (one transaction)."""
+        now_ms = _now_ms()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if isinstance(outcome, DeadLetter):
+                    self._db.execute(
+                        "UPDATE batches SET state = ?, attempts = attempts + ?, http_status = ?, answer = ?, "
+                        "updated_ms = ? WHERE id = ? AND state = ?",
+                        (_DEAD, outcome.attempts, outcome.status, outcome.body, now_ms, batch_id, _PENDING),
+                    )
+                    self._set_meta("last_error", f"batch {batch_id}: HTTP {outcome.status}: {outcome.body[:500]}")
+                elif isinstance(outcome, GaveUp):
+                    self._db.execute(
+                        "UPDATE batches SET attempts = attempts + ?, answer = ?, updated_ms = ? WHERE id = ?",
+                        (outcome.attempts, outcome.last_error, now_ms, batch_id),
+                    )
+                    self._set_meta("last_error", f"batch {batch_id}: {outcome.last_error}")
+                else:
+                    self._db.execute(
+                        "UPDATE batches SET state = ?, attempts = attempts + ?, http_status = 200, answer = NULL, "
+                        "updated_ms = ? WHERE id = ? AND state = ?",
+                        (_SENT, outcome.attempts, now_ms, batch_id, _PENDING),
+                    )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # -- inspection and repair ---------------------------------------------------------------------------------------
+
+    def status(self) -> OutboxStatus:
+        """Backlog, sent and dead counts, untenanted events skipped, lag and the last error."""
+        with self._lock:
+            by_state = {
+                state: (int(batches), int(records or 0))
+                for state, batches, records in self._db.execute(
+                    "SELECT state, count(*), sum(records) FROM batches GROUP BY state"
+                )
+            }
+            oldest = self._db.execute("SELECT min(committed_ms) FROM batches WHERE state = ?", (_PENDING,)).fetchone()[
+                0
+            ]
+            snapshots, untenanted = self._db.execute("SELECT count(*), sum(untenanted) FROM snapshots").fetchone()
+            checkpoint = self._meta("checkpoint")
+            last_error = self._meta("last_error")
+        lag = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
+        return OutboxStatus(
+            pending_batches=by_state.get(_PENDING, (0, 0))[0],
+            pending_records=by_state.get(_PENDING, (0, 0))[1],
+            sent_batches=by_state.get(_SENT, (0, 0))[0],
+            sent_records=by_state.get(_SENT, (0, 0))[1],
+            dead_batches=by_state.get(_DEAD, (0, 0))[0],
+            dead_records=by_state.get(_DEAD, (0, 0))[1],
+            untenanted_events=int(untenanted or 0),
+            staged_snapshots=int(snapshots),
+            checkpoint_snapshot_id=None if checkpoint is None else int(checkpoint),
+            lag_seconds=lag,
+            last_error=last_error,
+        )
+
+    def dead_letters(self) -> list[DeadLetterEntry]:
+        """The dead-letter store: batches Amberflo refused, oldest first, with its status and answer."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, records, http_status, answer, body FROM batches WHERE state = ? ORDER BY id", (_DEAD,)
+            ).fetchall()
+        return [
+            DeadLetterEntry(
+                batch_id=int(batch_id),
+                records=int(records),
+                http_status=None if status is None else int(status),
+                answer=answer,
+                unique_ids=[r["uniqueId"] for r in EncodedBatch(bytes(body), int(records)).decode()],
+            )
+            for batch_id, records, status, answer, body in rows
+        ]
+
+    def retry_dead(self) -> int:
+        """Move every dead batch back to pending (after the cause was fixed); returns how many."""
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE batches SET state = ?, updated_ms = ? WHERE state = ?", (_PENDING, _now_ms(), _DEAD)
+            )
+            return int(cursor.rowcount)
+
+    def staged_records(self, start_ms: int | None = None, end_ms: int | None = None) -> list[dict[str, Any]]:
+        """Every staged record (pending, sent or dead) whose meterTimeInMillis is in ``[start_ms, end_ms)``."""
+        low = -(2**63) if start_ms is None else start_ms
+        high = 2**63 - 1 if end_ms is None else end_ms
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT records, body FROM batches WHERE max_time_ms >= ? AND min_time_ms < ? ORDER BY id",
+                (low, high),
+            ).fetchall()
+        return [
+            record
+            for records, body in rows
+            for record in EncodedBatch(bytes(body), int(records)).decode()
+            if low <= record["meterTimeInMillis"] < high
+        ]
+
+    # -- internals ---------------------------------------------------------------------------------------------------
+
+    def _checkpoint(self, table_uuid: str) -> int | None:
+        """The last staged snapshot id; binds the outbox to ``table_uuid`` on first use."""
+        with self._lock:
+            staged_uuid = self._meta("table_uuid")
+            if staged_uuid is None:
+                self._set_meta("table_uuid", table_uuid)
+            elif staged_uuid != table_uuid:
+                raise OutboxTableMismatchError(self.path, staged_uuid, table_uuid)
+            checkpoint = self._meta("checkpoint")
+        return None if checkpoint is None else int(checkpoint)
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+
+class ForwardingWorker:
+    """A thread that stages committed snapshots and drains the outbox: after each :meth:`wake`, and every
+    ``settings.poll_interval_s``. Embedded by ``meterlake up`` and ``make demo``; call :meth:`wake` after a commit.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        *,
+        load_table: Callable[[], Table],
+        forwarder: Forwarder,
+        api_key: str | None,
+    ) -> None:
+        self.outbox = outbox
+        self._load_table = load_table
+        self._forwarder = forwarder
+        self._api_key = api_key
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._cycles = 0
+        self._in_cycle = False
+        self._cycle_done = threading.Condition()
+        #: The last cycle's failure (the worker keeps running and retries on the next cycle), or None.
+        self.last_error: BaseException | None = None
+
+    def start(self) -> None:
+        """Start the thread (idempotent); its first cycle runs at once, so a backlog left by a previous run drains."""
+        if self._thread is None:
+            self._wake.set()
+            self._thread = threading.Thread(target=self._run, name="amberflo-forwarder", daemon=True)
+            self._thread.start()
+
+    def wake(self) -> None:
+        """Stage and drain now (call after each Iceberg commit); cheap and non-blocking."""
+        self._wake.set()
+
+    def wait_for_cycle(self, timeout: float) -> bool:
+        """Wake the worker and wait until a cycle that started after this call has finished; False on timeout."""
+        with self._cycle_done:
+            # A cycle under way may have read the table before the call: then wait for the next one too.
+            target = self._cycles + (2 if self._in_cycle else 1)
+            self._wake.set()
+            return self._cycle_done.wait_for(lambda: self._cycles >= target, timeout)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after a final stage and drain; past ``timeout`` seconds, retries are abandoned (batches stay pending).
+
+        Requests in flight then still end within the connect and read timeouts.
+        """
+        thread = self._thread
+        if thread is None:
+            return
+        self._stopping.set()
+        self._wake.set()
+        thread.join(timeout)
+        if thread.is_alive():
+            self._halt.set()
+            settings = self._forwarder.settings
+            thread.join(settings.connect_timeout_s + settings.read_timeout_s + 1.0)
+        self._thread = None
+
+    def _run(self) -> None:
+        interval = self.outbox.settings.poll_interval_s
+        while True:
+            self._wake.wait(interval)
+            with self._cycle_done:
+                self._wake.clear()
+                self._in_cycle = True
+            final = self._stopping.is_set()
+            try:
+                table = self._load_table()
+                self.outbox.stage_committed(table)
+                self.outbox.drain(self._forwarder, api_key=self._api_key, halt=self._halt)
+                self.last_error = None
+            except Exception as exc:  # the worker outlives a failed cycle: the lake and outbox keep the records
+                logger.exception("Amberflo forwarding cycle failed; retrying on the next cycle")
+                self.last_error = exc
+            with self._cycle_done:
+                self._cycles += 1
+                self._in_cycle = False
+                self._cycle_done.notify_all()
+            if final or self._halt.is_set():
+                return
+
+
+# -- the lake -------------------------------------------------------------------------------------------------------
+
+
+def _snapshots_after(table: Table, checkpoint: int | None) -> list[Snapshot]:
+    """Snapshots committed after ``checkpoint``, oldest first (all retained ones if there is no checkpoint).
+
+    Raises:
+        LakeHistoryGapError: the checkpoint is not an ancestor of the current snapshot.
+    """
+    current = table.current_snapshot()
+    if current is None or current.snapshot_id == checkpoint:
+        return []
+    chain: list[Snapshot] = []
+    snapshot: Snapshot | None = current
+    while snapshot is not None:
+        chain.append(snapshot)
+        parent = snapshot.parent_snapshot_id
+        if parent is not None and parent == checkpoint:
+            return chain[::-1]
+        snapshot = table.snapshot_by_id(parent) if parent is not None else None
+        if snapshot is None and parent is not None and checkpoint is None:
+            logger.warning("snapshots before %d are expired; only retained snapshots are staged", parent)
+    if checkpoint is not None:
+        raise LakeHistoryGapError(checkpoint, current.snapshot_id)
+    return chain[::-1]
+
+
+def _added_data_files(table: Table, snapshot: Snapshot) -> list[str]:
+    """Paths of the data files ``snapshot`` itself added (not those it inherited)."""
+    paths: list[str] = []
+    for manifest in snapshot.manifests(table.io):
+        if manifest.added_snapshot_id != snapshot.snapshot_id:
+            continue
+        paths.extend(
+            entry.data_file.file_path
+            for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+            if entry.status == ManifestEntryStatus.ADDED
+            and entry.snapshot_id == snapshot.snapshot_id
+            and entry.data_file.content == DataFileContent.DATA
+        )
+    return paths
+
+
+def _columns_read(meters: Sequence[Meter]) -> list[str]:
+    """Event columns the meters need, in schema order."""
+    needed = {TENANT_COLUMN, REQUEST_ID_COLUMN, TIME_COLUMN}
+    for meter in meters:
+        needed.update(condition.column for condition in meter.filter)
+        needed.update(meter.dimensions)
+        if isinstance(meter.value, str):
+            needed.add(meter.value)
+    return [name for name in metering_event_arrow_schema().names if name in needed]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,972 @@
+"""A local Amberflo: the ingest, usage and meters API on loopback, with faults injected on demand.
+
+It speaks the contract in the shared Amberflo notes, so the forwarder, its tests, ``make demo`` and the benchmark can
+run against it exactly as against ``ingest.amberflo.io`` / ``app.amberflo.io`` (point both base URLs at ``.url``).
+
+Deduplication, precisely. Every accepted record has a key:
+
+* with a ``uniqueId``: ``(meterApiName, uniqueId)``. A later record with the same meter and uniqueId is the SAME event
+  and is dropped, even if its other fields differ (that case is counted in ``ServerStats.conflicting_duplicates``,
+  as it means the sender reuses uniqueIds);
+* without one: the whole record, ``(customerId, meterApiName, meterValue, meterTimeInMillis, dimensions)``, so only
+  exact duplicates are dropped (``1`` and ``1.0`` are the same meterValue).
+
+A record whose dimensions hold ``"aflo.cancel_previous_resource_event": "true"`` is not stored: it removes the stored
+event whose key equals its own computed without that dimension (nothing happens if there is none).
+
+Faults (:class:`FaultPlan`) apply to ``/ingest`` only and are drawn per request, after authentication, from the
+server's own ``random.Random(seed)``: the same requests in the same order meet the same faults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import gzip
+import random
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Literal, get_args
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from meterlake.local.serving import BackgroundServer, ServingError, abort_connection, bind_listening_socket
+
+FaultKind = Literal["429", "500", "503", "slow", "reset"]
+#: Every transient fault kind, in the order ``FaultPlan.kinds`` defaults to.
+FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
+
+#: The dimension that turns a record into the cancellation of the matching earlier event.
+CANCEL_DIMENSION: Final = "aflo.cancel_previous_resource_event"
+#: Longest meterApiName a meter may have.
+MAX_METER_API_NAME_LENGTH: Final = 50
+METER_TYPES: Final = frozenset(
+    {"sum_of_all_usage", "max_usage", "unique_count", "event_duration", "running_total", "active_users"}
+)
+LOCKING_STATUSES: Final = frozenset({"open", "close_to_changes", "close_to_deletion", "deprecated"})
+
+Aggregation = Literal["SUM", "COUNT", "MIN", "MAX"]
+TimeGroupingInterval = Literal["HOUR", "DAY", "WEEK", "MONTH"]
+
+_HOST: Final = "127.0.0.1"
+_JSON: Final = "application/json"
+_MAX_BUCKETS: Final = 100_000
+_GRACEFUL_SHUTDOWN_SECONDS: Final = 1.0
+_FIXED_SECONDS: Final[Mapping[str, int]] = {"HOUR": 3600, "DAY": 86400, "WEEK": 7 * 86400}
+# 1970-01-01 was a Thursday: day number + 3 is the ISO weekday offset (0 = Monday), so weeks start on Monday.
+_EPOCH_WEEKDAY: Final = 3
+
+
+@dataclass(frozen=True)
+class FaultPlan:
+    """Which faults the server injects into ``/ingest`` requests.
+
+    Attributes:
+        transient_rate: share (0..1) of ingest requests that get a transient fault.
+        kinds: the transient faults to choose from, uniformly: ``"429"`` (with ``Retry-After``), ``"500"``,
+            ``"503"`` (nothing stored), ``"slow"`` (answer after ``slow_s``), ``"reset"`` (TCP reset, no answer).
+        retry_after_s: the ``Retry-After`` header of a 429, in whole seconds.
+        slow_s: how long a slow request waits before answering; make it longer than the client's read timeout.
+        slow_then_ingest: a slow request stores its records and answers 200 late (the client's retry must then be
+            deduplicated); False: it stores nothing and answers 504 late.
+        reset_after_ingest: a reset request stores its records before dropping the connection (the nasty case);
+            False: it stores nothing.
+        reject_unique_ids: a request holding any of these uniqueIds gets a permanent 400 naming them, nothing stored.
+        seed: seeds the server's fault draws.
+
+    Raises:
+        ValueError: a field is out of range or names an unknown fault kind.
+    """
+
+    transient_rate: float = 0.0
+    kinds: tuple[FaultKind, ...] = FAULT_KINDS
+    retry_after_s: int = 1
+    slow_s: float = 30.0
+    slow_then_ingest: bool = True
+    reset_after_ingest: bool = True
+    reject_unique_ids: frozenset[str] = frozenset()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.transient_rate <= 1.0:
+            raise ValueError(f"transient_rate must be within 0..1, got {self.transient_rate}")
+        unknown = [kind for kind in self.kinds if kind not in FAULT_KINDS]
+        if unknown:
+            raise ValueError(f"unknown fault kinds {unknown}; known: {list(FAULT_KINDS)}")
+        if self.transient_rate > 0 and not self.kinds:
+            raise ValueError("transient_rate > 0 needs at least one fault kind")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.slow_s < 0:
+            raise ValueError(f"slow_s must be >= 0, got {self.slow_s}")
+
+
+@dataclass(frozen=True, slots=True)
+class IngestedRecord:
+    """One meter event as accepted by the server (fields as in the ingest record; absent optionals are None)."""
+
+    customer_id: str
+    meter_api_name: str | None
+    meter_value: float | None
+    meter_time_in_millis: int
+    unique_id: str | None = None
+    dimensions: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    """What the server saw and did since it started (or was reset).
+
+    Attributes:
+        ingest_requests: authenticated ``/ingest`` requests, whatever their outcome.
+        unauthorized_requests: requests to any endpoint refused with 401.
+        records_received: records in ingest requests whose body was read and parsed (not those answered with a
+            429/500/503 fault, which the server refuses before reading).
+        records_accepted: records newly stored.
+        duplicates_dropped: records of accepted requests dropped as duplicates of a stored event.
+        conflicting_duplicates: of those, records whose uniqueId matched a stored event with different fields.
+        events_cancelled: stored events removed by a cancel record.
+        permanent_rejections: ingest requests answered 400/415 (invalid body or record, or a rejected uniqueId).
+        faults_injected: transient faults injected, by kind.
+    """
+
+    ingest_requests: int = 0
+    unauthorized_requests: int = 0
+    records_received: int = 0
+    records_accepted: int = 0
+    duplicates_dropped: int = 0
+    conflicting_duplicates: int = 0
+    events_cancelled: int = 0
+    permanent_rejections: int = 0
+    faults_injected: Mapping[str, int] = field(default_factory=dict)
+
+
+class RequestError(Exception):
+    """A request the server refuses: answered with ``status`` (a 4xx) and ``{"message": ...}``, nothing stored."""
+
+    def __init__(self, message: str, *, status: int = 400, extra: Mapping[str, object] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.extra = dict(extra or {})
+
+
+_DedupKey = tuple[object, ...]
+
+
+def _dedup_key(record: IngestedRecord) -> _DedupKey:
+    if record.unique_id is not None:
+        return ("uniqueId", record.meter_api_name, record.unique_id)
+    return (
+        "record",
+        record.customer_id,
+        record.meter_api_name,
+        record.meter_value,
+        record.meter_time_in_millis,
+        tuple(sorted(record.dimensions.items())),
+    )
+
+
+def _is_cancel(record: IngestedRecord) -> bool:
+    return record.dimensions.get(CANCEL_DIMENSION, "").lower() == "true"
+
+
+def _without_cancel(record: IngestedRecord) -> IngestedRecord:
+    dimensions = {k: v for k, v in record.dimensions.items() if k != CANCEL_DIMENSION}
+    return IngestedRecord(
+        record.customer_id,
+        record.meter_api_name,
+        record.meter_value,
+        record.meter_time_in_millis,
+        record.unique_id,
+        dimensions,
+    )
+
+
+class AmberfloState:
+    """The server's memory: events, meters, counters and the fault plan; safe to use from any thread."""
+
+    def __init__(self, faults: FaultPlan | None = None) -> None:
+        self._lock = threading.Lock()
+        self._faults = faults or FaultPlan()
+        self._rng = random.Random(self._faults.seed)
+        self._events: dict[_DedupKey, IngestedRecord] = {}
+        self._meters: dict[str, dict[str, Any]] = {}
+        self._counters: dict[str, int] = {}
+        self._faults_injected: dict[str, int] = {}
+
+    @property
+    def faults(self) -> FaultPlan:
+        """The fault plan; assigning one also reseeds the draws from its seed."""
+        with self._lock:
+            return self._faults
+
+    @faults.setter
+    def faults(self, plan: FaultPlan) -> None:
+        with self._lock:
+            self._faults = plan
+            self._rng = random.Random(plan.seed)
+
+    def reset(self) -> None:
+        """Forget every event, meter and counter, and restart the fault draws from the plan's seed."""
+        with self._lock:
+            self._events.clear()
+            self._meters.clear()
+            self._counters.clear()
+            self._faults_injected.clear()
+            self._rng = random.Random(self._faults.seed)
+
+    def records(self) -> list[IngestedRecord]:
+        """The stored events (after deduplication and cancellation), in the order they were accepted."""
+        with self._lock:
+            return list(self._events.values())
+
+    def accepted_unique_ids(self) -> set[str]:
+        """The uniqueIds of the stored events."""
+        with self._lock:
+            return {r.unique_id for r in self._events.values() if r.unique_id is not None}
+
+    def stats(self) -> ServerStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return ServerStats(**self._counters, faults_injected=dict(self._faults_injected))
+
+    def count(self, counter: str, amount: int = 1) -> None:
+        """Add ``amount`` to one of :class:`ServerStats`' integer counters."""
+        with self._lock:
+            self._counters[counter] = self._counters.get(counter, 0) + amount
+
+    def draw_fault(self) -> tuple[FaultPlan, FaultKind | None]:
+        """Count one ingest request and draw its transient fault (None: none) under the current plan."""
+        with self._lock:
+            plan = self._faults
+            self._counters["ingest_requests"] = self._counters.get("ingest_requests", 0) + 1
+            if plan.transient_rate <= 0 or self._rng.random() >= plan.transient_rate:
+                return plan, None
+            kind = self._rng.choice(plan.kinds)
+            self._faults_injected[kind] = self._faults_injected.get(kind, 0) + 1
+            return plan, kind
+
+    def ingest(self, records: Sequence[IngestedRecord]) -> None:
+        """Store ``records`` (already validated), dropping duplicates and applying cancellations."""
+        accepted = duplicates = conflicts = cancelled = 0
+        with self._lock:
+            for record in records:
+                if _is_cancel(record):
+                    if self._events.pop(_dedup_key(_without_cancel(record)), None) is not None:
+                        cancelled += 1
+                    continue
+                key = _dedup_key(record)
+                stored = self._events.get(key)
+                if stored is None:
+                    self._events[key] = record
+                    accepted += 1
+                else:
+                    duplicates += 1
+                    conflicts += stored != record
+            for name, amount in (
+                ("records_accepted", accepted),
+                ("duplicates_dropped", duplicates),
+                ("conflicting_duplicates", conflicts),
+                ("events_cancelled", cancelled),
+            ):
+                self._counters[name] = self._counters.get(name, 0) + amount
+
+    def events_of(self, meter_api_name: str) -> list[IngestedRecord]:
+        """The stored events of one meter."""
+        with self._lock:
+            return [r for r in self._events.values() if r.meter_api_name == meter_api_name]
+
+    def meter_api_names(self) -> list[str]:
+        """Every meterApiName with stored events, sorted."""
+        with self._lock:
+            return sorted({r.meter_api_name for r in self._events.values() if r.meter_api_name is not None})
+
+    # Meters
+
+    def create_meter(self, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Store a new meter with a fresh id.
+
+        Raises:
+            RequestError: (409) another meter has this meterApiName.
+        """
+        now = time.time_ns() // 1_000_000
+        with self._lock:
+            self._check_unique_name(fields["meterApiName"], except_id=None)
+            meter = {"id": str(uuid.uuid4()), **fields, "createTime": now, "updateTime": now}
+            self._meters[meter["id"]] = meter
+            return dict(meter)
+
+    def update_meter(self, meter_id: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace a meter's fields, keeping its id and createTime.
+
+        Raises:
+            RequestError: (404) no such meter; (409) another meter has this meterApiName.
+        """
+        with self._lock:
+            existing = self._meters.get(meter_id)
+            if existing is None:
+                raise RequestError(f"meter {meter_id!r} not found", status=404)
+            self._check_unique_name(fields["meterApiName"], except_id=meter_id)
+            meter = {
+                "id": meter_id,
+                **fields,
+                "createTime": existing["createTime"],
+                "updateTime": time.time_ns() // 1_000_000,
+            }
+            self._meters[meter_id] = meter
+            return dict(meter)
+
+    def meters(self) -> list[dict[str, Any]]:
+        """Every meter, in creation order."""
+        with self._lock:
+            return [dict(m) for m in self._meters.values()]
+
+    def meter(self, meter_id: str) -> dict[str, Any]:
+        """One meter.
+
+        Raises:
+            RequestError: (404) no such meter.
+        """
+        with self._lock:
+            meter = self._meters.get(meter_id)
+            if meter is None:
+                raise RequestError(f"meter {meter_id!r} not found", status=404)
+            return dict(meter)
+
+    def delete_meter(self, meter_id: str) -> dict[str, Any]:
+        """Remove a meter and return it.
+
+        Raises:
+            RequestError: (404) no such meter.
+        """
+        with self._lock:
+            meter = self._meters.pop(meter_id, None)
+            if meter is None:
+                raise RequestError(f"meter {meter_id!r} not found", status=404)
+            return meter
+
+    def _check_unique_name(self, name: str, *, except_id: str | None) -> None:
+        for meter in self._meters.values():
+            if meter["meterApiName"] == name and meter["id"] != except_id:
+                raise RequestError(f"a meter with meterApiName {name!r} already exists: {meter['id']}", status=409)
+
+
+# Ingest bodies
+
+
+def parse_ingest_body(body: bytes, content_encoding: str | None) -> list[object]:
+    """The records of an ingest body: gzip or plain; one JSON object, a JSON array, or NDJSON.
+
+    Raises:
+        RequestError: undecodable body (415 for an unsupported Content-Encoding).
+    """
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding in ("gzip", "x-gzip"):
+        try:
+            body = gzip.decompress(body)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise RequestError(f"body is not valid gzip: {exc}") from None
+    elif encoding != "identity":
+        raise RequestError(f"unsupported Content-Encoding {content_encoding!r}", status=415)
+    if not body.strip():
+        raise RequestError("body is empty")
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError as whole_error:
+        lines = [line for line in body.splitlines() if line.strip()]
+        if len(lines) < 2:
+            raise RequestError(f"body is not JSON: {whole_error}") from None
+        records: list[object] = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                records.append(msgspec.json.decode(line))
+            except msgspec.DecodeError as exc:
+                raise RequestError(f"NDJSON line {number} is not JSON: {exc}") from None
+        return records
+    if isinstance(document, list):
+        return document
+    return [document]
+
+
+def validate_record(index: int, item: object) -> IngestedRecord:
+    """One ingest record, checked field by field.
+
+    Raises:
+        RequestError: naming the record's (0-based) index and the offending field.
+    """
+
+    def bad(message: str) -> RequestError:
+        return RequestError(f"record {index}: {message}")
+
+    if not isinstance(item, dict):
+        raise bad(f"expected a JSON object, got {type(item).__name__}")
+    customer_id = item.get("customerId")
+    if not isinstance(customer_id, str) or not customer_id:
+        raise bad(f"customerId must be a non-empty string, got {customer_id!r}")
+    time_ms = item.get("meterTimeInMillis")
+    if isinstance(time_ms, bool) or not isinstance(time_ms, int) or time_ms <= 0:
+        raise bad(f"meterTimeInMillis must be a positive integer (epoch milliseconds), got {time_ms!r}")
+    name = item.get("meterApiName")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise bad(f"meterApiName must be a non-empty string, got {name!r}")
+    value = item.get("meterValue")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise bad(f"meterValue must be a number, got {value!r}")
+    unique_id = item.get("uniqueId")
+    if unique_id is not None and (not isinstance(unique_id, str) or not unique_id):
+        raise bad(f"uniqueId must be a non-empty string, got {unique_id!r}")
+    dimensions = item.get("dimensions")
+    if dimensions is None:
+        dimensions = {}
+    elif not isinstance(dimensions, dict):
+        raise bad(f"dimensions must be an object of strings, got {dimensions!r}")
+    for key, dim_value in dimensions.items():
+        if not isinstance(dim_value, str):
+            raise bad(f"dimensions.{key} must be a string, got {dim_value!r}")
+    return IngestedRecord(
+        customer_id=customer_id,
+        meter_api_name=name,
+        meter_value=value,
+        meter_time_in_millis=time_ms,
+        unique_id=unique_id,
+        dimensions=dimensions,
+    )
+
+
+# Usage queries
+
+
+@dataclass(frozen=True)
+class UsageQuery:
+    """A validated usage query, in either accepted request shape."""
+
+    meter_api_name: str
+    aggregation: Aggregation
+    interval: TimeGroupingInterval
+    start_s: int
+    end_s: int
+    group_by: tuple[str, ...]
+    filters: Mapping[str, frozenset[str]]
+    take_limit: int | None
+    take_ascending: bool
+
+
+def _enum(name: str, value: object, allowed: Iterable[str]) -> str:
+    options = list(allowed)
+    if isinstance(value, str) and value.upper() in options:
+        return value.upper()
+    raise RequestError(f"{name} must be one of {options} (any case), got {value!r}")
+
+
+def _epoch_seconds(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise RequestError(f"{name} must be a non-negative integer (epoch seconds), got {value!r}")
+    return value
+
+
+def _string_list(name: str, value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RequestError(f"{name} must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def parse_usage_query(body: object, *, now_s: int) -> UsageQuery:
+    """Validate a usage query: ``timeRange``/``filter`` (the SDKs' shape) or top-level ``startTimeInSeconds``/
+    ``endTimeInSeconds``/``customerFilter`` (the workflow fixture's shape).
+
+    Raises:
+        RequestError: naming the offending field.
+    """
+    if not isinstance(body, dict):
+        raise RequestError(f"a usage query must be a JSON object, got {type(body).__name__}")
+    name = body.get("meterApiName")
+    if not isinstance(name, str) or not name:
+        raise RequestError(f"meterApiName must be a non-empty string, got {name!r}")
+    aggregation: Aggregation = _enum("aggregation", body.get("aggregation"), get_args(Aggregation))  # type: ignore[assignment]
+    interval: TimeGroupingInterval = _enum(  # type: ignore[assignment]
+        "timeGroupingInterval", body.get("timeGroupingInterval"), get_args(TimeGroupingInterval)
+    )
+    time_range = body.get("timeRange")
+    if time_range is None:
+        time_range = {k: body[k] for k in ("startTimeInSeconds", "endTimeInSeconds") if k in body}
+    elif not isinstance(time_range, dict):
+        raise RequestError(f"timeRange must be an object, got {time_range!r}")
+    if "startTimeInSeconds" not in time_range:
+        raise RequestError("timeRange.startTimeInSeconds (or top-level startTimeInSeconds) is required")
+    start_s = _epoch_seconds("startTimeInSeconds", time_range["startTimeInSeconds"])
+    end_value = time_range.get("endTimeInSeconds")
+    end_s = now_s if end_value is None else _epoch_seconds("endTimeInSeconds", end_value)
+    if end_s <= start_s:
+        raise RequestError(f"endTimeInSeconds ({end_s}) must be after startTimeInSeconds ({start_s})")
+
+    group_by_value = body.get("groupBy")
+    if group_by_value is None:
+        group_by: list[str] = []
+    elif isinstance(group_by_value, str):
+        group_by = [group_by_value]
+    else:
+        group_by = _string_list("groupBy", group_by_value)
+
+    filter_value = body.get("filter")
+    if filter_value is None:
+        filter_value = {}
+    if not isinstance(filter_value, dict):
+        raise RequestError(f"filter must be an object of string lists, got {filter_value!r}")
+    filters = {key: frozenset(_string_list(f"filter.{key}", values)) for key, values in filter_value.items()}
+    customer_filter = body.get("customerFilter")
+    if customer_filter is not None:
+        if "customerId" in filters:
+            raise RequestError("give the customer filter once: filter.customerId or customerFilter, not both")
+        filters["customerId"] = frozenset(_string_list("customerFilter", customer_filter))
+
+    take = body.get("take")
+    take_limit: int | None = None
+    take_ascending = False
+    if take is not None:
+        if not isinstance(take, dict):
+            raise RequestError(f"take must be an object, got {take!r}")
+        limit = take.get("limit")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise RequestError(f"take.limit must be a positive integer, got {limit!r}")
+        ascending = take.get("isAscending", False)
+        if not isinstance(ascending, bool):
+            raise RequestError(f"take.isAscending must be a boolean, got {ascending!r}")
+        take_limit, take_ascending = limit, ascending
+    return UsageQuery(name, aggregation, interval, start_s, end_s, tuple(group_by), filters, take_limit, take_ascending)
+
+
+def bucket_start(epoch_s: int, interval: TimeGroupingInterval) -> int:
+    """The UTC start of the ``interval`` bucket holding ``epoch_s`` (weeks start on Monday)."""
+    if interval == "MONTH":
+        moment = dt.datetime.fromtimestamp(epoch_s, dt.UTC)
+        return int(dt.datetime(moment.year, moment.month, 1, tzinfo=dt.UTC).timestamp())
+    if interval == "WEEK":
+        day = epoch_s // 86400
+        return (day - (day + _EPOCH_WEEKDAY) % 7) * 86400
+    size = _FIXED_SECONDS[interval]
+    return epoch_s - epoch_s % size
+
+
+def _next_bucket(start_s: int, interval: TimeGroupingInterval) -> int:
+    if interval == "MONTH":
+        moment = dt.datetime.fromtimestamp(start_s, dt.UTC)
+        year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+        return int(dt.datetime(year, month, 1, tzinfo=dt.UTC).timestamp())
+    return start_s + _FIXED_SECONDS[interval]
+
+
+def _aggregate(aggregation: Aggregation, events: Sequence[IngestedRecord]) -> float:
+    """COUNT counts events; SUM/MIN/MAX use the events that carry a meterValue (0 when none do)."""
+    if aggregation == "COUNT":
+        return float(len(events))
+    values = [e.meter_value for e in events if e.meter_value is not None]
+    if not values:
+        return 0.0
+    if aggregation == "SUM":
+        return float(sum(values))
+    return float(min(values) if aggregation == "MIN" else max(values))
+
+
+def percentage_from_previous(previous: float, current: float) -> float:
+    """``(cur - prev) / prev * 100`` rounded to 2 places; with prev = 0: 100 if cur > 0, -100 if cur < 0, else 0."""
+    if previous == 0:
+        return 100.0 if current > 0 else -100.0 if current < 0 else 0.0
+    return round((current - previous) / previous * 100, 2)
+
+
+def _group_value(record: IngestedRecord, key: str) -> str | None:
+    return record.customer_id if key == "customerId" else record.dimensions.get(key)
+
+
+def usage_report(query: UsageQuery, events: Iterable[IngestedRecord], *, zero_fill: bool) -> dict[str, Any]:
+    """Amberflo's usage report for ``query`` over ``events`` (all of the query's meter).
+
+    Events count when ``startTimeInSeconds <= meterTimeInMillis / 1000 < endTimeInSeconds``. Groups are those with
+    at least one such event (without groupBy: exactly one, possibly all zero); without ``take`` they are ordered by
+    their group values. Sparse reports (``zero_fill=False``) leave out empty buckets from ``values``; their
+    percentageFromPrevious still compares with the preceding bucket of the grid.
+
+    Raises:
+        RequestError: the range spans too many buckets.
+    """
+    intervals: list[int] = []
+    boundary = bucket_start(query.start_s, query.interval)
+    while boundary < query.end_s:
+        intervals.append(boundary)
+        if len(intervals) > _MAX_BUCKETS:
+            raise RequestError(f"the time range spans more than {_MAX_BUCKETS} {query.interval} buckets")
+        boundary = _next_bucket(boundary, query.interval)
+
+    start_ms, end_ms = query.start_s * 1000, query.end_s * 1000
+    groups: dict[tuple[str | None, ...], list[IngestedRecord]] = {}
+    if not query.group_by:
+        groups[()] = []
+    for event in events:
+        if not start_ms <= event.meter_time_in_millis < end_ms:
+            continue
+        if any(_group_value(event, key) not in allowed for key, allowed in query.filters.items()):
+            continue
+        groups.setdefault(tuple(_group_value(event, key) for key in query.group_by), []).append(event)
+
+    meters: list[tuple[tuple[str | None, ...], float, dict[str, Any]]] = []
+    for group_key, group_events in groups.items():
+        by_bucket: dict[int, list[IngestedRecord]] = {}
+        for event in group_events:
+            by_bucket.setdefault(bucket_start(event.meter_time_in_millis // 1000, query.interval), []).append(event)
+        values: list[dict[str, Any]] = []
+        previous = 0.0
+        for bucket in intervals:
+            bucket_events = by_bucket.get(bucket, [])
+            value = _aggregate(query.aggregation, bucket_events)
+            if bucket_events or zero_fill:
+                values.append(
+                    {
+                        "secondsSinceEpochUtc": bucket,
+                        "value": value,
+                        "percentageFromPrevious": percentage_from_previous(previous, value),
+                    }
+                )
+            previous = value
+        group_value = _aggregate(query.aggregation, group_events)
+        meter: dict[str, Any] = {"groupValue": group_value, "values": values}
+        if query.group_by:
+            meter = {"group": {"groupInfo": dict(zip(query.group_by, group_key, strict=True))}, **meter}
+        meters.append((group_key, group_value, meter))
+
+    def by_group(item: tuple[tuple[str | None, ...], float, dict[str, Any]]) -> tuple[str, ...]:
+        return tuple("" if part is None else part for part in item[0])
+
+    meters.sort(key=by_group)
+    if query.take_limit is not None:
+        meters.sort(key=lambda item: item[1], reverse=not query.take_ascending)
+        meters = meters[: query.take_limit]
+
+    return {
+        "metadata": {
+            "meterApiName": query.meter_api_name,
+            "aggregation": query.aggregation,
+            "timeGroupingInterval": query.interval,
+            "timeRange": {"startTimeInSeconds": query.start_s, "endTimeInSeconds": query.end_s},
+            "filter": {key: sorted(values) for key, values in query.filters.items()},
+            "groupBy": list(query.group_by) if query.group_by else None,
+            "take": None
+            if query.take_limit is None
+            else {"limit": query.take_limit, "isAscending": query.take_ascending},
+        },
+        "secondsSinceEpochIntervals": intervals,
+        "clientMeters": [meter for _, _, meter in meters],
+    }
+
+
+# Meters
+
+
+def validate_meter(body: object) -> dict[str, Any]:
+    """The stored fields of a meter from a create/update body (``id`` and times are the server's).
+
+    Raises:
+        RequestError: a required field is missing or a field is invalid.
+    """
+    if not isinstance(body, dict):
+        raise RequestError(f"a meter must be a JSON object, got {type(body).__name__}")
+    for required in ("label", "meterApiName", "meterType"):
+        value = body.get(required)
+        if not isinstance(value, str) or not value:
+            raise RequestError(f"{required} is required (a non-empty string), got {value!r}")
+    name: str = body["meterApiName"]
+    if len(name) > MAX_METER_API_NAME_LENGTH:
+        raise RequestError(f"meterApiName must be at most {MAX_METER_API_NAME_LENGTH} characters, got {len(name)}")
+    meter_type = body["meterType"].lower()
+    if meter_type not in METER_TYPES:
+        raise RequestError(f"meterType must be one of {sorted(METER_TYPES)}, got {body['meterType']!r}")
+    description = body.get("description") or ""
+    if not isinstance(description, str):
+        raise RequestError(f"description must be a string, got {description!r}")
+    locking = body.get("lockingStatus") or "open"
+    if not isinstance(locking, str) or locking.lower() not in LOCKING_STATUSES:
+        raise RequestError(f"lockingStatus must be one of {sorted(LOCKING_STATUSES)}, got {locking!r}")
+    return {
+        "label": body["label"],
+        "meterApiName": name,
+        "meterType": meter_type,
+        "description": description,
+        "dimensions": _string_list("dimensions", body.get("dimensions") or []),
+        "aggregationDimensions": _string_list("aggregationDimensions", body.get("aggregationDimensions") or []),
+        "lockingStatus": locking.lower(),
+    }
+
+
+# The app
+
+_Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _json(body: object, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(body), status_code=status, media_type=_JSON, headers=headers)
+
+
+class _ConnectionReset(Response):
+    """Not a response: resets the TCP connection, so the client sees a connection error and no HTTP answer."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=500)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        abort_connection(scope)
+        # Wait until the server noticed the connection is gone, so it does not answer on our behalf.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(5):
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+
+
+def create_app(state: AmberfloState, *, api_key: str | None) -> Starlette:
+    """The Amberflo API over ``state``; every endpoint needs ``X-API-KEY: api_key`` unless api_key is None."""
+
+    def authorized(endpoint: _Endpoint) -> _Endpoint:
+        async def guarded(request: Request) -> Response:
+            if api_key is not None and request.headers.get("x-api-key") != api_key:
+                state.count("unauthorized_requests")
+                return _json({"message": "Unauthorized"}, 401)
+            try:
+                return await endpoint(request)
+            except RequestError as exc:
+                return _json({"message": exc.message, **exc.extra}, exc.status)
+
+        return guarded
+
+    async def json_body(request: Request) -> object:
+        try:
+            return msgspec.json.decode(await request.body())
+        except msgspec.DecodeError as exc:
+            raise RequestError(f"body is not JSON: {exc}") from None
+
+    async def ingest(request: Request) -> Response:
+        body = await request.body()
+        plan, fault = state.draw_fault()
+        if fault == "429":
+            return _json({"message": "Too Many Requests"}, 429, headers={"Retry-After": str(plan.retry_after_s)})
+        if fault == "500":
+            return _json({"message": "Internal server error"}, 500)
+        if fault == "503":
+            return _json({"message": "Service Unavailable"}, 503)
+        if fault == "slow" and not plan.slow_then_ingest:
+            await asyncio.sleep(plan.slow_s)
+            return _json({"message": "Endpoint request timed out"}, 504)
+        if fault == "reset" and not plan.reset_after_ingest:
+            return _ConnectionReset()
+        try:
+            items = parse_ingest_body(body, request.headers.get("content-encoding"))
+            state.count("records_received", len(items))
+            records = [validate_record(index, item) for index, item in enumerate(items)]
+            rejected = sorted({r.unique_id for r in records if r.unique_id is not None} & plan.reject_unique_ids)
+            if rejected:
+                raise RequestError(f"rejected uniqueIds: {rejected}", extra={"rejectedUniqueIds": rejected})
+        except RequestError:
+            state.count("permanent_rejections")
+            raise
+        state.ingest(records)
+        if fault == "slow":
+            await asyncio.sleep(plan.slow_s)
+        elif fault == "reset":
+            return _ConnectionReset()
+        return PlainTextResponse(f"{len(records)} records were ingested")
+
+    async def usage(request: Request) -> Response:
+        query = parse_usage_query(await json_body(request), now_s=int(time.time()))
+        zero_fill = not request.url.path.rstrip("/").endswith("/sparse")
+        return _json(usage_report(query, state.events_of(query.meter_api_name), zero_fill=zero_fill))
+
+    async def usage_batch(request: Request) -> Response:
+        body = await json_body(request)
+        if not isinstance(body, list):
+            raise RequestError(f"a usage batch must be a JSON array of queries, got {type(body).__name__}")
+        now_s = int(time.time())
+        queries = []
+        for index, item in enumerate(body):
+            try:
+                queries.append(parse_usage_query(item, now_s=now_s))
+            except RequestError as exc:
+                raise RequestError(f"query {index}: {exc.message}") from None
+        return _json([usage_report(q, state.events_of(q.meter_api_name), zero_fill=True) for q in queries])
+
+    async def usage_all(request: Request) -> Response:
+        params = request.query_params
+        body: dict[str, object] = {"aggregation": "SUM", "timeGroupingInterval": params.get("timeGroupingInterval")}
+        for name in ("startTimeInSeconds", "endTimeInSeconds"):
+            if name in params:
+                try:
+                    body[name] = int(params[name])
+                except ValueError:
+                    raise RequestError(f"{name} must be an integer, got {params[name]!r}") from None
+        if "groupBy" in params:
+            body["groupBy"] = [params["groupBy"]]
+        if "customerId" in params:
+            body["customerFilter"] = params.getlist("customerId")
+        now_s = int(time.time())
+        reports = []
+        for meter_api_name in state.meter_api_names():
+            query = parse_usage_query({**body, "meterApiName": meter_api_name}, now_s=now_s)
+            reports.append(usage_report(query, state.events_of(meter_api_name), zero_fill=True))
+        return _json(reports)
+
+    async def create_meter(request: Request) -> Response:
+        return _json(state.create_meter(validate_meter(await json_body(request))))
+
+    async def update_meter(request: Request) -> Response:
+        body = await json_body(request)
+        path_id = request.path_params.get("meter_id")
+        body_id = body.get("id") if isinstance(body, dict) else None
+        if path_id is not None and body_id is not None and body_id != path_id:
+            raise RequestError(f"the body's id {body_id!r} differs from the path's {path_id!r}")
+        meter_id = path_id or body_id
+        if not isinstance(meter_id, str) or not meter_id:
+            raise RequestError("id is required: in the body for PUT /meters")
+        return _json(state.update_meter(meter_id, validate_meter(body)))
+
+    async def list_meters(_: Request) -> Response:
+        return _json(state.meters())
+
+    async def get_meter(request: Request) -> Response:
+        return _json(state.meter(request.path_params["meter_id"]))
+
+    async def delete_meter(request: Request) -> Response:
+        return _json(state.delete_meter(request.path_params["meter_id"]))
+
+    return Starlette(
+        routes=[
+            Route("/ingest", authorized(ingest), methods=["POST"]),
+            Route("/ingest/", authorized(ingest), methods=["POST"]),
+            Route("/usage", authorized(usage), methods=["POST"]),
+            Route("/usage/", authorized(usage), methods=["POST"]),
+            Route("/usage/sparse", authorized(usage), methods=["POST"]),
+            Route("/usage/batch", authorized(usage_batch), methods=["POST"]),
+            Route("/usage/all", authorized(usage_all), methods=["GET"]),
+            Route("/meters", authorized(create_meter), methods=["POST"]),
+            Route("/meters", authorized(update_meter), methods=["PUT"]),
+            Route("/meters", authorized(list_meters), methods=["GET"]),
+            Route("/meters/{meter_id}", authorized(update_meter), methods=["PUT"]),
+            Route("/meters/{meter_id}", authorized(get_meter), methods=["GET"]),
+            Route("/meters/{meter_id}", authorized(delete_meter), methods=["DELETE"]),
+        ]
+    )
+
+
+class LocalAmberflo:
+    """The local Amberflo served on ``127.0.0.1`` from a background thread; running until :meth:`close`.
+
+    Point both of Amberflo's base URLs (ingest and app) at :attr:`url`.
+    """
+
+    def __init__(
+        self, *, api_key: str | None = "local-api-key", faults: FaultPlan | None = None, port: int = 0
+    ) -> None:
+        """Bind ``port`` (0: ephemeral) and start serving.
+
+        Raises:
+            PortInUseError: ``port`` is taken.
+            ServingError: the server cannot listen or did not start.
+        """
+        self.api_key = api_key
+        self.state = AmberfloState(faults)
+        self.app = create_app(self.state, api_key=api_key)
+        self._server = BackgroundServer(
+            self.app,
+            bind_listening_socket(_HOST, port),
+            name="local-amberflo",
+            graceful_shutdown_s=_GRACEFUL_SHUTDOWN_SECONDS,
+        )
+        self.port = self._server.port
+        #: Base URL, e.g. ``http://127.0.0.1:8851``.
+        self.url = self._server.url
+
+    @property
+    def faults(self) -> FaultPlan:
+        """The fault plan; assign a new one at any time (it reseeds the fault draws)."""
+        return self.state.faults
+
+    @faults.setter
+    def faults(self, plan: FaultPlan) -> None:
+        self.state.faults = plan
+
+    def accepted_unique_ids(self) -> set[str]:
+        """The uniqueIds of the stored events."""
+        return self.state.accepted_unique_ids()
+
+    def records(self) -> list[IngestedRecord]:
+        """The stored events, after deduplication and cancellation, in the order they were accepted."""
+        return self.state.records()
+
+    def stats(self) -> ServerStats:
+        """A snapshot of the server's counters."""
+        return self.state.stats()
+
+    def reset(self) -> None:
+        """Forget every event, meter and counter; keep the fault plan, restarting its draws."""
+        self.state.reset()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop serving (idempotent); requests still running after a second are cancelled.
+
+        Raises:
+            ServingError: the server thread did not stop within ``timeout`` seconds.
+        """
+        self._server.close(timeout)
+
+    def __enter__(self) -> LocalAmberflo:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve a LocalAmberflo until interrupted: ``python -m meterlake.amberflo.server --port 8851``."""
+    parser = argparse.ArgumentParser(prog="python -m meterlake.amberflo.server", description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8851, help="port on 127.0.0.1 (0: ephemeral)")
+    parser.add_argument("--api-key", default="local-api-key", help="the X-API-KEY to require")
+    parser.add_argument("--no-auth", action="store_true", help="accept any (or no) X-API-KEY")
+    parser.add_argument("--transient-rate", type=float, default=0.0, help="share of ingest requests to fault")
+    parser.add_argument("--kinds", default=",".join(FAULT_KINDS), help="comma-separated fault kinds")
+    parser.add_argument("--retry-after", type=int, default=1, help="Retry-After of a 429, seconds")
+    parser.add_argument("--slow-s", type=float, default=30.0, help="delay of a slow answer, seconds")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fault draws")
+    args = parser.parse_args(argv)
+    try:
+        plan = FaultPlan(
+            transient_rate=args.transient_rate,
+            kinds=tuple(kind.strip() for kind in args.kinds.split(",") if kind.strip()),
+            retry_after_s=args.retry_after,
+            slow_s=args.slow_s,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        server = LocalAmberflo(api_key=None if args.no_auth else args.api_key, faults=plan, port=args.port)
+    except ServingError as exc:
+        parser.exit(1, f"error: {exc}\n")
+    with server:
+        print(server.url, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""The outbox over a real Iceberg table and the local Amberflo: the lake's records reach Amberflo, exactly once.
+
+The expected set of uniqueIds is always computed from the lake (a full scan through meter_records), never from what
+the outbox staged.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyiceberg.table import Table
+
+from meterlake.amberflo.forwarder import Forwarder
+from meterlake.amberflo.outbox import (
+    ForwardingWorker,
+    LakeHistoryGapError,
+    Outbox,
+    OutboxTableMismatchError,
+)
+from meterlake.amberflo.server import FaultPlan, LocalAmberflo
+from meterlake.local.home import DataDir
+from meterlake.meters import DEFAULT_METERS, AmberfloSettings, expected_usage, meter_records, usage_of
+from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA
+from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
+
+KEY = "local-api-key"
+REPO = Path(__file__).parents[3]
+
+
+def lake_unique_ids(table: Table) -> set[str]:
+    """What the lake says must reach Amberflo: the records of every committed event."""
+    table.refresh()
+    return set(meter_records(table.scan().to_arrow(), DEFAULT_METERS).unique_ids())
+
+
+def settings_for(server: LocalAmberflo, **overrides: Any) -> AmberfloSettings:
+    values: dict[str, Any] = {
+        "base_url": server.url,
+        "concurrency": 8,
+        "min_backoff_s": 0.01,
+        "max_backoff_s": 0.2,
+        "connect_timeout_s": 2.0,
+        "read_timeout_s": 0.5,
+        "poll_interval_s": 0.2,
+    }
+    values.update(overrides)
+    return AmberfloSettings(**values)
+
+
+@pytest.fixture
+def server() -> Iterator[LocalAmberflo]:
+    with LocalAmberflo(api_key=KEY) as amberflo:
+        yield amberflo
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Table:
+    return metering_table(tmp_path)
+
+
+def test_stage_and_drain_deliver_the_lake_and_pick_up_new_commits(
+    tmp_path: Path, table: Table, server: LocalAmberflo
+) -> None:
+    for i in range(3):
+        commit_events(table, make_events(i * 1000, 1000), offset=i)
+    settings = settings_for(server)
+    with Outbox.in_data_dir(DataDir(tmp_path), settings=settings) as outbox, Forwarder(settings) as forwarder:
+        staged = outbox.stage_committed(table)
+        assert staged == len(lake_unique_ids(table))
+        assert outbox.stage_committed(table) == 0
+        before = outbox.status()
+        assert before.pending_records == staged
+        assert before.untenanted_events == 300
+        assert before.staged_snapshots == 3
+        assert before.lag_seconds > 0
+
+        report = outbox.drain(forwarder, api_key=KEY)
+        assert (report.dry_run, report.sent_records, report.pending_batches) == (False, staged, 0)
+        assert server.accepted_unique_ids() == lake_unique_ids(table)
+
+        commit_events(table, make_events(3000, 500), offset=3)
+        assert outbox.stage_committed(table) > 0
+        outbox.drain(forwarder, api_key=KEY)
+        after = outbox.status()
+    assert server.accepted_unique_ids() == lake_unique_ids(table)
+    assert (after.pending_batches, after.dead_batches, after.sent_records) == (0, 0, len(lake_unique_ids(table)))
+    assert after.lag_seconds == 0.0
+    assert server.stats().duplicates_dropped == 0
+
+
+def test_batches_hold_at_most_batch_size_records(tmp_path: Path, table: Table, server: LocalAmberflo) -> None:
+    commit_events(table, make_events(0, 500), offset=0)
+    settings = settings_for(server, batch_size=7)
+    with Outbox.in_data_dir(DataDir(tmp_path), settings=settings) as outbox, Forwarder(settings) as forwarder:
+        staged = outbox.stage_committed(table)
+        outbox.drain(forwarder, api_key=KEY)
+    assert server.stats().ingest_requests == -(-staged // 7)
+    assert server.accepted_unique_ids() == lake_unique_ids(table)
+
+
+def test_dry_run_stages_and_sends_nothing(tmp_path: Path, table: Table, server: LocalAmberflo) -> None:
+    events = make_events(0, 2000)
+    commit_events(table, events, offset=0)
+    settings = settings_for(server)
+    with Outbox.in_data_dir(DataDir(tmp_path), settings=settings) as outbox, Forwarder(settings) as forwarder:
+        outbox.stage_committed(table)
+        report = outbox.drain(forwarder, api_key=None)
+        assert report.dry_run
+        assert report.pending_batches == outbox.status().pending_batches > 0
+        staged = outbox.staged_records()
+        window = outbox.staged_records(make_events(0, 1).column("request_time")[0].value // 1000, None)
+    with Outbox(tmp_path / "other.db", settings=AmberfloSettings(dry_run=True)) as flagged:
+        flagged.stage_committed(table)
+        assert flagged.drain(forwarder, api_key=KEY).dry_run
+    assert server.stats().ingest_requests == 0
+    assert {r["uniqueId"] for r in staged} == lake_unique_ids(table)
+    assert len(window) == len(staged)
+    # Dry reconciliation: the staged records aggregate to what the lake says.
+    totals: dict[tuple[str, str, int], int] = {}
+    for record in staged:
+        key = (record["customerId"], record["meterApiName"], record["meterTimeInMillis"] // 3_600_000 * 3600)
+        totals[key] = totals.get(key, 0) + record["meterValue"]
+    assert totals == expected_usage(events, DEFAULT_METERS)
+    assert usage_of(meter_records(events, DEFAULT_METERS), DEFAULT_METERS) == totals
+
+
+def test_retry_dead_redrives_after_the_server_stops_rejecting(
+    tmp_path: Path, table: Table, server: LocalAmberflo
+) -> None:
+    commit_events(table, make_events(0, 1000), offset=0)
+    expected = lake_unique_ids(table)
+    rejected = sorted(expected)[17]
+    server.faults = FaultPlan(reject_unique_ids=frozenset({rejected}))
+    settings = settings_for(server)
+    with Outbox.in_data_dir(DataDir(tmp_path), settings=settings) as outbox, Forwarder(settings) as forwarder:
+        outbox.stage_committed(table)
+        report = outbox.drain(forwarder, api_key=KEY)
+        assert report.dead_batches == 1
+        (dead,) = outbox.dead_letters()
+        assert dead.http_status == 400
+        assert dead.answer is not None
+        assert rejected in dead.answer
+        assert rejected in dead.unique_ids
+        assert server.accepted_unique_ids() == expected - set(dead.unique_ids)
+        assert outbox.status().last_error is not None
+
+        server.faults = FaultPlan()
+        assert outbox.retry_dead() == 1
+        outbox.drain(forwarder, api_key=KEY)
+        assert outbox.dead_letters() == []
+    assert server.accepted_unique_ids() == expected
+
+
+def test_outbox_refuses_another_table_and_a_rewound_history(tmp_path: Path, table: Table) -> None:
+    first = commit_events(table, make_events(0, 10), offset=0)
+    commit_events(table, make_events(10, 10), offset=1)
+    with Outbox.in_data_dir(DataDir(tmp_path)) as outbox:
+        outbox.stage_committed(table)
+        table.manage_snapshots().set_current_snapshot(first).commit()
+        with pytest.raises(LakeHistoryGapError, match="is not an ancestor"):
+            outbox.stage_committed(table)
+        catalog = table.catalog
+        other = catalog.create_table(
+            ("restapi_access_log_iceberg_db", "other"),
+            schema=METERING_EVENT_SCHEMA,
+            partition_spec=METERING_EVENT_PARTITION_SPEC,
+        )
+        with pytest.raises(OutboxTableMismatchError, match="move it aside"):
+            outbox.stage_committed(other)
+
+
+def test_worker_forwards_after_wake_and_stops_in_bounded_time(
+    tmp_path: Path, table: Table, server: LocalAmberflo
+) -> None:
+    settings = settings_for(server)
+    home = DataDir(tmp_path)
+    with Outbox.in_data_dir(home, settings=settings) as outbox, Forwarder(settings) as forwarder:
+        worker = ForwardingWorker(outbox, load_table=lambda: metering_table(tmp_path), forwarder=forwarder, api_key=KEY)
+        worker.start()
+        commit_events(table, make_events(0, 800), offset=0)
+        worker.wake()
+        assert worker.wait_for_cycle(10)
+        assert server.accepted_unique_ids() == lake_unique_ids(table)
+        assert worker.last_error is None
+
+        # Amberflo down: the final drain retries until stop's timeout, then the batches stay pending.
+        server.faults = FaultPlan(transient_rate=1.0, kinds=("503",))
+        commit_events(table, make_events(800, 200), offset=1)
+        started = time.monotonic()
+        worker.stop(timeout=0.5)
+        assert time.monotonic() - started < 0.5 + settings.read_timeout_s + 1.0
+        status = outbox.status()
+    assert status.pending_batches > 0
+    assert status.dead_batches == 0
+
+
+def test_acceptance_100k_records_with_20_percent_transient_faults(
+    tmp_path: Path, table: Table, server: LocalAmberflo
+) -> None:
+    for i in range(9):
+        commit_events(table, make_events(i * 10_000, 10_000), offset=i)
+    expected = lake_unique_ids(table)
+    assert len(expected) >= 100_000
+    rejected = sorted(expected)[len(expected) // 2]
+    server.faults = FaultPlan(
+        transient_rate=0.2, retry_after_s=1, slow_s=1.0, reject_unique_ids=frozenset({rejected}), seed=7
+    )
+    settings = settings_for(server, concurrency=16)
+    with Outbox.in_data_dir(DataDir(tmp_path), settings=settings) as outbox, Forwarder(settings) as forwarder:
+        started = time.monotonic()
+        outbox.stage_committed(table)
+        staged_s = time.monotonic() - started
+        report = outbox.drain(forwarder, api_key=KEY)
+        elapsed = time.monotonic() - started
+        (dead,) = outbox.dead_letters()
+        status = outbox.status()
+        stats = forwarder.stats()
+    faults = server.stats().faults_injected
+    print(
+        f"\n{len(expected)} records: staged in {staged_s:.2f} s, delivered in {elapsed:.2f} s; "
+        f"faults {dict(faults)}; retries {stats.retries}"
+    )
+    assert set(faults) == {"429", "500", "503", "slow", "reset"}
+    assert report.gave_up_batches == 0
+    assert dead.http_status == 400
+    assert dead.answer is not None
+    assert rejected in dead.answer
+    assert server.accepted_unique_ids() == expected - set(dead.unique_ids)
+    assert server.accepted_unique_ids() | set(dead.unique_ids) == expected
+    assert (status.pending_batches, status.dead_batches) == (0, 1)
+
+
+def test_acceptance_sigkill_mid_drain_then_restart_delivers_everything(
+    tmp_path: Path, table: Table, server: LocalAmberflo
+) -> None:
+    for i in range(3):
+        commit_events(table, make_events(i * 10_000, 10_000), offset=i)
+    expected = lake_unique_ids(table)
+    server.faults = FaultPlan(transient_rate=0.1, kinds=("500", "reset", "slow"), slow_s=1.0, seed=3)
+    env = {**os.environ, "AMBERFLO_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "tests.meterlake.amberflo.forward_process", str(tmp_path), server.url]
+    kill_at = random.uniform(0.1, 0.6) * len(expected)
+
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while server.stats().records_accepted < kill_at and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert process.poll() is None, "the forwarder finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait(10)
+    accepted_at_kill = len(server.accepted_unique_ids())
+    assert 0 < accepted_at_kill < len(expected)
+
+    restarted = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert restarted.returncode == 0, restarted.stderr
+    assert "staged 0" in restarted.stdout  # everything was staged before the kill, and nothing is staged twice
+    assert server.accepted_unique_ids() == expected
+    with Outbox.in_data_dir(DataDir(tmp_path)) as outbox:
+        staged_ids = [record["uniqueId"] for record in outbox.staged_records()]
+        assert outbox.status().pending_batches == 0
+    assert sorted(staged_ids) == sorted(expected)
