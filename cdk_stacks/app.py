@@ -1,6 +1,6 @@
 """The CDK app: every meterlake stack, built from the one config and wired with explicit typed arguments.
 
-Deploy order (each stack depends on the ones before it): Storage, Transform, Delivery, Api, Analytics.
+Deploy order (each stack depends on the ones before it): Storage, Transform, Delivery, Api, Analytics, Forwarding.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from cdk_nag import AwsSolutionsChecks
 from cdk_stacks.analytics import AnalyticsStack, TableMaintenance, athena_named_queries
 from cdk_stacks.api import ApiStack
 from cdk_stacks.delivery import DeliveryStack
+from cdk_stacks.forwarding import ForwardingStack
 from cdk_stacks.storage import StorageStack
 from cdk_stacks.transform import TransformStack
 from meterlake.config import Config
@@ -29,6 +30,7 @@ STACK_NAMES: Final = (
     "MeterlakeDelivery",
     "MeterlakeApi",
     "MeterlakeAnalytics",
+    "MeterlakeForwarding",
 )
 
 
@@ -48,6 +50,7 @@ class MeterlakeStacks:
     delivery: DeliveryStack
     api: ApiStack
     analytics: AnalyticsStack
+    forwarding: ForwardingStack
 
 
 def build_app(config: Config, *, outdir: str | None = None, env: Environment | None = None) -> MeterlakeStacks:
@@ -59,7 +62,7 @@ def build_app(config: Config, *, outdir: str | None = None, env: Environment | N
     env = env or Environment(account=os.environ.get("CDK_DEFAULT_ACCOUNT"), region=os.environ.get("CDK_DEFAULT_REGION"))
     firehose = config.data_firehose_configuration
     aws = config.meterlake.aws
-    storage_name, transform_name, delivery_name, api_name, analytics_name = STACK_NAMES
+    storage_name, transform_name, delivery_name, api_name, analytics_name, forwarding_name = STACK_NAMES
 
     storage = StorageStack(
         app,
@@ -129,14 +132,37 @@ def build_app(config: Config, *, outdir: str | None = None, env: Environment | N
             orphan_file_retention_days=aws.orphan_file_retention_days,
         ),
     )
+    forwarding = ForwardingStack(
+        app,
+        forwarding_name,
+        env=env,
+        description="meterlake: forwards committed metering events to Amberflo (stager, SQS queue, forwarder)",
+        bucket_name=storage.bucket_name,
+        database_name=storage.database_name,
+        table_name=storage.table_name,
+        output_prefix=firehose.output_prefix,
+        meters=config.meters,
+        amberflo=config.amberflo,
+        architecture=aws.lambda_architecture,
+        log_retention_days=aws.log_retention_days,
+    )
     # Explicit, so `cdk deploy <Stack>` order is the documented one even where no token crosses stacks.
     delivery.add_stack_dependency(storage)
     delivery.add_stack_dependency(transform)
     api.add_stack_dependency(delivery)
     analytics.add_stack_dependency(storage)
     analytics.add_stack_dependency(delivery)
+    # The stager reads the table Delivery's stream commits to; nothing else ties it to the other stacks.
+    forwarding.add_stack_dependency(storage)
+    forwarding.add_stack_dependency(delivery)
 
     Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     return MeterlakeStacks(
-        app=app, storage=storage, transform=transform, delivery=delivery, api=api, analytics=analytics
+        app=app,
+        storage=storage,
+        transform=transform,
+        delivery=delivery,
+        api=api,
+        analytics=analytics,
+        forwarding=forwarding,
     )

@@ -40,12 +40,18 @@ class PythonTarget:
 
     platform: str
     python_version: str
+    #: Further platform tags pip may pick wheels for (e.g. ``manylinux_2_28_aarch64``: duckdb ships no older tag).
+    extra_platforms: tuple[str, ...] = ()
 
     @classmethod
-    def for_lambda(cls, *, architecture: str, python_version: str) -> PythonTarget:
-        """The manylinux target of a Lambda architecture (``arm64`` or ``x86_64``)."""
+    def for_lambda(cls, *, architecture: str, python_version: str, glibc_2_28: bool = False) -> PythonTarget:
+        """The manylinux target of a Lambda architecture (``arm64`` or ``x86_64``).
+
+        ``glibc_2_28`` also accepts manylinux_2_28 wheels: the Python 3.12+ runtimes run Amazon Linux 2023 (glibc 2.34).
+        """
         machine = {"arm64": "aarch64", "x86_64": "x86_64"}[architecture]
-        return cls(platform=f"manylinux2014_{machine}", python_version=python_version)
+        extra = (f"manylinux_2_28_{machine}",) if glibc_2_28 else ()
+        return cls(platform=f"manylinux2014_{machine}", python_version=python_version, extra_platforms=extra)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,17 +63,21 @@ class PythonBundle:
         requirements: pip requirement specifiers, e.g. ``msgspec>=0.19,<0.23``.
         target: the platform/Python the wheels are chosen for.
         root: where ``sources`` are read from.
+        prune: glob patterns (relative to the bundle) of installed files and directories to leave out, to keep
+            a bundle under Lambda's 250 MB: packages the runtime provides, parts of a wheel nothing imports.
     """
 
     sources: tuple[tuple[str, str], ...]
     requirements: tuple[str, ...]
     target: PythonTarget
     root: Path = PROJECT_ROOT
+    prune: tuple[str, ...] = ()
 
     def asset_hash(self) -> str:
         """A digest of everything the bundle is built from: source files, requirement pins, target, bundler."""
         digest = hashlib.sha256()
-        for part in (_BUNDLER_VERSION, *self.requirements, self.target.platform, self.target.python_version):
+        parts = (_BUNDLER_VERSION, *self.requirements, self.target.platform, self.target.python_version)
+        for part in (*parts, *self.target.extra_platforms, *(f"prune:{pattern}" for pattern in self.prune)):
             digest.update(part.encode() + b"\0")
         for source, destination in self._files():
             digest.update(destination.encode() + b"\0")
@@ -83,6 +93,12 @@ class PythonBundle:
         output_dir.mkdir(parents=True, exist_ok=True)
         if self.requirements:
             self._pip_install(output_dir)
+        for pattern in self.prune:
+            for path in sorted(output_dir.glob(pattern)):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
         for source, destination in self._files():
             path = output_dir / destination
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,8 +116,11 @@ class PythonBundle:
             "--only-binary=:all:",
             "--implementation",
             "cp",
-            "--platform",
-            self.target.platform,
+            *(
+                arg
+                for platform in (self.target.platform, *self.target.extra_platforms)
+                for arg in ("--platform", platform)
+            ),
             "--python-version",
             self.target.python_version,
             "--target",

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any, Literal, NoReturn
@@ -146,7 +147,7 @@ def up(
             console.print(f"flushing to Iceberg every {hints.interval_in_seconds} s or {hints.size_in_mbs} MB")
             stop.wait()
             console.print("stopping: flushing the delivery stream ...")
-            report = stack.settle()
+            report = stack.settle().flush
             console.print(f"flushed {report.ok_written} events; stopped cleanly")
     finally:
         for sig, handler in previous.items():
@@ -388,6 +389,194 @@ def flush(ctx: typer.Context) -> None:
     console.print(f"committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}")
 
 
+forward_app = typer.Typer(help="Forwarding of committed usage to Amberflo (the local outbox).", no_args_is_help=True)
+meters_app = typer.Typer(help="The meters declared in the config, and their Amberflo twins.", no_args_is_help=True)
+amberflo_app = typer.Typer(
+    help="A local Amberflo-compatible server, for trying forwarding offline.", no_args_is_help=True
+)
+app.add_typer(forward_app, name="forward")
+app.add_typer(meters_app, name="meters")
+app.add_typer(amberflo_app, name="amberflo")
+
+
+def _amberflo_key(config: Config) -> str | None:
+    import os
+
+    return os.environ.get(config.amberflo.api_key_env) or None
+
+
+@forward_app.command("status")
+def forward_status(ctx: typer.Context) -> None:
+    """Show the outbox: backlog, lag, sent, dead-lettered, events without a tenant."""
+    from meterlake.amberflo.outbox import Outbox
+
+    c = _context(ctx)
+    config = c.config()
+    with Outbox.in_data_dir(c.data_dir().ensure(), meters=config.meters, settings=config.amberflo) as outbox:
+        status = outbox.status()
+    console.print(f"backlog        {status.pending_records} records in {status.pending_batches} batches")
+    console.print(f"lag            {status.lag_seconds:.1f} s (age of the oldest unsent commit)")
+    console.print(f"sent           {status.sent_records} records in {status.sent_batches} batches")
+    console.print(f"dead-lettered  {status.dead_records} records in {status.dead_batches} batches")
+    console.print(f"no tenant      {status.untenanted_events} events (never forwarded)")
+    console.print(f"checkpoint     snapshot {status.checkpoint_snapshot_id} ({status.staged_snapshots} staged)")
+    if status.last_error:
+        console.print(f"last error     {status.last_error}", highlight=False)
+    if _amberflo_key(config) is None:
+        console.print(f"(dry run: ${config.amberflo.api_key_env} is not set; records are staged, nothing is sent)")
+
+
+@forward_app.command("retry-dead")
+def forward_retry_dead(ctx: typer.Context) -> None:
+    """Queue every dead-lettered batch again (after fixing what Amberflo refused); `forward run` or `up` sends them."""
+    from meterlake.amberflo.outbox import Outbox
+
+    c = _context(ctx)
+    config = c.config()
+    with Outbox.in_data_dir(c.data_dir().ensure(), meters=config.meters, settings=config.amberflo) as outbox:
+        for entry in outbox.dead_letters():
+            console.print(
+                f"batch {entry.batch_id}: {entry.records} records, Amberflo said {entry.http_status}: "
+                f"{(entry.answer or '')[:160]}",
+                highlight=False,
+            )
+        count = outbox.retry_dead()
+    console.print(f"{count} dead-lettered batches queued again")
+
+
+@forward_app.command("run")
+def forward_run(ctx: typer.Context) -> None:
+    """Stage what Iceberg committed since the last run and send the backlog once (what `up` does continuously)."""
+    from meterlake.amberflo.forwarder import Forwarder
+    from meterlake.amberflo.outbox import Outbox
+    from meterlake.local.catalog import ensure_metering_table, open_catalog
+
+    c = _context(ctx)
+    config, data_dir = c.config(), c.data_dir().ensure()
+    table = ensure_metering_table(open_catalog(data_dir), config)
+    with (
+        Outbox.in_data_dir(data_dir, meters=config.meters, settings=config.amberflo) as outbox,
+        Forwarder(config.amberflo) as forwarder,
+    ):
+        staged = outbox.stage_committed(table)
+        report = outbox.drain(forwarder, api_key=_amberflo_key(config))
+    console.print(
+        f"staged {staged} records; sent {report.sent_records} records in {report.sent_batches} batches; "
+        f"dead-lettered {report.dead_batches} batches; still pending {report.pending_batches} batches"
+    )
+    if report.dry_run:
+        console.print(f"dry run: ${config.amberflo.api_key_env} is not set (or amberflo.dry_run); nothing was sent")
+
+
+@meters_app.command("list")
+def meters_list(ctx: typer.Context) -> None:
+    """Show the meters of the config: what counts, what each event contributes, which dimensions."""
+    config = _context(ctx).config()
+    for meter in config.meters:
+        conditions = " and ".join(f"{c.column} {c.op} {c.value!r}" for c in meter.filter) or "every event"
+        console.print(
+            f"[bold]{meter.meter_api_name}[/bold] ({meter.meter_type}): {meter.label}; counts {conditions}; "
+            f"value {meter.value!r}; dimensions {', '.join(meter.dimensions) or '-'}",
+            highlight=False,
+        )
+
+
+@meters_app.command("sync")
+def meters_sync(ctx: typer.Context) -> None:
+    """Create or update the config's meters in Amberflo (needs the API key)."""
+    import httpx
+
+    from meterlake.amberflo.sync import sync_meters
+
+    config = _context(ctx).config()
+    key = _amberflo_key(config)
+    if key is None:
+        raise UsageError(f"${config.amberflo.api_key_env} is not set: meters sync needs an Amberflo API key")
+    with httpx.Client() as client:
+        results = sync_meters(client, base_url=config.amberflo.base_url, api_key=key, meters=config.meters)
+    for result in results:
+        console.print(f"{result.meter_api_name}: {result.action} (id {result.meter_id})", highlight=False)
+
+
+@app.command()
+def reconcile(
+    ctx: typer.Context,
+    from_: Annotated[str, typer.Option("--from", help="Start, ISO-8601 (UTC if no zone); whole hours are compared.")],
+    to: Annotated[str, typer.Option("--to", help="End, ISO-8601, exclusive.")],
+    repair: Annotated[
+        bool, typer.Option(help="Re-send the lake's records of every bucket Amberflo is short of.")
+    ] = False,
+) -> None:
+    """Compare usage per customer, meter and hour: the lake against Amberflo (or, dry, against what was staged)."""
+    import httpx
+
+    from meterlake.amberflo.outbox import Outbox
+    from meterlake.amberflo.reconcile import Window, amberflo_usage, compare, lake_usage, staged_usage
+    from meterlake.amberflo.reconcile import repair as repair_usage
+
+    c = _context(ctx)
+    config, data_dir = c.config(), c.data_dir().ensure()
+    window = Window.covering(_timestamp("--from", from_), _timestamp("--to", to))
+    key = _amberflo_key(config)
+    lake = lake_usage(config, data_dir, window)
+    with Outbox.in_data_dir(data_dir, meters=config.meters, settings=config.amberflo) as outbox:
+        if key is None:
+            report = compare(lake, staged_usage(outbox, config.meters, window), against="staged records (dry run)")
+        else:
+            with httpx.Client() as client:
+                other = amberflo_usage(
+                    client, base_url=config.amberflo.base_url, api_key=key, meters=config.meters, window=window
+                )
+            report = compare(lake, other, against=f"Amberflo at {config.amberflo.base_url}")
+        console.print(
+            f"{report.buckets} customer/meter/hour buckets compared against {report.against}; "
+            f"{len(report.differences)} differ",
+            highlight=False,
+        )
+        for d in report.differences:
+            hour = datetime.fromtimestamp(d.hour_s, UTC).strftime("%Y-%m-%dT%H:00Z")
+            console.print(
+                f"  {d.customer_id} {d.meter_api_name} {hour}: lake {d.lake:g}, other {d.other:g}", highlight=False
+            )
+        if repair and report.missing:
+            queued = repair_usage(report, config=config, data_dir=data_dir, outbox=outbox)
+            console.print(f"repair: {queued} records queued again (same uniqueIds); `meterlake forward run` sends them")
+    if report.differences and not repair:
+        raise typer.Exit(1)
+
+
+def _timestamp(option: str, value: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{option} {value!r} is not an ISO-8601 timestamp") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+@amberflo_app.command("serve")
+def amberflo_serve(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0: any free one).")] = 8851,
+    api_key: Annotated[str, typer.Option("--api-key", help="The X-API-KEY it accepts.")] = "local-api-key",
+    transient_rate: Annotated[
+        float, typer.Option(help="Share of ingest requests answered with a transient fault.")
+    ] = 0.0,
+) -> None:
+    """Run a local Amberflo-compatible server (ingest, usage, meters) until Ctrl-C."""
+    from meterlake.amberflo.server import FaultPlan, LocalAmberflo
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with LocalAmberflo(api_key=api_key, port=port, faults=FaultPlan(transient_rate=transient_rate)) as server:
+            console.print(
+                f"local Amberflo on {server.url} (X-API-KEY: {api_key}); point amberflo.base_url at it", highlight=False
+            )
+            stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _fail(message: str) -> NoReturn:
     sys.stderr.write(f"error: {message}\n")
     raise SystemExit(2)
@@ -395,9 +584,13 @@ def _fail(message: str) -> NoReturn:
 
 def main() -> None:
     """Console-script entry: run the app, turning known failures into one line."""
+    from meterlake.amberflo.outbox import OutboxError
+    from meterlake.amberflo.reconcile import ReconcileError
+    from meterlake.amberflo.sync import MeterSyncError
     from meterlake.aws import AwsError
     from meterlake.local.auth import InvalidToken
     from meterlake.local.gateway import GatewayError
+    from meterlake.local.serving import ServingError
     from meterlake.local.stream import StreamError
 
     try:
@@ -411,6 +604,10 @@ def main() -> None:
         StreamError,
         InvalidToken,
         AwsError,
+        OutboxError,
+        ReconcileError,
+        MeterSyncError,
+        ServingError,
     ) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:

@@ -188,7 +188,7 @@ class AmberfloSettings(ConfigSection, frozen=True):
     #: Records per request; every official client sends at most 100.
     batch_size: Annotated[int, Meta(ge=1, le=100)] = 100
     #: Requests in flight at once.
-    concurrency: Annotated[int, Meta(ge=1, le=32)] = 4
+    concurrency: Annotated[int, Meta(ge=1, le=32)] = 8
     connect_timeout_s: Annotated[float, Meta(gt=0, le=60)] = 5.0
     read_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 30.0
     #: First backoff ceiling; each retry doubles it up to ``max_backoff_s`` (the wait is uniform below it).

@@ -6,6 +6,9 @@ the table from these objects and the CDK Glue table is generated from them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import pyarrow as pa
 from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
@@ -65,11 +68,13 @@ METERING_EVENT_PARTITION_SPEC: PartitionSpec = PartitionSpec(
 )
 
 #: Table properties shared by the local catalog and the Glue table.
-TABLE_PROPERTIES: dict[str, str] = {
-    "format-version": "2",
-    "write.format.default": "parquet",
-    "write.parquet.compression-codec": "zstd",
-}
+TABLE_PROPERTIES: Mapping[str, str] = MappingProxyType(
+    {
+        "format-version": "2",
+        "write.format.default": "parquet",
+        "write.parquet.compression-codec": "zstd",
+    }
+)
 
 
 def metering_event_arrow_schema() -> pa.Schema:

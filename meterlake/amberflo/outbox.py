@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 OUTBOX_DIR = "amberflo"
 OUTBOX_FILE = "outbox.db"
+#: The snapshot id recorded on batches queued by reconciliation repair rather than staged from a snapshot.
+REPAIR_SNAPSHOT_ID = -1
 #: Pending batches read from SQLite at a time while draining.
 _DRAIN_PAGE = 256
 _PENDING, _SENT, _DEAD = "pending", "sent", "dead"
@@ -184,7 +186,7 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open the outbox {path}: {exc}") from exc
         self._lock = threading.RLock()
-        self._columns = _columns_read(self.meters)
+        self._columns = columns_read(self.meters)
 
     @classmethod
     def in_data_dir(
@@ -221,25 +223,20 @@ class Outbox:
         staged = 0
         while True:
             checkpoint = self._checkpoint(table_uuid)
-            pending = _snapshots_after(table, checkpoint)
-            if not pending:
-                return staged
-            for snapshot in pending:
-                written = self._stage_snapshot(table, snapshot, expected_checkpoint=checkpoint)
+            raced = False
+            for committed in committed_since(table, checkpoint, columns=self._columns):
+                written = self._stage_snapshot(committed, expected_checkpoint=checkpoint)
                 if written is None:
+                    raced = True
                     break  # another process staged concurrently: walk again from its checkpoint
                 staged += written
-                checkpoint = snapshot.snapshot_id
-            else:
+                checkpoint = committed.snapshot.snapshot_id
+            if not raced:
                 return staged
 
-    def _stage_snapshot(self, table: Table, snapshot: Snapshot, *, expected_checkpoint: int | None) -> int | None:
+    def _stage_snapshot(self, committed: CommittedSnapshot, *, expected_checkpoint: int | None) -> int | None:
         """Stage one snapshot's records and advance the checkpoint to it in one transaction; None if raced."""
-        operation = snapshot.summary.operation if snapshot.summary is not None else Operation.APPEND
-        paths = _added_data_files(table, snapshot) if operation == Operation.APPEND else []
-        if operation != Operation.APPEND:
-            logger.info("snapshot %d is a %s: it adds no new requests, skipped", snapshot.snapshot_id, operation)
-        events = self._read_events(table, paths)
+        snapshot, events = committed.snapshot, committed.events
         batch = meter_records(events, self.meters)
         rows = list(self._encode(batch.records(), snapshot))
         now_ms = _now_ms()
@@ -259,10 +256,10 @@ class Outbox:
                     "records, untenanted) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         snapshot.snapshot_id,
-                        str(operation.value),
+                        str(committed.operation.value),
                         snapshot.timestamp_ms,
                         now_ms,
-                        len(paths),
+                        committed.data_files,
                         events.num_rows,
                         len(batch),
                         batch.untenanted,
@@ -283,15 +280,6 @@ class Outbox:
                 batch.untenanted,
             )
         return len(batch)
-
-    def _read_events(self, table: Table, paths: Sequence[str]) -> pa.Table:
-        """The columns the meters read, from the given data files, typed as the metering-event schema."""
-        target = pa.schema([metering_event_arrow_schema().field(name) for name in self._columns])
-        pieces = []
-        for path in paths:
-            with table.io.new_input(path).open() as handle:
-                pieces.append(pq.read_table(handle, columns=list(self._columns)).select(self._columns).cast(target))
-        return pa.concat_tables(pieces) if pieces else target.empty_table()
 
     def _encode(
         self, records: Iterator[dict[str, Any]], snapshot: Snapshot
@@ -466,6 +454,34 @@ class Outbox:
             if low <= record["meterTimeInMillis"] < high
         ]
 
+    def restage(self, records: Sequence[dict[str, Any]]) -> int:
+        """Queue ``records`` again as pending batches (reconciliation's repair); returns the batches queued.
+
+        The records carry the uniqueIds they were first staged with, so a record Amberflo already has is dropped
+        there: re-sending can fill a gap but never double a number.
+        """
+        size = self.settings.batch_size
+        now_ms = _now_ms()
+        rows = []
+        for start in range(0, len(records), size):
+            chunk = list(records[start : start + size])
+            times = [record["meterTimeInMillis"] for record in chunk]
+            encoded = encode_batch(chunk)
+            rows.append((REPAIR_SNAPSHOT_ID, now_ms, encoded.records, min(times), max(times), encoded.body, _PENDING))
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO batches (snapshot_id, committed_ms, records, min_time_ms, max_time_ms, body, state) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(rows)
+
     # -- internals ---------------------------------------------------------------------------------------------------
 
     def _checkpoint(self, table_uuid: str) -> int | None:
@@ -577,6 +593,58 @@ class ForwardingWorker:
 # -- the lake -------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class CommittedSnapshot:
+    """What one committed snapshot added: the events of the data files it appended (none for other operations)."""
+
+    snapshot: Snapshot
+    operation: Operation
+    #: How many data files the snapshot appended (and ``events`` were read from).
+    data_files: int
+    #: The requested columns of those files, typed as the metering-event schema.
+    events: pa.Table
+
+
+#: Snapshot operations whose added data files hold newly committed requests.
+_ADDING_OPERATIONS = frozenset({Operation.APPEND, Operation.OVERWRITE})
+
+
+def committed_since(table: Table, checkpoint: int | None, *, columns: Sequence[str]) -> Iterator[CommittedSnapshot]:
+    """Each snapshot committed after ``checkpoint``, oldest first, with the events it appended.
+
+    The one way committed events are read for Amberflo (the local outbox and the AWS stager): only the data files a
+    snapshot itself added, so a replayed snapshot adds nothing twice. Both ``append`` (the local stream) and
+    ``overwrite`` count: Firehose's upserts on request_id commit ``overwrite`` snapshots (equality deletes plus the new
+    rows), and a redelivered row they re-add carries the same uniqueIds, which Amberflo drops. Compaction's ``replace``
+    and ``delete`` only restate or remove rows already read, so they yield no events. Lazy: each snapshot's files are
+    read when reached.
+
+    Raises:
+        LakeHistoryGapError: the checkpoint is not an ancestor of the current snapshot (raised on first iteration).
+    """
+    for snapshot in _snapshots_after(table, checkpoint):
+        operation = snapshot.summary.operation if snapshot.summary is not None else Operation.APPEND
+        if operation in _ADDING_OPERATIONS:
+            paths = _added_data_files(table, snapshot)
+        else:
+            paths = []
+            logger.info("snapshot %d is a %s: it adds no new requests, skipped", snapshot.snapshot_id, operation)
+        yield CommittedSnapshot(
+            snapshot=snapshot, operation=operation, data_files=len(paths), events=_read_events(table, paths, columns)
+        )
+
+
+def _read_events(table: Table, paths: Sequence[str], columns: Sequence[str]) -> pa.Table:
+    """The ``columns`` of the given data files, typed as the metering-event schema."""
+    schema = metering_event_arrow_schema()
+    target = pa.schema([schema.field(name) for name in columns])
+    pieces = []
+    for path in paths:
+        with table.io.new_input(path).open() as handle:
+            pieces.append(pq.read_table(handle, columns=list(columns)).select(list(columns)).cast(target))
+    return pa.concat_tables(pieces) if pieces else target.empty_table()
+
+
 def _snapshots_after(table: Table, checkpoint: int | None) -> list[Snapshot]:
     """Snapshots committed after ``checkpoint``, oldest first (all retained ones if there is no checkpoint).
 
@@ -617,8 +685,8 @@ def _added_data_files(table: Table, snapshot: Snapshot) -> list[str]:
     return paths
 
 
-def _columns_read(meters: Sequence[Meter]) -> list[str]:
-    """Event columns the meters need, in schema order."""
+def columns_read(meters: Sequence[Meter]) -> list[str]:
+    """Event columns the meters need (tenant, request id and time included), in schema order."""
     needed = {TENANT_COLUMN, REQUEST_ID_COLUMN, TIME_COLUMN}
     for meter in meters:
         needed.update(condition.column for condition in meter.filter)

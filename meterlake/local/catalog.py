@@ -35,7 +35,8 @@ def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:
             identifier,
             schema=METERING_EVENT_SCHEMA,
             partition_spec=METERING_EVENT_PARTITION_SPEC,
-            properties=TABLE_PROPERTIES,
+            # A copy: pyiceberg pops format-version out of the mapping it is given.
+            properties=dict(TABLE_PROPERTIES),
         )
     except TableAlreadyExistsError:
         return catalog.load_table(identifier)

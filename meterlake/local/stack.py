@@ -1,33 +1,73 @@
-"""The embedded pipeline wired together: gateway -> delivery stream (spool -> transform -> Iceberg).
+"""The embedded pipeline wired together: gateway -> delivery stream (spool -> transform -> Iceberg) -> Amberflo.
 
 ``meterlake up`` keeps it running; ``meterlake demo`` drives it with a load test and reconciles the result.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+from dataclasses import dataclass
 from types import TracebackType
 
+import msgspec
+from pyiceberg.table import Table
+
+from meterlake.amberflo.forwarder import Forwarder
+from meterlake.amberflo.outbox import ForwardingWorker, Outbox, OutboxStatus
 from meterlake.config import Config
+from meterlake.local.catalog import ensure_metering_table, open_catalog
 from meterlake.local.gateway import GatewayServer
 from meterlake.local.home import DataDir
 from meterlake.local.stream import DeliveryStream, FlushReport
 
 DRAIN_TIMEOUT_S = 30.0
+FORWARD_SETTLE_TIMEOUT_S = 60.0
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class AmberfloTarget:
+    """Where the forwarder sends usage: Amberflo's base URL and the API key (None: dry run, records only staged)."""
+
+    base_url: str
+    api_key: str | None
+
+    @classmethod
+    def from_config(cls, config: Config) -> AmberfloTarget:
+        """The configured base URL and the key from the configured environment variable (unset: dry run)."""
+        return cls(config.amberflo.base_url, os.environ.get(config.amberflo.api_key_env) or None)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What :meth:`LocalStack.settle` achieved: the stream's flush and the forwarding outbox afterwards."""
+
+    flush: FlushReport
+    forwarding: OutboxStatus
+    forwarding_caught_up: bool
 
 
 class LocalStack:
-    """Start the delivery stream (with its background flusher), then the gateway that writes into it.
+    """Start the forwarder, the delivery stream (with its background flusher), then the gateway that writes into it.
 
-    Stopping goes the other way: the gateway stops taking requests and hands over its last log lines, then the
-    stream flushes everything it acknowledged into Iceberg before it closes.
+    Stopping goes the other way: the gateway stops taking requests and hands over its last log lines, the stream
+    flushes everything it acknowledged into Iceberg, and the forwarder makes a last attempt to send what was committed.
+    Forwarding never blocks ingestion: it runs in its own thread and reads only what Iceberg committed.
     """
 
-    def __init__(self, *, config: Config, data_dir: DataDir, port: int | None = None) -> None:
+    def __init__(
+        self, *, config: Config, data_dir: DataDir, port: int | None = None, amberflo: AmberfloTarget | None = None
+    ) -> None:
         self.config = config
         self.data_dir = data_dir.ensure()
         self._port = port
+        self.amberflo = amberflo or AmberfloTarget.from_config(config)
         self._stream: DeliveryStream | None = None
         self._gateway: GatewayServer | None = None
+        self._worker: ForwardingWorker | None = None
+        self._forwarder: Forwarder | None = None
 
     @property
     def stream(self) -> DeliveryStream:
@@ -43,22 +83,49 @@ class LocalStack:
             raise RuntimeError("the local stack is not running")
         return self._gateway
 
+    @property
+    def forwarding(self) -> ForwardingWorker:
+        """The running forwarding worker."""
+        if self._worker is None:
+            raise RuntimeError("the local stack is not running")
+        return self._worker
+
+    def _load_table(self) -> Table:
+        return ensure_metering_table(open_catalog(self.data_dir), self.config)
+
     def __enter__(self) -> LocalStack:
-        stream = DeliveryStream(config=self.config, data_dir=self.data_dir)
+        settings = msgspec.structs.replace(self.config.amberflo, base_url=self.amberflo.base_url)
+        outbox = Outbox.in_data_dir(self.data_dir, meters=self.config.meters, settings=settings)
+        self._forwarder = Forwarder(settings)
+        self._worker = ForwardingWorker(
+            outbox, load_table=self._load_table, forwarder=self._forwarder, api_key=self.amberflo.api_key
+        )
+        if self.amberflo.api_key is None or settings.dry_run:
+            logger.warning(
+                "Amberflo forwarding runs dry: records are staged in %s, nothing is sent (set $%s to send)",
+                outbox.path,
+                self.config.amberflo.api_key_env,
+            )
         try:
-            stream.start()
-            gateway = GatewayServer(config=self.config, data_dir=self.data_dir, access_log=stream, port=self._port)
-            gateway.__enter__()
+            self._worker.start()
+            self._stream = DeliveryStream(
+                config=self.config, data_dir=self.data_dir, on_commit=lambda _snapshot: self.forwarding.wake()
+            )
+            self._stream.start()
+            self._gateway = GatewayServer(
+                config=self.config, data_dir=self.data_dir, access_log=self._stream, port=self._port
+            )
         except BaseException:
-            stream.close()
+            self._stop()
             raise
-        self._stream, self._gateway = stream, gateway
         return self
 
-    def settle(self) -> FlushReport:
-        """Hand every access-log line written so far to the stream and commit it: afterwards queries see it all."""
+    def settle(self, *, forward_timeout_s: float = FORWARD_SETTLE_TIMEOUT_S) -> Settled:
+        """Commit every access-log line written so far, then let the forwarder stage and send what was committed."""
         self.gateway.drain(DRAIN_TIMEOUT_S)
-        return self.stream.flush()
+        flush = self.stream.flush()
+        caught_up = self.forwarding.wait_for_cycle(forward_timeout_s)
+        return Settled(flush=flush, forwarding=self.forwarding.outbox.status(), forwarding_caught_up=caught_up)
 
     def __exit__(
         self,
@@ -66,11 +133,21 @@ class LocalStack:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        gateway, stream = self._gateway, self._stream
+        self._stop()
+
+    def _stop(self) -> None:
+        gateway, stream, worker, forwarder = self._gateway, self._stream, self._worker, self._forwarder
         self._gateway = self._stream = None
         try:
             if gateway is not None:
-                gateway.__exit__(exc_type, exc, tb)
+                gateway.close()
         finally:
-            if stream is not None:
-                stream.close()
+            try:
+                if stream is not None:
+                    stream.close()
+            finally:
+                if worker is not None:
+                    worker.stop()
+                if forwarder is not None:
+                    forwarder.close()
+                self._worker = self._forwarder = None

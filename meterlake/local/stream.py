@@ -463,8 +463,17 @@ class DeliveryStream:
         ErrorPrefixError: the config's error output prefix cannot be rendered.
     """
 
-    def __init__(self, *, config: Config, data_dir: DataDir, handler: Handler | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        data_dir: DataDir,
+        handler: Handler | None = None,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
         self.config = config
+        #: Told each new snapshot id right after its commit (e.g. to wake the forwarder); it must not block.
+        self.on_commit = on_commit
         self.data_dir = data_dir.ensure()
         firehose = config.data_firehose_configuration
         self.name = firehose.delivery_stream_name
@@ -730,6 +739,8 @@ class DeliveryStream:
                 self._index.commit_staged(label, snapshot_id)
                 ok_written += rows.num_rows
                 commits += 1
+                if self.on_commit is not None:
+                    self.on_commit(snapshot_id)
         finally:
             for label, *_ in appends:
                 self._index.discard_staged(label)

@@ -56,6 +56,7 @@ def test_stacks_depend_on_each_other_in_deploy_order(stacks: MeterlakeStacks, cd
         "MeterlakeDelivery": {"MeterlakeStorage", "MeterlakeTransform"},
         "MeterlakeApi": {"MeterlakeDelivery"},
         "MeterlakeAnalytics": {"MeterlakeStorage", "MeterlakeDelivery"},
+        "MeterlakeForwarding": {"MeterlakeStorage", "MeterlakeDelivery"},
     }
 
 

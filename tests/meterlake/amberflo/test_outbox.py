@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from pyiceberg.table import Table
 
@@ -268,3 +269,23 @@ def test_acceptance_sigkill_mid_drain_then_restart_delivers_everything(
         staged_ids = [record["uniqueId"] for record in outbox.staged_records()]
         assert outbox.status().pending_batches == 0
     assert sorted(staged_ids) == sorted(expected)
+
+
+def test_rows_added_by_an_overwrite_snapshot_are_staged(tmp_path: Path) -> None:
+    """Firehose's upserts commit overwrite snapshots: the rows they add are staged (again, under the same uniqueIds)."""
+    table = metering_table(tmp_path)
+    first, later = make_events(0, 30), make_events(30, 30)
+    commit_events(table, first, offset=1)
+    # A partial overwrite rewrites the file without one row: an `overwrite` snapshot re-adding the other 29.
+    table.overwrite(later, overwrite_filter=f"request_id == '{first.column('request_id')[0].as_py()}'")
+    assert [s.summary.operation.value for s in table.snapshots() if s.summary is not None] == [
+        "append",
+        "overwrite",
+        "append",
+    ]
+    with Outbox(tmp_path / "outbox.db") as outbox:
+        outbox.stage_committed(table)
+        staged = [record["uniqueId"] for record in outbox.staged_records()]
+    expected = set(meter_records(pa.concat_tables([first, later]), DEFAULT_METERS).unique_ids())
+    assert set(staged) == expected
+    assert len(staged) > len(expected)  # the overwrite's re-added rows were read, with their original uniqueIds

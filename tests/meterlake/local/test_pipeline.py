@@ -44,7 +44,7 @@ def test_requests_sent_equal_events_in_the_lake_and_usage_sql(tmp_path: Path) ->
         tenantless = pool.issue_id_token(user="no-tenant", tenant_id=None)
         extra = httpx.get(f"{stack.gateway.invoke_url}/random/strings?len=3", headers={"Authorization": tenantless})
         assert extra.status_code == 200
-        flushed = stack.settle()
+        flushed = stack.settle().flush
 
     assert report.answered == 400
     assert flushed.ok_written == 401

@@ -1,0 +1,486 @@
+"""Forwarding: committed metering events -> SQS -> Amberflo, by a scheduled stager and an SQS-driven forwarder.
+
+Both Lambdas run ``meterlake.aws.forwarding`` from one asset: the stager reads the Iceberg table through Glue and
+fills the queue; the forwarder sends each message through the same Forwarder as the local runtime. Deployable on its
+own once the Delivery stack (and so the table) exists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Final
+
+from aws_cdk import ArnFormat, CfnOutput, Duration, Stack
+from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lakeformation as lakeformation
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_lambda_event_sources as event_sources
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sqs as sqs
+from constructs import Construct
+
+from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code, project_requirements
+from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, glue_arns
+from cdk_stacks.shared import (
+    LAMBDA_PYTHON_VERSION,
+    LAMBDA_RUNTIME,
+    LAMBDA_RUNTIME_REASON,
+    acknowledge,
+    acknowledge_resources,
+    lambda_architecture,
+    log_retention,
+)
+from meterlake.aws.forwarding import (
+    CHECKPOINT_KEY,
+    DEAD_LETTER_PREFIX,
+    ENV_AMBERFLO,
+    ENV_BATCH_SIZE,
+    ENV_BUCKET,
+    ENV_DATABASE,
+    ENV_METERS,
+    ENV_QUEUE_URL,
+    ENV_SECRET_JSON_KEY,
+    ENV_SECRET_NAME,
+    ENV_TABLE,
+    FORWARDER_SERVICE,
+    METRICS_NAMESPACE,
+    STAGER_SERVICE,
+    render_amberflo_settings,
+    render_meters,
+)
+from meterlake.meters import AmberfloSettings, Meter
+
+#: What the handlers import: the forwarding module, the shared outbox reader and forwarder, and the core they use.
+FORWARDING_SOURCES: Final = (
+    ("meterlake/__init__.py", "meterlake/__init__.py"),
+    ("meterlake/aws/__init__.py", "meterlake/aws/__init__.py"),
+    ("meterlake/aws/forwarding.py", "meterlake/aws/forwarding.py"),
+    ("meterlake/amberflo/__init__.py", "meterlake/amberflo/__init__.py"),
+    ("meterlake/amberflo/forwarder.py", "meterlake/amberflo/forwarder.py"),
+    ("meterlake/amberflo/outbox.py", "meterlake/amberflo/outbox.py"),
+    ("meterlake/local/__init__.py", "meterlake/local/__init__.py"),
+    ("meterlake/local/home.py", "meterlake/local/home.py"),
+    ("meterlake/meters.py", "meterlake/meters.py"),
+    ("meterlake/schema.py", "meterlake/schema.py"),
+    ("meterlake/structs.py", "meterlake/structs.py"),
+    ("meterlake/records.py", "meterlake/records.py"),
+)
+#: Third-party packages those modules import (meters.py imports duckdb and sqlglot at module level).
+FORWARDING_REQUIREMENTS: Final = (
+    "msgspec",
+    "aws-lambda-powertools",
+    "pyiceberg",
+    "pyarrow",
+    "duckdb",
+    "sqlglot",
+    "httpx",
+)
+#: Left out of the asset to stay under Lambda's 250 MB unzipped (measured: ~229 MB arm64, ~251 MB x86_64 of
+#: 262,144,000 bytes): boto3/botocore come with the Python runtime; Arrow Flight, Arrow's C++ headers and tests,
+#: the unversioned copies of libraries loaded by their soname, zstandard's cffi backend (its C backend is used)
+#: and pyiceberg's CLI (rich, pygments) are never imported.
+FORWARDING_PRUNE: Final = (
+    "boto3",
+    "boto3-*.dist-info",
+    "botocore",
+    "botocore-*.dist-info",
+    "s3transfer",
+    "s3transfer-*.dist-info",
+    "bin",
+    "pyarrow/include",
+    "pyarrow/tests",
+    "pyarrow/*flight*",
+    "pyarrow/_pyarrow_cpp_tests*",
+    "pyarrow/libarrow_python*.so",
+    "pyarrow/libarrow_python*.so.*.*",
+    "zstandard/_cffi.*",
+    "rich",
+    "pygments",
+)
+STAGER_HANDLER: Final = "meterlake.aws.forwarding.stager_handler"
+FORWARDER_HANDLER: Final = "meterlake.aws.forwarding.forwarder_handler"
+
+#: The stager reads whole snapshots' data files into Arrow: memory is its limit, CPU scales with it.
+STAGER_MEMORY_MB: Final = 2048
+STAGER_TIMEOUT: Final = Duration.minutes(5)
+STAGER_SCHEDULE: Final = Duration.minutes(1)
+#: pyarrow, duckdb and pyiceberg are imported by meters.py, so the forwarder loads them too.
+FORWARDER_MEMORY_MB: Final = 512
+FORWARDER_TIMEOUT: Final = Duration.minutes(3)
+#: Messages per forwarder invocation: five batches of <= 100 records, each with its own retry budget.
+FORWARDER_BATCH_SIZE: Final = 5
+#: Transient failures of one batch are retried this long per delivery (past Amberflo's advised 20 s); five
+#: budgets plus request timeouts fit the timeout, and the handler stops retrying before the timeout anyway.
+FORWARDER_RETRY_BUDGET_S: Final = 25.0
+#: SQS hands a message over this often before it moves to the dead-letter queue (~3 h of an Amberflo outage).
+MAX_RECEIVE_COUNT: Final = 10
+#: Visibility timeout: more than six times the forwarder's timeout, as AWS advises for Lambda event sources.
+QUEUE_VISIBILITY: Final = Duration.seconds(FORWARDER_TIMEOUT.to_seconds() * 6 + 60)
+DEAD_LETTER_RETENTION: Final = Duration.days(14)
+#: Alarm when the oldest unforwarded commit is older than this (Firehose itself buffers up to 15 minutes).
+MAX_FORWARD_LAG: Final = Duration.minutes(30)
+#: Lambda's limit on the total size of a function's environment variables.
+ENVIRONMENT_LIMIT_BYTES: Final = 4096
+#: What the stager needs on the table: read its rows and its definition.
+TABLE_READ_PERMISSIONS: Final = ("SELECT", "DESCRIBE")
+
+
+class EnvironmentTooLargeError(ValueError):
+    """A Lambda's environment (e.g. many meters rendered as JSON) exceeds Lambda's 4 KB limit."""
+
+
+def forwarding_bundle(target: PythonTarget) -> PythonBundle:
+    """The asset both forwarding Lambdas run, for ``target``."""
+    pins = project_requirements(FORWARDING_REQUIREMENTS)
+    # pyproject pins pyiceberg with the local runtime's extras (SQLite catalog); the Lambdas use Glue through the
+    # runtime's boto3, so the same version range without extras.
+    requirements = tuple(re.sub(r"\[[^\]]*\]", "", pin) for pin in pins)
+    return PythonBundle(sources=FORWARDING_SOURCES, requirements=requirements, target=target, prune=FORWARDING_PRUNE)
+
+
+def _checked_environment(name: str, environment: dict[str, str]) -> dict[str, str]:
+    size = sum(len(key.encode()) + len(value.encode()) for key, value in environment.items())
+    if size > ENVIRONMENT_LIMIT_BYTES:
+        raise EnvironmentTooLargeError(
+            f"the {name} Lambda's environment would be {size} bytes; Lambda allows {ENVIRONMENT_LIMIT_BYTES} "
+            "(fewer or shorter meter definitions)"
+        )
+    return environment
+
+
+class ForwardingStack(Stack):
+    """The forward queue and its dead-letter queue, the stager and forwarder Lambdas, their schedule and alarms.
+
+    Attributes:
+        queue / dead_letter_queue: the records on their way to Amberflo, and those SQS gave up redelivering.
+        stager / forwarder: the two Lambdas.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        bucket_name: str,
+        database_name: str,
+        table_name: str,
+        output_prefix: str,
+        meters: Sequence[Meter],
+        amberflo: AmberfloSettings,
+        architecture: str,
+        log_retention_days: int,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)
+        code = lambda_code(
+            forwarding_bundle(
+                PythonTarget.for_lambda(
+                    architecture=architecture, python_version=LAMBDA_PYTHON_VERSION, glibc_2_28=True
+                )
+            )
+        )
+
+        self.dead_letter_queue = sqs.Queue(
+            self,
+            "DeadLetterQueue",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            retention_period=DEAD_LETTER_RETENTION,
+        )
+        acknowledge(
+            self.dead_letter_queue,
+            "AwsSolutions-SQS3",
+            "This is the forward queue's dead-letter queue; its messages are alarmed on and redriven by hand.",
+        )
+        self.queue = sqs.Queue(
+            self,
+            "ForwardQueue",
+            encryption=sqs.QueueEncryption.SQS_MANAGED,
+            enforce_ssl=True,
+            visibility_timeout=QUEUE_VISIBILITY,
+            retention_period=DEAD_LETTER_RETENTION,
+            dead_letter_queue=sqs.DeadLetterQueue(max_receive_count=MAX_RECEIVE_COUNT, queue=self.dead_letter_queue),
+        )
+
+        self.stager = self._stager(
+            code,
+            bucket=bucket,
+            database_name=database_name,
+            table_name=table_name,
+            output_prefix=output_prefix,
+            meters=meters,
+            batch_size=amberflo.batch_size,
+            architecture=architecture,
+            log_retention_days=log_retention_days,
+        )
+        self.forwarder = self._forwarder(
+            code, bucket=bucket, amberflo=amberflo, architecture=architecture, log_retention_days=log_retention_days
+        )
+        events.Rule(
+            self,
+            "StagerSchedule",
+            description="meterlake: stage newly committed metering events for Amberflo",
+            schedule=events.Schedule.rate(STAGER_SCHEDULE),
+            targets=[targets.LambdaFunction(self.stager, retry_attempts=0)],
+        )
+        self._alarms()
+
+        CfnOutput(self, "ForwardQueueUrl", value=self.queue.queue_url, description="Records on their way to Amberflo")
+        CfnOutput(
+            self,
+            "ForwardDeadLetterQueueUrl",
+            value=self.dead_letter_queue.queue_url,
+            description="Batches SQS stopped redelivering (Amberflo unreachable); redrive once it answers",
+        )
+
+    def _stager(
+        self,
+        code: lambda_.Code,
+        *,
+        bucket: s3.IBucket,
+        database_name: str,
+        table_name: str,
+        output_prefix: str,
+        meters: Sequence[Meter],
+        batch_size: int,
+        architecture: str,
+        log_retention_days: int,
+    ) -> lambda_.Function:
+        table_objects = bucket.arn_for_objects(f"{output_prefix.strip('/')}/*")
+        checkpoint = bucket.arn_for_objects(CHECKPOINT_KEY)
+        policy = iam.PolicyDocument(
+            statements=[
+                iam.PolicyStatement(
+                    sid="MeteringTable",
+                    actions=["glue:GetTable", "glue:GetDatabase"],
+                    resources=glue_arns(self, database_name=database_name, table_name=table_name),
+                ),
+                iam.PolicyStatement(sid="LakeFormationData", actions=list(UNSCOPABLE_ACTIONS), resources=["*"]),
+                iam.PolicyStatement(sid="TableFiles", actions=["s3:GetObject"], resources=[table_objects]),
+                iam.PolicyStatement(sid="Checkpoint", actions=["s3:GetObject", "s3:PutObject"], resources=[checkpoint]),
+                # Without ListBucket a missing checkpoint reads as 403, not NoSuchKey: allowed for its key only.
+                iam.PolicyStatement(
+                    sid="CheckpointExists",
+                    actions=["s3:ListBucket"],
+                    resources=[bucket.bucket_arn],
+                    conditions={"StringEquals": {"s3:prefix": CHECKPOINT_KEY}},
+                ),
+                iam.PolicyStatement(sid="ForwardQueue", actions=["sqs:SendMessage"], resources=[self.queue.queue_arn]),
+            ]
+        )
+        role = iam.Role(
+            self,
+            "StagerRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description="meterlake Amberflo stager: reads the metering table, queues its records, keeps a checkpoint",
+            inline_policies={"Stage": policy},
+        )
+        acknowledge(
+            role,
+            "AwsSolutions-IAM5[Resource::*]",
+            "lakeformation:GetDataAccess supports no resource-level permissions; Lake Formation scopes the data "
+            "itself through the SELECT/DESCRIBE grant on the table.",
+        )
+        acknowledge_resources(
+            role,
+            "AwsSolutions-IAM5",
+            [table_objects],
+            "Iceberg data and metadata files have generated names under the table location; the stager may only "
+            "read objects there.",
+        )
+        grant = lakeformation.CfnPrincipalPermissions(
+            self,
+            "StagerTableGrant",
+            principal=lakeformation.CfnPrincipalPermissions.DataLakePrincipalProperty(
+                data_lake_principal_identifier=role.role_arn
+            ),
+            resource=lakeformation.CfnPrincipalPermissions.ResourceProperty(
+                table=lakeformation.CfnPrincipalPermissions.TableResourceProperty(
+                    catalog_id=self.account, database_name=database_name, name=table_name
+                )
+            ),
+            permissions=list(TABLE_READ_PERMISSIONS),
+            permissions_with_grant_option=[],
+        )
+        log_group = logs.LogGroup(self, "StagerLogGroup", retention=log_retention(log_retention_days))
+        log_group.grant_write(role)
+        function = lambda_.Function(
+            self,
+            "Stager",
+            description="meterlake: committed metering events -> Amberflo records on the forward queue",
+            runtime=LAMBDA_RUNTIME,
+            architecture=lambda_architecture(architecture),
+            handler=STAGER_HANDLER,
+            code=code,
+            memory_size=STAGER_MEMORY_MB,
+            timeout=STAGER_TIMEOUT,
+            # One at a time: two stagers would send the same snapshots (harmless, deduplicated) and race the
+            # checkpoint (refused by its conditional put); a missed tick is caught up by the next.
+            reserved_concurrent_executions=1,
+            retry_attempts=0,
+            max_event_age=Duration.minutes(2),
+            role=role,
+            log_group=log_group,
+            environment=_checked_environment(
+                "stager",
+                {
+                    ENV_DATABASE: database_name,
+                    ENV_TABLE: table_name,
+                    ENV_BUCKET: bucket.bucket_name,
+                    ENV_QUEUE_URL: self.queue.queue_url,
+                    ENV_METERS: render_meters(meters),
+                    ENV_BATCH_SIZE: str(batch_size),
+                    "POWERTOOLS_SERVICE_NAME": STAGER_SERVICE,
+                    "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
+                },
+            ),
+        )
+        function.node.add_dependency(grant)
+        acknowledge(function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)
+        return function
+
+    def _forwarder(
+        self,
+        code: lambda_.Code,
+        *,
+        bucket: s3.IBucket,
+        amberflo: AmberfloSettings,
+        architecture: str,
+        log_retention_days: int,
+    ) -> lambda_.Function:
+        dead_letters = bucket.arn_for_objects(f"{DEAD_LETTER_PREFIX}*")
+        # A secret's ARN ends in "-" and six random characters, unknown until it exists: match them, nothing more.
+        secret = self.format_arn(
+            service="secretsmanager",
+            resource="secret",
+            resource_name=f"{amberflo.api_key_secret_name}-??????",
+            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+        )
+        policy = iam.PolicyDocument(
+            statements=[
+                iam.PolicyStatement(sid="ApiKey", actions=["secretsmanager:GetSecretValue"], resources=[secret]),
+                iam.PolicyStatement(sid="DeadLetters", actions=["s3:PutObject"], resources=[dead_letters]),
+            ]
+        )
+        role = iam.Role(
+            self,
+            "ForwarderRole",
+            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+            description="meterlake Amberflo forwarder: reads the API key, consumes the queue, stores refused batches",
+            inline_policies={"Forward": policy},
+        )
+        acknowledge_resources(
+            role,
+            "AwsSolutions-IAM5",
+            [secret],
+            "Secrets Manager appends '-' and six random characters to a secret's name in its ARN; '??????' matches "
+            "exactly those six, so only the configured secret (not one whose name merely starts the same) is read.",
+        )
+        acknowledge_resources(
+            role,
+            "AwsSolutions-IAM5",
+            [dead_letters],
+            "Each refused batch is written under the dead-letter prefix as <date>/<messageId>.json, names known "
+            "only at run time; the forwarder may write nowhere else.",
+        )
+        log_group = logs.LogGroup(self, "ForwarderLogGroup", retention=log_retention(log_retention_days))
+        log_group.grant_write(role)
+        function = lambda_.Function(
+            self,
+            "Forwarder",
+            description="meterlake: sends queued meter records to Amberflo",
+            runtime=LAMBDA_RUNTIME,
+            architecture=lambda_architecture(architecture),
+            handler=FORWARDER_HANDLER,
+            code=code,
+            memory_size=FORWARDER_MEMORY_MB,
+            timeout=FORWARDER_TIMEOUT,
+            role=role,
+            log_group=log_group,
+            environment=_checked_environment(
+                "forwarder",
+                {
+                    ENV_AMBERFLO: render_amberflo_settings(amberflo, retry_budget_s=FORWARDER_RETRY_BUDGET_S),
+                    ENV_BUCKET: bucket.bucket_name,
+                    ENV_SECRET_NAME: amberflo.api_key_secret_name,
+                    ENV_SECRET_JSON_KEY: amberflo.api_key_secret_json_key,
+                    "POWERTOOLS_SERVICE_NAME": FORWARDER_SERVICE,
+                    "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
+                },
+            ),
+        )
+        function.add_event_source(
+            event_sources.SqsEventSource(
+                self.queue,
+                batch_size=FORWARDER_BATCH_SIZE,
+                report_batch_item_failures=True,
+                # The config's requests in flight to Amberflo (SQS's minimum is 2).
+                max_concurrency=max(2, amberflo.concurrency),
+            )
+        )
+        acknowledge(function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)
+        return function
+
+    def _alarms(self) -> None:
+        period = Duration.minutes(5)
+        cloudwatch.Alarm(
+            self,
+            "DeadLetterQueueAlarm",
+            alarm_description="Batches left the forward queue undelivered: Amberflo was unreachable; redrive them",
+            metric=self.dead_letter_queue.metric_approximate_number_of_messages_visible(
+                period=period, statistic="Maximum"
+            ),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        cloudwatch.Alarm(
+            self,
+            "ForwardLagAlarm",
+            alarm_description="Committed metering events wait too long for the stager (or the stager stopped)",
+            metric=cloudwatch.Metric(
+                namespace=METRICS_NAMESPACE,
+                metric_name="ForwardLagSeconds",
+                dimensions_map={"service": STAGER_SERVICE},
+                statistic="Maximum",
+                period=period,
+            ),
+            threshold=MAX_FORWARD_LAG.to_seconds(),
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            # The stager reports every minute, 0 when it is caught up: silence means it is not running.
+            treat_missing_data=cloudwatch.TreatMissingData.BREACHING,
+        )
+        cloudwatch.Alarm(
+            self,
+            "ForwarderErrorsAlarm",
+            alarm_description="The forwarder Lambda failed (e.g. the API key secret is unreadable)",
+            metric=self.forwarder.metric_errors(period=period, statistic="Sum"),
+            threshold=1,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        cloudwatch.Alarm(
+            self,
+            "DeadLetteredRecordsAlarm",
+            alarm_description=f"Amberflo refused records for good; see s3://<lake bucket>/{DEAD_LETTER_PREFIX}",
+            metric=cloudwatch.Metric(
+                namespace=METRICS_NAMESPACE,
+                metric_name="RecordsDeadLettered",
+                dimensions_map={"service": FORWARDER_SERVICE},
+                statistic="Sum",
+                period=period,
+            ),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )

@@ -1,0 +1,181 @@
+"""Reconciliation: what the lake says each customer used, per meter and hour, against what Amberflo reports.
+
+The lake side is computed by DuckDB from the Iceberg table's current files with the meters' own predicates
+(:func:`meterlake.meters.aggregate_lake`); the other side is Amberflo's ``/usage`` (SUM, or MAX for max_usage meters,
+per HOUR, grouped by customerId) or, on a dry run, the records staged in the outbox. Repair re-stages the lake's
+records of every bucket Amberflo is short of: they carry their original uniqueIds, so nothing can be counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from meterlake.amberflo.outbox import Outbox
+from meterlake.config import Config
+from meterlake.local.catalog import ensure_metering_table, open_catalog
+from meterlake.local.home import DataDir
+from meterlake.meters import Meter, UsageKey, aggregate_lake, meter_records
+from meterlake.schema import metering_event_arrow_schema
+
+HOUR_S = 3600
+
+
+class ReconcileError(Exception):
+    """Amberflo could not be asked for usage, or answered something that is not a usage report."""
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Whole UTC hours ``[start_s, end_s)`` in epoch seconds."""
+
+    start_s: int
+    end_s: int
+
+    @classmethod
+    def covering(cls, start: datetime, end: datetime) -> Window:
+        """The whole hours covering ``[start, end)``."""
+        if end <= start:
+            raise ReconcileError(f"--to {end.isoformat()} is not after --from {start.isoformat()}")
+        low = math.floor(start.timestamp() / HOUR_S) * HOUR_S
+        high = math.ceil(end.timestamp() / HOUR_S) * HOUR_S
+        return cls(low, high)
+
+    def __contains__(self, hour_s: object) -> bool:
+        return isinstance(hour_s, int) and self.start_s <= hour_s < self.end_s
+
+
+@dataclass(frozen=True, slots=True)
+class UsageDifference:
+    """One customer, meter and hour where the lake and the other side disagree."""
+
+    customer_id: str
+    meter_api_name: str
+    hour_s: int
+    lake: float
+    other: float
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileReport:
+    """Buckets compared and every difference, with what the lake was compared against."""
+
+    against: str
+    buckets: int
+    differences: list[UsageDifference]
+
+    @property
+    def missing(self) -> list[UsageDifference]:
+        """Buckets where the other side has less than the lake: what repair re-sends."""
+        return [d for d in self.differences if d.other < d.lake]
+
+
+def _lake_files(config: Config, data_dir: DataDir) -> list[str]:
+    table = ensure_metering_table(open_catalog(data_dir), config)
+    return [task.file.file_path.removeprefix("file://") for task in table.scan().plan_files()]
+
+
+def lake_usage(config: Config, data_dir: DataDir, window: Window) -> dict[UsageKey, float]:
+    """Usage per (customer, meter, hour) in the window, from the lake's committed files."""
+    usage = aggregate_lake(_lake_files(config, data_dir), config.meters)
+    return {key: float(value) for key, value in usage.items() if key[2] in window}
+
+
+def amberflo_usage(
+    client: httpx.Client, *, base_url: str, api_key: str, meters: Sequence[Meter], window: Window
+) -> dict[UsageKey, float]:
+    """Usage per (customer, meter, hour) as Amberflo's ``/usage`` reports it.
+
+    Raises:
+        ReconcileError: Amberflo refused the query or could not be reached.
+    """
+    usage: dict[UsageKey, float] = {}
+    for meter in meters:
+        query = {
+            "meterApiName": meter.meter_api_name,
+            "aggregation": "MAX" if meter.aggregation == "max" else "SUM",
+            "timeGroupingInterval": "HOUR",
+            "timeRange": {"startTimeInSeconds": window.start_s, "endTimeInSeconds": window.end_s},
+            "groupBy": ["customerId"],
+        }
+        try:
+            answer = client.post(
+                f"{base_url.rstrip('/')}/usage", json=query, headers={"X-API-KEY": api_key}, timeout=30
+            )
+        except httpx.HTTPError as exc:
+            raise ReconcileError(f"Amberflo at {base_url} could not be reached: {exc}") from None
+        if answer.status_code != 200:
+            raise ReconcileError(f"Amberflo answered {answer.status_code} to the usage query: {answer.text[:200]}")
+        for group in _client_meters(answer.json()):
+            customer = str(group.get("group", {}).get("groupInfo", {}).get("customerId", ""))
+            for bucket in group.get("values", []):
+                value = float(bucket.get("value", 0))
+                hour = int(bucket["secondsSinceEpochUtc"])
+                if value and hour in window:
+                    usage[(customer, meter.meter_api_name, hour)] = value
+    return usage
+
+
+def _client_meters(report: Any) -> list[dict[str, Any]]:
+    if not isinstance(report, dict) or not isinstance(report.get("clientMeters"), list):
+        raise ReconcileError("Amberflo's usage answer has no clientMeters list")
+    return [group for group in report["clientMeters"] if isinstance(group, dict)]
+
+
+def staged_usage(outbox: Outbox, meters: Sequence[Meter], window: Window) -> dict[UsageKey, float]:
+    """Usage per (customer, meter, hour) of the records staged in the outbox (the dry run's other side)."""
+    records = outbox.staged_records(window.start_s * 1000, window.end_s * 1000)
+    return _sum_records(records, meters)
+
+
+def _sum_records(records: Iterable[Mapping[str, Any]], meters: Sequence[Meter]) -> dict[UsageKey, float]:
+    maximum = {m.meter_api_name for m in meters if m.aggregation == "max"}
+    usage: dict[UsageKey, float] = defaultdict(float)
+    for record in records:
+        key = (
+            str(record["customerId"]),
+            str(record["meterApiName"]),
+            record["meterTimeInMillis"] // 1000 // HOUR_S * HOUR_S,
+        )
+        value = float(record["meterValue"])
+        usage[key] = max(usage[key], value) if key[1] in maximum else usage[key] + value
+    return dict(usage)
+
+
+def compare(lake: Mapping[UsageKey, float], other: Mapping[UsageKey, float], *, against: str) -> ReconcileReport:
+    """Every bucket on either side whose values differ."""
+    keys = sorted(set(lake) | set(other))
+    differences = [
+        UsageDifference(
+            customer, meter, hour, lake.get((customer, meter, hour), 0.0), other.get((customer, meter, hour), 0.0)
+        )
+        for customer, meter, hour in keys
+        if not math.isclose(lake.get((customer, meter, hour), 0.0), other.get((customer, meter, hour), 0.0))
+    ]
+    return ReconcileReport(against=against, buckets=len(keys), differences=differences)
+
+
+def repair(report: ReconcileReport, *, config: Config, data_dir: DataDir, outbox: Outbox) -> int:
+    """Re-stage the lake's records of every bucket the other side is short of; returns the records queued."""
+    wanted = {(d.customer_id, d.meter_api_name, d.hour_s) for d in report.missing}
+    if not wanted:
+        return 0
+    pieces = [pq.read_table(path) for path in _lake_files(config, data_dir)]
+    target = metering_event_arrow_schema()
+    events = pa.concat_tables([p.select(target.names).cast(target) for p in pieces]) if pieces else target.empty_table()
+    records = [
+        record
+        for record in meter_records(events, config.meters).records()
+        if (record["customerId"], record["meterApiName"], record["meterTimeInMillis"] // 1000 // HOUR_S * HOUR_S)
+        in wanted
+    ]
+    outbox.restage(records)
+    return len(records)

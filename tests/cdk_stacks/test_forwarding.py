@@ -1,0 +1,181 @@
+"""Forwarding: schedule -> stager, encrypted queue with redrive and alarms, forwarder with partial batch responses,
+and environments rendered from the config (the session's non-default one)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import boto3  # type: ignore[import-untyped]
+import botocore  # type: ignore[import-untyped]
+import dateutil  # type: ignore[import-untyped]
+import jmespath  # type: ignore[import-untyped]
+import msgspec
+import s3transfer  # type: ignore[import-untyped]
+import six  # type: ignore[import-untyped]
+from aws_cdk.assertions import Template
+
+from cdk_stacks.app import MeterlakeStacks
+from cdk_stacks.bundling import PythonTarget
+from cdk_stacks.forwarding import (
+    FORWARDER_HANDLER,
+    FORWARDER_TIMEOUT,
+    MAX_RECEIVE_COUNT,
+    STAGER_HANDLER,
+    forwarding_bundle,
+)
+from meterlake.aws.forwarding import (
+    ENV_AMBERFLO,
+    ENV_METERS,
+    ENV_SECRET_JSON_KEY,
+    ENV_SECRET_NAME,
+    FORWARDER_SERVICE,
+    STAGER_SERVICE,
+)
+from meterlake.config import Config
+from meterlake.meters import AmberfloSettings, parse_meters
+from tests.cdk_stacks.conftest import resources_of
+
+STACK = "MeterlakeForwarding"
+
+
+def _function(template: Template, handler: str) -> tuple[str, dict[str, Any]]:
+    (found,) = [
+        (lid, r) for lid, r in resources_of(template, "AWS::Lambda::Function").items() if _handler(r) == handler
+    ]
+    return found[0], found[1]["Properties"]
+
+
+def _handler(resource: dict[str, Any]) -> str | None:
+    handler: str | None = resource["Properties"].get("Handler")
+    return handler
+
+
+def _queues(template: Template) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(forward queue properties, dead-letter queue properties, dead-letter queue logical id)."""
+    queues = resources_of(template, "AWS::SQS::Queue")
+    (main_id,) = [lid for lid, q in queues.items() if "RedrivePolicy" in q["Properties"]]
+    (dlq_id,) = [lid for lid in queues if lid != main_id]
+    return queues[main_id]["Properties"], queues[dlq_id]["Properties"], dlq_id
+
+
+def test_stack_is_in_the_app_after_storage_and_delivery(stacks: MeterlakeStacks, cdk_outdir: Path) -> None:
+    manifest = json.loads((cdk_outdir / "manifest.json").read_text())
+    assert {"MeterlakeStorage", "MeterlakeDelivery"} <= set(manifest["artifacts"][STACK]["dependencies"])
+
+
+def test_schedule_invokes_the_stager_one_at_a_time(templates: dict[str, Template]) -> None:
+    template = templates[STACK]
+    stager_id, stager = _function(template, STAGER_HANDLER)
+    (rule,) = resources_of(template, "AWS::Events::Rule").values()
+    assert rule["Properties"]["ScheduleExpression"] == "rate(1 minute)"
+    assert [t["Arn"] for t in rule["Properties"]["Targets"]] == [{"Fn::GetAtt": [stager_id, "Arn"]}]
+    assert stager["ReservedConcurrentExecutions"] == 1
+
+
+def test_queue_is_encrypted_tls_only_and_redrives_to_an_alarmed_dlq(templates: dict[str, Template]) -> None:
+    template = templates[STACK]
+    queue, dlq, dlq_id = _queues(template)
+    for properties in (queue, dlq):
+        assert properties["SqsManagedSseEnabled"] is True
+    assert queue["RedrivePolicy"] == {
+        "deadLetterTargetArn": {"Fn::GetAtt": [dlq_id, "Arn"]},
+        "maxReceiveCount": MAX_RECEIVE_COUNT,
+    }
+    assert queue["VisibilityTimeout"] > 6 * FORWARDER_TIMEOUT.to_seconds()
+    policies = resources_of(template, "AWS::SQS::QueuePolicy").values()
+    denials = [
+        s
+        for p in policies
+        for s in p["Properties"]["PolicyDocument"]["Statement"]
+        if s["Effect"] == "Deny" and s["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    ]
+    assert len(denials) == 2
+    alarms = [a["Properties"] for a in resources_of(template, "AWS::CloudWatch::Alarm").values()]
+    dlq_alarms = [a for a in alarms if a.get("MetricName") == "ApproximateNumberOfMessagesVisible"]
+    assert len(dlq_alarms) == 1
+    assert dlq_alarms[0]["Dimensions"][0]["Value"] == {"Fn::GetAtt": [dlq_id, "QueueName"]}
+    assert (dlq_alarms[0]["Threshold"], dlq_alarms[0]["ComparisonOperator"]) == (0, "GreaterThanThreshold")
+    by_metric = {(a.get("Namespace"), a.get("MetricName")): a for a in alarms}
+    lag = by_metric[("meterlake", "ForwardLagSeconds")]
+    assert lag["Dimensions"] == [{"Name": "service", "Value": STAGER_SERVICE}]
+    assert lag["TreatMissingData"] == "breaching"
+    assert ("AWS/Lambda", "Errors") in by_metric
+    assert by_metric[("meterlake", "RecordsDeadLettered")]["Dimensions"][0]["Value"] == FORWARDER_SERVICE
+
+
+def test_forwarder_consumes_the_queue_with_partial_batch_responses(templates: dict[str, Template]) -> None:
+    template = templates[STACK]
+    forwarder_id, _ = _function(template, FORWARDER_HANDLER)
+    queue_id = next(
+        lid for lid, q in resources_of(template, "AWS::SQS::Queue").items() if "RedrivePolicy" in q["Properties"]
+    )
+    (mapping,) = resources_of(template, "AWS::Lambda::EventSourceMapping").values()
+    properties = mapping["Properties"]
+    assert properties["FunctionName"] == {"Ref": forwarder_id}
+    assert properties["EventSourceArn"] == {"Fn::GetAtt": [queue_id, "Arn"]}
+    assert properties["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert properties["BatchSize"] <= 10
+
+
+def test_environments_carry_the_configs_meters_and_secret(templates: dict[str, Template], test_config: Config) -> None:
+    template = templates[STACK]
+    _, stager = _function(template, STAGER_HANDLER)
+    _, forwarder = _function(template, FORWARDER_HANDLER)
+    meters_json = stager["Environment"]["Variables"][ENV_METERS]
+    assert parse_meters(json.loads(meters_json)) == test_config.meters
+    variables = forwarder["Environment"]["Variables"]
+    assert variables[ENV_SECRET_NAME] == test_config.amberflo.api_key_secret_name
+    assert variables[ENV_SECRET_JSON_KEY] == test_config.amberflo.api_key_secret_json_key
+    amberflo = msgspec.json.decode(variables[ENV_AMBERFLO], type=AmberfloSettings)
+    assert amberflo.base_url == test_config.amberflo.base_url
+    # The retry budget of one delivery fits the forwarder's timeout, whatever the local runtime's budget is.
+    assert amberflo.give_up_after_s < FORWARDER_TIMEOUT.to_seconds()
+
+
+def test_policies_name_the_table_queue_checkpoint_secret_and_dead_letter_prefix(
+    templates: dict[str, Template], test_config: Config
+) -> None:
+    text = json.dumps(templates[STACK].to_json())
+    bucket = test_config.data_firehose_configuration.s3_bucket
+    prefix = test_config.data_firehose_configuration.output_prefix
+    assert f"arn:aws:s3:::{bucket}/{prefix}/*" in text or f":s3:::{bucket}/{prefix}/*" in text
+    assert f"{bucket}/amberflo/checkpoint.json" in text
+    assert f"{bucket}/amberflo/dead-letters/*" in text
+    assert f":secret:{test_config.amberflo.api_key_secret_name}-??????" in text
+    grants = resources_of(templates[STACK], "AWS::LakeFormation::PrincipalPermissions").values()
+    assert [sorted(g["Properties"]["Permissions"]) for g in grants] == [["DESCRIBE", "SELECT"]]
+
+
+def test_bundle_alone_imports_both_handlers(tmp_path: Path) -> None:
+    """The same bundle (and pruning), built for this machine, imports with nothing else on sys.path."""
+    local = PythonTarget(
+        platform="manylinux2014_x86_64",
+        python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+        extra_platforms=("manylinux_2_28_x86_64",),
+    )
+    bundle_dir = tmp_path / "bundle"
+    forwarding_bundle(local).build(bundle_dir)
+    # What the Lambda Python runtime provides besides the bundle: the AWS SDK and its dependencies.
+    runtime_dir = tmp_path / "runtime"
+    runtime_dir.mkdir()
+    for module in (boto3, botocore, s3transfer, jmespath, dateutil):
+        source = Path(module.__file__ or "").parent
+        (runtime_dir / source.name).symlink_to(source)
+    six_file = Path(six.__file__ or "")
+    (runtime_dir / six_file.name).symlink_to(six_file)
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:]; import meterlake.aws.forwarding as f; "
+        f"assert callable(f.{STAGER_HANDLER.rsplit('.', 1)[1]}) and callable(f.{FORWARDER_HANDLER.rsplit('.', 1)[1]})"
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", script, str(bundle_dir), str(runtime_dir)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (bundle_dir / "botocore").exists()

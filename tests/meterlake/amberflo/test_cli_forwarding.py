@@ -1,0 +1,109 @@
+"""The forwarding commands end to end: forward run/status/retry-dead, reconcile (+ repair), meters sync."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from meterlake.amberflo.server import FaultPlan, LocalAmberflo
+from meterlake.cli import app
+from meterlake.meters import DEFAULT_METERS, meter_records
+from tests.meterlake.amberflo.lake import BASE_TIME_MS, commit_events, make_events, metering_table
+
+KEY = "cli-key"
+WINDOW = ["--from", "2025-11-24T00:00:00Z", "--to", "2025-11-26T00:00:00Z"]
+
+
+@pytest.fixture
+def server() -> Iterator[LocalAmberflo]:
+    with LocalAmberflo(api_key=KEY) as amberflo:
+        yield amberflo
+
+
+@pytest.fixture
+def home(tmp_path: Path, server: LocalAmberflo) -> Path:
+    (tmp_path / "cdk.context.json").write_text(json.dumps({"amberflo": {"base_url": server.url, "concurrency": 2}}))
+    return tmp_path
+
+
+def run(home: Path, *args: str, key: str | None = KEY) -> Result:
+    env = {"METERLAKE_CONFIG": str(home / "cdk.context.json"), "AMBERFLO_API_KEY": key or ""}
+    return CliRunner().invoke(app, ["--home", str(home / "data"), *args], env=env)
+
+
+def expected_ids(start: int, count: int) -> set[str]:
+    return set(meter_records(make_events(start, count), DEFAULT_METERS).unique_ids())
+
+
+def test_forward_reconcile_and_repair(home: Path, server: LocalAmberflo) -> None:
+    table = metering_table(home / "data")
+    commit_events(table, make_events(0, 400), offset=1)
+
+    dry = run(home, "forward", "run", key=None)
+    assert dry.exit_code == 0, dry.output
+    assert "dry run" in dry.output
+    assert server.accepted_unique_ids() == set()
+    assert run(home, "reconcile", *WINDOW, key=None).exit_code == 0  # lake == staged
+
+    sent = run(home, "forward", "run")
+    assert sent.exit_code == 0, sent.output
+    assert server.accepted_unique_ids() == expected_ids(0, 400)
+    clean = run(home, "reconcile", *WINDOW)
+    assert clean.exit_code == 0, clean.output
+    assert " 0 differ" in clean.output
+
+    server.reset()  # Amberflo lost everything: reconciliation lists it, repair re-sends the same uniqueIds
+    gaps = run(home, "reconcile", *WINDOW)
+    assert gaps.exit_code == 1
+    assert "lake" in gaps.output
+    repaired = run(home, "reconcile", *WINDOW, "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert "queued again" in repaired.output
+    assert run(home, "forward", "run").exit_code == 0
+    assert server.accepted_unique_ids() == expected_ids(0, 400)
+    assert run(home, "reconcile", *WINDOW).exit_code == 0
+
+    status = run(home, "forward", "status")
+    assert status.exit_code == 0
+    assert "dead-lettered  0 records" in status.output
+
+
+def test_dead_letters_are_kept_and_retried(home: Path, server: LocalAmberflo) -> None:
+    table = metering_table(home / "data")
+    commit_events(table, make_events(0, 50), offset=1)
+    rejected = sorted(expected_ids(0, 50))[0]
+    server.faults = FaultPlan(reject_unique_ids=frozenset({rejected}))
+    assert run(home, "forward", "run").exit_code == 0
+    assert rejected not in server.accepted_unique_ids()
+    status = run(home, "forward", "status")
+    assert "dead-lettered  0 records" not in status.output
+
+    server.faults = FaultPlan()
+    retried = run(home, "forward", "retry-dead")
+    assert retried.exit_code == 0
+    assert rejected in retried.output  # Amberflo's answer names the refused uniqueId
+    assert run(home, "forward", "run").exit_code == 0
+    assert server.accepted_unique_ids() == expected_ids(0, 50)
+
+
+def test_meters_sync_creates_then_leaves_alone(home: Path, server: LocalAmberflo) -> None:
+    first = run(home, "meters", "sync")
+    assert first.exit_code == 0, first.output
+    assert first.output.count("created") == len(DEFAULT_METERS)
+    second = run(home, "meters", "sync")
+    assert second.output.count("unchanged") == len(DEFAULT_METERS)
+    assert run(home, "meters", "sync", key=None).exit_code != 0
+    listed = run(home, "meters", "list")
+    assert all(m.meter_api_name in listed.output for m in DEFAULT_METERS)
+
+
+def test_events_are_forwarded_with_their_own_time(home: Path, server: LocalAmberflo) -> None:
+    commit_events(metering_table(home / "data"), make_events(0, 20), offset=1)
+    assert run(home, "forward", "run").exit_code == 0
+    times = {record.meter_time_in_millis for record in server.records()}
+    assert min(times) >= BASE_TIME_MS
+    assert max(times) < BASE_TIME_MS + 20 * 997
