@@ -7,6 +7,7 @@ import contextlib
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import NamespaceAlreadyExistsError, TableAlreadyExistsError
 from pyiceberg.table import Table
+from sqlalchemy.exc import OperationalError
 
 from meterlake.config import Config
 from meterlake.local.home import DataDir
@@ -16,13 +17,20 @@ CATALOG_NAME = "meterlake"
 
 
 def open_catalog(data: DataDir) -> SqlCatalog:
-    """Open (creating on first use) the SQLite-backed catalog under the data dir."""
+    """Open (creating on first use) the SQLite-backed catalog under the data dir.
+
+    Two openers racing on a new catalog (threads or processes) can both try to create its tables; SQLite then refuses
+    the second ``CREATE TABLE``, and opening again finds the tables the first one made.
+    """
     data.ensure()
-    return SqlCatalog(
-        CATALOG_NAME,
-        uri=f"sqlite:///{data.catalog_db}",
-        warehouse=data.warehouse.as_uri(),
-    )
+    retries = 2
+    while True:
+        try:
+            return SqlCatalog(CATALOG_NAME, uri=f"sqlite:///{data.catalog_db}", warehouse=data.warehouse.as_uri())
+        except OperationalError as exc:
+            if "already exists" not in str(exc) or retries == 0:
+                raise
+            retries -= 1
 
 
 def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:

@@ -94,6 +94,8 @@ class LocalStack:
         return ensure_metering_table(open_catalog(self.data_dir), self.config)
 
     def __enter__(self) -> LocalStack:
+        # Create the catalog and table before any thread opens them.
+        self._load_table()
         settings = msgspec.structs.replace(self.config.amberflo, base_url=self.amberflo.base_url)
         outbox = Outbox.in_data_dir(self.data_dir, meters=self.config.meters, settings=settings)
         self._forwarder = Forwarder(settings)
