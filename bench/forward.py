@@ -17,7 +17,8 @@ Amberflo would not). Loss is what the SERVER did not store: expected uniqueIds m
 Scenarios: no faults; 20% transient faults (429 with Retry-After, 500, 503, connection reset; no "slow" faults,
 which the SDK, having no timeouts, would just wait out); and, for information, every answer 25 ms late, as a remote
 Amberflo's round trip. Without latency both senders share this machine's two cores with the local server, whose one
-event-loop thread spends ~1 ms of CPU per 100-record request: that caps any sender near 100k records/s.
+event-loop thread spends ~0.3-0.4 ms of CPU per 100-record request (about half of it uvicorn's own), so the figures
+measure the senders: meterlake ~0.5 ms of client CPU per batch (gzip encoding included), the SDK ~2 ms.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_RECORDS = 100
 #: How much of a permanent refusal's body is kept with the dead letter.
 ANSWER_LIMIT_CHARS = 4096
-_GZIP_LEVEL = 5
+_GZIP_LEVEL = 1
 _USER_AGENT = "meterlake-forwarder"
 
 K = TypeVar("K")
@@ -133,21 +133,37 @@ class Forwarder:
         self.settings = settings
         self._url = settings.ingest_url
         self._rng = rng or random.Random()
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(
-                connect=settings.connect_timeout_s,
-                read=settings.read_timeout_s,
-                write=settings.read_timeout_s,
-                pool=settings.connect_timeout_s + settings.read_timeout_s,
-            ),
-            limits=httpx.Limits(max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency),
+        self._timeout = httpx.Timeout(
+            connect=settings.connect_timeout_s,
+            read=settings.read_timeout_s,
+            write=settings.read_timeout_s,
+            pool=settings.connect_timeout_s + settings.read_timeout_s,
         )
+        # One client (one keep-alive connection) per sending thread: a pool shared by every thread costs each
+        # request a scan of the whole pool under its lock, the forwarder's largest client-side cost.
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        # Long-lived sending threads, so their connections are reused from one forward() call to the next.
+        self._pool = ThreadPoolExecutor(max_workers=settings.concurrency, thread_name_prefix="amberflo")
         self._lock = threading.Lock()
         self._stats = ForwarderStats()
 
+    def _client(self) -> httpx.Client:
+        client: httpx.Client | None = getattr(self._local, "client", None)
+        if client is None:
+            client = httpx.Client(timeout=self._timeout, limits=httpx.Limits(max_connections=1))
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
     def close(self) -> None:
-        """Close the connection pool."""
-        self._client.close()
+        """Stop the sending threads and close every thread's connection."""
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
 
     def __enter__(self) -> Forwarder:
         return self
@@ -190,7 +206,7 @@ class Forwarder:
             attempt += 1
             retry_after: float | None = None
             try:
-                response = self._client.post(self._url, content=batch.body, headers=headers)
+                response = self._client().post(self._url, content=batch.body, headers=headers)
             except httpx.TimeoutException as exc:
                 cause, error = "timeout", f"{type(exc).__name__}: {exc}"
             except httpx.TransportError as exc:
@@ -242,28 +258,28 @@ class Forwarder:
         items = iter(batches)
         complete = True
         exhausted = False
-        with ThreadPoolExecutor(max_workers=self.settings.concurrency, thread_name_prefix="amberflo") as pool:
-            inflight: dict[Future[SendOutcome], tuple[K, EncodedBatch]] = {}
-            while True:
-                while not exhausted and complete and len(inflight) < self.settings.concurrency:
-                    if halt is not None and halt.is_set():
-                        complete = False
-                        break
-                    item = next(items, None)
-                    if item is None:
-                        exhausted = True
-                        break
-                    key, batch = item
-                    inflight[pool.submit(self.send_batch, batch, api_key=api_key, halt=halt)] = (key, batch)
-                if not inflight:
+        pool = self._pool
+        inflight: dict[Future[SendOutcome], tuple[K, EncodedBatch]] = {}
+        while True:
+            while not exhausted and complete and len(inflight) < self.settings.concurrency:
+                if halt is not None and halt.is_set():
+                    complete = False
                     break
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    key, batch = inflight.pop(future)
-                    outcome = future.result()
-                    if isinstance(outcome, GaveUp):
-                        complete = False
-                    on_outcome(key, batch, outcome)
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                    break
+                key, batch = item
+                inflight[pool.submit(self.send_batch, batch, api_key=api_key, halt=halt)] = (key, batch)
+            if not inflight:
+                break
+            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
+            for future in done:
+                key, batch = inflight.pop(future)
+                outcome = future.result()
+                if isinstance(outcome, GaveUp):
+                    complete = False
+                on_outcome(key, batch, outcome)
         return complete and exhausted
 
     def _count(
