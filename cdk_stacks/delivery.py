@@ -35,7 +35,13 @@ def glue_arns(stack: Stack, *, database_name: str, table_name: str) -> list[str]
 
 
 def grant_table_access(
-    scope: Construct, construct_id: str, *, role: iam.IRole, database_name: str, table_name: str
+    scope: Construct,
+    construct_id: str,
+    *,
+    role: iam.IRole,
+    database_name: str,
+    table_name: str,
+    permissions: Sequence[str] = TABLE_WRITE_PERMISSIONS,
 ) -> lakeformation.CfnPrincipalPermissions:
     """Lake Formation permissions on the table for ``role``: one grant, leaving the account's LF admins untouched.
 
@@ -53,7 +59,7 @@ def grant_table_access(
                 catalog_id=stack.account, database_name=database_name, name=table_name
             )
         ),
-        permissions=list(TABLE_WRITE_PERMISSIONS),
+        permissions=list(permissions),
         permissions_with_grant_option=[],
     )
 

@@ -16,7 +16,6 @@ from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
-from aws_cdk import aws_lakeformation as lakeformation
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_logs as logs
@@ -25,7 +24,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code, project_requirements
-from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, glue_arns
+from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, glue_arns, grant_table_access
 from cdk_stacks.shared import (
     LAMBDA_PYTHON_VERSION,
     LAMBDA_RUNTIME,
@@ -294,19 +293,13 @@ class ForwardingStack(Stack):
             "Iceberg data and metadata files have generated names under the table location; the stager may only "
             "read objects there.",
         )
-        grant = lakeformation.CfnPrincipalPermissions(
+        grant = grant_table_access(
             self,
             "StagerTableGrant",
-            principal=lakeformation.CfnPrincipalPermissions.DataLakePrincipalProperty(
-                data_lake_principal_identifier=role.role_arn
-            ),
-            resource=lakeformation.CfnPrincipalPermissions.ResourceProperty(
-                table=lakeformation.CfnPrincipalPermissions.TableResourceProperty(
-                    catalog_id=self.account, database_name=database_name, name=table_name
-                )
-            ),
-            permissions=list(TABLE_READ_PERMISSIONS),
-            permissions_with_grant_option=[],
+            role=role,
+            database_name=database_name,
+            table_name=table_name,
+            permissions=TABLE_READ_PERMISSIONS,
         )
         log_group = logs.LogGroup(self, "StagerLogGroup", retention=log_retention(log_retention_days))
         log_group.grant_write(role)
