@@ -20,6 +20,7 @@ from meterlake.amberflo.forwarder import (
     SendOutcome,
     Sent,
     encode_batch,
+    environment_proxy,
     parse_retry_after,
 )
 from meterlake.amberflo.server import FaultKind, FaultPlan, LocalAmberflo
@@ -123,9 +124,12 @@ def test_transient_faults_are_retried_until_sent(server: LocalAmberflo, kind: Fa
         outcome = forwarder.send_batch(encode_batch(records(0, 10)), api_key=KEY)
         stats = forwarder.stats()
     watcher.join()
-    assert outcome == Sent(attempts=3)
+    # At least the two faulted attempts; the watcher clears the faults from another thread, so a fast retry can
+    # still meet one more.
+    assert isinstance(outcome, Sent)
+    assert outcome.attempts >= 3
     cause = {"500": "http_500", "503": "http_503", "slow": "timeout", "reset": "network"}[kind]
-    assert stats.retries == {cause: 2}
+    assert stats.retries == {cause: outcome.attempts - 1}
     assert server.accepted_unique_ids() == {f"api-calls:r{n}" for n in range(10)}
     # Slow and reset faults stored the records before failing: the retries were exact duplicates, dropped.
     assert len(server.records()) == 10
@@ -206,3 +210,14 @@ def test_retry_after_parses_seconds_and_http_dates() -> None:
     assert later is not None
     assert 28 <= later <= 30
     assert parse_retry_after(format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)) == 0.0
+
+
+def test_environment_proxy_follows_proxy_and_no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert environment_proxy("https://app.amberflo.io/ingest") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert environment_proxy("https://app.amberflo.io/ingest") == "http://proxy.internal:3128"
+    assert environment_proxy("http://app.amberflo.io/ingest") is None
+    monkeypatch.setenv("NO_PROXY", "app.amberflo.io")
+    assert environment_proxy("https://app.amberflo.io/ingest") is None
