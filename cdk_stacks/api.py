@@ -9,18 +9,14 @@ from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_cognito as cognito
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kinesisfirehose as firehose
-from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code
 from cdk_stacks.shared import (
     LAMBDA_PYTHON_VERSION,
-    LAMBDA_RUNTIME,
     LAMBDA_RUNTIME_REASON,
     acknowledge,
-    lambda_architecture,
-    log_retention,
+    python_function,
 )
 from meterlake.demo_api import RANDOM_STRINGS_RESOURCE
 from meterlake.records import render_access_log_format
@@ -101,20 +97,20 @@ class ApiStack(Stack):
             write_attributes=cognito.ClientAttributes().with_standard_attributes(email=True, preferred_username=True),
         )
 
-        demo_log_group = logs.LogGroup(self, "DemoLogGroup", retention=log_retention(log_retention_days))
         demo_role = iam.Role(
             self,
             "DemoRole",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description="meterlake demo API Lambda: writes its own logs, nothing else",
         )
-        demo_log_group.grant_write(demo_role)
-        demo_function = lambda_.Function(
+        demo_function = python_function(
             self,
             "DemoFunction",
+            role=demo_role,
+            architecture=architecture,
+            log_retention_days=log_retention_days,
+            log_group_id="DemoLogGroup",
             description="meterlake demo API: GET /random/strings",
-            runtime=LAMBDA_RUNTIME,
-            architecture=lambda_architecture(architecture),
             handler=DEMO_HANDLER,
             code=lambda_code(
                 PythonBundle(
@@ -125,8 +121,6 @@ class ApiStack(Stack):
             ),
             memory_size=256,
             timeout=Duration.seconds(10),
-            role=demo_role,
-            log_group=demo_log_group,
         )
 
         acknowledge(demo_function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)

@@ -18,7 +18,6 @@ from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
-from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -27,12 +26,10 @@ from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code, project
 from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, glue_arns, grant_table_access
 from cdk_stacks.shared import (
     LAMBDA_PYTHON_VERSION,
-    LAMBDA_RUNTIME,
     LAMBDA_RUNTIME_REASON,
     acknowledge,
     acknowledge_resources,
-    lambda_architecture,
-    log_retention,
+    python_function,
 )
 from meterlake.aws.forwarding import (
     CHECKPOINT_KEY,
@@ -301,14 +298,14 @@ class ForwardingStack(Stack):
             table_name=table_name,
             permissions=TABLE_READ_PERMISSIONS,
         )
-        log_group = logs.LogGroup(self, "StagerLogGroup", retention=log_retention(log_retention_days))
-        log_group.grant_write(role)
-        function = lambda_.Function(
+        function = python_function(
             self,
             "Stager",
+            role=role,
+            architecture=architecture,
+            log_retention_days=log_retention_days,
+            log_group_id="StagerLogGroup",
             description="meterlake: committed metering events -> Amberflo records on the forward queue",
-            runtime=LAMBDA_RUNTIME,
-            architecture=lambda_architecture(architecture),
             handler=STAGER_HANDLER,
             code=code,
             memory_size=STAGER_MEMORY_MB,
@@ -318,8 +315,6 @@ class ForwardingStack(Stack):
             reserved_concurrent_executions=1,
             retry_attempts=0,
             max_event_age=Duration.minutes(2),
-            role=role,
-            log_group=log_group,
             environment=_checked_environment(
                 "stager",
                 {
@@ -382,20 +377,18 @@ class ForwardingStack(Stack):
             "Each refused batch is written under the dead-letter prefix as <date>/<messageId>.json, names known "
             "only at run time; the forwarder may write nowhere else.",
         )
-        log_group = logs.LogGroup(self, "ForwarderLogGroup", retention=log_retention(log_retention_days))
-        log_group.grant_write(role)
-        function = lambda_.Function(
+        function = python_function(
             self,
             "Forwarder",
+            role=role,
+            architecture=architecture,
+            log_retention_days=log_retention_days,
+            log_group_id="ForwarderLogGroup",
             description="meterlake: sends queued meter records to Amberflo",
-            runtime=LAMBDA_RUNTIME,
-            architecture=lambda_architecture(architecture),
             handler=FORWARDER_HANDLER,
             code=code,
             memory_size=FORWARDER_MEMORY_MB,
             timeout=FORWARDER_TIMEOUT,
-            role=role,
-            log_group=log_group,
             environment=_checked_environment(
                 "forwarder",
                 {

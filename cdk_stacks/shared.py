@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from aws_cdk import Acknowledgment, Stack, Validations
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
-from constructs import IConstruct
+from constructs import Construct, IConstruct
 
 from meterlake.config import LOG_RETENTION_DAYS
 
@@ -56,6 +57,31 @@ def log_retention(days: int) -> logs.RetentionDays:
 def lambda_architecture(name: str) -> lambda_.Architecture:
     """CDK's architecture for the config's ``arm64`` / ``x86_64``."""
     return {"arm64": lambda_.Architecture.ARM_64, "x86_64": lambda_.Architecture.X86_64}[name]
+
+
+def python_function(
+    scope: Construct,
+    construct_id: str,
+    *,
+    role: iam.IRole,
+    architecture: str,
+    log_retention_days: int,
+    log_group_id: str,
+    **props: Any,
+) -> lambda_.Function:
+    """A Lambda on the project's Python runtime with its own log group (retention from the config) that only its
+    role may write: every function of the app is built this way."""
+    log_group = logs.LogGroup(scope, log_group_id, retention=log_retention(log_retention_days))
+    log_group.grant_write(role)
+    return lambda_.Function(
+        scope,
+        construct_id,
+        runtime=LAMBDA_RUNTIME,
+        architecture=lambda_architecture(architecture),
+        role=role,
+        log_group=log_group,
+        **props,
+    )
 
 
 def acknowledge(scope: IConstruct, finding: str, reason: str) -> None:

@@ -7,18 +7,14 @@ from typing import Any, Final
 
 from aws_cdk import Duration, Stack
 from aws_cdk import aws_iam as iam
-from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_logs as logs
 from constructs import Construct
 
 from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code, project_requirements
 from cdk_stacks.shared import (
     LAMBDA_PYTHON_VERSION,
-    LAMBDA_RUNTIME,
     LAMBDA_RUNTIME_REASON,
     acknowledge,
-    lambda_architecture,
-    log_retention,
+    python_function,
 )
 from transform_lambda.handler import (
     ENV_DATABASE,
@@ -70,28 +66,26 @@ class TransformStack(Stack):
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        log_group = logs.LogGroup(self, "LogGroup", retention=log_retention(log_retention_days))
         role = iam.Role(
             self,
             "Role",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description="meterlake transform Lambda: writes its own logs, nothing else",
         )
-        log_group.grant_write(role)
         target = PythonTarget.for_lambda(architecture=architecture, python_version=LAMBDA_PYTHON_VERSION)
-        self.function = lambda_.Function(
+        self.function = python_function(
             self,
             "Function",
+            role=role,
+            architecture=architecture,
+            log_retention_days=log_retention_days,
+            log_group_id="LogGroup",
             description="meterlake: API Gateway access-log lines -> metering events for the Iceberg table",
-            runtime=LAMBDA_RUNTIME,
-            architecture=lambda_architecture(architecture),
             handler=TRANSFORM_HANDLER,
             code=lambda_code(transform_bundle(target)),
             memory_size=memory_mb,
             # Firehose waits at most 5 minutes for a processor; a full 6 MB batch takes well under a second.
             timeout=Duration.minutes(1),
-            role=role,
-            log_group=log_group,
             environment={
                 ENV_DATABASE: database_name,
                 ENV_TABLE: table_name,
