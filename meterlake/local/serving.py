@@ -135,6 +135,8 @@ class BackgroundServer:
                     log_config=None,
                     log_level="warning",
                     access_log=False,
+                    # Nothing sits in front of a loopback server: no X-Forwarded-* to trust, and no middleware.
+                    proxy_headers=False,
                     lifespan=lifespan,
                     # Annotated int, but only ever handed to asyncio.wait_for: a float works and lets tests be quick.
                     timeout_graceful_shutdown=graceful_shutdown_s,  # type: ignore[arg-type]
