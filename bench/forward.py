@@ -40,7 +40,8 @@ import pyarrow as pa
 
 from meterlake.amberflo.forwarder import DeadLetter, EncodedBatch, Forwarder, GaveUp, SendOutcome, Sent, encode_batch
 from meterlake.amberflo.server import FaultKind, FaultPlan, LocalAmberflo, ServerStats
-from meterlake.meters import DEFAULT_METERS, AmberfloSettings, meter_records
+from meterlake.amberflo.settings import AmberfloSettings
+from meterlake.meters import DEFAULT_METERS, meter_records
 
 TARGET_SPEEDUP = 3.0
 FULL_RECORDS = 50_000

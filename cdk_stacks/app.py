@@ -145,6 +145,7 @@ def build_app(config: Config, *, outdir: str | None = None, env: Environment | N
         amberflo=config.amberflo,
         architecture=aws.lambda_architecture,
         log_retention_days=aws.log_retention_days,
+        alarm_email=aws.alarm_email,
     )
     # Explicit, so `cdk deploy <Stack>` order is the documented one even where no token crosses stacks.
     delivery.add_stack_dependency(storage)

@@ -1,8 +1,10 @@
 """Forwarding: committed metering events -> SQS -> Amberflo, by a scheduled stager and an SQS-driven forwarder.
 
-Both Lambdas run ``meterlake.aws.forwarding`` from one asset: the stager reads the Iceberg table through Glue and
-fills the queue; the forwarder sends each message through the same Forwarder as the local runtime. Deployable on its
-own once the Delivery stack (and so the table) exists.
+The stager (``meterlake.aws.staging``) reads the Iceberg table through Glue and fills the queue; the forwarder
+(``meterlake.aws.forwarding``) sends each message through the same Forwarder as the local runtime. Each has its own
+asset: the forwarder's holds no Arrow, DuckDB or Iceberg, so it is a few MB and starts fast. Every alarm notifies one
+KMS-encrypted SNS topic (with an e-mail subscription if the config names an address). Deployable on its own once the
+Delivery stack (and so the table) exists.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ from typing import Any, Final
 
 from aws_cdk import ArnFormat, CfnOutput, Duration, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
+from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
@@ -31,56 +37,48 @@ from cdk_stacks.shared import (
     acknowledge_resources,
     python_function,
 )
+from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.aws.forwarding import (
-    CHECKPOINT_KEY,
     DEAD_LETTER_PREFIX,
     ENV_AMBERFLO,
-    ENV_BATCH_SIZE,
     ENV_BUCKET,
+    ENV_SECRET_JSON_KEY,
+    ENV_SECRET_NAME,
+    FORWARDER_SERVICE,
+    METRICS_NAMESPACE,
+    render_amberflo_settings,
+)
+from meterlake.aws.staging import (
+    CHECKPOINT_KEY,
+    ENV_BATCH_SIZE,
     ENV_DATABASE,
     ENV_METERS,
     ENV_QUEUE_URL,
-    ENV_SECRET_JSON_KEY,
-    ENV_SECRET_NAME,
     ENV_TABLE,
-    FORWARDER_SERVICE,
-    METRICS_NAMESPACE,
     STAGER_SERVICE,
-    render_amberflo_settings,
     render_meters,
 )
-from meterlake.meters import AmberfloSettings, Meter
+from meterlake.meters import Meter
 
-#: What the handlers import: the forwarding module, the shared outbox reader and forwarder, and the core they use.
-FORWARDING_SOURCES: Final = (
-    ("meterlake/__init__.py", "meterlake/__init__.py"),
-    ("meterlake/aws/__init__.py", "meterlake/aws/__init__.py"),
-    ("meterlake/aws/forwarding.py", "meterlake/aws/forwarding.py"),
-    ("meterlake/amberflo/__init__.py", "meterlake/amberflo/__init__.py"),
-    ("meterlake/amberflo/forwarder.py", "meterlake/amberflo/forwarder.py"),
-    ("meterlake/amberflo/outbox.py", "meterlake/amberflo/outbox.py"),
-    ("meterlake/local/__init__.py", "meterlake/local/__init__.py"),
-    ("meterlake/local/home.py", "meterlake/local/home.py"),
-    ("meterlake/meters.py", "meterlake/meters.py"),
-    ("meterlake/schema.py", "meterlake/schema.py"),
-    ("meterlake/structs.py", "meterlake/structs.py"),
-    ("meterlake/records.py", "meterlake/records.py"),
+
+def _as_is(*paths: str) -> tuple[tuple[str, str], ...]:
+    """Sources copied to the same path inside a bundle."""
+    return tuple((path, path) for path in paths)
+
+
+#: What the forwarder imports: the forwarder and its settings, and the module with its handler. Nothing heavier.
+FORWARDER_SOURCES: Final = _as_is(
+    "meterlake/__init__.py",
+    "meterlake/structs.py",
+    "meterlake/aws/__init__.py",
+    "meterlake/aws/forwarding.py",
+    "meterlake/amberflo/__init__.py",
+    "meterlake/amberflo/forwarder.py",
+    "meterlake/amberflo/settings.py",
 )
-#: Third-party packages those modules import (meters.py imports duckdb and sqlglot at module level).
-FORWARDING_REQUIREMENTS: Final = (
-    "msgspec",
-    "aws-lambda-powertools",
-    "pyiceberg",
-    "pyarrow",
-    "duckdb",
-    "sqlglot",
-    "httpx",
-)
-#: Left out of the asset to stay under Lambda's 250 MB unzipped (measured: ~229 MB arm64, ~251 MB x86_64 of
-#: 262,144,000 bytes): boto3/botocore come with the Python runtime; Arrow Flight, Arrow's C++ headers and tests,
-#: the unversioned copies of libraries loaded by their soname, zstandard's cffi backend (its C backend is used)
-#: and pyiceberg's CLI (rich, pygments) are never imported.
-FORWARDING_PRUNE: Final = (
+FORWARDER_REQUIREMENTS: Final = ("msgspec", "aws-lambda-powertools", "httpx", "isal")
+#: The AWS SDK comes with the Python runtime (should a requirement pull it in); pip's scripts are never run.
+FORWARDER_PRUNE: Final = (
     "boto3",
     "boto3-*.dist-info",
     "botocore",
@@ -88,6 +86,25 @@ FORWARDING_PRUNE: Final = (
     "s3transfer",
     "s3transfer-*.dist-info",
     "bin",
+)
+#: What the stager imports besides: its module, the outbox's snapshot reader, the meters and the core they use.
+STAGER_SOURCES: Final = FORWARDER_SOURCES + _as_is(
+    "meterlake/aws/staging.py",
+    "meterlake/amberflo/outbox.py",
+    "meterlake/local/__init__.py",
+    "meterlake/local/home.py",
+    "meterlake/meters.py",
+    "meterlake/schema.py",
+    "meterlake/records.py",
+)
+#: Third-party packages those modules import (meters.py imports duckdb and sqlglot at module level).
+STAGER_REQUIREMENTS: Final = (*FORWARDER_REQUIREMENTS, "pyiceberg", "pyarrow", "duckdb", "sqlglot")
+#: Left out of the asset to stay under Lambda's 250 MB unzipped (measured: ~225 MB arm64, ~246 MB x86_64 of
+#: 262,144,000 bytes): besides the forwarder's, Arrow Flight, Arrow's C++ headers and tests, the unversioned copies
+#: of libraries loaded by their soname, zstandard's cffi backend (its C backend is used) and pyiceberg's CLI (rich,
+#: pygments) are never imported.
+STAGER_PRUNE: Final = (
+    *FORWARDER_PRUNE,
     "pyarrow/include",
     "pyarrow/tests",
     "pyarrow/*flight*",
@@ -98,15 +115,15 @@ FORWARDING_PRUNE: Final = (
     "rich",
     "pygments",
 )
-STAGER_HANDLER: Final = "meterlake.aws.forwarding.stager_handler"
+STAGER_HANDLER: Final = "meterlake.aws.staging.stager_handler"
 FORWARDER_HANDLER: Final = "meterlake.aws.forwarding.forwarder_handler"
 
 #: The stager reads whole snapshots' data files into Arrow: memory is its limit, CPU scales with it.
 STAGER_MEMORY_MB: Final = 2048
 STAGER_TIMEOUT: Final = Duration.minutes(5)
 STAGER_SCHEDULE: Final = Duration.minutes(1)
-#: pyarrow, duckdb and pyiceberg are imported by meters.py, so the forwarder loads them too.
-FORWARDER_MEMORY_MB: Final = 512
+#: The forwarder waits on Amberflo; its CPU work per batch (an HTTPS request) is small.
+FORWARDER_MEMORY_MB: Final = 256
 FORWARDER_TIMEOUT: Final = Duration.minutes(3)
 #: Messages per forwarder invocation: five batches of <= 100 records, each with its own retry budget.
 FORWARDER_BATCH_SIZE: Final = 5
@@ -130,13 +147,19 @@ class EnvironmentTooLargeError(ValueError):
     """A Lambda's environment (e.g. many meters rendered as JSON) exceeds Lambda's 4 KB limit."""
 
 
-def forwarding_bundle(target: PythonTarget) -> PythonBundle:
-    """The asset both forwarding Lambdas run, for ``target``."""
-    pins = project_requirements(FORWARDING_REQUIREMENTS)
+def stager_bundle(target: PythonTarget) -> PythonBundle:
+    """The stager Lambda's asset, for ``target``."""
+    pins = project_requirements(STAGER_REQUIREMENTS)
     # pyproject pins pyiceberg with the local runtime's extras (SQLite catalog); the Lambdas use Glue through the
     # runtime's boto3, so the same version range without extras.
     requirements = tuple(re.sub(r"\[[^\]]*\]", "", pin) for pin in pins)
-    return PythonBundle(sources=FORWARDING_SOURCES, requirements=requirements, target=target, prune=FORWARDING_PRUNE)
+    return PythonBundle(sources=STAGER_SOURCES, requirements=requirements, target=target, prune=STAGER_PRUNE)
+
+
+def forwarder_bundle(target: PythonTarget) -> PythonBundle:
+    """The forwarder Lambda's asset, for ``target``."""
+    requirements = project_requirements(FORWARDER_REQUIREMENTS)
+    return PythonBundle(sources=FORWARDER_SOURCES, requirements=requirements, target=target, prune=FORWARDER_PRUNE)
 
 
 def _checked_environment(name: str, environment: dict[str, str]) -> dict[str, str]:
@@ -152,9 +175,13 @@ def _checked_environment(name: str, environment: dict[str, str]) -> dict[str, st
 class ForwardingStack(Stack):
     """The forward queue and its dead-letter queue, the stager and forwarder Lambdas, their schedule and alarms.
 
+    With ``amberflo.dry_run`` the forwarder's queue subscription is created disabled: the stager still queues every
+    committed record (kept 14 days), nothing is sent, and switching the flag off and redeploying drains the backlog.
+
     Attributes:
         queue / dead_letter_queue: the records on their way to Amberflo, and those SQS gave up redelivering.
         stager / forwarder: the two Lambdas.
+        alarm_topic: the SNS topic every alarm notifies.
     """
 
     def __init__(
@@ -170,16 +197,13 @@ class ForwardingStack(Stack):
         amberflo: AmberfloSettings,
         architecture: str,
         log_retention_days: int,
+        alarm_email: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
         bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)
-        code = lambda_code(
-            forwarding_bundle(
-                PythonTarget.for_lambda(
-                    architecture=architecture, python_version=LAMBDA_PYTHON_VERSION, glibc_2_28=True
-                )
-            )
+        target = PythonTarget.for_lambda(
+            architecture=architecture, python_version=LAMBDA_PYTHON_VERSION, glibc_2_28=True
         )
 
         self.dead_letter_queue = sqs.Queue(
@@ -205,7 +229,7 @@ class ForwardingStack(Stack):
         )
 
         self.stager = self._stager(
-            code,
+            lambda_code(stager_bundle(target)),
             bucket=bucket,
             database_name=database_name,
             table_name=table_name,
@@ -216,7 +240,11 @@ class ForwardingStack(Stack):
             log_retention_days=log_retention_days,
         )
         self.forwarder = self._forwarder(
-            code, bucket=bucket, amberflo=amberflo, architecture=architecture, log_retention_days=log_retention_days
+            lambda_code(forwarder_bundle(target)),
+            bucket=bucket,
+            amberflo=amberflo,
+            architecture=architecture,
+            log_retention_days=log_retention_days,
         )
         events.Rule(
             self,
@@ -225,6 +253,7 @@ class ForwardingStack(Stack):
             schedule=events.Schedule.rate(STAGER_SCHEDULE),
             targets=[targets.LambdaFunction(self.stager, retry_attempts=0)],
         )
+        self.alarm_topic = self._alarm_topic(alarm_email)
         self._alarms()
 
         CfnOutput(self, "ForwardQueueUrl", value=self.queue.queue_url, description="Records on their way to Amberflo")
@@ -406,12 +435,34 @@ class ForwardingStack(Stack):
                 self.queue,
                 batch_size=FORWARDER_BATCH_SIZE,
                 report_batch_item_failures=True,
+                enabled=not amberflo.dry_run,
                 # The config's requests in flight to Amberflo (SQS's minimum is 2).
                 max_concurrency=max(2, amberflo.concurrency),
             )
         )
         acknowledge(function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)
         return function
+
+    def _alarm_topic(self, email: str | None) -> sns.Topic:
+        """The topic the alarms notify, encrypted with a key CloudWatch may use (SNS's AWS-managed key it may not)."""
+        key = kms.Key(
+            self,
+            "AlarmTopicKey",
+            description="meterlake: encrypts the forwarding alarms' SNS topic",
+            enable_key_rotation=True,
+        )
+        key.grant(iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*")
+        topic = sns.Topic(
+            self,
+            "AlarmTopic",
+            display_name="meterlake forwarding alarms",
+            master_key=key,
+            enforce_ssl=True,
+        )
+        if email is not None:
+            topic.add_subscription(subscriptions.EmailSubscription(email))
+        CfnOutput(self, "AlarmTopicArn", value=topic.topic_arn, description="Subscribe here to the forwarding alarms")
+        return topic
 
     def _alarms(self) -> None:
         period = Duration.minutes(5)
@@ -470,3 +521,9 @@ class ForwardingStack(Stack):
             evaluation_periods=1,
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
+        # Every alarm of the stack, this one's and any added later, notifies the topic when it fires and clears.
+        action = cloudwatch_actions.SnsAction(self.alarm_topic)
+        for child in self.node.children:
+            if isinstance(child, cloudwatch.Alarm):
+                child.add_alarm_action(action)
+                child.add_ok_action(action)

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from meterlake.meters import DEFAULT_METERS, AmberfloSettings, Meter, check_meters
+from meterlake.amberflo.settings import AmberfloSettings
+from meterlake.meters import DEFAULT_METERS, Meter, check_meters
 from meterlake.structs import ConfigSection
 
 #: Firehose requires this prefix on a delivery stream that receives API Gateway access logs.
@@ -133,6 +134,8 @@ class AwsDeployment(ConfigSection, frozen=True):
     snapshots_to_retain: Annotated[int, Meta(ge=1, le=1000)] = 1
     #: Files no snapshot references are deleted by the Glue orphan-file optimizer after this many days.
     orphan_file_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 3
+    #: Where the forwarding alarms' SNS topic sends e-mail (the address confirms the subscription); None: no e-mail.
+    alarm_email: Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None = None
 
     def __post_init__(self) -> None:
         if self.log_retention_days not in LOG_RETENTION_DAYS:

@@ -38,13 +38,13 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot
 
 from meterlake.amberflo.forwarder import DeadLetter, EncodedBatch, Forwarder, GaveUp, SendOutcome, encode_batch
+from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.local.home import DataDir
 from meterlake.meters import (
     DEFAULT_METERS,
     REQUEST_ID_COLUMN,
     TENANT_COLUMN,
     TIME_COLUMN,
-    AmberfloSettings,
     Meter,
     check_meters,
     meter_records,

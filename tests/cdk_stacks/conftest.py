@@ -38,7 +38,15 @@ TEST_CONTEXT: dict[str, Any] = {
             "snapshot_retention_days": 4,
             "snapshots_to_retain": 6,
             "orphan_file_retention_days": 8,
+            "alarm_email": "billing-oncall@example.com",
         },
+    },
+    "amberflo": {
+        "base_url": "https://amberflo.example.test/v1",
+        "concurrency": 6,
+        "dry_run": True,
+        "api_key_secret_name": "team/amberflo",
+        "api_key_secret_json_key": "ingestKey",
     },
 }
 

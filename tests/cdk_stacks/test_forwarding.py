@@ -16,27 +16,24 @@ import jmespath  # type: ignore[import-untyped]
 import msgspec
 import s3transfer  # type: ignore[import-untyped]
 import six  # type: ignore[import-untyped]
+import urllib3
 from aws_cdk.assertions import Template
 
 from cdk_stacks.app import MeterlakeStacks
-from cdk_stacks.bundling import PythonTarget
+from cdk_stacks.bundling import PythonBundle, PythonTarget
 from cdk_stacks.forwarding import (
     FORWARDER_HANDLER,
     FORWARDER_TIMEOUT,
     MAX_RECEIVE_COUNT,
     STAGER_HANDLER,
-    forwarding_bundle,
+    forwarder_bundle,
+    stager_bundle,
 )
-from meterlake.aws.forwarding import (
-    ENV_AMBERFLO,
-    ENV_METERS,
-    ENV_SECRET_JSON_KEY,
-    ENV_SECRET_NAME,
-    FORWARDER_SERVICE,
-    STAGER_SERVICE,
-)
+from meterlake.amberflo.settings import AmberfloSettings
+from meterlake.aws.forwarding import ENV_AMBERFLO, ENV_SECRET_JSON_KEY, ENV_SECRET_NAME, FORWARDER_SERVICE
+from meterlake.aws.staging import ENV_METERS, STAGER_SERVICE
 from meterlake.config import Config
-from meterlake.meters import AmberfloSettings, parse_meters
+from meterlake.meters import parse_meters
 from tests.cdk_stacks.conftest import resources_of
 
 STACK = "MeterlakeForwarding"
@@ -150,26 +147,32 @@ def test_policies_name_the_table_queue_checkpoint_secret_and_dead_letter_prefix(
     assert [sorted(g["Properties"]["Permissions"]) for g in grants] == [["DESCRIBE", "SELECT"]]
 
 
-def test_bundle_alone_imports_both_handlers(tmp_path: Path) -> None:
-    """The same bundle (and pruning), built for this machine, imports with nothing else on sys.path."""
-    local = PythonTarget(
+def _local_target() -> PythonTarget:
+    """This machine's platform and Python: a bundle built for it can be imported here."""
+    return PythonTarget(
         platform="manylinux2014_x86_64",
         python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
         extra_platforms=("manylinux_2_28_x86_64",),
     )
+
+
+def _import_alone(bundle: PythonBundle, handler: str, tmp_path: Path) -> tuple[Path, list[str]]:
+    """Build ``bundle`` for this machine and import ``handler`` from it under ``python -I -S`` with only what the
+    Lambda runtime adds (the AWS SDK); the bundle's directory and the heavy modules that import loaded."""
     bundle_dir = tmp_path / "bundle"
-    forwarding_bundle(local).build(bundle_dir)
-    # What the Lambda Python runtime provides besides the bundle: the AWS SDK and its dependencies.
+    bundle.build(bundle_dir)
     runtime_dir = tmp_path / "runtime"
     runtime_dir.mkdir()
-    for module in (boto3, botocore, s3transfer, jmespath, dateutil):
+    for module in (boto3, botocore, s3transfer, jmespath, dateutil, urllib3):
         source = Path(module.__file__ or "").parent
         (runtime_dir / source.name).symlink_to(source)
     six_file = Path(six.__file__ or "")
     (runtime_dir / six_file.name).symlink_to(six_file)
+    module, function = handler.rsplit(".", 1)
     script = (
-        "import sys; sys.path[:0] = sys.argv[1:]; import meterlake.aws.forwarding as f; "
-        f"assert callable(f.{STAGER_HANDLER.rsplit('.', 1)[1]}) and callable(f.{FORWARDER_HANDLER.rsplit('.', 1)[1]})"
+        f"import sys, importlib; sys.path[:0] = sys.argv[1:]; m = importlib.import_module({module!r}); "
+        f"assert callable(m.{function}); "
+        "print(','.join(n for n in ('pyarrow', 'duckdb', 'pyiceberg', 'sqlglot') if n in sys.modules))"
     )
     result = subprocess.run(
         [sys.executable, "-I", "-S", "-c", script, str(bundle_dir), str(runtime_dir)],
@@ -178,4 +181,58 @@ def test_bundle_alone_imports_both_handlers(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return bundle_dir, [name for name in result.stdout.strip().split(",") if name]
+
+
+def _size_mb(directory: Path) -> float:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) / 1e6
+
+
+def test_stager_bundle_alone_imports_its_handler(tmp_path: Path) -> None:
+    """The stager's bundle (and pruning), built for this machine, imports with nothing else on sys.path."""
+    bundle_dir, heavy = _import_alone(stager_bundle(_local_target()), STAGER_HANDLER, tmp_path)
+    assert {"pyarrow", "pyiceberg"} <= set(heavy)
     assert not (bundle_dir / "botocore").exists()
+
+
+def test_forwarder_bundle_is_small_and_imports_no_arrow_or_iceberg(tmp_path: Path) -> None:
+    """The forwarder's own bundle holds no Arrow, DuckDB or Iceberg, and its handler imports without them."""
+    bundle_dir, heavy = _import_alone(forwarder_bundle(_local_target()), FORWARDER_HANDLER, tmp_path)
+    assert heavy == []
+    assert not any((bundle_dir / name).exists() for name in ("pyarrow", "duckdb", "pyiceberg", "botocore"))
+    assert _size_mb(bundle_dir) < 30
+
+
+def test_a_dry_run_config_leaves_the_forwarder_unsubscribed(
+    templates: dict[str, Template], test_config: Config
+) -> None:
+    assert test_config.amberflo.dry_run
+    (mapping,) = resources_of(templates[STACK], "AWS::Lambda::EventSourceMapping").values()
+    assert mapping["Properties"]["Enabled"] is False
+    (queue, _, _) = _queues(templates[STACK])
+    assert queue["MessageRetentionPeriod"] == 14 * 24 * 3600
+
+
+def test_every_alarm_notifies_the_encrypted_topic_and_its_subscriber(
+    templates: dict[str, Template], test_config: Config
+) -> None:
+    template = templates[STACK]
+    ((topic_id, topic),) = resources_of(template, "AWS::SNS::Topic").items()
+    ((key_id, key),) = resources_of(template, "AWS::KMS::Key").items()
+    assert topic["Properties"]["KmsMasterKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}
+    assert key["Properties"]["EnableKeyRotation"] is True
+    cloudwatch_grants = [
+        statement
+        for statement in key["Properties"]["KeyPolicy"]["Statement"]
+        if statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    ]
+    (grant,) = cloudwatch_grants
+    assert set(grant["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
+    alarms = resources_of(template, "AWS::CloudWatch::Alarm").values()
+    assert len(alarms) == 4
+    for alarm in alarms:
+        assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
+        assert alarm["Properties"]["OKActions"] == [{"Ref": topic_id}]
+    (subscription,) = resources_of(template, "AWS::SNS::Subscription").values()
+    assert subscription["Properties"]["Protocol"] == "email"
+    assert subscription["Properties"]["Endpoint"] == test_config.meterlake.aws.alarm_email

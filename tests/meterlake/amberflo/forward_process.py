@@ -11,8 +11,8 @@ import sys
 
 from meterlake.amberflo.forwarder import Forwarder
 from meterlake.amberflo.outbox import Outbox
+from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.local.home import DataDir
-from meterlake.meters import AmberfloSettings
 from tests.meterlake.amberflo.lake import metering_table
 
 

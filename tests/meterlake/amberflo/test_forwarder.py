@@ -24,7 +24,7 @@ from meterlake.amberflo.forwarder import (
     parse_retry_after,
 )
 from meterlake.amberflo.server import FaultKind, FaultPlan, LocalAmberflo
-from meterlake.meters import AmberfloSettings
+from meterlake.amberflo.settings import AmberfloSettings
 
 KEY = "local-api-key"
 T0 = 1_764_000_000_000

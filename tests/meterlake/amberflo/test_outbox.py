@@ -28,8 +28,9 @@ from meterlake.amberflo.outbox import (
     OutboxTableMismatchError,
 )
 from meterlake.amberflo.server import FaultPlan, LocalAmberflo
+from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.local.home import DataDir
-from meterlake.meters import DEFAULT_METERS, AmberfloSettings, expected_usage, meter_records, usage_of
+from meterlake.meters import DEFAULT_METERS, expected_usage, meter_records, usage_of
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA
 from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
 

@@ -13,6 +13,8 @@ import requests
 from moto import mock_aws
 
 REGION = "us-east-1"
+#: The lake bucket of the forwarding tests (checkpoint, dead letters).
+LAKE_BUCKET = "meterlake-test-lake"
 #: moto's endpoint for queueing the rows Athena's GetQueryResults returns (moto runs no SQL).
 ATHENA_RESULTS_API = "http://motoapi.amazonaws.com/moto-api/static/athena/query-results"
 
@@ -33,6 +35,20 @@ def moto(aws_env: None) -> Iterator[None]:
     """Every boto3 call in the test goes to moto's in-memory AWS."""
     with mock_aws():
         yield
+
+
+@pytest.fixture
+def lake_aws(moto: None) -> Iterator[tuple[Any, Any]]:
+    """S3 (with the lake bucket) and SQS clients; the forwarding Lambdas' cached settings and clients forgotten."""
+    from meterlake.aws import forwarding, staging
+
+    s3 = boto3.client("s3", region_name=REGION)
+    s3.create_bucket(Bucket=LAKE_BUCKET)
+    forwarding.reset_caches()
+    staging.reset_caches()
+    yield s3, boto3.client("sqs", region_name=REGION)
+    forwarding.reset_caches()
+    staging.reset_caches()
 
 
 @pytest.fixture
