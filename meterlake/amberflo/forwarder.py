@@ -364,24 +364,28 @@ class Forwarder:
             self._runs.put(run)
         complete = True
         error: BaseException | None = None
-        while senders:
-            answer = run.answers.get()
-            if answer is None:
-                senders -= 1
-                continue
-            if isinstance(answer, BaseException):
-                error = error or answer
-                run.stopped = True
-                continue
-            key, batch, outcome = answer
-            if isinstance(outcome, GaveUp):
-                complete = False
-            if error is None:
-                try:
-                    on_outcome(key, batch, outcome)
-                except BaseException as exc:  # re-raised below, once the senders are done
-                    error = exc
+        try:
+            while senders:
+                answer = run.answers.get()
+                if answer is None:
+                    senders -= 1
+                    continue
+                if isinstance(answer, BaseException):
+                    error = error or answer
                     run.stopped = True
+                    continue
+                key, batch, outcome = answer
+                if isinstance(outcome, GaveUp):
+                    complete = False
+                if error is None:
+                    try:
+                        on_outcome(key, batch, outcome)
+                    except BaseException as exc:  # re-raised below, once the senders are done
+                        error = exc
+                        run.stopped = True
+        except BaseException:
+            run.stopped = True  # interrupted while waiting: the senders start no further batch
+            raise
         if error is not None:
             raise error
         return complete and run.exhausted and not run.stopped

@@ -1039,6 +1039,13 @@ def _read_lines(path: Path) -> Iterator[bytes]:
                 yield stripped
 
 
+def _print_ack(acked: int) -> None:
+    """One ``acked N`` line, written in a single call: the transform's logger shares stdout from the flush thread, and
+    print()'s separate write of the newline could let a log record land inside the line."""
+    sys.stdout.write(f"acked {acked}\n")
+    sys.stdout.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m meterlake.local.stream ingest --home DIR [--config FILE] [--batch N] FILE``: put, ack, flush."""
     parser = argparse.ArgumentParser(prog="python -m meterlake.local.stream")
@@ -1053,9 +1060,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         with DeliveryStream(config=config, data_dir=DataDir.resolve(args.home)) as stream:
             stream.start()
-            ingest_lines(
-                stream, _read_lines(args.file), batch=args.batch, on_ack=lambda n: print(f"acked {n}", flush=True)
-            )
+            ingest_lines(stream, _read_lines(args.file), batch=args.batch, on_ack=_print_ack)
             report = stream.close()
     except StreamError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -196,6 +196,43 @@ def test_forward_stops_starting_batches_after_giving_up_and_on_halt(server: Loca
         assert all(isinstance(o, GaveUp) and "halted" in o.last_error for o in outcomes)
 
 
+def test_an_error_in_on_outcome_stops_the_run_and_is_raised_after_the_batches_in_flight(
+    server: LocalAmberflo,
+) -> None:
+    batches = [(i, encode_batch(records(i, 1))) for i in range(500)]
+    pulled: list[int] = []
+
+    def source() -> Iterator[tuple[int, EncodedBatch]]:
+        for key, batch in batches:
+            pulled.append(key)
+            yield key, batch
+
+    def full_store(_key: int, _batch: EncodedBatch, _outcome: SendOutcome) -> None:
+        raise RuntimeError("the outbox is full")
+
+    with Forwarder(fast_settings(server, concurrency=3)) as forwarder:
+        with pytest.raises(RuntimeError, match="the outbox is full"):
+            forwarder.forward(source(), full_store, api_key=KEY)
+        stopped_at = len(pulled)
+        time.sleep(0.2)
+        assert len(pulled) == stopped_at < len(batches)
+        # Every batch pulled was answered before forward() returned, and the forwarder still works afterwards.
+        assert len(server.accepted_unique_ids()) == stopped_at
+        answered: list[int] = []
+        assert forwarder.forward(batches[:4], lambda key, _b, _o: answered.append(key), api_key=KEY)
+        assert sorted(answered) == [0, 1, 2, 3]
+
+
+def test_an_error_from_the_batches_is_raised_by_forward(server: LocalAmberflo) -> None:
+    def broken() -> Iterator[tuple[int, EncodedBatch]]:
+        yield 0, encode_batch(records(0, 5))
+        raise ValueError("record 5 is not JSON")
+
+    with Forwarder(fast_settings(server, concurrency=2)) as forwarder, pytest.raises(ValueError, match="not JSON"):
+        forwarder.forward(broken(), lambda *_: None, api_key=KEY)
+    assert len(server.accepted_unique_ids()) == 5
+
+
 def test_batches_above_100_records_are_refused() -> None:
     with pytest.raises(BatchTooLargeError, match="at most 100 records, got 101"):
         encode_batch(records(0, 101))

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -443,8 +444,9 @@ def test_kill_9_mid_ingest_then_restart_loses_nothing_acked_and_repeats_nothing(
     assert first.stdout is not None
     acked = 0
     for output in first.stdout:
-        if output.startswith("acked "):
-            acked = int(output.split()[1])
+        # Only whole "acked N" lines: the transform's log records share the pipe.
+        if match := re.fullmatch(r"acked (\d+)\n?", output):
+            acked = int(match.group(1))
             if acked >= kill_after:
                 first.send_signal(signal.SIGKILL)
                 break
