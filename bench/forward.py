@@ -370,6 +370,7 @@ def run(quick: bool = False) -> dict[str, object]:
             f"forward_{key}meterlake_records_per_s_median": round(statistics.median(ours_rates)),
             f"forward_{key}sdk_records_per_s": round(max(sdk_rates)),
             f"forward_{key}sdk_records_per_s_median": round(statistics.median(sdk_rates)),
+            f"forward_{key}sdk_offered_records_per_s_median": round(statistics.median(r.offered_rate for r in sdk)),
             f"forward_{key}speedup": round(speedup, 2),
             f"forward_{key}speedup_median": round(median_speedup, 2),
             f"forward_{key}meterlake_lost": ours_lost,

@@ -135,6 +135,8 @@ MAX_RECEIVE_COUNT: Final = 10
 #: Visibility timeout: more than six times the forwarder's timeout, as AWS advises for Lambda event sources.
 QUEUE_VISIBILITY: Final = Duration.seconds(FORWARDER_TIMEOUT.to_seconds() * 6 + 60)
 DEAD_LETTER_RETENTION: Final = Duration.days(14)
+#: Alarm when a record has waited on the forward queue this long: four days before SQS's retention drops it.
+MAX_QUEUE_AGE: Final = Duration.days(10)
 #: Alarm when the oldest unforwarded commit is older than this (Firehose itself buffers up to 15 minutes).
 MAX_FORWARD_LAG: Final = Duration.minutes(30)
 #: Lambda's limit on the total size of a function's environment variables.
@@ -459,6 +461,27 @@ class ForwardingStack(Stack):
             master_key=key,
             enforce_ssl=True,
         )
+        # enforce_ssl gives the topic a policy of its own, which replaces SNS's default one: CloudWatch may then
+        # publish only if a statement says so, and only for this account's alarms.
+        topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="CloudWatchAlarmsPublish",
+                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
+                actions=["sns:Publish"],
+                resources=[topic.topic_arn],
+                conditions={
+                    "ArnLike": {
+                        "aws:SourceArn": self.format_arn(
+                            service="cloudwatch",
+                            resource="alarm",
+                            resource_name="*",
+                            arn_format=ArnFormat.COLON_RESOURCE_NAME,
+                        )
+                    },
+                    "StringEquals": {"aws:SourceAccount": self.account},
+                },
+            )
+        )
         if email is not None:
             topic.add_subscription(subscriptions.EmailSubscription(email))
         CfnOutput(self, "AlarmTopicArn", value=topic.topic_arn, description="Subscribe here to the forwarding alarms")
@@ -474,6 +497,17 @@ class ForwardingStack(Stack):
                 period=period, statistic="Maximum"
             ),
             threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
+        cloudwatch.Alarm(
+            self,
+            "ForwardQueueAgeAlarm",
+            alarm_description="Records wait on the forward queue for days (forwarder down, or a dry run left on); SQS "
+            "drops them after 14 days",
+            metric=self.queue.metric_approximate_age_of_oldest_message(period=period, statistic="Maximum"),
+            threshold=MAX_QUEUE_AGE.to_seconds(),
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
             evaluation_periods=1,
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,

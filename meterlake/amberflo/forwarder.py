@@ -57,9 +57,19 @@ _GZIP_WBITS = 31
 _USER_AGENT = b"meterlake-forwarder"
 #: A connection idle this long is checked (one poll) for a server-side close before it is used again.
 _IDLE_CHECK_AFTER_S = 1.0
+#: How often forward() looks at the caller's ``halt`` while it waits for answers.
+_HALT_POLL_S = 0.05
 _JSON_ENCODER = msgspec.json.Encoder()
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
 K = TypeVar("K")
+
+
+class ForwarderClosedError(RuntimeError):
+    """The forwarder was closed: it sends nothing more."""
+
+    def __init__(self) -> None:
+        super().__init__("the forwarder is closed")
 
 
 class BatchTooLargeError(ValueError):
@@ -144,8 +154,9 @@ class ForwarderStats:
 class _Connection:
     """One sending thread's keep-alive connection to Amberflo (direct, or through the environment's proxy).
 
-    Replaced by a fresh one once it closes (a network error, ``Connection: close``) or, after sitting idle, once the
-    server has closed it, so a stale keep-alive connection never costs a failed attempt.
+    Replaced by a fresh one once it closes (a network error, ``Connection: close``) or, after sitting idle for a
+    second or more, once the server has closed it: a keep-alive connection an idle timeout ended (load balancers
+    close them after tens of seconds) costs no failed attempt. A close within the second costs one retry.
     """
 
     def __init__(self, url: httpcore.URL, proxy: str | None, ssl_context: ssl.SSLContext | None) -> None:
@@ -198,18 +209,29 @@ class _Run:
         self.api_key = api_key
         self.halt = halt
         self.lock = threading.Lock()
+        #: Set once the run stops: ends the retries of the batches in flight, as the caller's ``halt`` would.
+        self.stopping = threading.Event()
         #: ``(key, batch, outcome)`` per answered batch, an exception a sending thread met, or None when one is done.
         self.answers: queue.SimpleQueue[tuple[Any, EncodedBatch, SendOutcome] | BaseException | None] = (
             queue.SimpleQueue()
         )
-        self.stopped = False
         self.exhausted = False
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the run was stopped (a batch gave up, an error, the caller's halt) before its batches ran out."""
+        return self.stopping.is_set()
+
+    def stop(self) -> None:
+        """Start no further batch and end the retries of those in flight."""
+        self.stopping.set()
 
     def next_batch(self) -> tuple[Any, EncodedBatch] | None:
         """The next batch to send, or None once the batches are exhausted or the run is stopped or halted."""
         with self.lock:
-            if self.stopped or (self.halt is not None and self.halt.is_set()):
-                self.stopped = True
+            if self.halt is not None and self.halt.is_set():
+                self.stop()
+            if self.stopped:
                 return None
             item = next(self.batches, None)
             if item is None:
@@ -223,7 +245,7 @@ class Forwarder:
     def __init__(self, settings: AmberfloSettings, *, rng: random.Random | None = None) -> None:
         self.settings = settings
         self._url = httpcore.URL(settings.ingest_url)
-        self._host_header = self._url.host + (b":%d" % self._url.port if self._url.port else b"")
+        self._host_header = host_header(self._url)
         self._rng = rng or random.Random()
         self._timeouts = {
             "connect": settings.connect_timeout_s,
@@ -241,23 +263,30 @@ class Forwarder:
         # per-batch hand-over between threads beyond the answer coming back.
         self._runs: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
         self._senders: list[threading.Thread] = []
+        self._closed = False
         self._lock = threading.Lock()
         self._stats = ForwarderStats()
 
     def _connection(self) -> _Connection:
         connection: _Connection | None = getattr(self._local, "connection", None)
         if connection is None:
-            connection = self._local.connection = _Connection(self._url, self._proxy, self._ssl_context)
             with self._lock:
+                if self._closed:
+                    raise ForwarderClosedError
+                connection = self._local.connection = _Connection(self._url, self._proxy, self._ssl_context)
                 self._connections.append(connection)
         return connection
 
     def close(self) -> None:
-        """Stop the sending threads and close every thread's connection."""
+        """Stop the sending threads (after the runs handed to them) and close every thread's connection."""
         with self._lock:
+            if self._closed:
+                return
+            self._closed = True
             senders, self._senders = self._senders, []
-        for _ in senders:
-            self._runs.put(None)
+            # Queued after every run already handed over, under the lock forward() hands runs over with.
+            for _ in senders:
+                self._runs.put(None)
         for sender in senders:
             sender.join()
         with self._lock:
@@ -352,27 +381,29 @@ class Forwarder:
         The sending threads pull the batches (so ``batches`` is iterated from them, one at a time); ``on_outcome`` is
         called in the calling thread as each batch is answered, so it may write to a store that only this thread
         uses. After a :class:`GaveUp` (Amberflo unreachable for the whole budget) or once ``halt`` is set, no
-        further batch is started. An exception from ``batches``, a sending thread or ``on_outcome`` stops the run
-        and is raised here once the batches in flight are answered.
+        further batch is started and the batches in flight stop retrying (they answer GaveUp). An exception from
+        ``batches``, a sending thread or ``on_outcome`` stops the run the same way and is raised here once the
+        batches in flight are answered.
 
         Returns:
             True if every batch got a final answer (Sent or DeadLetter); False if some were left unsent.
+
+        Raises:
+            ForwarderClosedError: the forwarder was closed.
         """
         run = _Run(iter(batches), api_key, halt)
-        senders = self._start_senders()
-        for _ in range(senders):
-            self._runs.put(run)
+        senders = self._hand_over(run)
         complete = True
         error: BaseException | None = None
         try:
             while senders:
-                answer = run.answers.get()
+                answer = run.answers.get() if halt is None else self._answer_or_halt(run, halt)
                 if answer is None:
                     senders -= 1
                     continue
                 if isinstance(answer, BaseException):
                     error = error or answer
-                    run.stopped = True
+                    run.stop()
                     continue
                 key, batch, outcome = answer
                 if isinstance(outcome, GaveUp):
@@ -382,21 +413,41 @@ class Forwarder:
                         on_outcome(key, batch, outcome)
                     except BaseException as exc:  # re-raised below, once the senders are done
                         error = exc
-                        run.stopped = True
+                        run.stop()
         except BaseException:
-            run.stopped = True  # interrupted while waiting: the senders start no further batch
+            run.stop()  # interrupted while waiting: the senders start no further batch and stop retrying
             raise
         if error is not None:
             raise error
         return complete and run.exhausted and not run.stopped
 
-    def _start_senders(self) -> int:
-        """Start the sending threads not yet running; how many there are."""
+    @staticmethod
+    def _answer_or_halt(
+        run: _Run, halt: threading.Event
+    ) -> tuple[Any, EncodedBatch, SendOutcome] | BaseException | None:
+        """The run's next answer; meanwhile a set ``halt`` stops the run (its senders then answer promptly)."""
+        while True:
+            try:
+                return run.answers.get(timeout=_HALT_POLL_S)
+            except queue.Empty:
+                if halt.is_set():
+                    run.stop()
+
+    def _hand_over(self, run: _Run) -> int:
+        """Give ``run`` to every sending thread (started on first use); how many there are.
+
+        Raises:
+            ForwarderClosedError: :meth:`close` was called.
+        """
         with self._lock:
+            if self._closed:
+                raise ForwarderClosedError
             while len(self._senders) < self.settings.concurrency:
                 sender = threading.Thread(target=self._send_runs, name=f"amberflo-{len(self._senders)}", daemon=True)
                 sender.start()
                 self._senders.append(sender)
+            for _ in self._senders:
+                self._runs.put(run)
             return len(self._senders)
 
     def _send_runs(self) -> None:
@@ -405,9 +456,9 @@ class Forwarder:
             try:
                 while (item := run.next_batch()) is not None:
                     key, batch = item
-                    outcome = self.send_batch(batch, api_key=run.api_key, halt=run.halt)
+                    outcome = self.send_batch(batch, api_key=run.api_key, halt=run.stopping)
                     if isinstance(outcome, GaveUp):
-                        run.stopped = True
+                        run.stop()
                     run.answers.put((key, batch, outcome))
             except BaseException as exc:  # handed to the caller, which raises it
                 run.answers.put(exc)
@@ -429,6 +480,14 @@ class Forwarder:
             stats.gave_up_batches += gave_up
             if retry is not None:
                 stats.retries[retry] = stats.retries.get(retry, 0) + 1
+
+
+def host_header(url: httpcore.URL) -> bytes:
+    """The ``Host`` value for ``url``: IPv6 literals in brackets, the port only when it is not the scheme's default."""
+    host = b"[" + url.host + b"]" if b":" in url.host else url.host
+    if url.port is None or url.port == _DEFAULT_PORTS.get(url.scheme):
+        return host
+    return host + b":%d" % url.port
 
 
 def environment_proxy(url: str) -> str | None:

@@ -5,7 +5,8 @@ through the same :class:`Forwarder` as the local runtime. Sent: done. GaveUp (th
 failures): the message is reported in ``batchItemFailures``, SQS redelivers it, and after the queue's maxReceiveCount
 it lands in the dead-letter queue (alarmed). DeadLetter (a permanent 4xx): the records and Amberflo's answer are
 written to ``s3://<bucket>/amberflo/dead-letters/<date>/<messageId>.json`` and the message counts as processed.
-With ``amberflo.dry_run`` nothing is sent: every message is handed back to the queue untouched.
+With ``amberflo.dry_run`` the stack leaves this Lambda unsubscribed; invoked anyway, it sends nothing and hands every
+message back to the queue.
 
 It imports neither pyarrow nor pyiceberg (nor anything that does), so its Lambda asset stays small and starts fast;
 the stager's module imports this one for the names both share.
@@ -252,9 +253,12 @@ def forwarder_handler(event: dict[str, Any], context: LambdaContext) -> dict[str
     """SQS entry point: forward each message's records; answer with the messages SQS must redeliver."""
     settings, forwarder = _forwarder_runtime()
     if settings.amberflo.dry_run:
-        # The stack leaves the queue's event source disabled in a dry run; invoked anyway, send nothing and keep
-        # every message on the queue for when forwarding is switched on.
-        logger.warning("amberflo.dry_run is set: nothing is sent; every message stays on the queue")
+        # The stack leaves the queue's event source disabled in a dry run. Invoked anyway (the subscription enabled
+        # by hand), send nothing and hand every message back; each receive counts toward the dead-letter redrive.
+        logger.error(
+            "amberflo.dry_run is set but the forwarder was invoked: nothing is sent and every message goes back to "
+            "the queue (after maxReceiveCount receives, to its dead-letter queue)"
+        )
         return {"batchItemFailures": [{"itemIdentifier": record["messageId"]} for record in event.get("Records", [])]}
     s3 = _s3()
     secret = parameters.get_secret(settings.secret_name, transform="json", max_age=SECRET_MAX_AGE_S)

@@ -211,6 +211,14 @@ def test_a_dry_run_config_leaves_the_forwarder_unsubscribed(
     assert mapping["Properties"]["Enabled"] is False
     (queue, _, _) = _queues(templates[STACK])
     assert queue["MessageRetentionPeriod"] == 14 * 24 * 3600
+    # A dry run left on too long is alarmed before SQS drops what it kept.
+    ages = [
+        a["Properties"]
+        for a in resources_of(templates[STACK], "AWS::CloudWatch::Alarm").values()
+        if a["Properties"].get("MetricName") == "ApproximateAgeOfOldestMessage"
+    ]
+    (age,) = ages
+    assert age["Threshold"] < queue["MessageRetentionPeriod"]
 
 
 def test_every_alarm_notifies_the_encrypted_topic_and_its_subscriber(
@@ -228,8 +236,18 @@ def test_every_alarm_notifies_the_encrypted_topic_and_its_subscriber(
     ]
     (grant,) = cloudwatch_grants
     assert set(grant["Action"]) == {"kms:Decrypt", "kms:GenerateDataKey*"}
+    (policy,) = resources_of(template, "AWS::SNS::TopicPolicy").values()
+    (publish,) = [
+        statement
+        for statement in policy["Properties"]["PolicyDocument"]["Statement"]
+        if statement["Effect"] == "Allow" and statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+    ]
+    assert publish["Action"] == "sns:Publish"
+    assert publish["Resource"] == {"Ref": topic_id}
+    assert set(publish["Condition"]) == {"ArnLike", "StringEquals"}
+    assert ":alarm:*" in json.dumps(publish["Condition"]["ArnLike"]["aws:SourceArn"])
     alarms = resources_of(template, "AWS::CloudWatch::Alarm").values()
-    assert len(alarms) == 4
+    assert len(alarms) == 5
     for alarm in alarms:
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
         assert alarm["Properties"]["OKActions"] == [{"Ref": topic_id}]

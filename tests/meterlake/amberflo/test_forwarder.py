@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
+import httpcore
 import pytest
 
 from meterlake.amberflo.forwarder import (
@@ -16,11 +17,13 @@ from meterlake.amberflo.forwarder import (
     DeadLetter,
     EncodedBatch,
     Forwarder,
+    ForwarderClosedError,
     GaveUp,
     SendOutcome,
     Sent,
     encode_batch,
     environment_proxy,
+    host_header,
     parse_retry_after,
 )
 from meterlake.amberflo.server import FaultKind, FaultPlan, LocalAmberflo
@@ -231,6 +234,48 @@ def test_an_error_from_the_batches_is_raised_by_forward(server: LocalAmberflo) -
     with Forwarder(fast_settings(server, concurrency=2)) as forwarder, pytest.raises(ValueError, match="not JSON"):
         forwarder.forward(broken(), lambda *_: None, api_key=KEY)
     assert len(server.accepted_unique_ids()) == 5
+
+
+def test_a_stopped_run_ends_the_retries_in_flight_instead_of_spending_their_budget(server: LocalAmberflo) -> None:
+    # Seed 27 at 90%: of the first 40 requests only the second is answered 200, so without the stop the three other
+    # batches in flight would retry for tens of seconds.
+    server.faults = FaultPlan(transient_rate=0.9, kinds=("503",), seed=27)
+    batches = [(i, encode_batch(records(i * 10, 10))) for i in range(40)]
+
+    def fail_on_first(_key: int, _batch: EncodedBatch, _outcome: SendOutcome) -> None:
+        raise RuntimeError("cannot record the answer")
+
+    settings = fast_settings(server, concurrency=4, give_up_after_s=600, min_backoff_s=0.5, max_backoff_s=1.0)
+    with Forwarder(settings) as forwarder:
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="cannot record"):
+            forwarder.forward(batches, fail_on_first, api_key=KEY)
+        assert time.monotonic() - started < 3.0
+    assert server.stats().ingest_requests < 12
+
+
+def test_a_closed_forwarder_refuses_work_and_closes_once() -> None:
+    forwarder = Forwarder(AmberfloSettings(base_url="http://127.0.0.1:9"))
+    forwarder.close()
+    forwarder.close()
+    with pytest.raises(ForwarderClosedError):
+        forwarder.forward([(0, encode_batch(records(0, 1)))], lambda *_: None, api_key=KEY)
+    with pytest.raises(ForwarderClosedError):
+        forwarder.send_batch(encode_batch(records(0, 1)), api_key=KEY)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://app.amberflo.io/ingest", b"app.amberflo.io"),
+        ("https://app.amberflo.io:443/ingest", b"app.amberflo.io"),
+        ("http://127.0.0.1:8851/ingest", b"127.0.0.1:8851"),
+        ("http://[::1]:8851/ingest", b"[::1]:8851"),
+        ("http://[::1]/ingest", b"[::1]"),
+    ],
+)
+def test_host_header_brackets_ipv6_and_omits_default_ports(url: str, expected: bytes) -> None:
+    assert host_header(httpcore.URL(url)) == expected
 
 
 def test_batches_above_100_records_are_refused() -> None:
