@@ -12,7 +12,6 @@ import random
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,15 +76,22 @@ def _templates(seed: int = 7) -> list[tuple[bytes, bytes]]:
 
 
 def generate_lines(count: int, batch: int = PUT_BATCH) -> Iterator[list[bytes]]:
-    """Yield ``count`` access-log lines in batches, each with a fresh uuid4 request id."""
+    """Yield ``count`` access-log lines in batches, each with a fresh random (version 4) request id.
+
+    The ids are cut from one ``os.urandom`` draw per batch: ``str(uuid.uuid4())`` costs ~4 us a line, a fifth of the
+    GIL time of a run spent in the load generator rather than the pipeline; this costs under 1 us.
+    """
     templates = _templates()
     made = 0
     while made < count:
         size = min(batch, count - made)
-        yield [
-            head + str(uuid.uuid4()).encode() + tail
-            for head, tail in (templates[(made + i) % _TEMPLATES] for i in range(size))
-        ]
+        digits = os.urandom(16 * size).hex()
+        lines = []
+        for i in range(size):
+            head, tail = templates[(made + i) % _TEMPLATES]
+            h = digits[32 * i : 32 * i + 32]
+            lines.append(head + f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}".encode() + tail)
+        yield lines
         made += size
 
 
