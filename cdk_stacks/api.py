@@ -7,17 +7,11 @@ from typing import Any, Final
 from aws_cdk import Aws, CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_cognito as cognito
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kinesisfirehose as firehose
 from constructs import Construct
 
 from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code
-from cdk_stacks.shared import (
-    LAMBDA_PYTHON_VERSION,
-    LAMBDA_RUNTIME_REASON,
-    acknowledge,
-    python_function,
-)
+from cdk_stacks.shared import LAMBDA_PYTHON_VERSION, LAMBDA_RUNTIME_REASON, acknowledge, lambda_role, python_function
 from meterlake.demo_api import RANDOM_STRINGS_RESOURCE
 from meterlake.records import render_access_log_format
 
@@ -97,11 +91,8 @@ class ApiStack(Stack):
             write_attributes=cognito.ClientAttributes().with_standard_attributes(email=True, preferred_username=True),
         )
 
-        demo_role = iam.Role(
-            self,
-            "DemoRole",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description="meterlake demo API Lambda: writes its own logs, nothing else",
+        demo_role = lambda_role(
+            self, "DemoRole", description="meterlake demo API Lambda: writes its own logs, nothing else"
         )
         demo_function = python_function(
             self,

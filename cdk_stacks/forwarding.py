@@ -35,6 +35,7 @@ from cdk_stacks.shared import (
     LAMBDA_RUNTIME_REASON,
     acknowledge,
     acknowledge_resources,
+    lambda_role,
     python_function,
 )
 from meterlake.amberflo.settings import AmberfloSettings
@@ -301,12 +302,11 @@ class ForwardingStack(Stack):
                 iam.PolicyStatement(sid="ForwardQueue", actions=["sqs:SendMessage"], resources=[self.queue.queue_arn]),
             ]
         )
-        role = iam.Role(
+        role = lambda_role(
             self,
             "StagerRole",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description="meterlake Amberflo stager: reads the metering table, queues its records, keeps a checkpoint",
-            inline_policies={"Stage": policy},
+            policy=("Stage", policy),
         )
         acknowledge(
             role,
@@ -387,12 +387,11 @@ class ForwardingStack(Stack):
                 iam.PolicyStatement(sid="DeadLetters", actions=["s3:PutObject"], resources=[dead_letters]),
             ]
         )
-        role = iam.Role(
+        role = lambda_role(
             self,
             "ForwarderRole",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
             description="meterlake Amberflo forwarder: reads the API key, consumes the queue, stores refused batches",
-            inline_policies={"Forward": policy},
+            policy=("Forward", policy),
         )
         acknowledge_resources(
             role,

@@ -59,6 +59,19 @@ def lambda_architecture(name: str) -> lambda_.Architecture:
     return {"arm64": lambda_.Architecture.ARM_64, "x86_64": lambda_.Architecture.X86_64}[name]
 
 
+def lambda_role(
+    scope: Construct, construct_id: str, *, description: str, policy: tuple[str, iam.PolicyDocument] | None = None
+) -> iam.Role:
+    """A role only Lambda may assume, with ``policy`` (name, document) inline; nothing else is granted here."""
+    return iam.Role(
+        scope,
+        construct_id,
+        assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
+        description=description,
+        inline_policies=None if policy is None else {policy[0]: policy[1]},
+    )
+
+
 def python_function(
     scope: Construct,
     construct_id: str,

@@ -6,16 +6,10 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from aws_cdk import Duration, Stack
-from aws_cdk import aws_iam as iam
 from constructs import Construct
 
 from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code, project_requirements
-from cdk_stacks.shared import (
-    LAMBDA_PYTHON_VERSION,
-    LAMBDA_RUNTIME_REASON,
-    acknowledge,
-    python_function,
-)
+from cdk_stacks.shared import LAMBDA_PYTHON_VERSION, LAMBDA_RUNTIME_REASON, acknowledge, lambda_role, python_function
 from transform_lambda.handler import (
     ENV_DATABASE,
     ENV_OPERATION,
@@ -66,12 +60,7 @@ class TransformStack(Stack):
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        role = iam.Role(
-            self,
-            "Role",
-            assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description="meterlake transform Lambda: writes its own logs, nothing else",
-        )
+        role = lambda_role(self, "Role", description="meterlake transform Lambda: writes its own logs, nothing else")
         target = PythonTarget.for_lambda(architecture=architecture, python_version=LAMBDA_PYTHON_VERSION)
         self.function = python_function(
             self,
