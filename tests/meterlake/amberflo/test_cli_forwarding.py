@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,16 +11,10 @@ from typer.testing import CliRunner, Result
 from meterlake.amberflo.server import FaultPlan, LocalAmberflo
 from meterlake.cli import app
 from meterlake.meters import DEFAULT_METERS, meter_records
+from tests.meterlake.amberflo.conftest import API_KEY
 from tests.meterlake.amberflo.lake import BASE_TIME_MS, commit_events, make_events, metering_table
 
-KEY = "cli-key"
 WINDOW = ["--from", "2025-11-24T00:00:00Z", "--to", "2025-11-26T00:00:00Z"]
-
-
-@pytest.fixture
-def server() -> Iterator[LocalAmberflo]:
-    with LocalAmberflo(api_key=KEY) as amberflo:
-        yield amberflo
 
 
 @pytest.fixture
@@ -30,7 +23,7 @@ def home(tmp_path: Path, server: LocalAmberflo) -> Path:
     return tmp_path
 
 
-def run(home: Path, *args: str, key: str | None = KEY) -> Result:
+def run(home: Path, *args: str, key: str | None = API_KEY) -> Result:
     env = {"METERLAKE_CONFIG": str(home / "cdk.context.json"), "AMBERFLO_API_KEY": key or ""}
     return CliRunner().invoke(app, ["--home", str(home / "data"), *args], env=env)
 

@@ -28,8 +28,8 @@ from meterlake.amberflo.forwarder import (
 )
 from meterlake.amberflo.server import FaultKind, FaultPlan, LocalAmberflo
 from meterlake.amberflo.settings import AmberfloSettings
+from tests.meterlake.amberflo.conftest import API_KEY, quick_settings
 
-KEY = "local-api-key"
 T0 = 1_764_000_000_000
 
 
@@ -46,27 +46,6 @@ def records(start: int, count: int) -> list[dict[str, Any]]:
         }
         for n in range(start, start + count)
     ]
-
-
-def fast_settings(server: LocalAmberflo, **overrides: Any) -> AmberfloSettings:
-    """Settings for tests: small backoff and read timeout."""
-    values: dict[str, Any] = {
-        "base_url": server.url,
-        "concurrency": 4,
-        "min_backoff_s": 0.01,
-        "max_backoff_s": 0.05,
-        "connect_timeout_s": 2.0,
-        "read_timeout_s": 0.3,
-        "give_up_after_s": 20.0,
-    }
-    values.update(overrides)
-    return AmberfloSettings(**values)
-
-
-@pytest.fixture
-def server() -> Iterator[LocalAmberflo]:
-    with LocalAmberflo(api_key=KEY) as amberflo:
-        yield amberflo
 
 
 def clear_faults_after(server: LocalAmberflo, requests: int) -> threading.Thread:
@@ -86,8 +65,8 @@ def clear_faults_after(server: LocalAmberflo, requests: int) -> threading.Thread
 def test_gzip_body_and_api_key_arrive(server: LocalAmberflo) -> None:
     batch = encode_batch(records(0, 100))
     assert batch.body[:2] == b"\x1f\x8b"
-    with Forwarder(fast_settings(server)) as forwarder:
-        assert forwarder.send_batch(batch, api_key=KEY) == Sent(attempts=1)
+    with Forwarder(quick_settings(server)) as forwarder:
+        assert forwarder.send_batch(batch, api_key=API_KEY) == Sent(attempts=1)
         refused = forwarder.send_batch(batch, api_key="wrong-key")
         stats = forwarder.stats()
     assert server.accepted_unique_ids() == {f"api-calls:r{n}" for n in range(100)}
@@ -106,9 +85,9 @@ def test_gzip_body_and_api_key_arrive(server: LocalAmberflo) -> None:
 def test_429_retry_after_is_honoured(server: LocalAmberflo) -> None:
     server.faults = FaultPlan(transient_rate=1.0, kinds=("429",), retry_after_s=1)
     watcher = clear_faults_after(server, 1)
-    with Forwarder(fast_settings(server)) as forwarder:
+    with Forwarder(quick_settings(server)) as forwarder:
         started = time.monotonic()
-        outcome = forwarder.send_batch(encode_batch(records(0, 5)), api_key=KEY)
+        outcome = forwarder.send_batch(encode_batch(records(0, 5)), api_key=API_KEY)
         waited = time.monotonic() - started
         stats = forwarder.stats()
     watcher.join()
@@ -123,8 +102,8 @@ def test_429_retry_after_is_honoured(server: LocalAmberflo) -> None:
 def test_transient_faults_are_retried_until_sent(server: LocalAmberflo, kind: FaultKind) -> None:
     server.faults = FaultPlan(transient_rate=1.0, kinds=(kind,), slow_s=1.0)
     watcher = clear_faults_after(server, 2)
-    with Forwarder(fast_settings(server)) as forwarder:
-        outcome = forwarder.send_batch(encode_batch(records(0, 10)), api_key=KEY)
+    with Forwarder(quick_settings(server)) as forwarder:
+        outcome = forwarder.send_batch(encode_batch(records(0, 10)), api_key=API_KEY)
         stats = forwarder.stats()
     watcher.join()
     # At least the two faulted attempts; the watcher clears the faults from another thread, so a fast retry can
@@ -146,8 +125,8 @@ def test_permanent_400_dead_letters_only_that_batch(server: LocalAmberflo) -> No
     def on_outcome(key: int, batch: EncodedBatch, outcome: SendOutcome) -> None:
         outcomes[key] = outcome
 
-    with Forwarder(fast_settings(server)) as forwarder:
-        complete = forwarder.forward(batches, on_outcome, api_key=KEY)
+    with Forwarder(quick_settings(server)) as forwarder:
+        complete = forwarder.forward(batches, on_outcome, api_key=API_KEY)
         stats = forwarder.stats()
     assert complete
     dead = outcomes.pop(2)
@@ -163,10 +142,10 @@ def test_permanent_400_dead_letters_only_that_batch(server: LocalAmberflo) -> No
 
 def test_timeouts_bound_a_batch_that_never_succeeds(server: LocalAmberflo) -> None:
     server.faults = FaultPlan(transient_rate=1.0, kinds=("slow",), slow_s=5.0, slow_then_ingest=False)
-    settings = fast_settings(server, read_timeout_s=0.2, give_up_after_s=1.0)
+    settings = quick_settings(server, read_timeout_s=0.2, give_up_after_s=1.0)
     with Forwarder(settings) as forwarder:
         started = time.monotonic()
-        outcome = forwarder.send_batch(encode_batch(records(0, 3)), api_key=KEY)
+        outcome = forwarder.send_batch(encode_batch(records(0, 3)), api_key=API_KEY)
         elapsed = time.monotonic() - started
     assert isinstance(outcome, GaveUp)
     assert "ReadTimeout" in outcome.last_error
@@ -180,9 +159,9 @@ def test_forward_stops_starting_batches_after_giving_up_and_on_halt(server: Loca
     server.faults = FaultPlan(transient_rate=1.0, kinds=("503",))
     batches = [(i, encode_batch(records(i * 10, 10))) for i in range(20)]
     answered: list[int] = []
-    settings = fast_settings(server, concurrency=2, give_up_after_s=0.3)
+    settings = quick_settings(server, concurrency=2, give_up_after_s=0.3)
     with Forwarder(settings) as forwarder:
-        complete = forwarder.forward(batches, lambda key, batch, outcome: answered.append(key), api_key=KEY)
+        complete = forwarder.forward(batches, lambda key, batch, outcome: answered.append(key), api_key=API_KEY)
         assert not complete
         assert len(answered) <= 2 * settings.concurrency
 
@@ -190,9 +169,9 @@ def test_forward_stops_starting_batches_after_giving_up_and_on_halt(server: Loca
         threading.Timer(0.3, halt.set).start()
         started = time.monotonic()
         outcomes: list[SendOutcome] = []
-        slow = fast_settings(server, concurrency=2, give_up_after_s=600)
+        slow = quick_settings(server, concurrency=2, give_up_after_s=600)
         with Forwarder(slow) as patient:
-            complete = patient.forward(batches, lambda k, b, o: outcomes.append(o), api_key=KEY, halt=halt)
+            complete = patient.forward(batches, lambda k, b, o: outcomes.append(o), api_key=API_KEY, halt=halt)
         assert not complete
         assert time.monotonic() - started < 2.0
         assert outcomes
@@ -213,16 +192,16 @@ def test_an_error_in_on_outcome_stops_the_run_and_is_raised_after_the_batches_in
     def full_store(_key: int, _batch: EncodedBatch, _outcome: SendOutcome) -> None:
         raise RuntimeError("the outbox is full")
 
-    with Forwarder(fast_settings(server, concurrency=3)) as forwarder:
+    with Forwarder(quick_settings(server, concurrency=3)) as forwarder:
         with pytest.raises(RuntimeError, match="the outbox is full"):
-            forwarder.forward(source(), full_store, api_key=KEY)
+            forwarder.forward(source(), full_store, api_key=API_KEY)
         stopped_at = len(pulled)
         time.sleep(0.2)
         assert len(pulled) == stopped_at < len(batches)
         # Every batch pulled was answered before forward() returned, and the forwarder still works afterwards.
         assert len(server.accepted_unique_ids()) == stopped_at
         answered: list[int] = []
-        assert forwarder.forward(batches[:4], lambda key, _b, _o: answered.append(key), api_key=KEY)
+        assert forwarder.forward(batches[:4], lambda key, _b, _o: answered.append(key), api_key=API_KEY)
         assert sorted(answered) == [0, 1, 2, 3]
 
 
@@ -231,8 +210,8 @@ def test_an_error_from_the_batches_is_raised_by_forward(server: LocalAmberflo) -
         yield 0, encode_batch(records(0, 5))
         raise ValueError("record 5 is not JSON")
 
-    with Forwarder(fast_settings(server, concurrency=2)) as forwarder, pytest.raises(ValueError, match="not JSON"):
-        forwarder.forward(broken(), lambda *_: None, api_key=KEY)
+    with Forwarder(quick_settings(server, concurrency=2)) as forwarder, pytest.raises(ValueError, match="not JSON"):
+        forwarder.forward(broken(), lambda *_: None, api_key=API_KEY)
     assert len(server.accepted_unique_ids()) == 5
 
 
@@ -245,11 +224,11 @@ def test_a_stopped_run_ends_the_retries_in_flight_instead_of_spending_their_budg
     def fail_on_first(_key: int, _batch: EncodedBatch, _outcome: SendOutcome) -> None:
         raise RuntimeError("cannot record the answer")
 
-    settings = fast_settings(server, concurrency=4, give_up_after_s=600, min_backoff_s=0.5, max_backoff_s=1.0)
+    settings = quick_settings(server, concurrency=4, give_up_after_s=600, min_backoff_s=0.5, max_backoff_s=1.0)
     with Forwarder(settings) as forwarder:
         started = time.monotonic()
         with pytest.raises(RuntimeError, match="cannot record"):
-            forwarder.forward(batches, fail_on_first, api_key=KEY)
+            forwarder.forward(batches, fail_on_first, api_key=API_KEY)
         assert time.monotonic() - started < 3.0
     assert server.stats().ingest_requests < 12
 
@@ -259,9 +238,9 @@ def test_a_closed_forwarder_refuses_work_and_closes_once() -> None:
     forwarder.close()
     forwarder.close()
     with pytest.raises(ForwarderClosedError):
-        forwarder.forward([(0, encode_batch(records(0, 1)))], lambda *_: None, api_key=KEY)
+        forwarder.forward([(0, encode_batch(records(0, 1)))], lambda *_: None, api_key=API_KEY)
     with pytest.raises(ForwarderClosedError):
-        forwarder.send_batch(encode_batch(records(0, 1)), api_key=KEY)
+        forwarder.send_batch(encode_batch(records(0, 1)), api_key=API_KEY)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.local.home import DataDir
 from meterlake.meters import DEFAULT_METERS, expected_usage, meter_records, usage_of
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA
+from tests.meterlake.amberflo.conftest import API_KEY, quick_settings
 from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
 
-KEY = "local-api-key"
 REPO = Path(__file__).parents[3]
 
 
@@ -44,24 +43,18 @@ def lake_unique_ids(table: Table) -> set[str]:
     return set(meter_records(table.scan().to_arrow(), DEFAULT_METERS).unique_ids())
 
 
+#: How the outbox tests' settings differ from quick_settings': more in flight, slower backoff, the default retry budget.
+OUTBOX_SETTINGS: dict[str, Any] = {
+    "concurrency": 8,
+    "max_backoff_s": 0.2,
+    "read_timeout_s": 0.5,
+    "poll_interval_s": 0.2,
+    "give_up_after_s": AmberfloSettings().give_up_after_s,
+}
+
+
 def settings_for(server: LocalAmberflo, **overrides: Any) -> AmberfloSettings:
-    values: dict[str, Any] = {
-        "base_url": server.url,
-        "concurrency": 8,
-        "min_backoff_s": 0.01,
-        "max_backoff_s": 0.2,
-        "connect_timeout_s": 2.0,
-        "read_timeout_s": 0.5,
-        "poll_interval_s": 0.2,
-    }
-    values.update(overrides)
-    return AmberfloSettings(**values)
-
-
-@pytest.fixture
-def server() -> Iterator[LocalAmberflo]:
-    with LocalAmberflo(api_key=KEY) as amberflo:
-        yield amberflo
+    return quick_settings(server, **(OUTBOX_SETTINGS | overrides))
 
 
 @pytest.fixture
@@ -85,13 +78,13 @@ def test_stage_and_drain_deliver_the_lake_and_pick_up_new_commits(
         assert before.staged_snapshots == 3
         assert before.lag_seconds > 0
 
-        report = outbox.drain(forwarder, api_key=KEY)
+        report = outbox.drain(forwarder, api_key=API_KEY)
         assert (report.dry_run, report.sent_records, report.pending_batches) == (False, staged, 0)
         assert server.accepted_unique_ids() == lake_unique_ids(table)
 
         commit_events(table, make_events(3000, 500), offset=3)
         assert outbox.stage_committed(table) > 0
-        outbox.drain(forwarder, api_key=KEY)
+        outbox.drain(forwarder, api_key=API_KEY)
         after = outbox.status()
     assert server.accepted_unique_ids() == lake_unique_ids(table)
     assert (after.pending_batches, after.dead_batches, after.sent_records) == (0, 0, len(lake_unique_ids(table)))
@@ -104,7 +97,7 @@ def test_batches_hold_at_most_batch_size_records(tmp_path: Path, table: Table, s
     settings = settings_for(server, batch_size=7)
     with Outbox.in_data_dir(DataDir(tmp_path), settings=settings) as outbox, Forwarder(settings) as forwarder:
         staged = outbox.stage_committed(table)
-        outbox.drain(forwarder, api_key=KEY)
+        outbox.drain(forwarder, api_key=API_KEY)
     assert server.stats().ingest_requests == -(-staged // 7)
     assert server.accepted_unique_ids() == lake_unique_ids(table)
 
@@ -122,7 +115,7 @@ def test_dry_run_stages_and_sends_nothing(tmp_path: Path, table: Table, server: 
         window = outbox.staged_records(make_events(0, 1).column("request_time")[0].value // 1000, None)
     with Outbox(tmp_path / "other.db", settings=AmberfloSettings(dry_run=True)) as flagged:
         flagged.stage_committed(table)
-        assert flagged.drain(forwarder, api_key=KEY).dry_run
+        assert flagged.drain(forwarder, api_key=API_KEY).dry_run
     assert server.stats().ingest_requests == 0
     assert {r["uniqueId"] for r in staged} == lake_unique_ids(table)
     assert len(window) == len(staged)
@@ -145,7 +138,7 @@ def test_retry_dead_redrives_after_the_server_stops_rejecting(
     settings = settings_for(server)
     with Outbox.in_data_dir(DataDir(tmp_path), settings=settings) as outbox, Forwarder(settings) as forwarder:
         outbox.stage_committed(table)
-        report = outbox.drain(forwarder, api_key=KEY)
+        report = outbox.drain(forwarder, api_key=API_KEY)
         assert report.dead_batches == 1
         (dead,) = outbox.dead_letters()
         assert dead.http_status == 400
@@ -157,7 +150,7 @@ def test_retry_dead_redrives_after_the_server_stops_rejecting(
 
         server.faults = FaultPlan()
         assert outbox.retry_dead() == 1
-        outbox.drain(forwarder, api_key=KEY)
+        outbox.drain(forwarder, api_key=API_KEY)
         assert outbox.dead_letters() == []
     assert server.accepted_unique_ids() == expected
 
@@ -186,7 +179,9 @@ def test_worker_forwards_after_wake_and_stops_in_bounded_time(
     settings = settings_for(server)
     home = DataDir(tmp_path)
     with Outbox.in_data_dir(home, settings=settings) as outbox, Forwarder(settings) as forwarder:
-        worker = ForwardingWorker(outbox, load_table=lambda: metering_table(tmp_path), forwarder=forwarder, api_key=KEY)
+        worker = ForwardingWorker(
+            outbox, load_table=lambda: metering_table(tmp_path), forwarder=forwarder, api_key=API_KEY
+        )
         worker.start()
         commit_events(table, make_events(0, 800), offset=0)
         worker.wake()
@@ -221,7 +216,7 @@ def test_acceptance_100k_records_with_20_percent_transient_faults(
         started = time.monotonic()
         outbox.stage_committed(table)
         staged_s = time.monotonic() - started
-        report = outbox.drain(forwarder, api_key=KEY)
+        report = outbox.drain(forwarder, api_key=API_KEY)
         elapsed = time.monotonic() - started
         (dead,) = outbox.dead_letters()
         status = outbox.status()
@@ -248,7 +243,7 @@ def test_acceptance_sigkill_mid_drain_then_restart_delivers_everything(
         commit_events(table, make_events(i * 10_000, 10_000), offset=i)
     expected = lake_unique_ids(table)
     server.faults = FaultPlan(transient_rate=0.1, kinds=("500", "reset", "slow"), slow_s=1.0, seed=3)
-    env = {**os.environ, "AMBERFLO_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "AMBERFLO_API_KEY": API_KEY, "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "tests.meterlake.amberflo.forward_process", str(tmp_path), server.url]
     kill_at = random.uniform(0.1, 0.6) * len(expected)
 

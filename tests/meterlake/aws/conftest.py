@@ -38,7 +38,7 @@ def moto(aws_env: None) -> Iterator[None]:
 
 
 @pytest.fixture
-def lake_aws(moto: None) -> Iterator[tuple[Any, Any]]:
+def aws(moto: None) -> Iterator[tuple[Any, Any]]:
     """S3 (with the lake bucket) and SQS clients; the forwarding Lambdas' cached settings and clients forgotten."""
     from meterlake.aws import forwarding, staging
 

@@ -35,11 +35,6 @@ class FakeContext(LambdaContext):
 
 
 @pytest.fixture
-def aws(lake_aws: tuple[Any, Any]) -> tuple[Any, Any]:
-    return lake_aws
-
-
-@pytest.fixture
 def server() -> Iterator[LocalAmberflo]:
     amberflo = LocalAmberflo(api_key=API_KEY)
     yield amberflo

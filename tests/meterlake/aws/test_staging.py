@@ -24,11 +24,6 @@ from tests.meterlake.aws.conftest import LAKE_BUCKET as BUCKET
 
 
 @pytest.fixture
-def aws(lake_aws: tuple[Any, Any]) -> tuple[Any, Any]:
-    return lake_aws
-
-
-@pytest.fixture
 def table(tmp_path: Path) -> Table:
     return metering_table(tmp_path / "home")
 
