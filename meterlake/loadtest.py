@@ -4,6 +4,8 @@ Successor of the AWS sample's tests/run_test.py: it sends ``GET <invoke-url>/ran
 ``len``/``num``/``chars`` parameters, the token raw in ``Authorization``, and keeps that script's flags' meaning.
 It adds concurrency, several tenants, a share of unauthenticated and not-found requests, and a report (rps,
 latency percentiles, status counts, answered requests per tenant) that the demo reconciles against the lake.
+A not-found request is answered 403, not 404: API Gateway (and the local gateway) answer every route or method
+the API does not have with 403 Missing Authentication Token, or an IncompleteSignature 403 when a token is sent.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ def _next_request(plan: LoadTestPlan, rng: random.Random) -> tuple[str, Caller]:
 def _attributed_tenant(url: str, caller: Caller, status: int) -> str | None:
     """The tenant the access log will carry: none unless the authorizer ran on a real route and accepted the token.
 
-    API Gateway does not run the authorizer for a route that does not exist, so those requests have no claims.
+    API Gateway does not run the authorizer for a route that does not exist, so those requests have no claims even
+    with a valid token; it answers them 403 (the route is checked too, for a stage whose gateway responses say 404).
     """
     if status in (401, 403) or urlsplit(url).path.endswith(NOT_FOUND_ROUTE):
         return None

@@ -3,6 +3,8 @@
 Starts the local stack on an ephemeral port, issues ID tokens for three tenants, drives the API with a load test
 (some requests unauthenticated, some to a route that does not exist), commits everything, prints the per-tenant usage
 table from sql/ and one line per tenant: requests the load test got answered == metering events counted in Iceberg.
+As on API Gateway, a route that does not exist is answered 403 without running the authorizer, so those requests
+are metered under no tenant and never billed, even when they carried a tenant's token.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ thread: the stream fsyncs, which must never happen on the event loop, let alone 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -23,7 +25,6 @@ from typing import Protocol
 
 import msgspec
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 LOCAL_API_ID = "local"
 #: API Gateway's response header carrying ``$context.requestId``.
 REQUEST_ID_HEADER = "x-amzn-RequestId"
+#: API Gateway's response header naming the error type of a request it refused itself.
+ERROR_TYPE_HEADER = "x-amzn-ErrorType"
 
 _EXCHANGE = "meterlake.exchange"
 _JSON = "application/json"
@@ -302,14 +305,18 @@ class AccessLogMiddleware:
 class _ApiResource(Route):
     """A REST API resource under the stage: answers only its own methods (no implicit HEAD), records its path."""
 
+    methods: set[str]
+
     def __init__(self, *, stage: str, resource_path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
         super().__init__(f"/{stage}{resource_path}", endpoint, methods=["GET"])
         self.methods = {"GET"}
         self.resource_path = resource_path
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange: _Exchange = scope[_EXCHANGE]
-        exchange.resource_path = self.resource_path
+        # A method the resource does not have matches nothing, and API Gateway logs no resource path for it.
+        if scope["method"] in self.methods:
+            exchange: _Exchange = scope[_EXCHANGE]
+            exchange.resource_path = self.resource_path
         await super().handle(scope, receive, send)
 
 
@@ -347,7 +354,8 @@ def create_gateway_app(*, config: Config, user_pool: UserPool, access_log: Acces
             Route(jwks_path, jwks, methods=["GET"]),
         ],
         middleware=[Middleware(AccessLogMiddleware, writer=writer, stage=stage, unlogged_paths=[jwks_path])],
-        exception_handlers={HTTPException: _http_error},
+        # Starlette's routing failures: 404 unknown path, 405 a method the resource does not have.
+        exception_handlers={404: _missing_route, 405: _missing_route},
         lifespan=lifespan,
     )
     app.access_log_writer = writer
@@ -399,10 +407,29 @@ async def _random_strings(request: Request) -> Response:
     return Response(msgspec.json.encode(strings), media_type=_JSON)
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """API Gateway's JSON error shape for routing failures (404 unknown path, 405 wrong method)."""
-    assert isinstance(exc, HTTPException)
-    return _json_response(exc.status_code, {"message": exc.detail}, headers=exc.headers)
+async def _missing_route(request: Request, _: Exception) -> Response:
+    """API Gateway's answer to a path or method the REST API does not have: a 403, never a 404 or 405.
+
+    No authorizer runs, so the request has no claims. Modelled on what deployed REST APIs answer:
+    without ``Authorization``, ``{"message":"Missing Authentication Token"}`` (AWS re:Post knowledge center,
+    "api-gateway-authentication-token-errors": "a method or resource that does not exist"). With one, API Gateway
+    parses it as a SigV4 signature, fails, and answers IncompleteSignature (awslabs/time-addressable-media-store#8,
+    2025, for a method that does not exist). Reports up to 2021 show it quoting the header verbatim ("'<token>' not a
+    valid key=value pair (missing equal-sign) in Authorization header: 'Bearer <token>'."); current ones quote it
+    hashed, as here, so no token is echoed. Which bytes AWS hashes is undocumented; the header value is hashed here.
+    An empty header counts as absent, as in the access log.
+    """
+    authorization = _header(request.scope, b"authorization")
+    if authorization is None:
+        error_type, message = "MissingAuthenticationTokenException", "Missing Authentication Token"
+    else:
+        digest = base64.b64encode(hashlib.sha256(authorization.encode("latin-1")).digest()).decode("ascii")
+        error_type = "IncompleteSignatureException"
+        message = (
+            "Invalid key=value pair (missing equal-sign) in Authorization header "
+            f"(hashed with SHA-256 and encoded with Base64): '{digest}'."
+        )
+    return _json_response(403, {"message": message}, headers={ERROR_TYPE_HEADER: error_type})
 
 
 def _json_response(status: int, body: object, headers: Mapping[str, str] | None = None) -> Response:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import logging
 import socket
@@ -188,28 +190,113 @@ def test_bad_parameters_are_400_naming_the_parameter(
     assert record["integration_latency_ms"] != MISSING
 
 
-def test_unknown_paths_and_wrong_methods_are_answered_and_logged_once(
+MISSING_TOKEN_BODY = b'{"message":"Missing Authentication Token"}'
+
+
+def incomplete_signature_body(authorization: str) -> dict[str, str]:
+    """API Gateway's body for a route it does not have, reached with an ``Authorization`` header (quoted hashed)."""
+    digest = base64.b64encode(hashlib.sha256(authorization.encode()).digest()).decode()
+    return {
+        "message": "Invalid key=value pair (missing equal-sign) in Authorization header "
+        f"(hashed with SHA-256 and encoded with Base64): '{digest}'."
+    }
+
+
+def refused_by_api_gateway(record: dict[str, Any]) -> tuple[str, ...]:
+    """What the access log says of a request API Gateway refused before any resource or authorizer."""
+    keys = ("status", "resource_path", "tenant_id", "user", "client_id", "integration_latency_ms")
+    return tuple(record[k] for k in keys)
+
+
+REFUSED = ("403", MISSING, MISSING, MISSING, MISSING, MISSING)
+
+
+def test_an_unknown_path_without_authorization_is_403_missing_authentication_token(
     gateway: GatewayServer, client: httpx.Client, sink: CollectingSink
 ) -> None:
-    not_found = client.get("/random/numbers")
-    outside_stage = client.get(f"http://127.0.0.1:{gateway.port}/other")
-    wrong_method = client.post("/random/strings", headers={"Authorization": "whatever"})
-    head = client.head("/random/strings")
-    assert (not_found.status_code, not_found.json()) == (404, {"message": "Not Found"})
-    assert outside_stage.status_code == 404
-    assert (wrong_method.status_code, wrong_method.json()) == (405, {"message": "Method Not Allowed"})
-    assert wrong_method.headers["allow"] == "GET"
-    assert head.status_code == 405
+    responses = [
+        client.get("/random/numbers"),
+        client.get("/random/strings/extra", headers={"Authorization": ""}),
+        client.get(f"http://127.0.0.1:{gateway.port}/other"),
+    ]
+    for response in responses:
+        assert (response.status_code, response.content) == (403, MISSING_TOKEN_BODY)
+        assert response.headers["content-type"] == "application/json"
+        assert response.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
     records = logged(gateway, sink)
-    assert [(r["status"], r["http_method"], r["path"], r["resource_path"]) for r in records] == [
-        ("404", "GET", f"/{STAGE}/random/numbers", MISSING),
-        ("404", "GET", "/other", MISSING),
-        ("405", "POST", f"/{STAGE}/random/strings", "/random/strings"),
-        ("405", "HEAD", f"/{STAGE}/random/strings", "/random/strings"),
+    assert [(r["http_method"], r["path"]) for r in records] == [
+        ("GET", f"/{STAGE}/random/numbers"),
+        ("GET", f"/{STAGE}/random/strings/extra"),
+        ("GET", "/other"),
     ]
-    assert [r["request_id"] for r in records] == [
-        r.headers["x-amzn-RequestId"] for r in (not_found, outside_stage, wrong_method, head)
+    assert [refused_by_api_gateway(r) for r in records] == [REFUSED] * 3
+    assert [r["request_id"] for r in records] == [r.headers["x-amzn-RequestId"] for r in responses]
+
+
+def test_a_method_the_resource_does_not_have_is_403_with_no_resource_path(
+    client: httpx.Client, gateway: GatewayServer, sink: CollectingSink
+) -> None:
+    for method in ("POST", "PUT", "DELETE", "HEAD"):
+        response = client.request(method, "/random/strings")
+        assert response.status_code == 403, method
+        assert response.headers["x-amzn-ErrorType"] == "MissingAuthenticationTokenException"
+        assert "allow" not in response.headers
+        if method != "HEAD":
+            assert response.content == MISSING_TOKEN_BODY
+    records = logged(gateway, sink)
+    assert [(r["http_method"], r["path"]) for r in records] == [
+        (method, f"/{STAGE}/random/strings") for method in ("POST", "PUT", "DELETE", "HEAD")
     ]
+    assert [refused_by_api_gateway(r) for r in records] == [REFUSED] * 4
+
+
+def test_a_missing_route_with_a_token_is_403_incomplete_signature_and_never_attributed(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink
+) -> None:
+    token = gateway.user_pool.issue_id_token(user="alice", tenant_id="acme")
+    sent = [
+        ("GET", "/random/numbers", token),
+        ("GET", "/random/numbers", f"Bearer {token}"),
+        ("POST", "/random/strings", token),
+        ("GET", "/random/numbers", "not a token"),
+    ]
+    for method, path, authorization in sent:
+        response = client.request(method, path, headers={"Authorization": authorization})
+        assert response.status_code == 403
+        assert response.json() == incomplete_signature_body(authorization)
+        assert response.headers["x-amzn-ErrorType"] == "IncompleteSignatureException"
+        assert token not in response.text
+    assert incomplete_signature_body(token) != incomplete_signature_body(f"Bearer {token}")
+    records = logged(gateway, sink)
+    assert [(r["http_method"], r["path"]) for r in records] == [(m, f"/{STAGE}{p}") for m, p, _ in sent]
+    assert [refused_by_api_gateway(r) for r in records] == [REFUSED] * len(sent)
+
+
+def test_no_token_is_written_to_the_access_log_or_the_server_log(
+    gateway: GatewayServer,
+    client: httpx.Client,
+    sink: CollectingSink,
+    data_dir: DataDir,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    token = gateway.user_pool.issue_id_token(user="alice", tenant_id="acme")
+    expired = bad_tokens(data_dir, gateway.user_pool)["expired"]
+    with caplog.at_level(logging.DEBUG):
+        for method, path, authorization in [
+            ("GET", "/random/strings", token),
+            ("GET", "/random/numbers", token),
+            ("POST", "/random/strings", f"Bearer {token}"),
+            ("GET", "/random/strings", expired),
+            ("GET", "/random/numbers", expired),
+        ]:
+            client.request(method, path, headers={"Authorization": authorization})
+        records = logged(gateway, sink)
+    assert [r["status"] for r in records] == ["200", "403", "403", "401", "403"]
+    lines = b"".join(sink.lines)
+    for secret in (token, expired):
+        for part in secret.split("."):  # no piece of a JWT either: header, claims or signature
+            assert part.encode() not in lines
+            assert part not in caplog.text
 
 
 def test_jwks_is_served_at_the_issuer_and_not_access_logged(
@@ -260,7 +347,7 @@ def test_concurrent_requests_each_log_exactly_one_line(gateway: GatewayServer, s
     assert sorted(r["request_id"] for r in records) == sorted(response_ids)
     assert len(set(response_ids)) == 300
     statuses = [r["status"] for r in records]
-    assert (statuses.count("200"), statuses.count("401"), statuses.count("404")) == (240, 30, 30)
+    assert (statuses.count("200"), statuses.count("401"), statuses.count("403")) == (240, 30, 30)
 
 
 def test_closing_the_server_delivers_every_line(data_dir: DataDir) -> None:
