@@ -143,9 +143,9 @@ class AnalyticsStack(Stack):
         role = iam.Role(
             self,
             "OptimizerRole",
-            assumed_by=iam.ServicePrincipal(
-                "glue.amazonaws.com", conditions={"StringEquals": {"aws:SourceAccount": self.account}}
-            ),
+            # AWS documents the optimizer role's trust with no condition; Glue is not documented to send
+            # aws:SourceAccount, and a condition it cannot satisfy would silently stop every optimizer run.
+            assumed_by=iam.ServicePrincipal("glue.amazonaws.com"),
             description="Glue table optimizers of the metering-events table",
             inline_policies={
                 "TableMaintenance": iam.PolicyDocument(

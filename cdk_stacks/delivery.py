@@ -147,8 +147,10 @@ class DeliveryStack(Stack):
         role = iam.Role(
             self,
             "Role",
+            # AWS documents sts:ExternalId = the account for Firehose roles (it is what Firehose passes); whether it
+            # sends aws:SourceAccount is not documented, and a condition it cannot satisfy would stop delivery.
             assumed_by=iam.ServicePrincipal(
-                "firehose.amazonaws.com", conditions={"StringEquals": {"aws:SourceAccount": self.account}}
+                "firehose.amazonaws.com", conditions={"StringEquals": {"sts:ExternalId": self.account}}
             ),
             description=f"Firehose stream {stream_name}: writes the metering-events Iceberg table",
             inline_policies={"Delivery": policy},

@@ -56,7 +56,9 @@ from meterlake.aws.staging import (
     ENV_METERS,
     ENV_QUEUE_URL,
     ENV_TABLE,
+    LEASE_KEY,
     STAGER_SERVICE,
+    STAGER_TIMEOUT_S,
     render_meters,
 )
 from meterlake.meters import Meter
@@ -121,7 +123,7 @@ FORWARDER_HANDLER: Final = "meterlake.aws.forwarding.forwarder_handler"
 
 #: The stager reads whole snapshots' data files into Arrow: memory is its limit, CPU scales with it.
 STAGER_MEMORY_MB: Final = 2048
-STAGER_TIMEOUT: Final = Duration.minutes(5)
+STAGER_TIMEOUT: Final = Duration.seconds(STAGER_TIMEOUT_S)
 STAGER_SCHEDULE: Final = Duration.minutes(1)
 #: The forwarder waits on Amberflo; its CPU work per batch (an HTTPS request) is small.
 FORWARDER_MEMORY_MB: Final = 256
@@ -281,7 +283,7 @@ class ForwardingStack(Stack):
         log_retention_days: int,
     ) -> lambda_.Function:
         table_objects = bucket.arn_for_objects(f"{output_prefix.strip('/')}/*")
-        checkpoint = bucket.arn_for_objects(CHECKPOINT_KEY)
+        stager_state = [bucket.arn_for_objects(key) for key in (CHECKPOINT_KEY, LEASE_KEY)]
         policy = iam.PolicyDocument(
             statements=[
                 iam.PolicyStatement(
@@ -291,13 +293,15 @@ class ForwardingStack(Stack):
                 ),
                 iam.PolicyStatement(sid="LakeFormationData", actions=list(UNSCOPABLE_ACTIONS), resources=["*"]),
                 iam.PolicyStatement(sid="TableFiles", actions=["s3:GetObject"], resources=[table_objects]),
-                iam.PolicyStatement(sid="Checkpoint", actions=["s3:GetObject", "s3:PutObject"], resources=[checkpoint]),
-                # Without ListBucket a missing checkpoint reads as 403, not NoSuchKey: allowed for its key only.
                 iam.PolicyStatement(
-                    sid="CheckpointExists",
-                    actions=["s3:ListBucket"],
-                    resources=[bucket.bucket_arn],
-                    conditions={"StringEquals": {"s3:prefix": CHECKPOINT_KEY}},
+                    sid="CheckpointAndLease", actions=["s3:GetObject", "s3:PutObject"], resources=stager_state
+                ),
+                # S3 answers a GET of a missing key (the first checkpoint, the first lease) 404 only to a caller
+                # allowed s3:ListBucket on the bucket, 403 to anyone else. A grant narrowed by an s3:prefix
+                # condition does not count (a GET carries no prefix), so it is the bucket's, unconditioned: it
+                # reveals key names of the lake bucket, never content.
+                iam.PolicyStatement(
+                    sid="MissingKeysAreNotFound", actions=["s3:ListBucket"], resources=[bucket.bucket_arn]
                 ),
                 iam.PolicyStatement(sid="ForwardQueue", actions=["sqs:SendMessage"], resources=[self.queue.queue_arn]),
             ]
@@ -341,9 +345,8 @@ class ForwardingStack(Stack):
             code=code,
             memory_size=STAGER_MEMORY_MB,
             timeout=STAGER_TIMEOUT,
-            # One at a time: two stagers would send the same snapshots (harmless, deduplicated) and race the
-            # checkpoint (refused by its conditional put); a missed tick is caught up by the next.
-            reserved_concurrent_executions=1,
+            # No reserved concurrency (it fails in accounts with a low concurrency quota): runs are kept one at a
+            # time by the stager's S3 lease, and a missed tick is caught up by the next.
             retry_attempts=0,
             max_event_age=Duration.minutes(2),
             environment=_checked_environment(

@@ -33,6 +33,13 @@ STAGER_SERVICE: Final = "amberflo-stager"
 
 #: Where the stager keeps its checkpoint, in the lake bucket.
 CHECKPOINT_KEY: Final = "amberflo/checkpoint.json"
+#: The lease that keeps stager runs one at a time, in the lake bucket beside the checkpoint.
+LEASE_KEY: Final = "amberflo/stager-lease.json"
+
+#: The stager Lambda's timeout; the CDK stack sets it from here.
+STAGER_TIMEOUT_S: Final = 300
+#: How long a run's lease lasts: past the Lambda's timeout, so a run that crashed or timed out frees it by expiring.
+LEASE_DURATION_S: Final = STAGER_TIMEOUT_S + 60
 
 ENV_DATABASE: Final = "METERING_DATABASE"
 ENV_TABLE: Final = "METERING_TABLE"
@@ -69,6 +76,16 @@ class CheckpointTableMismatchError(ForwardingError):
         super().__init__(
             f"the forwarding checkpoint is of table {checkpoint_uuid}, not of table {table_uuid}; "
             f"move {CHECKPOINT_KEY} aside to forward the new table"
+        )
+
+
+class CheckpointUnreadableError(ForwardingError):
+    """S3 refused the checkpoint read and would not say whether the object exists (no s3:ListBucket on the bucket)."""
+
+    def __init__(self, bucket: str, key: str, cause: str) -> None:
+        super().__init__(
+            f"s3://{bucket}/{key}: S3 answered {cause} and listing the key was refused too; the stager needs "
+            "s3:GetObject on the key and s3:ListBucket on the bucket"
         )
 
 
@@ -141,13 +158,16 @@ class S3Checkpoint:
         self.key = key
 
     def read(self) -> Checkpoint:
-        """The checkpoint as stored; an empty one if the object does not exist yet."""
-        try:
-            answer = self._s3.get_object(Bucket=self.bucket, Key=self.key)
-        except self._s3.exceptions.NoSuchKey:
+        """The checkpoint as stored; an empty one if the object does not exist yet.
+
+        Raises:
+            CheckpointUnreadableError: S3 refused the read and the listing that would tell a missing key apart.
+        """
+        answer = read_if_exists(self._s3, bucket=self.bucket, key=self.key)
+        if answer is None:
             return Checkpoint()
-        document = msgspec.json.decode(answer["Body"].read(), type=_CheckpointDocument)
-        return Checkpoint(table_uuid=document.table_uuid, snapshot_id=document.snapshot_id, etag=answer["ETag"])
+        document = msgspec.json.decode(answer[0], type=_CheckpointDocument)
+        return Checkpoint(table_uuid=document.table_uuid, snapshot_id=document.snapshot_id, etag=answer[1])
 
     def advance(self, previous: Checkpoint, *, table_uuid: str, snapshot: Snapshot) -> Checkpoint:
         """Move the checkpoint to ``snapshot`` if the object is still the one ``previous`` was read from.
@@ -169,11 +189,104 @@ class S3Checkpoint:
                 Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/json", **condition
             )
         except self._s3.exceptions.ClientError as exc:
-            # 409 ConditionalRequestConflict: a concurrent conditional write to the same key won the race.
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+            if _lost_race(exc):
                 raise CheckpointConflictError(self.bucket, self.key, previous.etag) from exc
             raise
         return Checkpoint(table_uuid=table_uuid, snapshot_id=snapshot.snapshot_id, etag=answer["ETag"])
+
+
+def read_if_exists(s3: Any, *, bucket: str, key: str) -> tuple[bytes, str] | None:
+    """(body, ETag) of an object, or None if it does not exist, whatever S3 answers for a missing key.
+
+    S3 answers a GET of a missing key 404 NoSuchKey only to a caller allowed s3:ListBucket on the bucket (with no
+    condition a GET could satisfy); to anyone else it answers 403 AccessDenied. A 403 is therefore settled by
+    listing the key: absent means absent, present means the read itself is refused.
+
+    Raises:
+        CheckpointUnreadableError: the read and the listing were both refused.
+    """
+    try:
+        answer = s3.get_object(Bucket=bucket, Key=key)
+    except s3.exceptions.NoSuchKey:
+        return None
+    except s3.exceptions.ClientError as exc:
+        if _error_code(exc) not in ("AccessDenied", "403"):
+            raise
+        try:
+            listed = s3.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1)
+        except s3.exceptions.ClientError:
+            raise CheckpointUnreadableError(bucket, key, _error_code(exc)) from exc
+        if not any(item.get("Key") == key for item in listed.get("Contents", [])):
+            return None
+        raise
+    return answer["Body"].read(), answer["ETag"]
+
+
+def _error_code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _lost_race(exc: Any) -> bool:
+    """A conditional write refused: the ETag changed (412) or a concurrent conditional write won (409)."""
+    return _error_code(exc) in ("PreconditionFailed", "ConditionalRequestConflict")
+
+
+class _LeaseDocument(msgspec.Struct, frozen=True):
+    holder: str
+    expires_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A held lease: who holds it, until when (epoch ms), and the ETag of the object that says so."""
+
+    holder: str
+    expires_ms: int
+    etag: str
+
+
+class StagerLease:
+    """Keeps stager runs one at a time with an S3 object written only by conditional puts.
+
+    Lambda could serialize runs with reserved concurrency 1, but reserving concurrency fails in accounts whose
+    quota leaves less than 100 unreserved (new accounts may have 10). A run takes the lease if no object exists
+    (If-None-Match) or if the one there has expired (If-Match on its ETag); two runs racing for it cannot both win.
+    A lease outlives the Lambda's timeout, so one left by a crashed run frees itself.
+    """
+
+    def __init__(self, s3: Any, *, bucket: str, key: str = LEASE_KEY, duration_s: float = LEASE_DURATION_S) -> None:
+        self._s3 = s3
+        self.bucket = bucket
+        self.key = key
+        self.duration_s = duration_s
+
+    def acquire(self, holder: str, *, now: Callable[[], float] = time.time) -> Lease | None:
+        """Take the lease for ``holder``; None if another run holds an unexpired one or won the race for it."""
+        found = read_if_exists(self._s3, bucket=self.bucket, key=self.key)
+        condition: dict[str, str] = {"IfNoneMatch": "*"}
+        if found is not None:
+            current = msgspec.json.decode(found[0], type=_LeaseDocument)
+            if current.expires_ms > now() * 1000:
+                logger.info("another stager run holds the lease", extra={"holder": current.holder})
+                return None
+            condition = {"IfMatch": found[1]}
+        return self._put(holder, int((now() + self.duration_s) * 1000), condition)
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease up early (expired at once), unless another run took it over meanwhile."""
+        self._put(lease.holder, 0, {"IfMatch": lease.etag})
+
+    def _put(self, holder: str, expires_ms: int, condition: dict[str, str]) -> Lease | None:
+        body = msgspec.json.encode(_LeaseDocument(holder=holder, expires_ms=expires_ms))
+        try:
+            answer = self._s3.put_object(
+                Bucket=self.bucket, Key=self.key, Body=body, ContentType="application/json", **condition
+            )
+        except self._s3.exceptions.ClientError as exc:
+            if _lost_race(exc):
+                return None
+            raise
+        return Lease(holder=holder, expires_ms=expires_ms, etag=answer["ETag"])
 
 
 def record_messages(records: Iterable[Mapping[str, Any]], *, batch_size: int = MAX_BATCH_RECORDS) -> Iterator[bytes]:
@@ -343,12 +456,20 @@ def _clients() -> tuple[Any, Any]:
     return boto3.client("s3"), boto3.client("sqs")
 
 
-def load_glue_table(database: str, table: str) -> Table:
-    """The table as the Glue catalog of the Lambda's region has it now."""
+def load_glue_table(database: str, table: str, environ: Mapping[str, str] = os.environ) -> Table:
+    """The table as the Glue catalog of the Lambda's region has it now.
+
+    Table files are read through Arrow's S3 client, which ignores the AWS SDKs' endpoint variables; they are passed
+    on (``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``) so the stager reads from the endpoint boto3 talks to.
+    """
     from pyiceberg.catalog.glue import GlueCatalog
 
-    region = os.environ.get("AWS_REGION", "")
-    catalog = GlueCatalog("glue", **{"glue.region": region, "s3.region": region})
+    region = environ.get("AWS_REGION", "")
+    properties = {"glue.region": region, "s3.region": region}
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        properties["s3.endpoint"] = endpoint
+    catalog = GlueCatalog("glue", **properties)
     return catalog.load_table((database, table))
 
 
@@ -360,16 +481,27 @@ def reset_caches() -> None:
 
 @logger.inject_lambda_context
 def stager_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    """Scheduled entry point: stage what was committed since the checkpoint; publish lag and volume metrics."""
+    """Scheduled entry point: stage what was committed since the checkpoint; publish lag and volume metrics.
+
+    A run that finds the lease held by another (a previous run still staging a backlog) does nothing: the holder
+    stages what this one would have.
+    """
     settings = _stager_settings()
     s3, sqs = _clients()
-    report = stage(
-        settings,
-        load_table=lambda: load_glue_table(settings.database, settings.table),
-        s3=s3,
-        sqs=sqs,
-        time_left_s=lambda: context.get_remaining_time_in_millis() / 1000,
-    )
+    leases = StagerLease(s3, bucket=settings.bucket)
+    lease = leases.acquire(context.aws_request_id)
+    if lease is None:
+        return {"skipped": "another stager run holds the lease"}
+    try:
+        report = stage(
+            settings,
+            load_table=lambda: load_glue_table(settings.database, settings.table),
+            s3=s3,
+            sqs=sqs,
+            time_left_s=lambda: context.get_remaining_time_in_millis() / 1000,
+        )
+    finally:
+        leases.release(lease)
     metrics = Metrics(namespace=METRICS_NAMESPACE, service=STAGER_SERVICE)
     metrics.add_metric(name="ForwardLagSeconds", unit=MetricUnit.Seconds, value=report.lag_seconds)
     metrics.add_metric(name="RecordsStaged", unit=MetricUnit.Count, value=report.records)

@@ -64,13 +64,14 @@ def test_stack_is_in_the_app_after_storage_and_delivery(stacks: MeterlakeStacks,
     assert {"MeterlakeStorage", "MeterlakeDelivery"} <= set(manifest["artifacts"][STACK]["dependencies"])
 
 
-def test_schedule_invokes_the_stager_one_at_a_time(templates: dict[str, Template]) -> None:
+def test_schedule_invokes_the_stager_without_reserving_concurrency(templates: dict[str, Template]) -> None:
+    """Reserved concurrency fails in accounts with a low concurrency quota; the stager's S3 lease serializes runs."""
     template = templates[STACK]
     stager_id, stager = _function(template, STAGER_HANDLER)
     (rule,) = resources_of(template, "AWS::Events::Rule").values()
     assert rule["Properties"]["ScheduleExpression"] == "rate(1 minute)"
     assert [t["Arn"] for t in rule["Properties"]["Targets"]] == [{"Fn::GetAtt": [stager_id, "Arn"]}]
-    assert stager["ReservedConcurrentExecutions"] == 1
+    assert "ReservedConcurrentExecutions" not in stager
 
 
 def test_queue_is_encrypted_tls_only_and_redrives_to_an_alarmed_dlq(templates: dict[str, Template]) -> None:
