@@ -19,6 +19,9 @@ def main() -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    note = config.data_firehose_configuration.transform_records_with_aws_lambda.buffer_size_note
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr)
     # Imported after the config check: a bad value should fail fast, before jsii starts node.
     from cdk_stacks.app import build_app
 

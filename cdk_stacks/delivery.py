@@ -176,7 +176,7 @@ class DeliveryStack(Stack):
                 firehose.CfnDeliveryStream.ProcessorParameterProperty(parameter_name=name, parameter_value=value)
                 for name, value in (
                     ("LambdaArn", transform_function.function_arn),
-                    ("BufferSizeInMBs", _mb(settings.transform_records_with_aws_lambda.buffer_size)),
+                    ("BufferSizeInMBs", _mb(settings.transform_records_with_aws_lambda.effective_buffer_size)),
                     ("BufferIntervalInSeconds", str(settings.transform_records_with_aws_lambda.buffer_interval)),
                     ("NumberOfRetries", str(settings.transform_records_with_aws_lambda.number_of_retries)),
                 )

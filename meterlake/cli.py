@@ -93,6 +93,10 @@ def show_config(ctx: typer.Context) -> None:
     console.print(f"table            {config.database_name}.{config.table_name}")
     hints = firehose.buffering_hints
     console.print(f"buffering        {hints.size_in_mbs} MB or {hints.interval_in_seconds} s")
+    processing = firehose.transform_records_with_aws_lambda
+    console.print(f"transform buffer {processing.effective_buffer_size:g} MB, {processing.number_of_retries} retries")
+    if processing.buffer_size_note is not None:
+        console.print(f"note: {processing.buffer_size_note}", soft_wrap=True)
     console.print(f"unmetered        {', '.join(config.meterlake.unmetered_http_methods) or '(none)'}")
 
 

@@ -42,12 +42,43 @@ class BufferingHints(ConfigSection, frozen=True):
     size_in_mbs: Annotated[int, Meta(ge=1, le=128)] = 128
 
 
-class LambdaProcessing(ConfigSection, frozen=True):
-    """Firehose's Lambda processor settings (BufferSizeInMBs, BufferIntervalInSeconds, NumberOfRetries)."""
+#: Lambda's limit on a synchronous invocation's response (its JSON, as the function's runtime sends it).
+LAMBDA_PAYLOAD_LIMIT_BYTES = 6_291_556
+#: Lambda's limit on a synchronous invocation's request, as its RequestTooLargeException states it.
+LAMBDA_REQUEST_LIMIT_BYTES = 6_291_456
+#: The largest Lambda processor buffer (MB of raw records, as Firehose's BufferSizeInMBs counts) the transform's
+#: answer is proven to fit in LAMBDA_PAYLOAD_LIMIT_BYTES for: the answer holds each typed event in base64 plus
+#: Iceberg routing metadata, up to 2.25x the raw lines for the shortest lines API Gateway writes, so a 3 MB buffer
+#: of them would answer ~7 MB and every invocation would fail (tests/transform_lambda/test_answer_limits.py).
+TRANSFORM_BUFFER_CAP_MB = 2.5
 
-    buffer_size: Annotated[float, Meta(ge=0.2, le=3)] = 3
+
+class LambdaProcessing(ConfigSection, frozen=True):
+    """Firehose's Lambda processor settings (BufferSizeInMBs, BufferIntervalInSeconds, NumberOfRetries).
+
+    ``buffer_size`` takes Firehose's own range, so the AWS sample's 3 loads; above :data:`TRANSFORM_BUFFER_CAP_MB`
+    it is capped (:attr:`effective_buffer_size`) and :attr:`buffer_size_note` says so.
+    """
+
+    buffer_size: Annotated[float, Meta(ge=0.2, le=3)] = TRANSFORM_BUFFER_CAP_MB
     buffer_interval: Annotated[int, Meta(ge=0, le=900)] = 300
     number_of_retries: Annotated[int, Meta(ge=0, le=300)] = 3
+
+    @property
+    def effective_buffer_size(self) -> float:
+        """The processor buffer deployed and run locally: ``buffer_size``, at most the cap."""
+        return min(self.buffer_size, TRANSFORM_BUFFER_CAP_MB)
+
+    @property
+    def buffer_size_note(self) -> str | None:
+        """Why the buffer in use differs from the configured one; None when it does not."""
+        if self.buffer_size <= TRANSFORM_BUFFER_CAP_MB:
+            return None
+        return (
+            f"data_firehose_configuration.transform_records_with_aws_lambda.buffer_size {self.buffer_size:g} MB is "
+            f"capped to {TRANSFORM_BUFFER_CAP_MB:g} MB: the transform's answer to a fuller buffer of short "
+            f"access-log lines would exceed Lambda's {LAMBDA_PAYLOAD_LIMIT_BYTES:,}-byte response limit"
+        )
 
 
 class IcebergDestination(ConfigSection, frozen=True):

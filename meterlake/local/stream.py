@@ -44,7 +44,7 @@ from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
-from meterlake.config import Config, load_config
+from meterlake.config import LAMBDA_PAYLOAD_LIMIT_BYTES, LAMBDA_REQUEST_LIMIT_BYTES, Config, load_config
 from meterlake.local.catalog import ensure_metering_table, open_catalog
 from meterlake.local.home import DataDir
 from meterlake.local.spool import Spool, SpoolBatch, SpoolError, SpoolInUseError
@@ -55,8 +55,6 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
-#: Lambda's synchronous request payload limit; a Firehose event must stay below it.
-LAMBDA_REQUEST_LIMIT_BYTES = 6 * 1024 * 1024
 _MIB = 1024 * 1024
 #: JSON around each record in an event ({"recordId": ..., "approximateArrivalTimestamp": ..., "data": ...}) and
 #: around the event itself; generous so the real size stays below the estimate.
@@ -482,9 +480,9 @@ class DeliveryStream:
         self._size_bytes = hints.size_in_mbs * _MIB
         self._interval_s = float(hints.interval_in_seconds)
         processing = firehose.transform_records_with_aws_lambda
-        self._event_limit = min(LAMBDA_REQUEST_LIMIT_BYTES, int(processing.buffer_size * _MIB))
-        # Spool bytes whose base64 fills about one event: the buffer is read and transformed one event at a time.
-        self._event_read_bytes = max(1, (self._event_limit - _EVENT_JSON_OVERHEAD) * 3 // 4)
+        # Firehose's processor buffer counts raw record bytes (their base64 makes the request ~4/3 of it); the
+        # buffer is read and transformed one event's worth at a time.
+        self._event_raw_bytes = max(1, int(processing.effective_buffer_size * _MIB))
         self._attempts = 1 + processing.number_of_retries
         self._error_prefix = firehose.error_output_prefix
         render_error_prefix(self._error_prefix, when_ms=0, output_type=PROCESSING_FAILED)
@@ -693,7 +691,7 @@ class DeliveryStream:
         with self._cond:
             limit = min(self._spooled, buffer.start + self._size_bytes)
         while buffer.end < limit:
-            piece = self._spool.read(buffer.end, min(self._event_read_bytes, limit - buffer.end))
+            piece = self._spool.read(buffer.end, min(self._event_raw_bytes, limit - buffer.end))
             if not piece.records:
                 break
             if buffer.records_read == 0:
@@ -813,14 +811,18 @@ class DeliveryStream:
                 sink.chunks.append(arrow)
 
     def _event_ranges(self, batch: SpoolBatch) -> Iterator[range]:
-        """Cut the buffer into events whose JSON stays below the Lambda request limit and the processor buffer."""
+        """Cut the buffer into events of at most the processor buffer's raw bytes, as Firehose does, and whose
+        request stays below Lambda's limit (which only records far shorter than an access-log line could reach)."""
         start = 0
+        raw = 0
         size = _EVENT_JSON_OVERHEAD
         for i, record in enumerate(batch.records):
             record_size = (len(record) + 2) // 3 * 4 + _RECORD_JSON_OVERHEAD
-            if i > start and size + record_size > self._event_limit:
+            over = raw + len(record) > self._event_raw_bytes or size + record_size > LAMBDA_REQUEST_LIMIT_BYTES
+            if i > start and over:
                 yield range(start, i)
-                start, size = i, _EVENT_JSON_OVERHEAD
+                start, raw, size = i, 0, _EVENT_JSON_OVERHEAD
+            raw += len(record)
             size += record_size
         if start < len(batch.records):
             yield range(start, len(batch.records))
@@ -846,7 +848,21 @@ class DeliveryStream:
                 "records": records,
             }
             try:
+                request_size = oversized_payload(event, LAMBDA_REQUEST_LIMIT_BYTES, as_sent=True)
+                if request_size is not None:
+                    raise PayloadTooLargeError(
+                        "RequestTooLargeException",
+                        f"Request must be smaller than {LAMBDA_REQUEST_LIMIT_BYTES} bytes for the InvokeFunction "
+                        f"operation ({request_size} bytes)",
+                    )
                 response = self._handler(event, None)
+                response_size = oversized_payload(response, LAMBDA_PAYLOAD_LIMIT_BYTES)
+                if response_size is not None:
+                    raise PayloadTooLargeError(
+                        "Function.ResponseSizeTooLarge",
+                        f"Response payload size ({response_size} bytes) exceeded maximum allowed payload size "
+                        f"({LAMBDA_PAYLOAD_LIMIT_BYTES} bytes).",
+                    )
             except Exception as exc:  # a Lambda that raises is an invocation error, retried like Firehose does
                 failure = ("Lambda.FunctionError", f"{type(exc).__name__}: {exc}")
                 logger.warning("transform invocation failed (attempt %d/%d): %s", attempt, self._attempts, exc)
@@ -966,6 +982,36 @@ class DeliveryStream:
         read = self._index.catch_up(label, table)
         if read:
             logger.info("request_id index caught up with %s: %d data files", label, read)
+
+
+class PayloadTooLargeError(Exception):
+    """Lambda refused an invocation's request or the function's response for its size, as Lambda itself does."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+
+
+def oversized_payload(document: object, limit: int, *, as_sent: bool = False) -> int | None:
+    """The size of ``document`` if its JSON exceeds ``limit`` bytes, else None.
+
+    A response is counted as Lambda's Python runtime sends it (simplejson's default ``", "`` and ``": "``
+    separators, non-ASCII as UTF-8); ``as_sent`` counts compact JSON, as this stream sends its requests. msgspec's
+    compact encoding plus every comma and colon is an upper bound of the runtime's size (only those inside strings
+    are over-counted), so the exact, slower count runs only for documents close to the limit.
+
+    Raises:
+        TypeError: the document is not JSON (the runtime cannot marshal it).
+    """
+    compact = msgspec.json.encode(document)
+    if as_sent:
+        return len(compact) if len(compact) > limit else None
+    if len(compact) > limit:
+        return len(json.dumps(document, ensure_ascii=False).encode())
+    if len(compact) + compact.count(b",") + compact.count(b":") <= limit:
+        return None
+    size = len(json.dumps(document, ensure_ascii=False).encode())
+    return size if size > limit else None
 
 
 def _answers_in_order(response: object, record_ids: list[str]) -> list[dict[str, Any]] | str:

@@ -237,21 +237,71 @@ def test_a_buffer_beyond_the_event_limits_is_split_into_invocations_but_committe
         transform_records_with_aws_lambda={"buffer_size": 0.5},
     )
     real = default_handler(config)
-    event_sizes: list[int] = []
+    raw_sizes: list[int] = []
 
     def measuring(event: dict[str, Any], context: Any) -> dict[str, Any]:
-        event_sizes.append(len(json.dumps(event)))
+        raw_sizes.append(sum(len(base64.b64decode(r["data"])) for r in event["records"]))
         return real(event, context)
 
-    lines = [gateway_line(n, tenant="t" * 2000) for n in range(4000)]  # ~13 MB of base64: > 6 MB and > 0.5 MB
+    lines = [gateway_line(n, tenant="t" * 2000) for n in range(4000)]  # ~9.5 MB of raw lines: > 6 MB and > 0.5 MB
     with DeliveryStream(config=config, data_dir=data_dir, handler=measuring) as stream:
         stream.put_records(lines)
         report = stream.flush()
     assert report.ok_written == 4000
     assert report.commits == 1
-    assert report.invocations == len(event_sizes) > 12
-    assert max(event_sizes) <= 0.5 * 1024 * 1024
+    assert report.invocations == len(raw_sizes) > 18
+    # Firehose's processor buffer counts raw record bytes, not the request's base64 (4/3 of them).
+    assert 0.45 * 1024 * 1024 < max(raw_sizes) <= 0.5 * 1024 * 1024
     assert len(metering_table(data_dir, config).snapshots()) == 1
+
+
+def test_an_answer_over_lambdas_response_limit_fails_the_invocation_as_lambda_does(data_dir: DataDir) -> None:
+    """Lambda refuses a response over 6,291,556 bytes (Function.ResponseSizeTooLarge); Firehose retries the
+    invocation, then writes its records to the error prefix as a Lambda.FunctionError."""
+    config = make_config(transform_records_with_aws_lambda={"number_of_retries": 1})
+    real = default_handler(config)
+
+    def bloated(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        answer = real(event, context)
+        answer["records"][0]["data"] += "A" * 6_300_000
+        return answer
+
+    lines = [gateway_line(n) for n in range(5)]
+    with DeliveryStream(config=config, data_dir=data_dir, handler=bloated) as stream:
+        stream.put_records(lines)
+        report = stream.flush()
+    assert (report.invocations, report.failed, report.ok_written) == (2, 5, 0)
+    errors = error_rows(data_dir)
+    assert [base64.b64decode(e["rawData"]) for e in errors] == lines
+    assert {e["errorCode"] for e in errors} == {"Lambda.FunctionError"}
+    assert all("Function.ResponseSizeTooLarge" in e["errorMessage"] for e in errors)
+    assert all("exceeded maximum allowed payload size (6291556 bytes)" in e["errorMessage"] for e in errors)
+
+
+@pytest.mark.parametrize(("over", "taken"), [(0, True), (1, False)])
+def test_the_response_limit_is_lambdas_byte_for_byte(data_dir: DataDir, over: int, taken: bool) -> None:
+    """An answer of exactly 6,291,556 bytes, as the runtime marshals it, is taken; one byte more is refused."""
+    config = make_config(transform_records_with_aws_lambda={"number_of_retries": 0})
+    real = default_handler(config)
+    sizes: list[int] = []
+
+    def padded(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        answer = real(event, context)
+        (dropped,) = [r for r in answer["records"] if r["result"] == "Dropped"]
+        size = len(json.dumps(answer, ensure_ascii=False).encode())
+        dropped["data"] += "A" * (6_291_556 + over - size)  # Firehose ignores a dropped record's data
+        sizes.append(len(json.dumps(answer, ensure_ascii=False).encode()))
+        return answer
+
+    lines = [gateway_line(0, method="OPTIONS"), *(gateway_line(n) for n in range(1, 5))]
+    with DeliveryStream(config=config, data_dir=data_dir, handler=padded) as stream:
+        stream.put_records(lines)
+        report = stream.flush()
+    assert sizes == [6_291_556 + over]
+    if taken:
+        assert (report.ok_written, report.dropped, report.failed) == (4, 1, 0)
+    else:
+        assert (report.ok_written, report.dropped, report.failed) == (0, 0, 5)
 
 
 def test_a_raising_handler_is_retried_then_its_records_go_to_the_error_folder(data_dir: DataDir) -> None:
