@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
-.PHONY: install lint format test demo bench synth clean
+.PHONY: install lint format test demo bench synth lock-lambdas clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ bench: install
 
 synth: install
 	$(BIN)/python app.py
+
+# Re-resolve the Lambda assets' dependencies (pyproject.toml's ranges, both architectures) into
+# cdk_stacks/lambda-requirements/*.txt: exact versions and wheel hashes the bundler installs. Commit the result.
+lock-lambdas: install
+	$(BIN)/python -m cdk_stacks.lambda_lock
 
 clean:
 	rm -rf .meterlake cdk.out .pytest_cache .mypy_cache .ruff_cache

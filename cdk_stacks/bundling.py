@@ -1,8 +1,10 @@
 """Lambda assets built at synth time without Docker: ``pip install --platform`` for the Lambda's platform plus a copy.
 
-Both Lambdas are plain Python; the only compiled dependency (msgspec) ships manylinux wheels, so pip can fetch the
-wheels of the Lambda's platform and Python version on any machine. The asset hash covers the copied sources, the
-requirement pins and the target, so CDK skips bundling when none of them changed.
+The Lambdas are plain Python whose compiled dependencies ship manylinux wheels, so pip can fetch the wheels of the
+Lambda's platform and Python version on any machine. What pip installs is a bundle's lock file
+(``cdk_stacks/lambda-requirements/<bundle>.txt``, written by ``make lock-lambdas``): exact versions and the sha256 of
+each wheel, so an asset changes only when its lock does, never because PyPI published a release. The asset hash
+covers the copied sources, the lock, the requirements and the target, so CDK skips bundling when none of them changed.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ from aws_cdk import aws_lambda as lambda_
 
 #: The repository root: the sources bundled into the Lambdas and pyproject.toml live here.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: The Lambda assets' lock files, one per bundle (``make lock-lambdas`` writes them).
+LAMBDA_LOCK_DIR = PROJECT_ROOT / "cdk_stacks" / "lambda-requirements"
+#: How a lock file names each target its hashes were resolved for: one such comment line per target.
+LOCK_TARGET_COMMENT = "# target: "
 #: Bump when the way bundles are built changes, so cached assets are rebuilt.
-_BUNDLER_VERSION = "1"
+_BUNDLER_VERSION = "2"
 _IGNORED_PARTS = frozenset({"__pycache__"})
+#: Lambda's architectures (the config's names) and the machine names of their manylinux platform tags.
+_MACHINES = {"arm64": "aarch64", "x86_64": "x86_64"}
+LAMBDA_ARCHITECTURES = tuple(_MACHINES)
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
@@ -49,9 +58,13 @@ class PythonTarget:
 
         ``glibc_2_28`` also accepts manylinux_2_28 wheels: the Python 3.12+ runtimes run Amazon Linux 2023 (glibc 2.34).
         """
-        machine = {"arm64": "aarch64", "x86_64": "x86_64"}[architecture]
+        machine = _MACHINES[architecture]
         extra = (f"manylinux_2_28_{machine}",) if glibc_2_28 else ()
         return cls(platform=f"manylinux2014_{machine}", python_version=python_version, extra_platforms=extra)
+
+    def describe(self) -> str:
+        """``cp<version> <platform> [<extra platforms>]``, as a lock file names the targets it was resolved for."""
+        return " ".join((f"cp{self.python_version}", self.platform, *self.extra_platforms))
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +73,14 @@ class PythonBundle:
 
     Args:
         sources: (file or directory, its path inside the bundle), relative to ``root``.
-        requirements: pip requirement specifiers, e.g. ``msgspec>=0.19,<0.23``.
+        requirements: pip requirement specifiers, e.g. ``msgspec>=0.19,<0.23``: what the bundle needs, as
+            pyproject.toml's ranges. Installed (with their dependencies, resolved now) only if there is no ``lock``.
         target: the platform/Python the wheels are chosen for.
         root: where ``sources`` are read from.
         prune: glob patterns (relative to the bundle) of installed files and directories to leave out, to keep
             a bundle under Lambda's 250 MB: packages the runtime provides, parts of a wheel nothing imports.
+        lock: a pip requirements file pinning ``requirements`` and every dependency to one version and the sha256
+            of its wheels for each target it names; installed instead of ``requirements``, hashes checked.
     """
 
     sources: tuple[tuple[str, str], ...]
@@ -72,27 +88,35 @@ class PythonBundle:
     target: PythonTarget
     root: Path = PROJECT_ROOT
     prune: tuple[str, ...] = ()
+    lock: Path | None = None
 
     def asset_hash(self) -> str:
-        """A digest of everything the bundle is built from: source files, requirement pins, target, bundler."""
+        """A digest of everything the bundle is built from: source files, requirements, lock, target, bundler."""
         digest = hashlib.sha256()
         parts = (_BUNDLER_VERSION, *self.requirements, self.target.platform, self.target.python_version)
         for part in (*parts, *self.target.extra_platforms, *(f"prune:{pattern}" for pattern in self.prune)):
             digest.update(part.encode() + b"\0")
+        if self.lock is not None:
+            digest.update(b"lock\0" + _lock_text(self.lock).encode() + b"\0")
         for source, destination in self._files():
             digest.update(destination.encode() + b"\0")
             digest.update(source.read_bytes() + b"\0")
         return digest.hexdigest()
 
     def build(self, output_dir: Path) -> None:
-        """Install the requirements into ``output_dir`` for the target, then copy the sources there.
+        """Install the lock (else the requirements) into ``output_dir`` for the target, then copy the sources there.
 
         Raises:
-            BundlingError: pip failed (its last lines are in the message) or a source is missing.
+            BundlingError: the lock is missing or was not resolved for the target, pip failed (its last lines are
+                in the message), or a source is missing.
         """
         output_dir.mkdir(parents=True, exist_ok=True)
-        if self.requirements:
-            self._pip_install(output_dir)
+        if self.lock is not None:
+            self._check_lock_target(self.lock)
+            # pip checks each wheel against the lock's hashes, and that every dependency is in the lock.
+            self._pip_install(output_dir, "--require-hashes", "--requirement", str(self.lock))
+        elif self.requirements:
+            self._pip_install(output_dir, *self.requirements)
         for pattern in self.prune:
             for path in sorted(output_dir.glob(pattern)):
                 if path.is_dir():
@@ -104,7 +128,15 @@ class PythonBundle:
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, path)
 
-    def _pip_install(self, output_dir: Path) -> None:
+    def _check_lock_target(self, lock: Path) -> None:
+        """The lock's hashes are those of the wheels pip picked for the targets it names: any other target fails."""
+        if f"{LOCK_TARGET_COMMENT}{self.target.describe()}" not in _lock_text(lock).splitlines():
+            raise BundlingError(
+                f"{lock} was not resolved for {self.target.describe()} (see its '{LOCK_TARGET_COMMENT.strip()}' "
+                "lines): run `make lock-lambdas`"
+            )
+
+    def _pip_install(self, output_dir: Path, *requirements: str) -> None:
         command = [
             sys.executable,
             "-m",
@@ -125,12 +157,12 @@ class PythonBundle:
             self.target.python_version,
             "--target",
             str(output_dir),
-            *self.requirements,
+            *requirements,
         ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
         if result.returncode != 0:
             tail = " | ".join(result.stderr.strip().splitlines()[-3:])
-            raise BundlingError(f"pip could not install {list(self.requirements)} for {self.target}: {tail}")
+            raise BundlingError(f"pip could not install {list(requirements)} for {self.target.describe()}: {tail}")
 
     def _files(self) -> Iterator[tuple[Path, str]]:
         """Every file to copy, as (source file, path inside the bundle), in a stable order."""
@@ -145,6 +177,13 @@ class PythonBundle:
                         yield file, f"{destination}/{relative.as_posix()}"
             else:
                 raise BundlingError(f"{path}: no such file or directory to bundle")
+
+
+def _lock_text(lock: Path) -> str:
+    try:
+        return lock.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundlingError(f"{lock}: no such lock file; `make lock-lambdas` writes it") from None
 
 
 @jsii.implements(ILocalBundling)
@@ -182,18 +221,24 @@ def project_requirements(names: Sequence[str], *, pyproject: Path = PROJECT_ROOT
     Raises:
         BundlingError: a name is not a dependency of the project.
     """
+    by_name = project_dependencies(pyproject=pyproject)
+    missing = [name for name in names if canonical_name(name) not in by_name]
+    if missing:
+        raise BundlingError(f"{pyproject}: not in [project].dependencies: {missing}")
+    return tuple(by_name[canonical_name(name)] for name in names)
+
+
+def project_dependencies(*, pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dict[str, str]:
+    """pyproject.toml's ``[project].dependencies``: each specifier by its package's canonical name."""
     dependencies: list[str] = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
     by_name: dict[str, str] = {}
     for specifier in dependencies:
         match = _REQUIREMENT_NAME.match(specifier)
         if match:
-            by_name[_canonical(match.group(1))] = specifier
-    missing = [name for name in names if _canonical(name) not in by_name]
-    if missing:
-        raise BundlingError(f"{pyproject}: not in [project].dependencies: {missing}")
-    return tuple(by_name[_canonical(name)] for name in names)
+            by_name[canonical_name(match.group(1))] = specifier
+    return by_name
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """PEP 503 name normalization."""
     return re.sub(r"[-_.]+", "-", name).lower()

@@ -28,7 +28,7 @@ from aws_cdk import aws_sns_subscriptions as subscriptions
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
-from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code, project_requirements
+from cdk_stacks.bundling import LAMBDA_LOCK_DIR, PythonBundle, PythonTarget, lambda_code, project_requirements
 from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, glue_arns, grant_table_access
 from cdk_stacks.shared import (
     LAMBDA_PYTHON_VERSION,
@@ -80,6 +80,8 @@ FORWARDER_SOURCES: Final = _as_is(
     "meterlake/amberflo/settings.py",
 )
 FORWARDER_REQUIREMENTS: Final = ("msgspec", "aws-lambda-powertools", "httpx", "isal")
+#: The exact wheels the forwarder's asset installs (``make lock-lambdas`` writes it from the requirements).
+FORWARDER_LOCK: Final = LAMBDA_LOCK_DIR / "forwarder.txt"
 #: The AWS SDK comes with the Python runtime (should a requirement pull it in); pip's scripts are never run.
 FORWARDER_PRUNE: Final = (
     "boto3",
@@ -100,15 +102,24 @@ STAGER_SOURCES: Final = FORWARDER_SOURCES + _as_is(
     "meterlake/schema.py",
     "meterlake/records.py",
 )
-#: Third-party packages those modules import (meters.py imports duckdb and sqlglot at module level).
-STAGER_REQUIREMENTS: Final = (*FORWARDER_REQUIREMENTS, "pyiceberg", "pyarrow", "duckdb", "sqlglot")
-#: Left out of the asset to stay under Lambda's 250 MB unzipped (measured: ~225 MB arm64, ~246 MB x86_64 of
-#: 262,144,000 bytes): besides the forwarder's, Arrow Flight, Arrow's C++ headers and tests, the unversioned copies
-#: of libraries loaded by their soname, zstandard's cffi backend (its C backend is used) and pyiceberg's CLI (rich,
-#: pygments) are never imported.
+#: Third-party packages those modules import. Not DuckDB or sqlglot (~70 MB): meters.py imports them only in the
+#: SQL functions reconciliation calls, never on the stager's path (the bundle-alone tests prove it).
+STAGER_REQUIREMENTS: Final = (*FORWARDER_REQUIREMENTS, "pyiceberg", "pyarrow")
+STAGER_LOCK: Final = LAMBDA_LOCK_DIR / "stager.txt"
+#: Left out of the asset, which Lambda limits to 262,144,000 bytes unzipped (tests/cdk_stacks/test_asset_sizes.py
+#: holds every asset to 75% of it): besides the forwarder's, Arrow Flight, Arrow's C++ headers, sources (Cython
+#: and C++, for building against pyarrow) and tests, the unversioned copies of libraries loaded by their soname,
+#: zstandard's cffi backend (its C backend is used), pyiceberg's CLI (rich, pygments, markdown-it) and the Thrift
+#: bindings of its Hive catalog (the stager reads through Glue) are never imported. Arrow's other libraries
+#: (dataset, acero, substrait, ...) stay: pyarrow's core module links them all.
 STAGER_PRUNE: Final = (
     *FORWARDER_PRUNE,
     "pyarrow/include",
+    "pyarrow/includes",
+    "pyarrow/src",
+    "pyarrow/*.pyx",
+    "pyarrow/*.pxd",
+    "pyarrow/*.pxi",
     "pyarrow/tests",
     "pyarrow/*flight*",
     "pyarrow/_pyarrow_cpp_tests*",
@@ -117,6 +128,10 @@ STAGER_PRUNE: Final = (
     "zstandard/_cffi.*",
     "rich",
     "pygments",
+    "markdown_it",
+    "mdurl",
+    "hive_metastore",
+    "fb303",
 )
 STAGER_HANDLER: Final = "meterlake.aws.staging.stager_handler"
 FORWARDER_HANDLER: Final = "meterlake.aws.forwarding.forwarder_handler"
@@ -158,13 +173,17 @@ def stager_bundle(target: PythonTarget) -> PythonBundle:
     # pyproject pins pyiceberg with the local runtime's extras (SQLite catalog); the Lambdas use Glue through the
     # runtime's boto3, so the same version range without extras.
     requirements = tuple(re.sub(r"\[[^\]]*\]", "", pin) for pin in pins)
-    return PythonBundle(sources=STAGER_SOURCES, requirements=requirements, target=target, prune=STAGER_PRUNE)
+    return PythonBundle(
+        sources=STAGER_SOURCES, requirements=requirements, target=target, prune=STAGER_PRUNE, lock=STAGER_LOCK
+    )
 
 
 def forwarder_bundle(target: PythonTarget) -> PythonBundle:
     """The forwarder Lambda's asset, for ``target``."""
     requirements = project_requirements(FORWARDER_REQUIREMENTS)
-    return PythonBundle(sources=FORWARDER_SOURCES, requirements=requirements, target=target, prune=FORWARDER_PRUNE)
+    return PythonBundle(
+        sources=FORWARDER_SOURCES, requirements=requirements, target=target, prune=FORWARDER_PRUNE, lock=FORWARDER_LOCK
+    )
 
 
 def _checked_environment(name: str, environment: dict[str, str]) -> dict[str, str]:

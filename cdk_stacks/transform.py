@@ -8,7 +8,7 @@ from typing import Any, Final
 from aws_cdk import Duration, Stack
 from constructs import Construct
 
-from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code, project_requirements
+from cdk_stacks.bundling import LAMBDA_LOCK_DIR, PythonBundle, PythonTarget, lambda_code, project_requirements
 from cdk_stacks.shared import LAMBDA_PYTHON_VERSION, LAMBDA_RUNTIME_REASON, acknowledge, lambda_role, python_function
 from transform_lambda.handler import (
     ENV_DATABASE,
@@ -27,6 +27,8 @@ TRANSFORM_SOURCES: Final = (
 )
 #: Third-party packages the handler imports, pinned as pyproject.toml pins them.
 TRANSFORM_REQUIREMENTS: Final = ("msgspec", "aws-lambda-powertools")
+#: The exact wheels the asset installs (``make lock-lambdas`` writes it from the requirements).
+TRANSFORM_LOCK: Final = LAMBDA_LOCK_DIR / "transform.txt"
 TRANSFORM_HANDLER: Final = "transform_lambda.handler.lambda_handler"
 #: Firehose upserts on the table's unique key, so a redelivered access-log line replaces its first copy.
 OTF_OPERATION: Final = "update"
@@ -35,7 +37,10 @@ OTF_OPERATION: Final = "update"
 def transform_bundle(target: PythonTarget) -> PythonBundle:
     """The transform Lambda's asset for ``target``: the test builds the same bundle for this machine."""
     return PythonBundle(
-        sources=TRANSFORM_SOURCES, requirements=project_requirements(TRANSFORM_REQUIREMENTS), target=target
+        sources=TRANSFORM_SOURCES,
+        requirements=project_requirements(TRANSFORM_REQUIREMENTS),
+        target=target,
+        lock=TRANSFORM_LOCK,
     )
 
 

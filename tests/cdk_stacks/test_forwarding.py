@@ -4,23 +4,14 @@ and environments rendered from the config (the session's non-default one)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-import boto3  # type: ignore[import-untyped]
-import botocore  # type: ignore[import-untyped]
-import dateutil  # type: ignore[import-untyped]
-import jmespath  # type: ignore[import-untyped]
 import msgspec
-import s3transfer  # type: ignore[import-untyped]
-import six  # type: ignore[import-untyped]
-import urllib3
+import pytest
 from aws_cdk.assertions import Template
 
 from cdk_stacks.app import MeterlakeStacks
-from cdk_stacks.bundling import PythonBundle, PythonTarget
 from cdk_stacks.forwarding import (
     FORWARDER_HANDLER,
     FORWARDER_TIMEOUT,
@@ -33,8 +24,10 @@ from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.aws.forwarding import ENV_AMBERFLO, ENV_SECRET_JSON_KEY, ENV_SECRET_NAME, FORWARDER_SERVICE
 from meterlake.aws.staging import ENV_METERS, STAGER_SERVICE
 from meterlake.config import Config
-from meterlake.meters import parse_meters
+from meterlake.meters import DEFAULT_METERS, meter_records, parse_meters
 from tests.cdk_stacks.conftest import resources_of
+from tests.cdk_stacks.local_bundles import HEAVY_MODULES, build_for_this_machine, lambda_runtime, run_alone
+from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
 
 STACK = "MeterlakeForwarding"
 
@@ -148,58 +141,83 @@ def test_policies_name_the_table_queue_checkpoint_secret_and_dead_letter_prefix(
     assert [sorted(g["Properties"]["Permissions"]) for g in grants] == [["DESCRIBE", "SELECT"]]
 
 
-def _local_target() -> PythonTarget:
-    """This machine's platform and Python: a bundle built for it can be imported here."""
-    return PythonTarget(
-        platform="manylinux2014_x86_64",
-        python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
-        extra_platforms=("manylinux_2_28_x86_64",),
-    )
+#: Imports a handler (argv[1]) and prints which of the modules named after it the import loaded.
+_IMPORT_HANDLER = """
+import importlib
+module, _, function = sys.argv[1].rpartition(".")
+assert callable(getattr(importlib.import_module(module), function))
+print(",".join(name for name in sys.argv[2:] if name in sys.modules))
+"""
+#: The stager's read path on a table (metadata file argv[1]) with meters (JSON argv[2]): each snapshot's committed
+#: events, their meter records and the SQS message bodies, as the handler's stage() computes them. Its Glue catalog
+#: and Arrow's S3 filesystem (what it reads through on AWS) load too.
+_READ_COMMITTED = """
+import json
+from pyiceberg.catalog.glue import GlueCatalog
+from pyiceberg.io.pyarrow import PyArrowFileIO
+from pyiceberg.table import StaticTable
+GlueCatalog("glue", **{"glue.region": "eu-west-1"})
+PyArrowFileIO({"s3.region": "eu-west-1"}).fs_by_scheme("s3", "lake")
+from meterlake.amberflo.outbox import columns_read, committed_since
+from meterlake.aws.staging import record_messages
+from meterlake.meters import meter_records, parse_meters
+meters = parse_meters(json.loads(sys.argv[2]))
+snapshots = []
+for committed in committed_since(StaticTable.from_metadata(sys.argv[1]), None, columns=columns_read(meters)):
+    batch = meter_records(committed.events, meters)
+    sent = sum(len(json.loads(body)) for body in record_messages(batch.records()))
+    snapshots.append([committed.snapshot.snapshot_id, len(batch), batch.untenanted, sent])
+print(json.dumps({"snapshots": snapshots, "loaded": [name for name in sys.argv[3:] if name in sys.modules]}))
+"""
 
 
-def _import_alone(bundle: PythonBundle, handler: str, tmp_path: Path) -> tuple[Path, list[str]]:
-    """Build ``bundle`` for this machine and import ``handler`` from it under ``python -I -S`` with only what the
-    Lambda runtime adds (the AWS SDK); the bundle's directory and the heavy modules that import loaded."""
-    bundle_dir = tmp_path / "bundle"
-    bundle.build(bundle_dir)
-    runtime_dir = tmp_path / "runtime"
-    runtime_dir.mkdir()
-    for module in (boto3, botocore, s3transfer, jmespath, dateutil, urllib3):
-        source = Path(module.__file__ or "").parent
-        (runtime_dir / source.name).symlink_to(source)
-    six_file = Path(six.__file__ or "")
-    (runtime_dir / six_file.name).symlink_to(six_file)
-    module, function = handler.rsplit(".", 1)
-    script = (
-        f"import sys, importlib; sys.path[:0] = sys.argv[1:]; m = importlib.import_module({module!r}); "
-        f"assert callable(m.{function}); "
-        "print(','.join(n for n in ('pyarrow', 'duckdb', 'pyiceberg', 'sqlglot') if n in sys.modules))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", script, str(bundle_dir), str(runtime_dir)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return bundle_dir, [name for name in result.stdout.strip().split(",") if name]
+@pytest.fixture(scope="module")
+def stager_alone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The stager's bundle built once for this machine, and a directory of what Lambda's runtime adds."""
+    root = tmp_path_factory.mktemp("stager-alone")
+    return build_for_this_machine(stager_bundle, root / "bundle"), lambda_runtime(root / "runtime")
 
 
 def _size_mb(directory: Path) -> float:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file()) / 1e6
 
 
-def test_stager_bundle_alone_imports_its_handler(tmp_path: Path) -> None:
-    """The stager's bundle (and pruning), built for this machine, imports with nothing else on sys.path."""
-    bundle_dir, heavy = _import_alone(stager_bundle(_local_target()), STAGER_HANDLER, tmp_path)
-    assert {"pyarrow", "pyiceberg"} <= set(heavy)
-    assert not (bundle_dir / "botocore").exists()
+def test_stager_bundle_alone_imports_its_handler(stager_alone: tuple[Path, Path]) -> None:
+    """The stager's bundle (and pruning) imports its handler with nothing else on sys.path; neither DuckDB nor
+    sqlglot is in the bundle, nor imported on the handler's path."""
+    bundle_dir, runtime_dir = stager_alone
+    loaded = run_alone(_IMPORT_HANDLER, STAGER_HANDLER, *HEAVY_MODULES, bundle_dir=bundle_dir, runtime_dir=runtime_dir)
+    assert loaded.strip().split(",") == ["pyarrow", "pyiceberg"]
+    assert [path.name for path in bundle_dir.iterdir() if path.name.startswith(("duckdb", "_duckdb", "sqlglot"))] == []
+    assert not any((bundle_dir / pruned).exists() for pruned in ("botocore", "hive_metastore", "rich", "pyarrow/src"))
+
+
+def test_stager_bundle_alone_reads_committed_events(stager_alone: tuple[Path, Path], tmp_path: Path) -> None:
+    """With only its bundle, the stager reads what two snapshots committed and meters it as the full install does."""
+    table = metering_table(tmp_path / "home")
+    expected = []
+    for offset, events in enumerate((make_events(0, 400), make_events(400, 250)), start=1):
+        snapshot_id = commit_events(table, events, offset=offset)
+        batch = meter_records(events, DEFAULT_METERS)
+        expected.append([snapshot_id, len(batch), batch.untenanted, len(batch)])
+    bundle_dir, runtime_dir = stager_alone
+    meters = msgspec.json.encode(list(DEFAULT_METERS)).decode()
+    output = run_alone(
+        _READ_COMMITTED, table.metadata_location, meters, *HEAVY_MODULES, bundle_dir=bundle_dir, runtime_dir=runtime_dir
+    )
+    result = json.loads(output)
+    assert result["snapshots"] == expected
+    assert result["loaded"] == ["pyarrow", "pyiceberg"]
 
 
 def test_forwarder_bundle_is_small_and_imports_no_arrow_or_iceberg(tmp_path: Path) -> None:
     """The forwarder's own bundle holds no Arrow, DuckDB or Iceberg, and its handler imports without them."""
-    bundle_dir, heavy = _import_alone(forwarder_bundle(_local_target()), FORWARDER_HANDLER, tmp_path)
-    assert heavy == []
+    bundle_dir = build_for_this_machine(forwarder_bundle, tmp_path / "bundle")
+    runtime_dir = lambda_runtime(tmp_path / "runtime")
+    loaded = run_alone(
+        _IMPORT_HANDLER, FORWARDER_HANDLER, *HEAVY_MODULES, bundle_dir=bundle_dir, runtime_dir=runtime_dir
+    )
+    assert loaded.strip() == ""
     assert not any((bundle_dir / name).exists() for name in ("pyarrow", "duckdb", "pyiceberg", "botocore"))
     assert _size_mb(bundle_dir) < 30
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,11 @@ from typing import Any
 import pytest
 from aws_cdk.assertions import Template
 
-from cdk_stacks.bundling import BundlingError, PythonBundle, PythonTarget, project_requirements
+from cdk_stacks.bundling import LOCK_TARGET_COMMENT, BundlingError, PythonBundle, PythonTarget, project_requirements
 from cdk_stacks.transform import TRANSFORM_HANDLER, transform_bundle
 from meterlake.records import render_access_log_line
 from tests.cdk_stacks.conftest import only_resource
+from tests.cdk_stacks.local_bundles import build_for_this_machine
 
 _INVOKE = """
 import json, os, sys, types
@@ -62,13 +62,9 @@ def test_lambda_bundle_holds_wheels_for_the_lambda_platform(cdk_outdir: Path, te
 
 
 def test_bundle_alone_answers_a_firehose_event(tmp_path: Path) -> None:
-    """Same bundling code, built for this machine, imported with nothing but the bundle (and stdlib) on sys.path."""
-    machine = platform.machine()
-    local = PythonTarget(
-        platform=f"manylinux2014_{machine}", python_version=f"{sys.version_info[0]}.{sys.version_info[1]}"
-    )
-    bundle_dir = tmp_path / "bundle"
-    transform_bundle(local).build(bundle_dir)
+    """Same bundling code and locked versions, built for this machine, imported with nothing but the bundle (and
+    stdlib) on sys.path."""
+    bundle_dir = build_for_this_machine(transform_bundle, tmp_path / "bundle")
     line = render_access_log_line(
         {
             "request_id": "r-1",
@@ -116,7 +112,7 @@ def test_bundle_alone_answers_a_firehose_event(tmp_path: Path) -> None:
     assert document["request_time"] == 1_764_000_000_123_000
 
 
-def test_asset_hash_follows_sources_pins_and_target(tmp_path: Path) -> None:
+def test_asset_hash_follows_sources_pins_lock_and_target(tmp_path: Path) -> None:
     (tmp_path / "handler.py").write_text("x = 1\n")
     target = PythonTarget(platform="manylinux2014_aarch64", python_version="3.13")
     bundle = PythonBundle(
@@ -135,7 +131,34 @@ def test_asset_hash_follows_sources_pins_and_target(tmp_path: Path) -> None:
         != first
     )
     (tmp_path / "handler.py").write_text("x = 2\n")
-    assert bundle.asset_hash() != first
+    second = bundle.asset_hash()
+    assert second != first
+    lock = tmp_path / "lock.txt"
+    lock.write_text("msgspec==0.22.0 --hash=sha256:aa\n")
+    locked = PythonBundle(
+        sources=bundle.sources, requirements=bundle.requirements, target=target, root=tmp_path, lock=lock
+    )
+    third = locked.asset_hash()
+    assert third != second
+    lock.write_text("msgspec==0.22.0 --hash=sha256:bb\n")
+    assert locked.asset_hash() != third
+
+
+def test_a_lock_serves_only_the_targets_it_was_resolved_for(tmp_path: Path) -> None:
+    (tmp_path / "handler.py").write_text("x = 1\n")
+    lock = tmp_path / "lock.txt"
+    arm = PythonTarget.for_lambda(architecture="arm64", python_version="3.13")
+    lock.write_text(f"{LOCK_TARGET_COMMENT}{arm.describe()}\n")
+    x86 = PythonTarget.for_lambda(architecture="x86_64", python_version="3.13")
+    bundle = PythonBundle(
+        sources=(("handler.py", "handler.py"),), requirements=(), target=x86, root=tmp_path, lock=lock
+    )
+    with pytest.raises(BundlingError, match=r"not resolved for cp3\.13 manylinux2014_x86_64.*make lock-lambdas"):
+        bundle.build(tmp_path / "out")
+    with pytest.raises(BundlingError, match="make lock-lambdas"):
+        PythonBundle(
+            sources=bundle.sources, requirements=(), target=x86, root=tmp_path, lock=tmp_path / "no.txt"
+        ).build(tmp_path / "out")
 
 
 def test_requirements_are_read_from_pyproject(tmp_path: Path) -> None:

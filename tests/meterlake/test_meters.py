@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -251,3 +253,24 @@ def test_aggregate_lake_reads_parquet_files(tmp_path: Path) -> None:
     pq.write_table(events, path)
     assert aggregate_lake([str(path)], DEFAULT_METERS) == expected_usage(events, DEFAULT_METERS)
     assert aggregate_lake([], DEFAULT_METERS) == {}
+
+
+#: Meters applied in a fresh interpreter where importing DuckDB or sqlglot raises ImportError.
+_WITHOUT_SQL_ENGINES = """
+import sys
+sys.modules["duckdb"] = sys.modules["sqlglot"] = None
+import pyarrow as pa
+from meterlake.meters import DEFAULT_METERS, meter_records, parse_meters
+from meterlake.schema import metering_event_arrow_schema
+meters = DEFAULT_METERS + parse_meters([{"meter_api_name": "calls", "label": "Calls"}])
+row = {"request_id": "r1", "tenant_id": "t1", "request_time": 1_764_000_000_000_000, "status": 200}
+events = pa.Table.from_pylist([{**row, "response_length": 5}], schema=metering_event_arrow_schema())
+print(len(meter_records(events, meters)))
+"""
+
+
+def test_applying_meters_needs_neither_duckdb_nor_sqlglot() -> None:
+    """The stager Lambda's asset leaves DuckDB and sqlglot out: only the SQL twin (aggregate_lake) imports them."""
+    result = subprocess.run([sys.executable, "-c", _WITHOUT_SQL_ENGINES], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "3"
