@@ -89,7 +89,6 @@ class AnalyticsStack(Stack):
         bucket_name: str,
         database_name: str,
         table_name: str,
-        table_location: str,
         output_prefix: str,
         queries: Sequence[AthenaNamedQuery],
         bytes_scanned_cutoff_per_query: int,
@@ -218,8 +217,8 @@ class AnalyticsStack(Stack):
                 enabled=True,
                 role_arn=role.role_arn,
                 orphan_file_deletion_configuration=glue.CfnTableOptimizer.OrphanFileDeletionConfigurationProperty(
+                    # No location: Glue scans the table's own location, which no other table shares.
                     iceberg_configuration=glue.CfnTableOptimizer.IcebergConfigurationProperty(
-                        location=table_location,
                         orphan_file_retention_period_in_days=maintenance.orphan_file_retention_days,
                     )
                 ),

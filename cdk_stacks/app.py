@@ -122,7 +122,6 @@ def build_app(config: Config, *, outdir: str | None = None, env: Environment | N
         bucket_name=storage.bucket_name,
         database_name=storage.database_name,
         table_name=storage.table_name,
-        table_location=storage.table_location,
         output_prefix=firehose.output_prefix,
         queries=athena_named_queries(config),
         bytes_scanned_cutoff_per_query=aws.athena_bytes_scanned_cutoff_per_query,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from aws_cdk import ArnFormat, Aws, CfnOutput, Stack
+from aws_cdk import ArnFormat, Aws, CfnOutput, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kinesisfirehose as firehose
 from aws_cdk import aws_lakeformation as lakeformation
@@ -99,9 +99,17 @@ class DeliveryStack(Stack):
             "LogGroup",
             log_group_name=log_group_name,
             retention=log_retention(log_retention_days),
+            # Named by Firehose's convention: retained, it would make a redeploy after `cdk destroy` fail.
+            removal_policy=RemovalPolicy.DESTROY,
         )
         for construct_id, log_stream in (("DestinationLog", DESTINATION_LOG_STREAM), ("BackupLog", BACKUP_LOG_STREAM)):
-            logs.LogStream(self, construct_id, log_group=log_group, log_stream_name=log_stream)
+            logs.LogStream(
+                self,
+                construct_id,
+                log_group=log_group,
+                log_stream_name=log_stream,
+                removal_policy=RemovalPolicy.DESTROY,
+            )
 
         policy = iam.PolicyDocument(
             statements=[

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from aws_cdk import Acknowledgment, Stack, Validations
+from aws_cdk import Acknowledgment, RemovalPolicy, Stack, Validations
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
@@ -83,8 +83,11 @@ def python_function(
     **props: Any,
 ) -> lambda_.Function:
     """A Lambda on the project's Python runtime with its own log group (retention from the config) that only its
-    role may write: every function of the app is built this way."""
-    log_group = logs.LogGroup(scope, log_group_id, retention=log_retention(log_retention_days))
+    role may write: every function of the app is built this way. The log group goes with the stack: logs are not
+    the product's data, and a retained one would linger after ``cdk destroy``."""
+    log_group = logs.LogGroup(
+        scope, log_group_id, retention=log_retention(log_retention_days), removal_policy=RemovalPolicy.DESTROY
+    )
     log_group.grant_write(role)
     return lambda_.Function(
         scope,

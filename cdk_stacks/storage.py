@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from aws_cdk import Aws, CfnOutput, Duration, RemovalPolicy, Stack
+from aws_cdk import Aws, CfnOutput, Duration, Fn, RemovalPolicy, Stack
 from aws_cdk import aws_glue as glue
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
@@ -38,12 +38,18 @@ def static_prefix(prefix: str) -> str:
 class StorageStack(Stack):
     """The lake's bucket (plus its access-log bucket), the Glue database and the Iceberg table.
 
+    What ``cdk destroy`` leaves: both buckets (the data; RETAIN), nothing else of this stack. The buckets are named by
+    CloudFormation unless the config's ``s3_bucket`` names the lake bucket, so a redeploy creates new ones beside the
+    retained ones instead of failing on a name that exists (a named bucket must be emptied and deleted, or renamed,
+    before a redeploy). The table's location ends in this stack's id, so a redeployed table never shares a folder
+    with an earlier one: Glue's orphan-file optimizer would delete an earlier table's files as orphans of the new one.
+
     Attributes:
         bucket: the lake's bucket: table data, Firehose error output, Athena results.
-        bucket_name: its name: ``s3_bucket`` from the config, else ``meterlake-<account>-<region>``. Other stacks
-            take the name, not the bucket, so no export ties them to this stack and their policies name exact ARNs.
+        bucket_name: its name, as other stacks import it (``Fn::ImportValue`` of the ``BucketName`` output's
+            export, named explicitly so their policies, and cdk-nag's acknowledgments of them, can name it).
         database_name / table_name: the Glue names of the table.
-        table_location: ``s3://<bucket>/<output_prefix>``, the table's Iceberg location.
+        table_location: ``s3://<bucket>/<output_prefix>/<stack uuid>``, the table's Iceberg location.
     """
 
     def __init__(
@@ -76,11 +82,10 @@ class StorageStack(Stack):
             "AwsSolutions-S1",
             "This bucket is the target of the lake bucket's server access logs; logging it would log its own logs.",
         )
-        self.bucket_name = bucket_name or f"meterlake-{Aws.ACCOUNT_ID}-{Aws.REGION}"
         self.bucket = s3.Bucket(
             self,
             "LakeBucket",
-            bucket_name=self.bucket_name,
+            bucket_name=bucket_name,
             # SSE-S3: Firehose, Glue's optimizers and Athena read and write it without a KMS key policy to maintain.
             encryption=s3.BucketEncryption.S3_MANAGED,
             enforce_ssl=True,
@@ -103,7 +108,8 @@ class StorageStack(Stack):
         )
         self.database_name = database_name
         self.table_name = table_name
-        self.table_location = f"s3://{self.bucket_name}/{output_prefix.strip('/')}"
+        stack_uuid = Fn.select(2, Fn.split("/", Aws.STACK_ID))
+        self.table_location = f"s3://{self.bucket.bucket_name}/{output_prefix.strip('/')}/{stack_uuid}"
 
         database = glue.CfnDatabase(
             self,
@@ -122,5 +128,12 @@ class StorageStack(Stack):
             open_table_format_input=open_table_format_input(self.table_location),
         )
         self.table.add_resource_dependency(database)
+        # Glue writes the table's first metadata file under its location when it creates the table: the bucket must
+        # exist first (the location's reference to it already says so; this keeps it so whatever the location holds).
+        self.table.node.add_dependency(self.bucket)
 
-        CfnOutput(self, "BucketName", value=self.bucket_name, description="The lake's S3 bucket")
+        export = f"{self.stack_name}-BucketName"
+        CfnOutput(
+            self, "BucketName", value=self.bucket.bucket_name, description="The lake's S3 bucket", export_name=export
+        )
+        self.bucket_name = Fn.import_value(export)

@@ -1,4 +1,4 @@
-"""The metering-events Iceberg table, defined once: schema, partition spec and identifier field.
+"""The metering-events Iceberg table, defined once: schema, partition spec and identifier fields.
 
 Generated from the access-log record (``meterlake.records``) so the two cannot drift. The local catalog creates
 the table from these objects and the CDK Glue table is generated from them.
@@ -49,14 +49,20 @@ def _build_schema() -> Schema:
             doc="When the pipeline processed the event",
         )
     )
-    request_id = next(f for f in fields if f.name == "request_id")
-    return Schema(*fields, identifier_field_ids=[request_id.field_id])
+    by_name = {f.name: f for f in fields}
+    identifiers = [by_name[name].field_id for name in IDENTIFIER_COLUMNS]
+    return Schema(*fields, identifier_field_ids=identifiers)
 
-
-METERING_EVENT_SCHEMA: Schema = _build_schema()
 
 #: The column the table is partitioned on, by day.
 PARTITION_SOURCE_COLUMN = "request_time"
+#: What identifies an event: the request id, and its time. Firehose upserts on these (its unique keys), and an
+#: Iceberg equality delete only reaches rows of the partition it is written to, so the keys include the partition's
+#: source column, as Iceberg's upserting writers require: a redelivered line then always finds its first copy. The
+#: time never differs between copies of one request, so uniqueness is the request id's.
+IDENTIFIER_COLUMNS = ("request_id", PARTITION_SOURCE_COLUMN)
+
+METERING_EVENT_SCHEMA: Schema = _build_schema()
 
 METERING_EVENT_PARTITION_SPEC: PartitionSpec = PartitionSpec(
     PartitionField(

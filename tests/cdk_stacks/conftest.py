@@ -12,8 +12,10 @@ from aws_cdk.assertions import Template
 
 from cdk_stacks.app import STACK_NAMES, MeterlakeStacks, build_app
 from meterlake.config import Config, parse_config
+from tests.cdk_stacks.iam_evaluation import Deployment
 
-#: Every value differs from the defaults in meterlake/config.py and cdk.context.json.
+#: Every value differs from the defaults in meterlake/config.py and cdk.context.json, but s3_bucket: the lake bucket
+#: is named by CloudFormation, as by default (test_storage.py builds a named one on its own).
 TEST_CONTEXT: dict[str, Any] = {
     "data_firehose_configuration": {
         "stream_name": "metering-test",
@@ -22,7 +24,6 @@ TEST_CONTEXT: dict[str, Any] = {
         "destination_iceberg_table_configuration": {"database_name": "usage_db", "table_name": "api_events"},
         "output_prefix": "lake/usage_db/api_events",
         "error_output_prefix": "failed/records/!{firehose:error-output-type}/!{timestamp:yyyy}",
-        "s3_bucket": "meterlake-test-lake",
     },
     "meterlake": {
         "unmetered_http_methods": ["OPTIONS", "HEAD"],
@@ -80,6 +81,22 @@ def templates(stacks: MeterlakeStacks) -> dict[str, Template]:
     """Each stack's synthesized template, by stack name."""
     assembly = stacks.app.synth()
     return {name: Template.from_json(assembly.get_stack_by_name(name).template) for name in STACK_NAMES}
+
+
+@pytest.fixture(scope="session")
+def deployment(templates: dict[str, Template]) -> Deployment:
+    """Every stack as deployed in one account and region: CloudFormation expressions resolve to physical names."""
+    return Deployment({name: template.to_json() for name, template in templates.items()})
+
+
+def lake_bucket(deployment: Deployment) -> str:
+    """The lake bucket's name, as the Storage stack's deployment would have it."""
+    (bucket_id,) = [
+        logical_id
+        for logical_id in deployment.resources("MeterlakeStorage", "AWS::S3::Bucket")
+        if logical_id.startswith("LakeBucket")
+    ]
+    return str(deployment.attribute("MeterlakeStorage", bucket_id, "Ref"))
 
 
 def resources_of(template: Template, resource_type: str) -> dict[str, dict[str, Any]]:

@@ -7,17 +7,18 @@ from aws_cdk.assertions import Template
 from cdk_stacks.analytics import OPTIMIZER_LOG_GROUPS, athena_named_queries
 from meterlake.config import Config
 from meterlake.query import TABLE_PLACEHOLDER, list_queries
-from tests.cdk_stacks.conftest import only_resource, resources_of
+from tests.cdk_stacks.conftest import lake_bucket, only_resource, resources_of
+from tests.cdk_stacks.iam_evaluation import Deployment
 
 
-def test_workgroup_is_enforced_encrypted_and_capped(templates: dict[str, Template]) -> None:
+def test_workgroup_is_enforced_encrypted_and_capped(templates: dict[str, Template], deployment: Deployment) -> None:
     workgroup = only_resource(templates["MeterlakeAnalytics"], "AWS::Athena::WorkGroup")
-    configuration = workgroup["WorkGroupConfiguration"]
+    configuration = deployment.resolve("MeterlakeAnalytics", workgroup["WorkGroupConfiguration"])
     assert configuration["EnforceWorkGroupConfiguration"] is True
     assert configuration["BytesScannedCutoffPerQuery"] == 123_000_000
     assert configuration["EngineVersion"] == {"SelectedEngineVersion": "Athena engine version 3"}
     assert configuration["ResultConfiguration"] == {
-        "OutputLocation": "s3://meterlake-test-lake/athena-results/",
+        "OutputLocation": f"s3://{lake_bucket(deployment)}/athena-results/",
         "EncryptionConfiguration": {"EncryptionOption": "SSE_S3"},
     }
 
@@ -60,7 +61,5 @@ def test_table_optimizers_cover_compaction_retention_and_orphans(templates: dict
     retention = optimizers["retention"]["TableOptimizerConfiguration"]["RetentionConfiguration"]["IcebergConfiguration"]
     assert (retention["SnapshotRetentionPeriodInDays"], retention["NumberOfSnapshotsToRetain"]) == (4, 6)
     orphans = optimizers["orphan_file_deletion"]["TableOptimizerConfiguration"]["OrphanFileDeletionConfiguration"]
-    assert orphans["IcebergConfiguration"] == {
-        "Location": "s3://meterlake-test-lake/lake/usage_db/api_events",
-        "OrphanFileRetentionPeriodInDays": 8,
-    }
+    # No location: Glue then scans the table's own, which ends in the Storage stack's id and no other table shares.
+    assert orphans["IcebergConfiguration"] == {"OrphanFileRetentionPeriodInDays": 8}

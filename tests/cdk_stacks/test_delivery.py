@@ -9,7 +9,8 @@ from aws_cdk.assertions import Template
 from cdk_stacks.delivery import DESTINATION_LOG_STREAM, TABLE_WRITE_PERMISSIONS
 from meterlake.config import APIGATEWAY_STREAM_PREFIX, Config
 from meterlake.schema import METERING_EVENT_SCHEMA
-from tests.cdk_stacks.conftest import only_resource, resources_of
+from tests.cdk_stacks.conftest import lake_bucket, only_resource, resources_of
+from tests.cdk_stacks.iam_evaluation import Deployment
 
 
 def _stream(templates: dict[str, Template]) -> dict[str, Any]:
@@ -25,7 +26,12 @@ def test_stream_name_has_the_api_gateway_prefix(templates: dict[str, Template]) 
     stream = _stream(templates)
     assert stream["DeliveryStreamName"] == f"{APIGATEWAY_STREAM_PREFIX}metering-test"
     assert stream["DeliveryStreamType"] == "DirectPut"
-    assert stream["DeliveryStreamEncryptionConfigurationInput"] == {"KeyType": "AWS_OWNED_CMK"}
+
+
+def test_the_stream_is_encrypted_with_a_key_api_gateway_needs_no_permission_for(templates: dict[str, Template]) -> None:
+    """SSE with an AWS-owned key: API Gateway's service-linked role puts the records, and since 2026-04-20 a stream
+    encrypted with a customer-managed key requires its callers to hold kms:GenerateDataKey and kms:Decrypt."""
+    assert _stream(templates)["DeliveryStreamEncryptionConfigurationInput"] == {"KeyType": "AWS_OWNED_CMK"}
 
 
 def test_processor_parameters_come_from_config(templates: dict[str, Template]) -> None:
@@ -38,7 +44,9 @@ def test_processor_parameters_come_from_config(templates: dict[str, Template]) -
     assert parameters == {"BufferSizeInMBs": "0.5", "BufferIntervalInSeconds": "90", "NumberOfRetries": "7"}
 
 
-def test_iceberg_destination_comes_from_config(templates: dict[str, Template], test_config: Config) -> None:
+def test_iceberg_destination_comes_from_config(
+    templates: dict[str, Template], test_config: Config, deployment: Deployment
+) -> None:
     iceberg = _iceberg(templates)
     assert iceberg["BufferingHints"] == {"IntervalInSeconds": 120, "SizeInMBs": 64}
     (table,) = iceberg["DestinationTableConfigurationList"]
@@ -46,15 +54,15 @@ def test_iceberg_destination_comes_from_config(templates: dict[str, Template], t
     assert table == {
         "DestinationDatabaseName": "usage_db",
         "DestinationTableName": "api_events",
-        "UniqueKeys": ["request_id"],
+        "UniqueKeys": ["request_id", "request_time"],
         "S3ErrorOutputPrefix": error_prefix,
     }
     assert sorted(table["UniqueKeys"]) == sorted(METERING_EVENT_SCHEMA.identifier_field_names())
     assert iceberg["S3Configuration"]["ErrorOutputPrefix"] == error_prefix
-    assert iceberg["S3Configuration"]["BucketARN"] == {
-        "Fn::Join": ["", ["arn:", {"Ref": "AWS::Partition"}, ":s3:::meterlake-test-lake"]]
-    }
-    assert iceberg["CatalogConfiguration"]["WarehouseLocation"] == "s3://meterlake-test-lake"
+    bucket = lake_bucket(deployment)
+    resolved = deployment.resolve("MeterlakeDelivery", iceberg)
+    assert resolved["S3Configuration"]["BucketARN"] == f"arn:aws:s3:::{bucket}"
+    assert resolved["CatalogConfiguration"]["WarehouseLocation"] == f"s3://{bucket}"
     # Upserts on request_id (dedup at write) need a stream that is not append-only.
     assert iceberg["AppendOnly"] is False
     assert iceberg["CloudWatchLoggingOptions"]["LogStreamName"] == DESTINATION_LOG_STREAM

@@ -18,7 +18,6 @@ from typing import Any
 import boto3  # type: ignore[import-untyped]
 import msgspec
 import pytest
-from aws_cdk.assertions import Template
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from cdk_stacks.forwarding import FORWARDER_HANDLER, STAGER_HANDLER
@@ -41,12 +40,6 @@ from tests.cdk_stacks.iam_evaluation import (
 from tests.meterlake.amberflo.lake import make_events
 
 FORWARDING = "MeterlakeForwarding"
-
-
-@pytest.fixture(scope="module")
-def deployment(templates: dict[str, Template]) -> Deployment:
-    """Every stack as deployed in moto's account and region."""
-    return Deployment({name: template.to_json() for name, template in templates.items()})
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ from cdk_stacks.glue_iceberg import UnsupportedIcebergTypeError, glue_iceberg_ty
 from cdk_stacks.storage import ATHENA_RESULTS_PREFIX, StaticPrefixError, static_prefix
 from meterlake.config import Config
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA, TABLE_PROPERTIES
-from tests.cdk_stacks.conftest import only_resource, resources_of
+from tests.cdk_stacks.conftest import lake_bucket, only_resource, resources_of
+from tests.cdk_stacks.iam_evaluation import Deployment
 
 
 def _iceberg_table_input(templates: dict[str, Template]) -> dict[str, Any]:
@@ -45,20 +46,34 @@ def test_table_partition_spec_is_the_schema_spec(templates: dict[str, Template])
 
 
 def test_table_names_location_and_properties_come_from_config(
-    templates: dict[str, Template], test_config: Config
+    templates: dict[str, Template], test_config: Config, deployment: Deployment
 ) -> None:
     table = only_resource(templates["MeterlakeStorage"], "AWS::Glue::Table")
     assert (table["DatabaseName"], table["Name"]) == ("usage_db", "api_events")
     table_input = _iceberg_table_input(templates)
-    assert table_input["Location"] == "s3://meterlake-test-lake/lake/usage_db/api_events"
+    # Under the output prefix, in a folder of this stack's own: a table redeployed after `cdk destroy` never shares
+    # its location with the retained files of the earlier one (which Glue's orphan-file optimizer would delete).
+    stack_uuid = deployment.stack_ids["MeterlakeStorage"].rsplit("/", 1)[1]
+    location = deployment.resolve("MeterlakeStorage", table_input["Location"])
+    assert location == f"s3://{lake_bucket(deployment)}/lake/usage_db/api_events/{stack_uuid}"
     assert table_input["Properties"] == {k: v for k, v in TABLE_PROPERTIES.items() if k != "format-version"}
     database = only_resource(templates["MeterlakeStorage"], "AWS::Glue::Database")
     assert database["DatabaseInput"]["Name"] == test_config.database_name
 
 
+def test_the_table_is_created_after_the_bucket_it_writes_its_metadata_to(templates: dict[str, Template]) -> None:
+    """Glue writes the table's first metadata file under its location on creation: the bucket must exist first."""
+    template = templates["MeterlakeStorage"]
+    (bucket_id,) = [lid for lid in resources_of(template, "AWS::S3::Bucket") if lid.startswith("LakeBucket")]
+    (table,) = resources_of(template, "AWS::Glue::Table").values()
+    assert bucket_id in table["DependsOn"]
+    location = table["Properties"]["OpenTableFormatInput"]["IcebergInput"]["IcebergTableInput"]["Location"]
+    assert {"Ref": bucket_id} in location["Fn::Join"][1]
+
+
 def test_lake_bucket_is_private_encrypted_logged_and_expires_error_output(templates: dict[str, Template]) -> None:
     buckets = resources_of(templates["MeterlakeStorage"], "AWS::S3::Bucket")
-    (lake,) = [b["Properties"] for b in buckets.values() if b["Properties"].get("BucketName") == "meterlake-test-lake"]
+    (lake,) = [b["Properties"] for lid, b in buckets.items() if lid.startswith("LakeBucket")]
     assert lake["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]["ServerSideEncryptionByDefault"] == {
         "SSEAlgorithm": "AES256"
     }
@@ -106,3 +121,64 @@ def test_glue_type_names() -> None:
     assert glue_iceberg_type(FixedType(16)) == "fixed[16]"
     with pytest.raises(UnsupportedIcebergTypeError):
         glue_iceberg_type(ListType(element_id=1, element_type=StringType()))
+
+
+#: Properties that give a resource a fixed physical name; a retained resource with one blocks the next deploy.
+NAME_PROPERTIES = (
+    "BucketName",
+    "LogGroupName",
+    "LogStreamName",
+    "QueueName",
+    "TopicName",
+    "FunctionName",
+    "RoleName",
+    "DeliveryStreamName",
+    "Name",
+)
+#: What `cdk destroy` must leave behind: usage data and the users who own it (README, "What survives cdk destroy").
+RETAINED = {"AWS::S3::Bucket", "AWS::Cognito::UserPool"}
+
+
+def test_destroy_keeps_the_data_and_nothing_retained_blocks_a_redeploy(templates: dict[str, Template]) -> None:
+    retained = []
+    for stack, template in templates.items():
+        for logical_id, resource in template.to_json()["Resources"].items():
+            kept = resource.get("DeletionPolicy", "Delete") != "Delete"
+            assert kept == (resource["Type"] in RETAINED), f"{stack}/{logical_id} ({resource['Type']})"
+            if kept:
+                named = [p for p in NAME_PROPERTIES if p in resource.get("Properties", {})]
+                assert named == [], f"{stack}/{logical_id} is retained with a fixed name: {named}"
+                retained.append(resource["Type"])
+    assert sorted(retained) == ["AWS::Cognito::UserPool", "AWS::S3::Bucket", "AWS::S3::Bucket"]
+
+
+def test_a_lake_bucket_named_in_the_config_is_that_name_everywhere(test_config: Config) -> None:
+    """``s3_bucket`` names the bucket (the one retained resource with a name: the README says how to redeploy)."""
+    from aws_cdk import App
+
+    from cdk_stacks.app import FEATURE_FLAGS
+    from cdk_stacks.storage import StorageStack
+
+    app = App(context=FEATURE_FLAGS)
+    firehose = test_config.data_firehose_configuration
+    stack = StorageStack(
+        app,
+        "Named",
+        bucket_name="my-metering-lake",
+        database_name="db",
+        table_name="t",
+        output_prefix=firehose.output_prefix,
+        error_output_prefix=firehose.error_output_prefix,
+        expiration_days=7,
+        log_retention_days=7,
+    )
+    template = Template.from_stack(stack).to_json()
+    deployment = Deployment({"Named": template})
+    ((bucket_id, bucket),) = [
+        (lid, b) for lid, b in deployment.resources("Named", "AWS::S3::Bucket").items() if lid.startswith("LakeBucket")
+    ]
+    assert bucket["Properties"]["BucketName"] == "my-metering-lake"
+    assert deployment.attribute("Named", bucket_id, "Ref") == "my-metering-lake"
+    (table,) = deployment.resources("Named", "AWS::Glue::Table").values()
+    location = table["Properties"]["OpenTableFormatInput"]["IcebergInput"]["IcebergTableInput"]["Location"]
+    assert deployment.resolve("Named", location).startswith("s3://my-metering-lake/lake/usage_db/api_events/")

@@ -46,8 +46,10 @@ def test_schema_is_generated_from_the_record() -> None:
     names = [f.name for f in METERING_EVENT_SCHEMA.fields]
     assert names == [f.name for f in ACCESS_LOG_FIELDS] + [INGESTED_AT]
     assert str(METERING_EVENT_SCHEMA.find_field("request_time").field_type) == "timestamptz"
-    assert METERING_EVENT_SCHEMA.identifier_field_names() == {"request_id"}
+    assert METERING_EVENT_SCHEMA.identifier_field_names() == {"request_id", "request_time"}
     assert METERING_EVENT_SCHEMA.find_field("request_id").required
     (partition,) = METERING_EVENT_PARTITION_SPEC.fields
     assert str(partition.transform) == "day"
     assert partition.source_id == METERING_EVENT_SCHEMA.find_field("request_time").field_id
+    # Equality deletes (Firehose's upserts) only reach their own partition: the keys must fix it.
+    assert partition.source_id in METERING_EVENT_SCHEMA.identifier_field_ids
