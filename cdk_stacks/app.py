@@ -20,19 +20,9 @@ from cdk_stacks.delivery import DeliveryStack
 from cdk_stacks.forwarding import ForwardingStack
 from cdk_stacks.storage import StorageStack
 from cdk_stacks.transform import TransformStack
+from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config
 from meterlake.schema import METERING_EVENT_SCHEMA
-
-#: The stacks' names, in deployment order.
-STACK_NAMES: Final = (
-    "MeterlakeStorage",
-    "MeterlakeTransform",
-    "MeterlakeDelivery",
-    "MeterlakeApi",
-    "MeterlakeAnalytics",
-    "MeterlakeForwarding",
-)
-
 
 #: CDK feature flags the stacks rely on, from cdk.json (the cdk CLI passes them too; `python app.py` reads them here).
 FEATURE_FLAGS: Final[dict[str, object]] = json.loads((Path(__file__).resolve().parents[1] / "cdk.json").read_text())[

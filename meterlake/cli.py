@@ -398,9 +398,31 @@ meters_app = typer.Typer(help="The meters declared in the config, and their Ambe
 amberflo_app = typer.Typer(
     help="A local Amberflo-compatible server, for trying forwarding offline.", no_args_is_help=True
 )
+aws_app = typer.Typer(help="The AWS deployment: checks before and after `cdk deploy`.", no_args_is_help=True)
+app.add_typer(aws_app, name="aws")
 app.add_typer(forward_app, name="forward")
 app.add_typer(meters_app, name="meters")
 app.add_typer(amberflo_app, name="amberflo")
+
+
+@aws_app.command("preflight")
+def aws_preflight(
+    ctx: typer.Context,
+    profile: Annotated[str | None, typer.Option("--profile", help="AWS profile (default: $AWS_PROFILE).")] = None,
+    region: Annotated[str | None, typer.Option("--region", help="AWS region (default: the profile's).")] = None,
+) -> None:
+    """Check what `cdk deploy` needs before it needs it (read-only): bootstrap, Lake Formation, names, secret."""
+    from meterlake.aws.preflight import Outcome, connect, preflight
+
+    config = _context(ctx).config()
+    account = connect(profile=profile, region=region)
+    console.print(f"account {account.account_id}, region {account.region}", highlight=False)
+    checks = preflight(config, account)
+    for check in checks:
+        console.print(f"{check.outcome.value:<5} {check.name}: {check.detail}", highlight=False, soft_wrap=True)
+    failed = [check.name for check in checks if check.outcome is Outcome.FAIL]
+    if failed:
+        raise UsageError(f"{len(failed)} prerequisite(s) missing: {', '.join(failed)}")
 
 
 def _amberflo_key(config: Config) -> str | None:

@@ -1,0 +1,244 @@
+"""What an AWS account must hold before ``cdk deploy``, checked in seconds instead of found halfway through a deploy.
+
+A deploy that lacks one of these fails late, with CloudFormation's words rather than ours: Lake Formation refuses the
+Glue database, or the table grant, to a CDK execution role it does not trust; a bucket name kept by an earlier
+deployment is taken; the Amberflo API key's secret is missing and the forwarder fails every invocation. Every check
+here only reads.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+from meterlake.aws import AwsError
+from meterlake.aws.stacks import CDK_QUALIFIER, DELIVERY_STACK, FORWARDING_STACK, STORAGE_STACK
+from meterlake.config import Config
+
+#: The Lake Formation principal that stands for "IAM decides" in an account's default permissions.
+IAM_ALLOWED_PRINCIPALS: Final = "IAM_ALLOWED_PRINCIPALS"
+
+
+class Outcome(enum.Enum):
+    """How a check went: FAIL stops a deploy, WARN is worth reading."""
+
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One prerequisite: what was checked, how it went, and what to do about it."""
+
+    name: str
+    outcome: Outcome
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    """Where the deploy goes: the caller's account and region, and boto3 clients for them."""
+
+    account_id: str
+    region: str
+    client: Callable[[str], Any]
+
+    @property
+    def cdk_execution_role(self) -> str:
+        """The role CloudFormation deploys with after ``cdk bootstrap``: the one Lake Formation must trust."""
+        return f"arn:aws:iam::{self.account_id}:role/cdk-{CDK_QUALIFIER}-cfn-exec-role-{self.account_id}-{self.region}"
+
+
+def preflight(config: Config, account: Account) -> list[Check]:
+    """Every check, in the order a deploy would hit them."""
+    return list(_checks(config, account))
+
+
+def _checks(config: Config, account: Account) -> Iterator[Check]:
+    yield _bootstrap(account)
+    yield _lake_formation(account)
+    yield _database(config, account)
+    if config.data_firehose_configuration.s3_bucket is not None:
+        yield _named_bucket(config.data_firehose_configuration.s3_bucket, account)
+    yield _delivery_stream(config.data_firehose_configuration.delivery_stream_name, account)
+    yield _amberflo_secret(config, account)
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _deployed_resource(account: Account, stack: str, physical_id: str) -> bool:
+    """Whether ``physical_id`` belongs to the deployed stack (an update, not a clash)."""
+    cloudformation = account.client("cloudformation")
+    try:
+        resources = cloudformation.describe_stack_resources(StackName=stack)["StackResources"]
+    except ClientError as exc:
+        if _error_code(exc) in ("ValidationError", "AccessDenied"):
+            return False
+        raise
+    return any(resource.get("PhysicalResourceId") == physical_id for resource in resources)
+
+
+def _bootstrap(account: Account) -> Check:
+    name = "cdk bootstrap"
+    try:
+        version = account.client("ssm").get_parameter(Name=f"/cdk-bootstrap/{CDK_QUALIFIER}/version")
+    except ClientError as exc:
+        if _error_code(exc) != "ParameterNotFound":
+            raise
+        return Check(
+            name,
+            Outcome.FAIL,
+            f"{account.account_id}/{account.region} is not bootstrapped for the CDK: "
+            f"run `cdk bootstrap aws://{account.account_id}/{account.region}`",
+        )
+    return Check(name, Outcome.OK, f"bootstrap version {version['Parameter']['Value']} in {account.region}")
+
+
+def _lake_formation(account: Account) -> Check:
+    """The CDK execution role creates the Glue database and table and grants Firehose, the stager and the
+    optimizers their table permissions: Lake Formation lets it if it is a data lake administrator, or if the
+    account still leaves new databases to IAM (the default until Lake Formation is set up)."""
+    name = "Lake Formation"
+    settings = account.client("lakeformation").get_data_lake_settings()["DataLakeSettings"]
+    role = account.cdk_execution_role
+    admins = {admin.get("DataLakePrincipalIdentifier") for admin in settings.get("DataLakeAdmins", [])}
+    if role in admins:
+        return Check(name, Outcome.OK, f"the CDK execution role is a data lake administrator ({role})")
+    defaults = {
+        entry.get("Principal", {}).get("DataLakePrincipalIdentifier")
+        for entry in settings.get("CreateDatabaseDefaultPermissions", [])
+    }
+    if IAM_ALLOWED_PRINCIPALS in defaults:
+        return Check(
+            name,
+            Outcome.OK,
+            "new databases are governed by IAM (Lake Formation's default); the CDK execution role creates the "
+            "database and table, so it may grant on them",
+        )
+    return Check(
+        name,
+        Outcome.FAIL,
+        f"Lake Formation governs this account's catalog and the CDK execution role {role} is not a data lake "
+        "administrator: CloudFormation would fail creating the Glue database ('Insufficient Lake Formation "
+        "permission(s)') or granting the table. Add it as an administrator (console: Lake Formation > "
+        "Administrative roles and tasks; or `aws lakeformation put-data-lake-settings`, keeping the current admins)",
+    )
+
+
+def _database(config: Config, account: Account) -> Check:
+    name = "Glue database"
+    database = config.database_name
+    try:
+        account.client("glue").get_database(Name=database)
+    except ClientError as exc:
+        if _error_code(exc) != "EntityNotFoundException":
+            raise
+        return Check(name, Outcome.OK, f"{database} does not exist yet; MeterlakeStorage creates it")
+    if _deployed_resource(account, STORAGE_STACK, database):
+        return Check(name, Outcome.OK, f"{database} belongs to the deployed {STORAGE_STACK}")
+    return Check(
+        name,
+        Outcome.FAIL,
+        f"a Glue database {database} exists outside {STORAGE_STACK}: CloudFormation cannot create it; delete it "
+        "or set data_firehose_configuration.destination_iceberg_table_configuration.database_name",
+    )
+
+
+def _named_bucket(bucket: str, account: Account) -> Check:
+    name = "lake bucket"
+    try:
+        account.client("s3").head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        code = _error_code(exc)
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            return Check(name, Outcome.OK, f"{bucket} does not exist yet; MeterlakeStorage creates it")
+        if code in ("403", "AccessDenied", "Forbidden"):
+            return Check(name, Outcome.FAIL, f"the bucket name {bucket} is taken by another account: choose another")
+        raise
+    if _deployed_resource(account, STORAGE_STACK, bucket):
+        return Check(name, Outcome.OK, f"{bucket} belongs to the deployed {STORAGE_STACK}")
+    return Check(
+        name,
+        Outcome.FAIL,
+        f"{bucket} exists but no deployed {STORAGE_STACK} owns it (kept by an earlier deployment's `cdk destroy`?): "
+        "empty and delete it (`aws s3 rb s3://BUCKET --force`), or set another data_firehose_configuration.s3_bucket",
+    )
+
+
+def _delivery_stream(stream: str, account: Account) -> Check:
+    name = "delivery stream"
+    try:
+        account.client("firehose").describe_delivery_stream(DeliveryStreamName=stream)
+    except ClientError as exc:
+        if _error_code(exc) != "ResourceNotFoundException":
+            raise
+        return Check(name, Outcome.OK, f"{stream} does not exist yet; MeterlakeDelivery creates it")
+    if _deployed_resource(account, DELIVERY_STACK, stream):
+        return Check(name, Outcome.OK, f"{stream} belongs to the deployed {DELIVERY_STACK}")
+    return Check(
+        name,
+        Outcome.FAIL,
+        f"a delivery stream {stream} exists outside {DELIVERY_STACK}: delete it or set "
+        "data_firehose_configuration.stream_name",
+    )
+
+
+def _amberflo_secret(config: Config, account: Account) -> Check:
+    name = "Amberflo API key"
+    secret = config.amberflo.api_key_secret_name
+    try:
+        account.client("secretsmanager").describe_secret(SecretId=secret)
+    except ClientError as exc:
+        if _error_code(exc) != "ResourceNotFoundException":
+            raise
+        command = (
+            f"aws secretsmanager create-secret --name {secret} "
+            f'--secret-string \'{{"{config.amberflo.api_key_secret_json_key}": "YOUR-AMBERFLO-KEY"}}\''
+        )
+        return Check(
+            name,
+            Outcome.WARN,
+            f"no secret {secret}: create it before deploying {FORWARDING_STACK} ({command}), or its forwarder fails",
+        )
+    return Check(name, Outcome.OK, f"secret {secret} exists")
+
+
+class AccountUnreachableError(AwsError):
+    """No region, no credentials, or an unusable profile: nothing can be checked."""
+
+
+def connect(*, profile: str | None, region: str | None) -> Account:
+    """The account and region the AWS CLI would use (``--profile``/``AWS_PROFILE``, the config files, the
+    environment), as boto3 resolves them.
+
+    Raises:
+        AccountUnreachableError: no region is configured, no credentials are found, or the profile is unknown.
+    """
+    import boto3  # type: ignore[import-untyped]
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        session = boto3.Session(profile_name=profile, region_name=region)
+    except BotoCoreError as exc:
+        raise AccountUnreachableError(str(exc)) from None
+    if not session.region_name:
+        raise AccountUnreachableError("no AWS region: give --region, set AWS_REGION, or set one in the profile")
+    try:
+        identity = session.client("sts").get_caller_identity()
+    except (BotoCoreError, ClientError) as exc:
+        raise AccountUnreachableError(f"cannot identify the caller: {exc}") from None
+    clients: dict[str, Any] = {}
+
+    def client(service: str) -> Any:
+        if service not in clients:
+            clients[service] = session.client(service)
+        return clients[service]
+
+    return Account(account_id=identity["Account"], region=session.region_name, client=client)

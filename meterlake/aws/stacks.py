@@ -1,0 +1,21 @@
+"""The CDK app's stacks as an account sees them: their names and the CDK bootstrap they deploy with.
+
+Defined here, not in ``cdk_stacks``, so the commands that inspect a deployment need not load the CDK.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: The stacks' names, in deployment order.
+STACK_NAMES: Final = (
+    "MeterlakeStorage",
+    "MeterlakeTransform",
+    "MeterlakeDelivery",
+    "MeterlakeApi",
+    "MeterlakeAnalytics",
+    "MeterlakeForwarding",
+)
+STORAGE_STACK, TRANSFORM_STACK, DELIVERY_STACK, API_STACK, ANALYTICS_STACK, FORWARDING_STACK = STACK_NAMES
+#: ``cdk bootstrap``'s default qualifier: its roles and its version parameter are named after it.
+CDK_QUALIFIER: Final = "hnb659fds"

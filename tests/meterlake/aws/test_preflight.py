@@ -1,0 +1,143 @@
+"""`meterlake aws preflight`: what a deploy would trip on, found before it starts (against moto)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import boto3  # type: ignore[import-untyped]
+import pytest
+
+from meterlake.aws.preflight import IAM_ALLOWED_PRINCIPALS, Account, Check, Outcome, connect, preflight
+from meterlake.aws.stacks import CDK_QUALIFIER
+from meterlake.cli import main
+from meterlake.config import Config, parse_config
+from tests.meterlake.aws.conftest import REGION
+
+ACCOUNT = "123456789012"
+CDK_ROLE = f"arn:aws:iam::{ACCOUNT}:role/cdk-{CDK_QUALIFIER}-cfn-exec-role-{ACCOUNT}-{REGION}"
+
+
+def iam_governed(lakeformation: Any) -> None:
+    """Lake Formation's settings of an account that never set it up: IAM decides for new databases and tables."""
+    everything = [{"Principal": {"DataLakePrincipalIdentifier": IAM_ALLOWED_PRINCIPALS}, "Permissions": ["ALL"]}]
+    lakeformation.put_data_lake_settings(
+        DataLakeSettings={
+            "DataLakeAdmins": [],
+            "CreateDatabaseDefaultPermissions": everything,
+            "CreateTableDefaultPermissions": everything,
+        }
+    )
+
+
+@pytest.fixture
+def account(moto: None) -> Account:
+    """A bootstrapped account whose catalog IAM governs, and which holds the Amberflo secret."""
+    boto3.client("ssm", region_name=REGION).put_parameter(
+        Name=f"/cdk-bootstrap/{CDK_QUALIFIER}/version", Value="27", Type="String"
+    )
+    iam_governed(boto3.client("lakeformation", region_name=REGION))
+    boto3.client("secretsmanager", region_name=REGION).create_secret(
+        Name="AmberfloApiKey", SecretString=json.dumps({"apiKey": "k"})
+    )
+    return connect(profile=None, region=REGION)
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {check.name: check for check in checks}
+
+
+def test_a_ready_account_passes(account: Account) -> None:
+    checks = preflight(Config(), account)
+    assert [c.outcome for c in checks] == [Outcome.OK] * len(checks), checks
+    assert [c.name for c in checks] == [
+        "cdk bootstrap",
+        "Lake Formation",
+        "Glue database",
+        "delivery stream",
+        "Amberflo API key",
+    ]
+
+
+def test_an_account_not_bootstrapped_is_told_the_command(account: Account) -> None:
+    boto3.client("ssm", region_name=REGION).delete_parameter(Name=f"/cdk-bootstrap/{CDK_QUALIFIER}/version")
+    check = by_name(preflight(Config(), account))["cdk bootstrap"]
+    assert check.outcome is Outcome.FAIL
+    assert f"cdk bootstrap aws://{ACCOUNT}/{REGION}" in check.detail
+
+
+def test_lake_formation_must_trust_the_cdk_execution_role(account: Account) -> None:
+    lakeformation = boto3.client("lakeformation", region_name=REGION)
+    lakeformation.put_data_lake_settings(
+        DataLakeSettings={
+            "DataLakeAdmins": [],
+            "CreateDatabaseDefaultPermissions": [],
+            "CreateTableDefaultPermissions": [],
+        }
+    )
+    refused = by_name(preflight(Config(), account))["Lake Formation"]
+    assert refused.outcome is Outcome.FAIL
+    assert CDK_ROLE in refused.detail
+    assert "data lake administrator" in refused.detail
+    lakeformation.put_data_lake_settings(
+        DataLakeSettings={"DataLakeAdmins": [{"DataLakePrincipalIdentifier": CDK_ROLE}]}
+    )
+    assert by_name(preflight(Config(), account))["Lake Formation"].outcome is Outcome.OK
+
+
+def test_names_kept_or_taken_outside_the_stacks_fail_early(account: Account) -> None:
+    config = parse_config({"data_firehose_configuration": {"s3_bucket": "kept-lake"}})
+    assert by_name(preflight(config, account))["lake bucket"].outcome is Outcome.OK
+    boto3.client("s3", region_name=REGION).create_bucket(Bucket="kept-lake")
+    glue = boto3.client("glue", region_name=REGION)
+    glue.create_database(DatabaseInput={"Name": config.database_name})
+    checks = by_name(preflight(config, account))
+    assert checks["lake bucket"].outcome is Outcome.FAIL
+    assert "aws s3 rb s3://BUCKET --force" in checks["lake bucket"].detail
+    assert checks["Glue database"].outcome is Outcome.FAIL
+    assert config.database_name in checks["Glue database"].detail
+
+
+def test_a_missing_amberflo_secret_is_a_warning_with_the_command(account: Account) -> None:
+    boto3.client("secretsmanager", region_name=REGION).delete_secret(
+        SecretId="AmberfloApiKey", ForceDeleteWithoutRecovery=True
+    )
+    check = by_name(preflight(Config(), account))["Amberflo API key"]
+    assert check.outcome is Outcome.WARN
+    assert "aws secretsmanager create-secret --name AmberfloApiKey" in check.detail
+    assert '{"apiKey": "YOUR-AMBERFLO-KEY"}' in check.detail
+
+
+def test_the_command_prints_each_check_and_fails_on_a_missing_prerequisite(
+    account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["meterlake", "aws", "preflight", "--region", REGION])
+    with pytest.raises(SystemExit) as caught:
+        main()
+    assert caught.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert f"account {ACCOUNT}, region {REGION}" in out
+    assert "ok    Lake Formation:" in out
+    boto3.client("lakeformation", region_name=REGION).put_data_lake_settings(
+        DataLakeSettings={"DataLakeAdmins": [], "CreateDatabaseDefaultPermissions": []}
+    )
+    with pytest.raises(SystemExit) as caught:
+        main()
+    assert caught.value.code == 2
+    captured = capsys.readouterr()
+    assert "fail  Lake Formation:" in captured.out
+    assert captured.err.splitlines() == ["error: 1 prerequisite(s) missing: Lake Formation"]
+
+
+def test_no_region_is_one_line(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setattr(sys, "argv", ["meterlake", "aws", "preflight"])
+    with pytest.raises(SystemExit) as caught:
+        main()
+    assert caught.value.code == 2
+    assert capsys.readouterr().err.startswith("error: no AWS region")
