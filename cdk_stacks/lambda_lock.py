@@ -10,6 +10,7 @@ only when its lock is rewritten and reviewed.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -43,6 +44,8 @@ LOCKED_BUNDLES: Final[tuple[tuple[Callable[[PythonTarget], PythonBundle], bool],
 )
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)")
 _EXTRAS = re.compile(r"\[[^\]]*\]")
+#: ``name (<2,>=1)`` as package metadata writes a requirement -> ``name<2,>=1`` as pip takes it.
+_PAREN_SPEC = re.compile(r"^([A-Za-z0-9._-]+) \(([^)]*)\)")
 
 
 class LockError(RuntimeError):
@@ -175,13 +178,24 @@ def lock_bundle(make_bundle: Callable[[PythonTarget], PythonBundle], *, glibc_2_
     return bundle.lock
 
 
+def runtime_constraints() -> list[str]:
+    """What the Lambda runtime's own AWS SDK requires of packages a bundle may also ship (python-dateutil, urllib3,
+    jmespath): a bundle's copy comes first on the runtime's path, so it must be one that botocore accepts.
+
+    Read from the botocore installed with the project, which is within pyproject.toml's boto3 range.
+    """
+    requirements = importlib.metadata.requires("botocore") or []
+    return [_PAREN_SPEC.sub(r"\1\2", requirement) for requirement in requirements if "extra ==" not in requirement]
+
+
 def main() -> None:
     """Rewrite every Lambda asset's lock file (``make lock-lambdas``)."""
     architectures = ", ".join(LAMBDA_ARCHITECTURES)
     with tempfile.TemporaryDirectory() as scratch:
         # Constraints take no extras: pyiceberg[...] constrains pyiceberg's version only.
         constraints = Path(scratch) / "constraints.txt"
-        constraints.write_text("\n".join(_EXTRAS.sub("", spec) for spec in project_dependencies().values()) + "\n")
+        lines = [_EXTRAS.sub("", spec) for spec in project_dependencies().values()] + runtime_constraints()
+        constraints.write_text("\n".join(lines) + "\n")
         for make_bundle, glibc_2_28 in LOCKED_BUNDLES:
             path = lock_bundle(make_bundle, glibc_2_28=glibc_2_28, constraints=constraints)
             print(f"{path.relative_to(PROJECT_ROOT)}: {len(read_lock(path))} packages for {architectures}")

@@ -21,7 +21,15 @@ from cdk_stacks.bundling import (
     canonical_name,
     project_dependencies,
 )
-from cdk_stacks.lambda_lock import LOCKED_BUNDLES, LockedWheel, LockError, merge, read_lock, render_lock
+from cdk_stacks.lambda_lock import (
+    LOCKED_BUNDLES,
+    LockedWheel,
+    LockError,
+    merge,
+    read_lock,
+    render_lock,
+    runtime_constraints,
+)
 from cdk_stacks.shared import LAMBDA_PYTHON_VERSION
 
 ARM = PythonTarget.for_lambda(architecture="arm64", python_version="3.13", glibc_2_28=True)
@@ -103,3 +111,23 @@ def test_architectures_that_resolve_differently_are_refused() -> None:
         merge({ARM: {"pyarrow": ("26.0.1", "a")}, X86: {"pyarrow": ("25.0.0", "b")}})
     with pytest.raises(LockError, match="tzdata: absent for"):
         merge({ARM: {}, X86: {"tzdata": ("2026.6", "c")}})
+
+
+@pytest.mark.parametrize(
+    ("make_bundle", "glibc_2_28"), LOCKED_BUNDLES, ids=lambda value: getattr(value, "__name__", "")
+)
+def test_packages_the_runtimes_aws_sdk_shares_are_locked_where_botocore_accepts_them(
+    make_bundle: Callable[[PythonTarget], PythonBundle], glibc_2_28: bool
+) -> None:
+    """A bundle comes first on the Lambda runtime's path: a python-dateutil or urllib3 it ships is the one the
+    runtime's botocore imports, so it must be within botocore's own requirements (python-dateutil 4 was locked)."""
+    _, lock = _locked(make_bundle, glibc_2_28)
+    pins = read_lock(lock)
+    shared = [Requirement(spec) for spec in runtime_constraints()]
+    assert {canonical_name(r.name) for r in shared} >= {"python-dateutil", "urllib3", "jmespath"}
+    outside = [
+        f"{r.name}=={pins[canonical_name(r.name)]} ({r})"
+        for r in shared
+        if canonical_name(r.name) in pins and not r.specifier.contains(Version(pins[canonical_name(r.name)]))
+    ]
+    assert not outside, f"{lock.name}: {outside}; run `make lock-lambdas`"
