@@ -9,6 +9,7 @@ evaluated the same way, trust policies included.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import uuid
@@ -20,11 +21,15 @@ import msgspec
 import pytest
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
+from cdk_stacks.api import DEMO_HANDLER
 from cdk_stacks.forwarding import FORWARDER_HANDLER, STAGER_HANDLER
+from cdk_stacks.transform import TRANSFORM_HANDLER
+from meterlake import demo_api
 from meterlake.amberflo.server import FaultPlan, LocalAmberflo
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.aws import forwarding, staging
 from meterlake.config import Config
+from meterlake.records import render_access_log_line
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA
 from tests.cdk_stacks.aws_requests import RecordedRequest, RecordingMotoServer, authorizations
 from tests.cdk_stacks.iam_evaluation import (
@@ -109,7 +114,7 @@ def _run_with_environment(
     monkeypatch: pytest.MonkeyPatch, deployment: Deployment, stack: str, function: dict[str, Any]
 ) -> dict[str, str]:
     """Set the function's environment exactly as its template resolves; returns it."""
-    variables: dict[str, str] = deployment.resolve(stack, function["Environment"]["Variables"])
+    variables: dict[str, str] = deployment.resolve(stack, function.get("Environment", {}).get("Variables", {}))
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     return variables
@@ -416,3 +421,34 @@ def test_glue_may_assume_the_optimizer_role_and_maintain_the_table(deployment: D
         AwsCall("lakeformation:GetDataAccess", ("*",), secure, "gets Lake Formation data credentials"),
     ]
     assert _denied(deployment, stack, role, calls) == []
+
+
+def test_the_transform_and_the_demo_api_call_no_aws_api(
+    deployment: Deployment, moto_server: RecordingMotoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their roles grant nothing but logs: run on the events Firehose and API Gateway send, they must need nothing."""
+    from transform_lambda import handler as transform
+
+    _, function = _function(deployment, "MeterlakeTransform", TRANSFORM_HANDLER)
+    _run_with_environment(monkeypatch, deployment, "MeterlakeTransform", function)
+    transform._aws_handler.cache_clear()
+    line = render_access_log_line(
+        {"request_id": "r-1", "request_time": 1_764_000_000_000, "http_method": "GET", "status": 200}
+    )
+    event = {
+        "invocationId": "i-1",
+        "deliveryStreamArn": f"arn:{PARTITION}:firehose:{REGION}:{ACCOUNT}:deliverystream/s",
+        "region": REGION,
+        "records": [{"recordId": "1", "approximateArrivalTimestamp": 1, "data": base64.b64encode(line).decode()}],
+    }
+    try:
+        answer = transform.lambda_handler(event, FakeContext("transform"))
+    finally:
+        transform._aws_handler.cache_clear()
+    assert [r["result"] for r in answer["records"]] == ["Ok"]
+
+    _, demo = _function(deployment, "MeterlakeApi", DEMO_HANDLER)
+    _run_with_environment(monkeypatch, deployment, "MeterlakeApi", demo)
+    proxy_event = {"resource": "/random/strings", "httpMethod": "GET", "queryStringParameters": {"len": "4"}}
+    assert demo_api.lambda_handler(proxy_event, FakeContext("demo"))["statusCode"] == 200
+    assert moto_server.take() == []
