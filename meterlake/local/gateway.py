@@ -235,11 +235,18 @@ class AccessLogMiddleware:
         self._app = app
         self._writer = writer
         self._stage = stage
+        self._stage_root = f"/{stage}"
         self._unlogged_paths = frozenset(unlogged_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self._unlogged_paths:
             await self._app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path != self._stage_root and not path.startswith(self._stage_root + "/"):
+            # A path outside the stage names a stage the API does not have: API Gateway answers 403 Forbidden,
+            # and no stage writes an access-log line for it (the request reaches no stage).
+            await _send_json(send, 403, {"message": "Forbidden"}, error_type="ForbiddenException")
             return
         exchange = _Exchange()
         scope[_EXCHANGE] = exchange
@@ -436,15 +443,12 @@ def _json_response(status: int, body: object, headers: Mapping[str, str] | None 
     return Response(msgspec.json.encode(body), status_code=status, media_type=_JSON, headers=headers)
 
 
-async def _send_json(send: Send, status: int, body: object) -> None:
+async def _send_json(send: Send, status: int, body: object, *, error_type: str | None = None) -> None:
     payload = msgspec.json.encode(body)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", _JSON.encode()), (b"content-length", str(len(payload)).encode())],
-        }
-    )
+    headers = [(b"content-type", _JSON.encode()), (b"content-length", str(len(payload)).encode())]
+    if error_type is not None:
+        headers.append((ERROR_TYPE_HEADER.lower().encode(), error_type.encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
 
 

@@ -217,7 +217,7 @@ def test_an_unknown_path_without_authorization_is_403_missing_authentication_tok
     responses = [
         client.get("/random/numbers"),
         client.get("/random/strings/extra", headers={"Authorization": ""}),
-        client.get(f"http://127.0.0.1:{gateway.port}/other"),
+        client.get(f"http://127.0.0.1:{gateway.port}/{STAGE}"),
     ]
     for response in responses:
         assert (response.status_code, response.content) == (403, MISSING_TOKEN_BODY)
@@ -227,7 +227,7 @@ def test_an_unknown_path_without_authorization_is_403_missing_authentication_tok
     assert [(r["http_method"], r["path"]) for r in records] == [
         ("GET", f"/{STAGE}/random/numbers"),
         ("GET", f"/{STAGE}/random/strings/extra"),
-        ("GET", "/other"),
+        ("GET", f"/{STAGE}"),
     ]
     assert [refused_by_api_gateway(r) for r in records] == [REFUSED] * 3
     assert [r["request_id"] for r in records] == [r.headers["x-amzn-RequestId"] for r in responses]
@@ -440,3 +440,16 @@ def test_drain_reports_lines_a_broken_sink_still_holds() -> None:
     sink.fail_next = 0
     writer.close(10)
     assert sink.lines == [b"one", b"two"]
+
+
+def test_a_path_outside_the_stage_is_403_forbidden_and_logged_by_no_stage(
+    gateway: GatewayServer, client: httpx.Client, sink: CollectingSink
+) -> None:
+    """The first path segment names the stage: one the API does not have is API Gateway's 403 Forbidden."""
+    token = gateway.user_pool.issue_id_token(user="alice", tenant_id="acme")
+    for path, headers in (("/other", {}), (f"/{STAGE}x/random/strings", {"Authorization": token}), ("/", {})):
+        response = client.get(f"http://127.0.0.1:{gateway.port}{path}", headers=headers)
+        assert (response.status_code, response.json()) == (403, {"message": "Forbidden"}), path
+        assert response.headers["x-amzn-ErrorType"] == "ForbiddenException"
+    assert client.get("/random/strings", headers={"Authorization": token}).status_code == 200
+    assert [r["path"] for r in logged(gateway, sink)] == [f"/{STAGE}/random/strings"]
