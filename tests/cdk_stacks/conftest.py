@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from aws_cdk.assertions import Template
 
-from cdk_stacks.app import STACK_NAMES, MeterlakeStacks, build_app
+from cdk_stacks.app import MeterlakeStacks, build_app
+from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config, parse_config
 from tests.cdk_stacks.iam_evaluation import Deployment
 

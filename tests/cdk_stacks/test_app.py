@@ -15,7 +15,8 @@ from aws_cdk import App, Stack, Validations
 from aws_cdk import aws_s3 as s3
 from cdk_nag import AwsSolutionsChecks
 
-from cdk_stacks.app import STACK_NAMES, MeterlakeStacks
+from cdk_stacks.app import MeterlakeStacks
+from meterlake.aws.stacks import STACK_NAMES
 
 REPO = Path(__file__).resolve().parents[2]
 CFN_LINT = Path(sys.executable).with_name("cfn-lint")

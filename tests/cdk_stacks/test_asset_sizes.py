@@ -14,10 +14,11 @@ import pytest
 from aws_cdk.assertions import Template
 from msgspec.structs import replace
 
-from cdk_stacks.app import STACK_NAMES, MeterlakeStacks, build_app
+from cdk_stacks.app import MeterlakeStacks, build_app
 from cdk_stacks.bundling import LAMBDA_ARCHITECTURES
 from cdk_stacks.forwarding import FORWARDER_HANDLER, STAGER_HANDLER
 from cdk_stacks.transform import TRANSFORM_HANDLER
+from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config
 
 #: Lambda's limit on a function's deployment package, unzipped: its code plus its layers.
