@@ -38,11 +38,12 @@ def static_prefix(prefix: str) -> str:
 class StorageStack(Stack):
     """The lake's bucket (plus its access-log bucket), the Glue database and the Iceberg table.
 
-    What ``cdk destroy`` leaves: both buckets (the data; RETAIN), nothing else of this stack. The buckets are named by
-    CloudFormation unless the config's ``s3_bucket`` names the lake bucket, so a redeploy creates new ones beside the
-    retained ones instead of failing on a name that exists (a named bucket must be emptied and deleted, or renamed,
-    before a redeploy). The table's location ends in this stack's id, so a redeployed table never shares a folder
-    with an earlier one: Glue's orphan-file optimizer would delete an earlier table's files as orphans of the new one.
+    What ``cdk destroy`` leaves: both buckets (the data; RETAIN) with their policies, nothing else of this stack.
+    The buckets are named by CloudFormation unless the config's ``s3_bucket`` names the lake bucket, so a redeploy
+    creates new ones beside the retained ones instead of failing on a name that exists (a named bucket must be
+    emptied and deleted, or renamed, before a redeploy). The table's location ends in this stack's id, so a
+    redeployed table never shares a folder with an earlier one: Glue's orphan-file optimizer would delete an
+    earlier table's files as orphans of the new one.
 
     Attributes:
         bucket: the lake's bucket: table data, Firehose error output, Athena results.
@@ -106,6 +107,11 @@ class StorageStack(Stack):
             ],
             removal_policy=RemovalPolicy.RETAIN,
         )
+        # A kept bucket keeps its policy (TLS only; the access-log bucket's grant to S3's log delivery), or it would
+        # be left open to plain HTTP and its server access logging would stop.
+        for kept in (access_logs, self.bucket):
+            assert kept.policy is not None  # enforce_ssl gave each bucket a policy
+            kept.policy.apply_removal_policy(RemovalPolicy.RETAIN)
         self.database_name = database_name
         self.table_name = table_name
         stack_uuid = Fn.select(2, Fn.split("/", Aws.STACK_ID))

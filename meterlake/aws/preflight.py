@@ -21,6 +21,9 @@ from meterlake.config import Config
 
 #: The Lake Formation principal that stands for "IAM decides" in an account's default permissions.
 IAM_ALLOWED_PRINCIPALS: Final = "IAM_ALLOWED_PRINCIPALS"
+#: Below this many concurrent Lambda executions (new accounts may start at 10), the transform competes with the
+#: forwarder's SQS subscription and Firehose's invocations are throttled.
+MIN_LAMBDA_CONCURRENCY: Final = 100
 
 
 class Outcome(enum.Enum):
@@ -62,11 +65,14 @@ def preflight(config: Config, account: Account) -> list[Check]:
 def _checks(config: Config, account: Account) -> Iterator[Check]:
     yield _bootstrap(account)
     yield _lake_formation(account)
+    if not _iam_governed(account):
+        yield _athena_access(config)
     yield _database(config, account)
     if config.data_firehose_configuration.s3_bucket is not None:
         yield _named_bucket(config.data_firehose_configuration.s3_bucket, account)
     yield _delivery_stream(config.data_firehose_configuration.delivery_stream_name, account)
     yield _amberflo_secret(config, account)
+    yield _lambda_concurrency(config, account)
 
 
 def _error_code(exc: ClientError) -> str:
@@ -129,6 +135,42 @@ def _lake_formation(account: Account) -> Check:
         "administrator: CloudFormation would fail creating the Glue database ('Insufficient Lake Formation "
         "permission(s)') or granting the table. Add it as an administrator (console: Lake Formation > "
         "Administrative roles and tasks; or `aws lakeformation put-data-lake-settings`, keeping the current admins)",
+    )
+
+
+def _iam_governed(account: Account) -> bool:
+    """Whether new databases are left to IAM (Lake Formation never set up): then IAM alone grants table access."""
+    settings = account.client("lakeformation").get_data_lake_settings()["DataLakeSettings"]
+    return IAM_ALLOWED_PRINCIPALS in {
+        entry.get("Principal", {}).get("DataLakePrincipalIdentifier")
+        for entry in settings.get("CreateDatabaseDefaultPermissions", [])
+    }
+
+
+def _athena_access(config: Config) -> Check:
+    table = f"{config.database_name}.{config.table_name}"
+    return Check(
+        "Athena queries",
+        Outcome.WARN,
+        f"Lake Formation governs the catalog: grant SELECT and DESCRIBE on {table} to whoever runs `meterlake "
+        "query --athena` (the stacks grant only Firehose, the stager and Glue's optimizers; a data lake "
+        "administrator has no SELECT by default)",
+    )
+
+
+def _lambda_concurrency(config: Config, account: Account) -> Check:
+    name = "Lambda concurrency"
+    limit = account.client("lambda").get_account_settings()["AccountLimit"]["ConcurrentExecutions"]
+    if limit >= MIN_LAMBDA_CONCURRENCY:
+        return Check(name, Outcome.OK, f"{limit} concurrent executions")
+    return Check(
+        name,
+        Outcome.WARN,
+        f"this account runs at most {limit} Lambda invocations at once (new accounts start low): the forwarder "
+        f"alone may take {max(2, config.amberflo.concurrency)}, and Firehose's throttled transform invocations are "
+        f"retried {config.data_firehose_configuration.transform_records_with_aws_lambda.number_of_retries} times, "
+        "then their records go to the error prefix unmetered. Ask for more (Service Quotas: AWS Lambda, "
+        f"Concurrent executions; at least {MIN_LAMBDA_CONCURRENCY})",
     )
 
 

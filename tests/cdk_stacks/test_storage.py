@@ -135,8 +135,9 @@ NAME_PROPERTIES = (
     "DeliveryStreamName",
     "Name",
 )
-#: What `cdk destroy` must leave behind: usage data and the users who own it (README, "What survives cdk destroy").
-RETAINED = {"AWS::S3::Bucket", "AWS::Cognito::UserPool"}
+#: What `cdk destroy` must leave behind: usage data, the policies that keep it TLS-only and access-logged, and the
+#: users who own it (README, "What survives cdk destroy").
+RETAINED = {"AWS::S3::Bucket", "AWS::S3::BucketPolicy", "AWS::Cognito::UserPool"}
 
 
 def test_destroy_keeps_the_data_and_nothing_retained_blocks_a_redeploy(templates: dict[str, Template]) -> None:
@@ -149,7 +150,7 @@ def test_destroy_keeps_the_data_and_nothing_retained_blocks_a_redeploy(templates
                 named = [p for p in NAME_PROPERTIES if p in resource.get("Properties", {})]
                 assert named == [], f"{stack}/{logical_id} is retained with a fixed name: {named}"
                 retained.append(resource["Type"])
-    assert sorted(retained) == ["AWS::Cognito::UserPool", "AWS::S3::Bucket", "AWS::S3::Bucket"]
+    assert sorted(retained) == ["AWS::Cognito::UserPool", *["AWS::S3::Bucket"] * 2, *["AWS::S3::BucketPolicy"] * 2]
 
 
 def test_a_lake_bucket_named_in_the_config_is_that_name_everywhere(test_config: Config) -> None:

@@ -31,8 +31,24 @@ def iam_governed(lakeformation: Any) -> None:
     )
 
 
+class LambdaAccountSettings:
+    """Lambda's GetAccountSettings, which moto does not implement: the account's concurrency quota."""
+
+    def __init__(self, concurrent_executions: int) -> None:
+        self.concurrent_executions = concurrent_executions
+
+    def get_account_settings(self) -> dict[str, Any]:
+        limit = self.concurrent_executions
+        return {"AccountLimit": {"ConcurrentExecutions": limit, "UnreservedConcurrentExecutions": limit}}
+
+
 @pytest.fixture
-def account(moto: None) -> Account:
+def lambda_settings() -> LambdaAccountSettings:
+    return LambdaAccountSettings(1000)
+
+
+@pytest.fixture
+def account(moto: None, lambda_settings: LambdaAccountSettings) -> Account:
     """A bootstrapped account whose catalog IAM governs, and which holds the Amberflo secret."""
     boto3.client("ssm", region_name=REGION).put_parameter(
         Name=f"/cdk-bootstrap/{CDK_QUALIFIER}/version", Value="27", Type="String"
@@ -41,7 +57,12 @@ def account(moto: None) -> Account:
     boto3.client("secretsmanager", region_name=REGION).create_secret(
         Name="AmberfloApiKey", SecretString=json.dumps({"apiKey": "k"})
     )
-    return connect(profile=None, region=REGION)
+    connected = connect(profile=None, region=REGION)
+    return Account(
+        account_id=connected.account_id,
+        region=connected.region,
+        client=lambda service: lambda_settings if service == "lambda" else connected.client(service),
+    )
 
 
 def by_name(checks: list[Check]) -> dict[str, Check]:
@@ -57,6 +78,7 @@ def test_a_ready_account_passes(account: Account) -> None:
         "Glue database",
         "delivery stream",
         "Amberflo API key",
+        "Lambda concurrency",
     ]
 
 
@@ -83,7 +105,20 @@ def test_lake_formation_must_trust_the_cdk_execution_role(account: Account) -> N
     lakeformation.put_data_lake_settings(
         DataLakeSettings={"DataLakeAdmins": [{"DataLakePrincipalIdentifier": CDK_ROLE}]}
     )
-    assert by_name(preflight(Config(), account))["Lake Formation"].outcome is Outcome.OK
+    checks = by_name(preflight(Config(), account))
+    assert checks["Lake Formation"].outcome is Outcome.OK
+    # Nothing in the stacks grants the people who query: Lake Formation then lets no one read the table.
+    assert checks["Athena queries"].outcome is Outcome.WARN
+    assert f"SELECT and DESCRIBE on {Config().database_name}.{Config().table_name}" in checks["Athena queries"].detail
+
+
+def test_a_low_lambda_concurrency_quota_is_a_warning(account: Account, lambda_settings: LambdaAccountSettings) -> None:
+    assert by_name(preflight(Config(), account))["Lambda concurrency"].outcome is Outcome.OK
+    lambda_settings.concurrent_executions = 10
+    check = by_name(preflight(Config(), account))["Lambda concurrency"]
+    assert check.outcome is Outcome.WARN
+    assert "at most 10 Lambda invocations" in check.detail
+    assert "error prefix unmetered" in check.detail
 
 
 def test_names_kept_or_taken_outside_the_stacks_fail_early(account: Account) -> None:
@@ -112,6 +147,9 @@ def test_a_missing_amberflo_secret_is_a_warning_with_the_command(account: Accoun
 def test_the_command_prints_each_check_and_fails_on_a_missing_prerequisite(
     account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from meterlake.aws import preflight as module
+
+    monkeypatch.setattr(module, "connect", lambda **_: account)
     monkeypatch.setattr(sys, "argv", ["meterlake", "aws", "preflight", "--region", REGION])
     with pytest.raises(SystemExit) as caught:
         main()
