@@ -174,72 +174,79 @@ def _lambda_concurrency(config: Config, account: Account) -> Check:
     )
 
 
-def _database(config: Config, account: Account) -> Check:
-    name = "Glue database"
-    database = config.database_name
+def _exists(call: Callable[[], object], *missing: str) -> bool:
+    """Whether the resource ``call`` describes exists: it raises one of the ``missing`` error codes if not."""
     try:
-        account.client("glue").get_database(Name=database)
+        call()
     except ClientError as exc:
-        if _error_code(exc) != "EntityNotFoundException":
+        if _error_code(exc) not in missing:
             raise
-        return Check(name, Outcome.OK, f"{database} does not exist yet; MeterlakeStorage creates it")
-    if _deployed_resource(account, STORAGE_STACK, database):
-        return Check(name, Outcome.OK, f"{database} belongs to the deployed {STORAGE_STACK}")
-    return Check(
-        name,
-        Outcome.FAIL,
-        f"a Glue database {database} exists outside {STORAGE_STACK}: CloudFormation cannot create it; delete it "
-        "or set data_firehose_configuration.destination_iceberg_table_configuration.database_name",
+        return False
+    return True
+
+
+def _name_free(check: str, *, label: str, stack: str, exists: bool, account: Account, remedy: str) -> Check:
+    """A name the stack will create: free, already the deployed stack's (an update), or taken outside it."""
+    name = label.split(" ", 1)[1] if " " in label else label
+    if not exists:
+        return Check(check, Outcome.OK, f"{label} does not exist yet; {stack} creates it")
+    if _deployed_resource(account, stack, name):
+        return Check(check, Outcome.OK, f"{label} belongs to the deployed {stack}")
+    return Check(check, Outcome.FAIL, f"{label} exists outside {stack}: {remedy}")
+
+
+def _database(config: Config, account: Account) -> Check:
+    database = config.database_name
+    glue = account.client("glue")
+    return _name_free(
+        "Glue database",
+        label=f"database {database}",
+        stack=STORAGE_STACK,
+        exists=_exists(lambda: glue.get_database(Name=database), "EntityNotFoundException"),
+        account=account,
+        remedy="CloudFormation cannot create it; delete it or set "
+        "data_firehose_configuration.destination_iceberg_table_configuration.database_name",
     )
 
 
 def _named_bucket(bucket: str, account: Account) -> Check:
-    name = "lake bucket"
+    s3 = account.client("s3")
     try:
-        account.client("s3").head_bucket(Bucket=bucket)
+        exists = _exists(lambda: s3.head_bucket(Bucket=bucket), "404", "NoSuchBucket", "NotFound")
     except ClientError as exc:
-        code = _error_code(exc)
-        if code in ("404", "NoSuchBucket", "NotFound"):
-            return Check(name, Outcome.OK, f"{bucket} does not exist yet; MeterlakeStorage creates it")
-        if code in ("403", "AccessDenied", "Forbidden"):
-            return Check(name, Outcome.FAIL, f"the bucket name {bucket} is taken by another account: choose another")
-        raise
-    if _deployed_resource(account, STORAGE_STACK, bucket):
-        return Check(name, Outcome.OK, f"{bucket} belongs to the deployed {STORAGE_STACK}")
-    return Check(
-        name,
-        Outcome.FAIL,
-        f"{bucket} exists but no deployed {STORAGE_STACK} owns it (kept by an earlier deployment's `cdk destroy`?): "
-        "empty and delete it (`aws s3 rb s3://BUCKET --force`), or set another data_firehose_configuration.s3_bucket",
+        if _error_code(exc) not in ("403", "AccessDenied", "Forbidden"):
+            raise
+        return Check("lake bucket", Outcome.FAIL, f"the bucket name {bucket} is taken by another account")
+    return _name_free(
+        "lake bucket",
+        label=f"bucket {bucket}",
+        stack=STORAGE_STACK,
+        exists=exists,
+        account=account,
+        remedy="kept by an earlier deployment's `cdk destroy`? Empty and delete it (`aws s3 rb s3://BUCKET "
+        "--force`), or set another data_firehose_configuration.s3_bucket",
     )
 
 
 def _delivery_stream(stream: str, account: Account) -> Check:
-    name = "delivery stream"
-    try:
-        account.client("firehose").describe_delivery_stream(DeliveryStreamName=stream)
-    except ClientError as exc:
-        if _error_code(exc) != "ResourceNotFoundException":
-            raise
-        return Check(name, Outcome.OK, f"{stream} does not exist yet; MeterlakeDelivery creates it")
-    if _deployed_resource(account, DELIVERY_STACK, stream):
-        return Check(name, Outcome.OK, f"{stream} belongs to the deployed {DELIVERY_STACK}")
-    return Check(
-        name,
-        Outcome.FAIL,
-        f"a delivery stream {stream} exists outside {DELIVERY_STACK}: delete it or set "
-        "data_firehose_configuration.stream_name",
+    firehose = account.client("firehose")
+    return _name_free(
+        "delivery stream",
+        label=f"stream {stream}",
+        stack=DELIVERY_STACK,
+        exists=_exists(
+            lambda: firehose.describe_delivery_stream(DeliveryStreamName=stream), "ResourceNotFoundException"
+        ),
+        account=account,
+        remedy="delete it or set data_firehose_configuration.stream_name",
     )
 
 
 def _amberflo_secret(config: Config, account: Account) -> Check:
     name = "Amberflo API key"
     secret = config.amberflo.api_key_secret_name
-    try:
-        account.client("secretsmanager").describe_secret(SecretId=secret)
-    except ClientError as exc:
-        if _error_code(exc) != "ResourceNotFoundException":
-            raise
+    secrets = account.client("secretsmanager")
+    if not _exists(lambda: secrets.describe_secret(SecretId=secret), "ResourceNotFoundException"):
         command = (
             f"aws secretsmanager create-secret --name {secret} "
             f'--secret-string \'{{"{config.amberflo.api_key_secret_json_key}": "YOUR-AMBERFLO-KEY"}}\''
