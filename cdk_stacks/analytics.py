@@ -8,7 +8,6 @@ Firehose's frequent commits leave behind.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -65,37 +64,18 @@ def athena_named_queries(config: Config) -> list[AthenaNamedQuery]:
     return queries
 
 
-@dataclass(frozen=True, slots=True)
-class TableMaintenance:
-    """Snapshot retention and orphan-file settings of the Glue optimizers."""
-
-    snapshot_retention_days: int
-    snapshots_to_retain: int
-    orphan_file_retention_days: int
-
-
-class AnalyticsStack(Stack):
+class UsageAnalytics(Construct):
     """The workgroup, its named queries, and the table optimizers with their role.
 
     Attributes:
         workgroup: the Athena workgroup every usage query runs in.
     """
 
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        bucket_name: str,
-        database_name: str,
-        table_name: str,
-        output_prefix: str,
-        queries: Sequence[AthenaNamedQuery],
-        bytes_scanned_cutoff_per_query: int,
-        maintenance: TableMaintenance,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(scope, construct_id, **kwargs)
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str) -> None:
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        aws = config.meterlake.aws
+        database_name, table_name = config.database_name, config.table_name
         bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)
         self.workgroup = athena.CfnWorkGroup(
             self,
@@ -106,7 +86,7 @@ class AnalyticsStack(Stack):
             work_group_configuration=athena.CfnWorkGroup.WorkGroupConfigurationProperty(
                 enforce_work_group_configuration=True,
                 publish_cloud_watch_metrics_enabled=True,
-                bytes_scanned_cutoff_per_query=bytes_scanned_cutoff_per_query,
+                bytes_scanned_cutoff_per_query=aws.athena_bytes_scanned_cutoff_per_query,
                 engine_version=athena.CfnWorkGroup.EngineVersionProperty(selected_engine_version=ATHENA_ENGINE),
                 result_configuration=athena.CfnWorkGroup.ResultConfigurationProperty(
                     output_location=f"s3://{bucket_name}/{ATHENA_RESULTS_PREFIX}",
@@ -116,7 +96,7 @@ class AnalyticsStack(Stack):
                 ),
             ),
         )
-        for query in queries:
+        for query in athena_named_queries(config):
             order = ", ".join(query.parameter_order) or "none"
             named = athena.CfnNamedQuery(
                 self,
@@ -129,9 +109,9 @@ class AnalyticsStack(Stack):
             )
             named.add_resource_dependency(self.workgroup)
 
-        table_objects = bucket.arn_for_objects(f"{output_prefix.strip('/')}/*")
+        table_objects = bucket.arn_for_objects(f"{config.data_firehose_configuration.output_prefix.strip('/')}/*")
         optimizer_logs = [
-            self.format_arn(
+            stack.format_arn(
                 service="logs",
                 resource="log-group",
                 resource_name=f"{log_group}:*",
@@ -152,7 +132,7 @@ class AnalyticsStack(Stack):
                         iam.PolicyStatement(
                             sid="MeteringTable",
                             actions=["glue:GetTable", "glue:UpdateTable"],
-                            resources=glue_arns(self, database_name=database_name, table_name=table_name),
+                            resources=glue_arns(stack, database_name=database_name, table_name=table_name),
                         ),
                         iam.PolicyStatement(
                             sid="TableData",
@@ -207,8 +187,8 @@ class AnalyticsStack(Stack):
                 role_arn=role.role_arn,
                 retention_configuration=glue.CfnTableOptimizer.RetentionConfigurationProperty(
                     iceberg_configuration=glue.CfnTableOptimizer.IcebergRetentionConfigurationProperty(
-                        snapshot_retention_period_in_days=maintenance.snapshot_retention_days,
-                        number_of_snapshots_to_retain=maintenance.snapshots_to_retain,
+                        snapshot_retention_period_in_days=aws.snapshot_retention_days,
+                        number_of_snapshots_to_retain=aws.snapshots_to_retain,
                         clean_expired_files=True,
                     )
                 ),
@@ -219,7 +199,7 @@ class AnalyticsStack(Stack):
                 orphan_file_deletion_configuration=glue.CfnTableOptimizer.OrphanFileDeletionConfigurationProperty(
                     # No location: Glue scans the table's own location, which no other table shares.
                     iceberg_configuration=glue.CfnTableOptimizer.IcebergConfigurationProperty(
-                        orphan_file_retention_period_in_days=maintenance.orphan_file_retention_days,
+                        orphan_file_retention_period_in_days=aws.orphan_file_retention_days,
                     )
                 ),
             ),
@@ -228,7 +208,7 @@ class AnalyticsStack(Stack):
             optimizer = glue.CfnTableOptimizer(
                 self,
                 f"Optimizer-{optimizer_type}",
-                catalog_id=self.account,
+                catalog_id=stack.account,
                 database_name=database_name,
                 table_name=table_name,
                 type=optimizer_type,
@@ -237,3 +217,15 @@ class AnalyticsStack(Stack):
             optimizer.node.add_dependency(role, grant)
 
         CfnOutput(self, "AthenaWorkGroup", value=self.workgroup.ref, description="Athena workgroup of the queries")
+
+
+class AnalyticsStack(Stack):
+    """The app's :class:`UsageAnalytics`.
+
+    Attributes:
+        workgroup: the Athena workgroup every usage query runs in.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str, **kwargs: Any) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.workgroup = UsageAnalytics(self, "Default", config=config, bucket_name=bucket_name).workgroup

@@ -7,13 +7,14 @@ from typing import Any, Final
 from aws_cdk import Aws, CfnOutput, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_cognito as cognito
-from aws_cdk import aws_kinesisfirehose as firehose
 from constructs import Construct
 
 from cdk_stacks.bundling import PythonBundle, PythonTarget, lambda_code
+from cdk_stacks.delivery import AccessLogDelivery
+from cdk_stacks.metering import meter_stage
 from cdk_stacks.shared import LAMBDA_PYTHON_VERSION, LAMBDA_RUNTIME_REASON, acknowledge, lambda_role, python_function
+from meterlake.config import Config
 from meterlake.demo_api import RANDOM_STRINGS_RESOURCE
-from meterlake.records import render_access_log_format
 
 #: The Cognito custom attribute that carries a user's tenant; the access log reads the claim ``custom:tenant_id``.
 TENANT_ATTRIBUTE: Final = "tenant_id"
@@ -27,28 +28,19 @@ DEMO_HANDLER: Final = "meterlake.demo_api.lambda_handler"
 DEMO_QUERY_PARAMETERS: Final = ("chars", "len", "num")
 
 
-class ApiStack(Stack):
-    """The metered API: user pool + app client, demo Lambda, REST API with a Cognito authorizer, logged stage.
+class DemoApi(Construct):
+    """The demo API, metered: user pool + app client, demo Lambda, REST API with a Cognito authorizer, and its stage
+    metered into ``pipeline`` (:func:`meter_stage`, as a user's own API would be).
 
     Attributes:
         rest_api: the REST API; its stage is ``rest_api.deployment_stage``.
         user_pool / user_pool_client: where API users sign in.
     """
 
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        delivery_stream: firehose.CfnDeliveryStream,
-        stage_name: str,
-        throttling_rate_limit: float,
-        throttling_burst_limit: int,
-        architecture: str,
-        log_retention_days: int,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(scope, construct_id, **kwargs)
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config, pipeline: AccessLogDelivery) -> None:
+        super().__init__(scope, construct_id)
+        aws = config.meterlake.aws
+        stage_name = config.meterlake.api_stage
         self.user_pool = cognito.UserPool(
             self,
             "UserPool",
@@ -98,8 +90,8 @@ class ApiStack(Stack):
             self,
             "DemoFunction",
             role=demo_role,
-            architecture=architecture,
-            log_retention_days=log_retention_days,
+            architecture=aws.lambda_architecture,
+            log_retention_days=aws.log_retention_days,
             log_group_id="DemoLogGroup",
             description="meterlake demo API: GET /random/strings",
             handler=DEMO_HANDLER,
@@ -107,7 +99,9 @@ class ApiStack(Stack):
                 PythonBundle(
                     sources=DEMO_SOURCES,
                     requirements=(),
-                    target=PythonTarget.for_lambda(architecture=architecture, python_version=LAMBDA_PYTHON_VERSION),
+                    target=PythonTarget.for_lambda(
+                        architecture=aws.lambda_architecture, python_version=LAMBDA_PYTHON_VERSION
+                    ),
                 )
             ),
             memory_size=256,
@@ -125,10 +119,8 @@ class ApiStack(Stack):
             cloud_watch_role=False,
             deploy_options=apigateway.StageOptions(
                 stage_name=stage_name,
-                access_log_destination=apigateway.FirehoseLogDestination(delivery_stream),
-                access_log_format=apigateway.AccessLogFormat.custom(render_access_log_format()),
-                throttling_rate_limit=throttling_rate_limit,
-                throttling_burst_limit=throttling_burst_limit,
+                throttling_rate_limit=aws.api_throttling_rate_limit,
+                throttling_burst_limit=aws.api_throttling_burst_limit,
                 metrics_enabled=True,
                 tracing_enabled=True,
             ),
@@ -151,6 +143,7 @@ class ApiStack(Stack):
         # RestApi adds its own URL output; the stack's RestApiEndpoint output below replaces it.
         self.rest_api.node.try_remove_child("Endpoint")
         stage = self.rest_api.deployment_stage
+        meter_stage(stage, pipeline)
         acknowledge(
             stage,
             "AwsSolutions-APIG3",
@@ -171,3 +164,17 @@ class ApiStack(Stack):
             "RestApiEndpoint",
             value=f"https://{self.rest_api.rest_api_id}.execute-api.{Aws.REGION}.{Aws.URL_SUFFIX}/{stage_name}",
         )
+
+
+class ApiStack(Stack):
+    """The app's :class:`DemoApi`.
+
+    Attributes:
+        api: the user pool, demo Lambda and REST API.
+    """
+
+    def __init__(
+        self, scope: Construct, construct_id: str, *, config: Config, pipeline: AccessLogDelivery, **kwargs: Any
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.api = DemoApi(self, "Default", config=config, pipeline=pipeline)

@@ -15,7 +15,8 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from cdk_stacks.shared import acknowledge, acknowledge_resources, log_retention
-from meterlake.config import DataFirehoseConfiguration
+from meterlake.config import Config
+from meterlake.schema import METERING_EVENT_SCHEMA
 
 #: How long Firehose retries a failed Iceberg commit before the records go to the error output prefix.
 RETRY_DURATION_SECONDS: Final = 300
@@ -69,11 +70,16 @@ def _mb(value: float) -> str:
     return f"{value:g}"
 
 
-class DeliveryStack(Stack):
+class AccessLogDelivery(Construct):
     """The Firehose service role, its Lake Formation grant, its log group and the delivery stream.
 
+    Args:
+        config: the stream's name, buffering, processor and destination settings.
+        bucket_name: the lake bucket (Iceberg warehouse and error output).
+        transform_function: the Lambda processor.
+
     Attributes:
-        delivery_stream: the stream the API stage's access logs go to.
+        delivery_stream: the stream the API stages' access logs go to (:func:`cdk_stacks.metering.meter_stage`).
     """
 
     def __init__(
@@ -81,16 +87,16 @@ class DeliveryStack(Stack):
         scope: Construct,
         construct_id: str,
         *,
+        config: Config,
         bucket_name: str,
-        database_name: str,
-        table_name: str,
-        unique_keys: Sequence[str],
         transform_function: lambda_.IFunction,
-        settings: DataFirehoseConfiguration,
-        log_retention_days: int,
-        **kwargs: Any,
     ) -> None:
-        super().__init__(scope, construct_id, **kwargs)
+        super().__init__(scope, construct_id)
+        stack = Stack.of(self)
+        settings = config.data_firehose_configuration
+        database_name, table_name = config.database_name, config.table_name
+        unique_keys = sorted(METERING_EVENT_SCHEMA.identifier_field_names())
+        log_retention_days = config.meterlake.aws.log_retention_days
         bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)
         stream_name = settings.delivery_stream_name
         log_group_name = f"/aws/kinesisfirehose/{stream_name}"
@@ -129,7 +135,7 @@ class DeliveryStack(Stack):
                 iam.PolicyStatement(
                     sid="MeteringTable",
                     actions=["glue:GetTable", "glue:GetDatabase", "glue:UpdateTable"],
-                    resources=glue_arns(self, database_name=database_name, table_name=table_name),
+                    resources=glue_arns(stack, database_name=database_name, table_name=table_name),
                 ),
                 iam.PolicyStatement(
                     sid="TransformLambda",
@@ -140,7 +146,7 @@ class DeliveryStack(Stack):
                     sid="DeliveryLogs",
                     actions=["logs:PutLogEvents"],
                     resources=[
-                        self.format_arn(
+                        stack.format_arn(
                             service="logs",
                             resource="log-group",
                             resource_name=f"{log_group_name}:log-stream:{log_stream}",
@@ -158,7 +164,7 @@ class DeliveryStack(Stack):
             # AWS documents sts:ExternalId = the account for Firehose roles (it is what Firehose passes); whether it
             # sends aws:SourceAccount is not documented, and a condition it cannot satisfy would stop delivery.
             assumed_by=iam.ServicePrincipal(
-                "firehose.amazonaws.com", conditions={"StringEquals": {"sts:ExternalId": self.account}}
+                "firehose.amazonaws.com", conditions={"StringEquals": {"sts:ExternalId": stack.account}}
             ),
             description=f"Firehose stream {stream_name}: writes the metering-events Iceberg table",
             inline_policies={"Delivery": policy},
@@ -200,7 +206,7 @@ class DeliveryStack(Stack):
             ),
             iceberg_destination_configuration=firehose.CfnDeliveryStream.IcebergDestinationConfigurationProperty(
                 catalog_configuration=firehose.CfnDeliveryStream.CatalogConfigurationProperty(
-                    catalog_arn=glue_arns(self, database_name=database_name, table_name=table_name)[0],
+                    catalog_arn=glue_arns(stack, database_name=database_name, table_name=table_name)[0],
                     warehouse_location=f"s3://{bucket_name}",
                 ),
                 role_arn=role.role_arn,
@@ -247,3 +253,28 @@ class DeliveryStack(Stack):
         self.delivery_stream.node.add_dependency(role, grant)
 
         CfnOutput(self, "DeliveryStreamName", value=stream_name, description="Firehose stream of the access logs")
+
+
+class DeliveryStack(Stack):
+    """The app's :class:`AccessLogDelivery`.
+
+    Attributes:
+        delivery: the stream, its role and grant.
+        delivery_stream: the stream the API stages' access logs go to.
+    """
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: Config,
+        bucket_name: str,
+        transform_function: lambda_.IFunction,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.delivery = AccessLogDelivery(
+            self, "Default", config=config, bucket_name=bucket_name, transform_function=transform_function
+        )
+        self.delivery_stream = self.delivery.delivery_stream

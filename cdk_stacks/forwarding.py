@@ -61,6 +61,7 @@ from meterlake.aws.staging import (
     STAGER_TIMEOUT_S,
     render_meters,
 )
+from meterlake.config import Config
 from meterlake.meters import Meter
 
 
@@ -196,7 +197,7 @@ def _checked_environment(name: str, environment: dict[str, str]) -> dict[str, st
     return environment
 
 
-class ForwardingStack(Stack):
+class UsageForwarding(Construct):
     """The forward queue and its dead-letter queue, the stager and forwarder Lambdas, their schedule and alarms.
 
     With ``amberflo.dry_run`` the forwarder's queue subscription is created disabled: the stager still queues every
@@ -208,23 +209,11 @@ class ForwardingStack(Stack):
         alarm_topic: the SNS topic every alarm notifies.
     """
 
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        bucket_name: str,
-        database_name: str,
-        table_name: str,
-        output_prefix: str,
-        meters: Sequence[Meter],
-        amberflo: AmberfloSettings,
-        architecture: str,
-        log_retention_days: int,
-        alarm_email: str | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(scope, construct_id, **kwargs)
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str) -> None:
+        super().__init__(scope, construct_id)
+        aws = config.meterlake.aws
+        amberflo = config.amberflo
+        architecture, log_retention_days = aws.lambda_architecture, aws.log_retention_days
         bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)
         target = PythonTarget.for_lambda(
             architecture=architecture, python_version=LAMBDA_PYTHON_VERSION, glibc_2_28=True
@@ -255,10 +244,10 @@ class ForwardingStack(Stack):
         self.stager = self._stager(
             lambda_code(stager_bundle(target)),
             bucket=bucket,
-            database_name=database_name,
-            table_name=table_name,
-            output_prefix=output_prefix,
-            meters=meters,
+            database_name=config.database_name,
+            table_name=config.table_name,
+            output_prefix=config.data_firehose_configuration.output_prefix,
+            meters=config.meters,
             batch_size=amberflo.batch_size,
             architecture=architecture,
             log_retention_days=log_retention_days,
@@ -277,7 +266,7 @@ class ForwardingStack(Stack):
             schedule=events.Schedule.rate(STAGER_SCHEDULE),
             targets=[targets.LambdaFunction(self.stager, retry_attempts=0)],
         )
-        self.alarm_topic = self._alarm_topic(alarm_email)
+        self.alarm_topic = self._alarm_topic(aws.alarm_email)
         self._alarms()
 
         CfnOutput(self, "ForwardQueueUrl", value=self.queue.queue_url, description="Records on their way to Amberflo")
@@ -308,7 +297,7 @@ class ForwardingStack(Stack):
                 iam.PolicyStatement(
                     sid="MeteringTable",
                     actions=["glue:GetTable", "glue:GetDatabase"],
-                    resources=glue_arns(self, database_name=database_name, table_name=table_name),
+                    resources=glue_arns(Stack.of(self), database_name=database_name, table_name=table_name),
                 ),
                 iam.PolicyStatement(sid="LakeFormationData", actions=list(UNSCOPABLE_ACTIONS), resources=["*"]),
                 iam.PolicyStatement(sid="TableFiles", actions=["s3:GetObject"], resources=[table_objects]),
@@ -397,7 +386,7 @@ class ForwardingStack(Stack):
     ) -> lambda_.Function:
         dead_letters = bucket.arn_for_objects(f"{DEAD_LETTER_PREFIX}*")
         # A secret's ARN ends in "-" and six random characters, unknown until it exists: match them, nothing more.
-        secret = self.format_arn(
+        secret = Stack.of(self).format_arn(
             service="secretsmanager",
             resource="secret",
             resource_name=f"{amberflo.api_key_secret_name}-??????",
@@ -495,14 +484,14 @@ class ForwardingStack(Stack):
                 resources=[topic.topic_arn],
                 conditions={
                     "ArnLike": {
-                        "aws:SourceArn": self.format_arn(
+                        "aws:SourceArn": Stack.of(self).format_arn(
                             service="cloudwatch",
                             resource="alarm",
                             resource_name="*",
                             arn_format=ArnFormat.COLON_RESOURCE_NAME,
                         )
                     },
-                    "StringEquals": {"aws:SourceAccount": self.account},
+                    "StringEquals": {"aws:SourceAccount": Stack.of(self).account},
                 },
             )
         )
@@ -585,3 +574,15 @@ class ForwardingStack(Stack):
             if isinstance(child, cloudwatch.Alarm):
                 child.add_alarm_action(action)
                 child.add_ok_action(action)
+
+
+class ForwardingStack(Stack):
+    """The app's :class:`UsageForwarding`.
+
+    Attributes:
+        forwarding: the queues, Lambdas, schedule and alarms.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str, **kwargs: Any) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.forwarding = UsageForwarding(self, "Default", config=config, bucket_name=bucket_name)

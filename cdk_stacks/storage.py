@@ -11,6 +11,7 @@ from constructs import Construct
 
 from cdk_stacks.glue_iceberg import open_table_format_input
 from cdk_stacks.shared import acknowledge
+from meterlake.config import Config
 
 #: Where the Athena workgroup writes query results; expired like error output.
 ATHENA_RESULTS_PREFIX: Final = "athena-results/"
@@ -35,7 +36,7 @@ def static_prefix(prefix: str) -> str:
     return folder
 
 
-class StorageStack(Stack):
+class LakeStorage(Construct):
     """The lake's bucket (plus its access-log bucket), the Glue database and the Iceberg table.
 
     What ``cdk destroy`` leaves: both buckets (the data; RETAIN) with their policies, nothing else of this stack.
@@ -47,27 +48,16 @@ class StorageStack(Stack):
 
     Attributes:
         bucket: the lake's bucket: table data, Firehose error output, Athena results.
-        bucket_name: its name, as other stacks import it (``Fn::ImportValue`` of the ``BucketName`` output's
-            export, named explicitly so their policies, and cdk-nag's acknowledgments of them, can name it).
+        bucket_name: its name (a reference to the bucket).
         database_name / table_name: the Glue names of the table.
         table_location: ``s3://<bucket>/<output_prefix>/<stack uuid>``, the table's Iceberg location.
     """
 
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        bucket_name: str | None,
-        database_name: str,
-        table_name: str,
-        output_prefix: str,
-        error_output_prefix: str,
-        expiration_days: int,
-        log_retention_days: int,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(scope, construct_id, **kwargs)
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config) -> None:
+        super().__init__(scope, construct_id)
+        account = Stack.of(self).account
+        firehose = config.data_firehose_configuration
+        aws = config.meterlake.aws
         access_logs = s3.Bucket(
             self,
             "AccessLogBucket",
@@ -75,7 +65,7 @@ class StorageStack(Stack):
             enforce_ssl=True,
             block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
             object_ownership=s3.ObjectOwnership.BUCKET_OWNER_ENFORCED,
-            lifecycle_rules=[s3.LifecycleRule(expiration=Duration.days(log_retention_days))],
+            lifecycle_rules=[s3.LifecycleRule(expiration=Duration.days(aws.log_retention_days))],
             removal_policy=RemovalPolicy.RETAIN,
         )
         acknowledge(
@@ -86,7 +76,7 @@ class StorageStack(Stack):
         self.bucket = s3.Bucket(
             self,
             "LakeBucket",
-            bucket_name=bucket_name,
+            bucket_name=firehose.s3_bucket,
             # SSE-S3: Firehose, Glue's optimizers and Athena read and write it without a KMS key policy to maintain.
             encryption=s3.BucketEncryption.S3_MANAGED,
             enforce_ssl=True,
@@ -97,11 +87,13 @@ class StorageStack(Stack):
             lifecycle_rules=[
                 s3.LifecycleRule(
                     id="ExpireErrorOutput",
-                    prefix=static_prefix(error_output_prefix),
-                    expiration=Duration.days(expiration_days),
+                    prefix=static_prefix(firehose.error_output_prefix),
+                    expiration=Duration.days(aws.error_output_expiration_days),
                 ),
                 s3.LifecycleRule(
-                    id="ExpireAthenaResults", prefix=ATHENA_RESULTS_PREFIX, expiration=Duration.days(expiration_days)
+                    id="ExpireAthenaResults",
+                    prefix=ATHENA_RESULTS_PREFIX,
+                    expiration=Duration.days(aws.error_output_expiration_days),
                 ),
                 s3.LifecycleRule(id="AbortIncompleteUploads", abort_incomplete_multipart_upload_after=Duration.days(1)),
             ],
@@ -112,25 +104,26 @@ class StorageStack(Stack):
         for kept in (access_logs, self.bucket):
             assert kept.policy is not None  # enforce_ssl gave each bucket a policy
             kept.policy.apply_removal_policy(RemovalPolicy.RETAIN)
-        self.database_name = database_name
-        self.table_name = table_name
+        self.bucket_name = self.bucket.bucket_name
+        self.database_name = config.database_name
+        self.table_name = config.table_name
         stack_uuid = Fn.select(2, Fn.split("/", Aws.STACK_ID))
-        self.table_location = f"s3://{self.bucket.bucket_name}/{output_prefix.strip('/')}/{stack_uuid}"
+        self.table_location = f"s3://{self.bucket.bucket_name}/{firehose.output_prefix.strip('/')}/{stack_uuid}"
 
         database = glue.CfnDatabase(
             self,
             "Database",
-            catalog_id=self.account,
+            catalog_id=account,
             database_input=glue.CfnDatabase.DatabaseInputProperty(
-                name=database_name, description="meterlake: per-tenant metering events"
+                name=config.database_name, description="meterlake: per-tenant metering events"
             ),
         )
         self.table = glue.CfnTable(
             self,
             "MeteringEventsTable",
-            catalog_id=self.account,
-            database_name=database_name,
-            name=table_name,
+            catalog_id=account,
+            database_name=config.database_name,
+            name=config.table_name,
             open_table_format_input=open_table_format_input(self.table_location),
         )
         self.table.add_resource_dependency(database)
@@ -138,8 +131,26 @@ class StorageStack(Stack):
         # exist first (the location's reference to it already says so; this keeps it so whatever the location holds).
         self.table.node.add_dependency(self.bucket)
 
+
+class StorageStack(Stack):
+    """The :class:`LakeStorage` of the app, exporting its bucket's name for the other stacks.
+
+    Attributes:
+        storage: the lake's bucket, database and table.
+        bucket_name: the bucket's name as other stacks import it (``Fn::ImportValue`` of the ``BucketName``
+            output's export, named explicitly so their policies, and cdk-nag's acknowledgments of them, can name it).
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config, **kwargs: Any) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        # "Default" keeps the construct out of the resources' logical ids.
+        self.storage = LakeStorage(self, "Default", config=config)
         export = f"{self.stack_name}-BucketName"
         CfnOutput(
-            self, "BucketName", value=self.bucket.bucket_name, description="The lake's S3 bucket", export_name=export
+            self,
+            "BucketName",
+            value=self.storage.bucket.bucket_name,
+            description="The lake's S3 bucket",
+            export_name=export,
         )
         self.bucket_name = Fn.import_value(export)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Final
 
 from aws_cdk import Duration, Stack
@@ -10,6 +9,7 @@ from constructs import Construct
 
 from cdk_stacks.bundling import LAMBDA_LOCK_DIR, PythonBundle, PythonTarget, lambda_code, project_requirements
 from cdk_stacks.shared import LAMBDA_PYTHON_VERSION, LAMBDA_RUNTIME_REASON, acknowledge, lambda_role, python_function
+from meterlake.config import Config
 from transform_lambda.handler import (
     ENV_DATABASE,
     ENV_OPERATION,
@@ -44,49 +44,50 @@ def transform_bundle(target: PythonTarget) -> PythonBundle:
     )
 
 
-class TransformStack(Stack):
+class TransformFunction(Construct):
     """The transform Lambda, its role and its log group.
 
     Attributes:
         function: the Lambda Firehose invokes as its processor.
     """
 
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        database_name: str,
-        table_name: str,
-        unmetered_http_methods: Sequence[str],
-        architecture: str,
-        memory_mb: int,
-        log_retention_days: int,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(scope, construct_id, **kwargs)
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config) -> None:
+        super().__init__(scope, construct_id)
+        aws = config.meterlake.aws
         role = lambda_role(self, "Role", description="meterlake transform Lambda: writes its own logs, nothing else")
-        target = PythonTarget.for_lambda(architecture=architecture, python_version=LAMBDA_PYTHON_VERSION)
+        target = PythonTarget.for_lambda(architecture=aws.lambda_architecture, python_version=LAMBDA_PYTHON_VERSION)
         self.function = python_function(
             self,
             "Function",
             role=role,
-            architecture=architecture,
-            log_retention_days=log_retention_days,
+            architecture=aws.lambda_architecture,
+            log_retention_days=aws.log_retention_days,
             log_group_id="LogGroup",
             description="meterlake: API Gateway access-log lines -> metering events for the Iceberg table",
             handler=TRANSFORM_HANDLER,
             code=lambda_code(transform_bundle(target)),
-            memory_size=memory_mb,
+            memory_size=aws.transform_memory_mb,
             # Firehose waits at most 5 minutes for a processor; a full 6 MB batch takes well under a second.
             timeout=Duration.minutes(1),
             environment={
-                ENV_DATABASE: database_name,
-                ENV_TABLE: table_name,
+                ENV_DATABASE: config.database_name,
+                ENV_TABLE: config.table_name,
                 ENV_OPERATION: OTF_OPERATION,
-                ENV_UNMETERED_HTTP_METHODS: ",".join(unmetered_http_methods),
+                ENV_UNMETERED_HTTP_METHODS: ",".join(config.meterlake.unmetered_http_methods),
                 "POWERTOOLS_SERVICE_NAME": SERVICE,
                 "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
             },
         )
         acknowledge(self.function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)
+
+
+class TransformStack(Stack):
+    """The app's :class:`TransformFunction`.
+
+    Attributes:
+        function: the Lambda Firehose invokes as its processor.
+    """
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: Config, **kwargs: Any) -> None:
+        super().__init__(scope, construct_id, **kwargs)
+        self.function = TransformFunction(self, "Default", config=config).function

@@ -14,6 +14,7 @@ from cdk_stacks.app import MeterlakeStacks, build_app
 from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config, parse_config
 from tests.cdk_stacks.iam_evaluation import Deployment
+from tests.cdk_stacks.user_apis import USER_API_STACKS, add_user_api
 
 #: Every value differs from the defaults in meterlake/config.py and cdk.context.json, but s3_bucket: the lake bucket
 #: is named by CloudFormation, as by default (test_storage.py builds a named one on its own).
@@ -71,6 +72,9 @@ def stacks(test_config: Config, cdk_outdir: Path) -> Iterator[MeterlakeStacks]:
     previous = os.environ.get("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION")
     os.environ["JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION"] = "20"
     built = build_app(test_config, outdir=str(cdk_outdir))
+    for name, stage_name in USER_API_STACKS:
+        user_api = add_user_api(built.app, name, stage_name=stage_name, pipeline=built.delivery.delivery)
+        user_api.add_dependency(built.delivery)
     built.app.synth()
     yield built
     if previous is None:

@@ -10,9 +10,9 @@ from pyiceberg.types import DecimalType, FixedType, ListType, StringType
 
 from cdk_stacks.glue_iceberg import UnsupportedIcebergTypeError, glue_iceberg_type
 from cdk_stacks.storage import ATHENA_RESULTS_PREFIX, StaticPrefixError, static_prefix
-from meterlake.config import Config
+from meterlake.config import Config, parse_config
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA, TABLE_PROPERTIES
-from tests.cdk_stacks.conftest import lake_bucket, only_resource, resources_of
+from tests.cdk_stacks.conftest import TEST_CONTEXT, lake_bucket, only_resource, resources_of
 from tests.cdk_stacks.iam_evaluation import Deployment
 
 
@@ -123,6 +123,8 @@ def test_glue_type_names() -> None:
         glue_iceberg_type(ListType(element_id=1, element_type=StringType()))
 
 
+FIREHOSE: dict[str, object] = TEST_CONTEXT["data_firehose_configuration"]
+
 #: Properties that give a resource a fixed physical name; a retained resource with one blocks the next deploy.
 NAME_PROPERTIES = (
     "BucketName",
@@ -153,7 +155,7 @@ def test_destroy_keeps_the_data_and_nothing_retained_blocks_a_redeploy(templates
     assert sorted(retained) == ["AWS::Cognito::UserPool", *["AWS::S3::Bucket"] * 2, *["AWS::S3::BucketPolicy"] * 2]
 
 
-def test_a_lake_bucket_named_in_the_config_is_that_name_everywhere(test_config: Config) -> None:
+def test_a_lake_bucket_named_in_the_config_is_that_name_everywhere() -> None:
     """``s3_bucket`` names the bucket (the one retained resource with a name: the README says how to redeploy)."""
     from aws_cdk import App
 
@@ -161,18 +163,8 @@ def test_a_lake_bucket_named_in_the_config_is_that_name_everywhere(test_config: 
     from cdk_stacks.storage import StorageStack
 
     app = App(context=FEATURE_FLAGS)
-    firehose = test_config.data_firehose_configuration
-    stack = StorageStack(
-        app,
-        "Named",
-        bucket_name="my-metering-lake",
-        database_name="db",
-        table_name="t",
-        output_prefix=firehose.output_prefix,
-        error_output_prefix=firehose.error_output_prefix,
-        expiration_days=7,
-        log_retention_days=7,
-    )
+    named = parse_config({**TEST_CONTEXT, "data_firehose_configuration": {**FIREHOSE, "s3_bucket": "my-metering-lake"}})
+    stack = StorageStack(app, "Named", config=named)
     template = Template.from_stack(stack).to_json()
     deployment = Deployment({"Named": template})
     ((bucket_id, bucket),) = [
