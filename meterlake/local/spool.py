@@ -4,27 +4,48 @@ Offsets are byte positions in one logical log that spans the segments: a segment
 first byte, a record's offset is where its frame starts, and ``append`` returns the offset just past the last frame.
 Offsets therefore only grow, survive segment deletion and say how many bytes are pending (``end - committed``).
 
-Each frame is ``length:u32 | crc32:u32 | arrival_ms:i64 | payload``, the CRC covering arrival time and payload, so a
-write torn by a crash is found on open and cut off without touching the frames before it. ``append`` writes a whole
-batch with one ``fdatasync`` (group commit) before it returns. One process at a time: an exclusive ``flock`` on
-``LOCK`` names the holder's pid.
+Each frame is ``length:u32 | crc32:u32 | arrival_ms:i64 | payload``, the CRC covering arrival time and payload. Frames
+are self-delimiting, and open checks every one of them:
+
+- a torn tail (an append a crash interrupted: no valid frame follows the first bad one in the last segment) was
+  never acknowledged, and is cut off;
+- anything else that fails its checksum is damage: a bad frame that valid frames follow (found by scanning for the
+  next header whose checksum matches), any bad frame in a sealed segment, or a sealed segment cut short. Open refuses
+  with :class:`SpoolDamagedError`, naming the file and byte, and changes nothing. Opened with ``repair=True``, the
+  spool hard-links each damaged segment into ``quarantine/`` with a JSON note of its damaged ranges, then replaces
+  each range in place with a padding frame of the same size: every readable record keeps its offset (which the
+  table's commits refer to) and is delivered; ``read`` never returns padding.
+
+``append`` writes a whole batch with one ``fdatasync`` (group commit) before it returns. If the disk refuses the write
+or the sync (a full disk writes part of a batch, then fails), the segment is cut back to where the batch began and
+the append raises, :class:`SpoolFullError` when out of space: a refused batch leaves no partial frame for later,
+acknowledged ones to sit behind, and appends succeed again as soon as there is room. One process at a time: an
+exclusive ``flock`` on ``LOCK`` names the holder's pid.
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import fcntl
 import itertools
+import json
+import logging
 import os
+import re
+import shutil
 import struct
 import threading
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
+
+logger = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<IIq")
 HEADER_BYTES = _HEADER.size
@@ -32,6 +53,15 @@ _ARRIVAL = struct.Struct("<q")
 _SEGMENT_SUFFIX = ".seg"
 _SEGMENT_DIGITS = 20
 LOCK_FILE = "LOCK"
+#: Where repair keeps damaged segments (hard links to the original bytes) and a JSON note of each one's damage.
+QUARANTINE_DIR = "quarantine"
+#: The arrival time that marks a padding frame: it stands in for a damaged range, and ``read`` skips it.
+_PADDING_ARRIVAL = -(1 << 63)
+#: Errors that mean "no room" (a full disk or quota, a file-size limit): the caller can free space and retry.
+_OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: A frame header always holds a non-zero byte (the CRC of an empty frame's zero arrival time is not zero), so a
+#: resynchronising scan jumps over runs of zeros.
+_NON_ZERO = re.compile(rb"[^\x00]")
 
 #: A segment is closed and a new one started once it holds this many bytes (a batch never spans two segments).
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
@@ -53,12 +83,95 @@ class SpoolInUseError(SpoolError):
 
 
 class SpoolCorruptError(SpoolError):
-    """A frame before the spool's tail fails its checksum, or the segments do not line up."""
+    """A frame fails its checksum or runs past its segment, or the segments overlap.
 
-    def __init__(self, path: Path, offset: int, problem: str) -> None:
-        super().__init__(f"spool segment {path} is damaged at offset {offset}: {problem}")
+    ``offset`` is the log offset of the damage, ``file_offset`` the byte within ``path``.
+    """
+
+    def __init__(self, path: Path, offset: int, problem: str, *, file_offset: int) -> None:
+        super().__init__(f"spool segment {path} is damaged at byte {file_offset} (log offset {offset}): {problem}")
         self.path = path
         self.offset = offset
+        self.file_offset = file_offset
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolDamage:
+    """A damaged byte range ``[file_offset, resume_file_offset)`` of a segment file; valid frames resume at its end."""
+
+    path: Path
+    segment_start: int
+    file_offset: int
+    resume_file_offset: int
+
+    @property
+    def offset(self) -> int:
+        """The log offset of the first damaged byte."""
+        return self.segment_start + self.file_offset
+
+    @property
+    def length(self) -> int:
+        """How many bytes are unreadable."""
+        return self.resume_file_offset - self.file_offset
+
+    def describe(self) -> str:
+        """The damage in words, for error messages and logs."""
+        return f"{self.length} bytes unreadable, readable frames resume at byte {self.resume_file_offset}"
+
+
+class SpoolDamagedError(SpoolCorruptError):
+    """Open found damage (not a torn tail) and changed nothing; ``Spool(..., repair=True)`` repairs it.
+
+    ``damages`` lists every damaged range found, oldest first; the message names the first.
+    """
+
+    def __init__(self, damages: Sequence[SpoolDamage]) -> None:
+        first = damages[0]
+        more = f"; {len(damages) - 1} more damaged ranges after it" if len(damages) > 1 else ""
+        super().__init__(first.path, first.offset, first.describe() + more, file_offset=first.file_offset)
+        self.damages = tuple(damages)
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRepair:
+    """A segment repaired on open: the damaged file kept as ``copy``, its ranges listed in ``note``, padded in place."""
+
+    path: Path
+    copy: Path
+    note: Path
+    damages: tuple[SpoolDamage, ...]
+
+    def describe(self) -> str:
+        """What was skipped and where the damaged file went, for logs and the recovering command's output."""
+        ranges = ", ".join(f"{d.length} bytes at byte {d.file_offset}" for d in self.damages)
+        return f"spool segment {self.path}: skipped {ranges}; the damaged segment is kept as {self.copy}"
+
+
+class SpoolWriteError(SpoolError):
+    """The disk refused an append (its write or its sync); the segment was cut back, so no byte of the batch is kept."""
+
+    def __init__(self, path: Path, size: int, cause: OSError) -> None:
+        code = errno.errorcode.get(cause.errno or 0, str(cause.errno))
+        super().__init__(self._describe(path, size, f"{code} ({cause.strerror})"))
+        self.path = path
+        self.size = size
+        self.errno = cause.errno
+
+    @staticmethod
+    def _describe(path: Path, size: int, error: str) -> str:
+        return f"appending {size} bytes to spool segment {path} failed: {error}; nothing of the batch was kept"
+
+
+class SpoolFullError(SpoolWriteError):
+    """No room for an append (disk full, quota, or a file-size limit); appends succeed again once there is room."""
+
+    @staticmethod
+    def _describe(path: Path, size: int, error: str) -> str:
+        return f"spool segment {path} has no room for {size} more bytes: {error}; nothing of the batch was kept"
+
+
+class SpoolClosedError(SpoolError):
+    """An append after :meth:`Spool.close`."""
 
 
 class SpoolOffsetError(SpoolError):
@@ -79,7 +192,8 @@ class FrameTooLargeError(SpoolError):
 
 @dataclass(frozen=True, slots=True)
 class SpoolBatch:
-    """Records read from the spool: parallel lists, ``start`` = first record's offset, ``end`` = just past the last."""
+    """Records read from the spool: parallel lists, ``start`` = the offset read from, ``end`` = just past the last
+    frame read (padding included)."""
 
     start: int
     end: int
@@ -114,41 +228,121 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _valid_prefix(data: bytes) -> int:
-    """Length of the longest prefix of ``data`` made of whole frames whose checksums match."""
-    pos = 0
-    size = len(data)
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _padding_frame(size: int) -> bytes:
+    """A valid frame of exactly ``size`` bytes (at least a header) that ``read`` skips: it stands in for damage."""
+    payload = bytes(size - HEADER_BYTES)
+    crc = zlib.crc32(payload, zlib.crc32(_ARRIVAL.pack(_PADDING_ARRIVAL)))
+    return _HEADER.pack(len(payload), crc, _PADDING_ARRIVAL) + payload
+
+
+def _frame_end(data: bytes, pos: int, limit: int) -> int:
+    """Where the frame at ``pos`` ends if it lies whole within ``data[:limit]`` and its checksum matches, else -1."""
+    if pos + HEADER_BYTES > limit:
+        return -1
+    length, crc, _ = _HEADER.unpack_from(data, pos)
+    stop: int = pos + HEADER_BYTES + length
+    if stop > limit or zlib.crc32(data[pos + 8 : stop]) != crc:
+        return -1
+    return stop
+
+
+def _resynchronise(data: bytes, pos: int, limit: int) -> int:
+    """The first position from ``pos`` on where a valid frame starts, or -1 if none does before ``limit``."""
+    while pos + HEADER_BYTES <= limit:
+        if data[pos] == 0:
+            non_zero = _NON_ZERO.search(data, pos, limit)
+            if non_zero is None:
+                return -1
+            pos = max(pos, non_zero.start() - HEADER_BYTES + 1)
+        if _frame_end(data, pos, limit) >= 0:
+            return pos
+        pos += 1
+    return -1
+
+
+@dataclass(slots=True)
+class _SegmentScan:
+    """What open found in one segment file: damaged and padded ranges (file offsets) and where its frames end."""
+
+    damaged: list[tuple[int, int]] = field(default_factory=list)
+    padded: list[tuple[int, int]] = field(default_factory=list)
+    end: int = 0
+
+
+def _scan_segment(data: bytes, expected_size: int | None) -> _SegmentScan:
+    """Check every frame of a segment: ``expected_size`` is a sealed segment's size (the next one's start minus its
+    own), None for the last segment, whose bad tail with no valid frame after it is a torn tail, not damage."""
+    scan = _SegmentScan()
+    limit = len(data) if expected_size is None else min(len(data), expected_size)
     unpack = _HEADER.unpack_from
     crc32 = zlib.crc32
-    while pos + HEADER_BYTES <= size:
-        length, crc, _ = unpack(data, pos)
-        stop = pos + HEADER_BYTES + length
-        if stop > size or crc32(data[pos + 8 : stop]) != crc:
-            break
-        pos = stop
-    return pos
+    pos = 0
+    while pos < limit:
+        if pos + HEADER_BYTES <= limit:
+            length, crc, arrival = unpack(data, pos)
+            stop = pos + HEADER_BYTES + length
+            if stop <= limit and crc32(data[pos + 8 : stop]) == crc:
+                if arrival == _PADDING_ARRIVAL:
+                    scan.padded.append((pos, stop))
+                pos = stop
+                continue
+        # A bad frame is at least a header long, so the next good one starts a header or more further on.
+        resume = _resynchronise(data, pos + HEADER_BYTES, limit)
+        if resume < 0:
+            if expected_size is None:
+                break
+            resume = expected_size
+        scan.damaged.append((pos, resume))
+        pos = resume
+    if expected_size is not None and pos < expected_size:
+        scan.damaged.append((pos, expected_size))  # the file was cut short
+        pos = expected_size
+    scan.end = pos
+    return scan
 
 
 class Spool:
-    """A durable, append-only, thread-safe record log; see the module docstring for the format.
+    """A durable, append-only, thread-safe record log; see the module docstring for the format and the checks on open.
+
+    ``repairs`` lists the segments this open repaired (``repair=True``), with what each skipped.
 
     Raises (from the constructor):
         SpoolInUseError: another process holds the spool.
-        SpoolCorruptError: the segment files do not line up (a sealed segment was truncated or removed mid-log).
+        SpoolDamagedError: a segment is damaged (``repair=False``); nothing was changed.
+        SpoolCorruptError: the segment files overlap, or a damaged range is too short to pad; no repair is possible.
     """
 
-    def __init__(self, directory: Path, *, initial_offset: int = 0, segment_bytes: int = DEFAULT_SEGMENT_BYTES) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        initial_offset: int = 0,
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        repair: bool = False,
+    ) -> None:
         self.directory = directory
         self._segment_bytes = segment_bytes
         self._lock = threading.Lock()
+        self.repairs: list[SpoolRepair] = []
+        #: Log ranges ``[start, stop)`` of padding frames: a read that starts inside one starts at its end.
+        self._padded: list[tuple[int, int]] = []
         directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = self._acquire_lock()
         try:
-            self._segments = self._open_segments(initial_offset)
+            self._segments = self._open_segments(initial_offset, repair=repair)
             last = self._segments[-1]
             self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
             self._active_size = last.path.stat().st_size
             self._end = last.start + self._active_size
+            #: Set when a failed append could not be cut back: the next append cuts back first.
+            self._cut_back_pending = False
         except BaseException:
             self._release_lock()
             raise
@@ -190,8 +384,8 @@ class Spool:
     ) -> None:
         self.close()
 
-    def _open_segments(self, initial_offset: int) -> list[_Segment]:
-        """List the segments, check they line up, and cut a torn tail off the last one."""
+    def _open_segments(self, initial_offset: int, *, repair: bool) -> list[_Segment]:
+        """List the segments, check every frame, cut a torn tail off the last one and, if asked, repair damage."""
         segments = sorted(
             (
                 _Segment(int(p.name.removesuffix(_SEGMENT_SUFFIX)), p)
@@ -202,24 +396,82 @@ class Spool:
         )
         if not segments:
             return [self._create_segment(initial_offset)]
-        for sealed, following in itertools.pairwise(segments):
-            size = sealed.path.stat().st_size
-            if sealed.start + size != following.start:
+        scans: list[tuple[_Segment, _SegmentScan, int, int | None]] = []
+        for segment, following in itertools.zip_longest(segments, segments[1:]):
+            data = segment.path.read_bytes()
+            expected = None if following is None else following.start - segment.start
+            if expected is not None and len(data) > expected:
                 raise SpoolCorruptError(
-                    sealed.path,
-                    sealed.start + size,
-                    f"segment ends at {sealed.start + size} but the next one starts at {following.start}",
+                    segment.path,
+                    following.start,
+                    f"the segment runs {len(data) - expected} bytes past the start of the next one, {following.path}",
+                    file_offset=expected,
                 )
-        last = segments[-1]
-        data = last.path.read_bytes()
-        valid = _valid_prefix(data)
-        if valid < len(data):
-            # A crash mid-append: everything from the first bad frame on was never acknowledged.
-            with open(last.path, "r+b") as handle:
-                handle.truncate(valid)
-                handle.flush()
-                os.fsync(handle.fileno())
+            scan = _scan_segment(data, expected)
+            scans.append((segment, scan, len(data), expected))
+        damages = [
+            SpoolDamage(segment.path, segment.start, start, stop)
+            for segment, scan, _, _ in scans
+            for start, stop in scan.damaged
+        ]
+        if damages and not repair:
+            raise SpoolDamagedError(damages)
+        for segment, scan, size, expected in scans:
+            if scan.damaged:
+                self.repairs.append(self._repair(segment, scan, expected))
+                scan.padded = sorted([*scan.padded, *scan.damaged])
+            elif scan.end < size:
+                # A crash mid-append: everything from the first bad frame on was never acknowledged.
+                logger.info(
+                    "cutting a torn tail of %d bytes off %s at byte %d", size - scan.end, segment.path, scan.end
+                )
+                with open(segment.path, "r+b") as handle:
+                    handle.truncate(scan.end)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            self._padded.extend((segment.start + start, segment.start + stop) for start, stop in scan.padded)
         return segments
+
+    def _repair(self, segment: _Segment, scan: _SegmentScan, expected_size: int | None) -> SpoolRepair:
+        """Quarantine a damaged segment and pad its damaged ranges in place (a torn tail after them is cut off)."""
+        original = segment.path.read_bytes()
+        size = scan.end if expected_size is None else expected_size
+        repaired = bytearray(original[:size].ljust(size, b"\0"))
+        damages = tuple(SpoolDamage(segment.path, segment.start, start, stop) for start, stop in scan.damaged)
+        for damage in damages:
+            if damage.length < HEADER_BYTES:
+                raise SpoolCorruptError(
+                    segment.path,
+                    damage.offset,
+                    f"{damage.describe()}, too few to hold even a frame header: the segment cannot be repaired",
+                    file_offset=damage.file_offset,
+                )
+            repaired[damage.file_offset : damage.resume_file_offset] = _padding_frame(damage.length)
+        quarantine = self.directory / QUARANTINE_DIR
+        quarantine.mkdir(exist_ok=True)
+        copy = quarantine / f"{segment.path.name}.{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}"
+        try:
+            os.link(segment.path, copy)
+        except OSError:  # a filesystem without hard links: copy the damaged bytes instead
+            shutil.copyfile(segment.path, copy)
+        note = copy.with_name(copy.name + ".json")
+        document = {
+            "segment": segment.path.name,
+            "segment_start": segment.start,
+            "damaged": [{"file_offset": d.file_offset, "length": d.length, "log_offset": d.offset} for d in damages],
+            "size_before": len(original),
+            "size_after": size,
+            "quarantined_at": datetime.now(UTC).isoformat(),
+        }
+        _write_durably(note, json.dumps(document, indent=2).encode())
+        _fsync_dir(quarantine)
+        staging = segment.path.with_name(f".{segment.path.name}.repair")
+        _write_durably(staging, bytes(repaired))
+        os.replace(staging, segment.path)
+        _fsync_dir(self.directory)
+        repair = SpoolRepair(segment.path, copy, note, damages)
+        logger.warning("repaired %s", repair.describe())
+        return repair
 
     def _create_segment(self, start: int) -> _Segment:
         path = self.directory / _segment_name(start)
@@ -246,8 +498,13 @@ class Spool:
 
         Raises:
             FrameTooLargeError: a record exceeds the frame's 32-bit length (nothing is written).
+            SpoolFullError: no room for the batch (nothing of it is kept; retry once there is room).
+            SpoolWriteError: the disk refused the write or the sync otherwise (nothing of it is kept).
+            SpoolClosedError: the spool was closed.
         """
         arrival = int(time.time() * 1000) if arrival_ms is None else arrival_ms
+        if arrival == _PADDING_ARRIVAL:
+            raise ValueError(f"arrival_ms {arrival} is reserved for padding frames")
         arrival_bytes = _ARRIVAL.pack(arrival)
         base_crc = zlib.crc32(arrival_bytes)
         pack = _HEADER.pack
@@ -261,25 +518,55 @@ class Spool:
         frame_bytes = b"".join(parts)
         with self._lock:
             if self._fd < 0:
-                raise SpoolError(f"the spool in {self.directory} is closed")
+                raise SpoolClosedError(f"the spool in {self.directory} is closed")
             if not frame_bytes:
                 return self._end
+            if self._cut_back_pending:
+                self._cut_back(len(frame_bytes))
             if self._active_size >= self._segment_bytes:
-                self._roll()
-            view = memoryview(frame_bytes)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            os.fdatasync(self._fd)
+                self._roll(len(frame_bytes))
+            try:
+                view = memoryview(frame_bytes)
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                self._cut_back_pending = True
+                with contextlib.suppress(SpoolWriteError):
+                    self._cut_back(len(frame_bytes))
+                raise self._write_error(len(frame_bytes), exc) from exc
             self._active_size += len(frame_bytes)
             self._end += len(frame_bytes)
             return self._end
 
-    def _roll(self) -> None:
+    def _write_error(self, size: int, cause: OSError, path: Path | None = None) -> SpoolWriteError:
+        error = SpoolFullError if cause.errno in _OUT_OF_SPACE else SpoolWriteError
+        return error(path or self._segments[-1].path, size, cause)
+
+    def _cut_back(self, size: int) -> None:
+        """Cut the active segment back to its last acknowledged byte, durably (caller holds the lock).
+
+        Raises:
+            SpoolWriteError: the cut failed; it is tried again before the next append.
+        """
+        try:
+            os.ftruncate(self._fd, self._active_size)
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise self._write_error(size, exc) from exc
+        self._cut_back_pending = False
+
+    def _roll(self, size: int) -> None:
         """Seal the active segment and start a new one at the current end (caller holds the lock)."""
-        segment = self._create_segment(self._end)
+        path = self.directory / _segment_name(self._end)
+        try:
+            segment = self._create_segment(self._end)
+            fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise self._write_error(size, exc, path) from exc
         os.close(self._fd)
-        self._fd = os.open(segment.path, os.O_WRONLY | os.O_APPEND)
+        self._fd = fd
         self._segments.append(segment)
         self._active_size = 0
 
@@ -288,6 +575,8 @@ class Spool:
     def read(self, offset: int, max_bytes: int) -> SpoolBatch:
         """Read the records from ``offset`` while they fit in ``max_bytes`` of log (at least one, if any remain).
 
+        Padding frames are skipped, and an ``offset`` inside one reads from its end.
+
         Raises:
             SpoolOffsetError: ``offset`` was deleted or is past the end.
             SpoolCorruptError: a frame fails its checksum (``offset`` not a record boundary, or damaged data).
@@ -295,57 +584,70 @@ class Spool:
         with self._lock:
             segments = list(self._segments)
             end = self._end
+            padded = list(self._padded)
         if offset < segments[0].start or offset > end:
             raise SpoolOffsetError(offset, segments[0].start, end)
+        position = offset
+        for pad_start, pad_stop in padded:
+            if pad_start < position < pad_stop:
+                position = pad_stop
+        starts = [s.start for s in segments]
         offsets: list[int] = []
         arrivals: list[int] = []
         records: list[bytes] = []
-        position = offset
         budget = max_bytes
-        index = bisect.bisect_right([s.start for s in segments], offset) - 1
         unpack = _HEADER.unpack_from
         crc32 = zlib.crc32
-        while position < end and index < len(segments):
+        while position < end and not (records and budget <= 0):
+            index = bisect.bisect_right(starts, position) - 1
             segment = segments[index]
-            segment_end = segments[index + 1].start if index + 1 < len(segments) else end
-            if position >= segment_end:
-                index += 1
-                continue
-            want = min(segment_end - position, max(budget, 0))
-            if want < HEADER_BYTES:
-                if records:
-                    break
-                want = min(segment_end - position, HEADER_BYTES)
+            segment_end = starts[index + 1] if index + 1 < len(segments) else end
             with open(segment.path, "rb") as handle:
                 handle.seek(position - segment.start)
-                data = handle.read(want)
+                data = handle.read(min(segment_end - position, max(budget, HEADER_BYTES)))
                 pos = 0
                 while pos + HEADER_BYTES <= len(data):
                     length, crc, arrival = unpack(data, pos)
                     stop = pos + HEADER_BYTES + length
+                    if position + stop > segment_end:
+                        raise SpoolCorruptError(
+                            segment.path,
+                            position + pos,
+                            "the frame runs past the end of its segment",
+                            file_offset=position + pos - segment.start,
+                        )
                     if stop > len(data):
-                        if records or position + stop > segment_end:
+                        if records:
                             break
                         # The first record alone exceeds the budget: read it whole so the caller makes progress.
                         data += handle.read(stop - len(data))
                         if stop > len(data):
                             break
-                    payload = data[pos + HEADER_BYTES : stop]
-                    if crc32(payload, crc32(data[pos + 8 : pos + HEADER_BYTES])) != crc:
-                        raise SpoolCorruptError(segment.path, position + pos, "checksum mismatch")
-                    offsets.append(position + pos)
-                    arrivals.append(arrival)
-                    records.append(payload)
+                    if crc32(data[pos + 8 : stop]) != crc:
+                        raise SpoolCorruptError(
+                            segment.path,
+                            position + pos,
+                            "checksum mismatch",
+                            file_offset=position + pos - segment.start,
+                        )
+                    if arrival != _PADDING_ARRIVAL:
+                        offsets.append(position + pos)
+                        arrivals.append(arrival)
+                        records.append(data[pos + HEADER_BYTES : stop])
                     pos = stop
             if pos == 0:
                 if records:
                     break
-                raise SpoolCorruptError(segment.path, position, "frame runs past the end of its segment")
+                raise SpoolCorruptError(
+                    segment.path,
+                    position,
+                    "the segment file ends inside a frame",
+                    file_offset=position - segment.start,
+                )
             position += pos
             budget -= pos
-            if budget <= 0 or position < segment_end:
+            if records and position < segment_end:
                 break
-            index += 1
         return SpoolBatch(offset, position, offsets, arrivals, records)
 
     # -- garbage collection ------------------------------------------------------------------------------------------
@@ -355,6 +657,7 @@ class Spool:
         with self._lock:
             doomed = [s for s, following in itertools.pairwise(self._segments) if following.start <= offset]
             self._segments = self._segments[len(doomed) :]
+            self._padded = [(a, b) for a, b in self._padded if b > self._segments[0].start]
         for segment in doomed:
             segment.path.unlink(missing_ok=True)
         if doomed:
