@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
+from urllib.parse import urlparse
 
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.exceptions import NamespaceAlreadyExistsError, TableAlreadyExistsError
+from pyiceberg.exceptions import (
+    NamespaceAlreadyExistsError,
+    NoSuchNamespaceError,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+)
 from pyiceberg.table import Table
 from sqlalchemy.exc import OperationalError
 
@@ -34,10 +41,17 @@ def open_catalog(data: DataDir) -> SqlCatalog:
 
 
 def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:
-    """Return the metering-events table, creating its namespace and the table first if needed (idempotent)."""
+    """Return the metering-events table, creating its namespace and the table only when they do not exist yet.
+
+    It loads first: ``create_table`` writes the table's first metadata file before it finds that the table exists, so
+    creating on every open (as this once did, ~720 times an hour from an idle ``meterlake up``) left one orphan
+    metadata file per open. Two openers racing to create it both succeed: the loser loads the winner's table.
+    """
+    identifier = (config.database_name, config.table_name)
+    with contextlib.suppress(NoSuchTableError, NoSuchNamespaceError):
+        return catalog.load_table(identifier)
     with contextlib.suppress(NamespaceAlreadyExistsError):
         catalog.create_namespace(config.database_name)
-    identifier = (config.database_name, config.table_name)
     try:
         return catalog.create_table(
             identifier,
@@ -48,3 +62,26 @@ def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:
         )
     except TableAlreadyExistsError:
         return catalog.load_table(identifier)
+
+
+def remove_orphan_metadata(table: Table) -> list[Path]:
+    """Delete the first-version metadata files (``00000-*.metadata.json``) of ``table`` that nothing references.
+
+    Every failed ``create_table`` leaves one (see :func:`ensure_metering_table`). Only first versions are removed:
+    a commit in flight writes a later version before the catalog points at it, so deleting any unreferenced file
+    could break it, while a first version is either the table's own (referenced by its current metadata or its
+    metadata log, or expired from that log) or a failed creation's. Returns the deleted files.
+    """
+    referenced = {_file_name(table.metadata_location)}
+    referenced.update(_file_name(entry.metadata_file) for entry in table.metadata.metadata_log)
+    directory = Path(urlparse(table.metadata_location).path).parent
+    removed: list[Path] = []
+    for candidate in sorted(directory.glob("00000-*.metadata.json")):
+        if candidate.name not in referenced:
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def _file_name(location: str) -> str:
+    return Path(urlparse(location).path).name
