@@ -8,7 +8,10 @@ reconciliation can aggregate the lake in DuckDB (:func:`aggregate_lake`) and com
 
 Two rules are not meter filters but hold for every meter: an event without a tenant is never forwarded (it is
 counted apart, :attr:`MeterBatch.untenanted`), and an event whose value column is null is not a record (Amberflo's
-``meterValue`` must be a number).
+``meterValue`` must be a number). "Without a tenant" means null, blank (empty or whitespace only) or API Gateway's
+``-`` (:data:`NO_TENANT_PATTERN`): Amberflo refuses an empty customerId, and a refused record would hold up its
+batch. The rule is applied here, where records are built, so the local outbox, the AWS stager and reconciliation's
+lake side (:func:`meter_predicate_sql`) agree on what is billable.
 
 A record's ``uniqueId`` is ``"<meterApiName>:<request_id>"``: deterministic, so a re-send after a crash is an exact
 duplicate that Amberflo drops, and readable in Amberflo's UI. Meter names cannot contain ``:`` or ``#``, so the id
@@ -21,6 +24,7 @@ This module is core: it imports nothing from the local runtime or the CLI, so ``
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -31,6 +35,7 @@ import pyarrow.compute as pc
 from msgspec import Meta
 from pyiceberg.types import IntegerType, LongType, StringType, TimestamptzType
 
+from meterlake.records import MISSING
 from meterlake.schema import METERING_EVENT_SCHEMA
 from meterlake.structs import ConfigSection
 
@@ -41,6 +46,8 @@ if TYPE_CHECKING:
 TENANT_COLUMN = "tenant_id"
 REQUEST_ID_COLUMN = "request_id"
 TIME_COLUMN = "request_time"
+#: A tenant value matching this (RE2, as both pyarrow and DuckDB use) is no tenant: blank, or API Gateway's "-".
+NO_TENANT_PATTERN = r"^\s*(?:" + re.escape(MISSING) + r")?\s*$"
 
 #: Amberflo's limits: meter API names up to 50 characters, uniqueIds kept to 128.
 METER_NAME_MAX = 50
@@ -259,7 +266,7 @@ class MeterBatch:
     """The Amberflo records of a set of events, one column-wise part per meter, and the events left out."""
 
     parts: tuple[MeterRecords, ...]
-    #: Events that had no tenant: never forwarded, counted here.
+    #: Events that had no tenant (null, blank or "-"): never forwarded, counted here.
     untenanted: int
 
     def __len__(self) -> int:
@@ -308,7 +315,7 @@ def meter_records(events: pa.Table, meters: Sequence[Meter]) -> MeterBatch:
     """
     check_meters(meters)
     tenant = events.column(TENANT_COLUMN)
-    has_tenant = pc.is_valid(tenant)
+    has_tenant = tenanted(tenant)
     untenanted = events.num_rows - int(pc.sum(has_tenant).as_py() or 0)
     time_ms = pc.divide(events.column(TIME_COLUMN).cast(pa.int64()), 1000)
     parts = []
@@ -332,6 +339,12 @@ def meter_records(events: pa.Table, meters: Sequence[Meter]) -> MeterBatch:
             columns[DIMENSIONS] = pa.StructArray.from_arrays(dims, names=list(meter.dimensions))
         parts.append(MeterRecords(meter.meter_api_name, pa.table(columns)))
     return MeterBatch(parts=tuple(parts), untenanted=untenanted)
+
+
+def tenanted(tenant: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Which tenant values are a tenant: not null, not blank and not API Gateway's "-" (never null itself)."""
+    no_tenant = pc.match_substring_regex(tenant, NO_TENANT_PATTERN)
+    return pc.and_(pc.is_valid(tenant), pc.invert(pc.fill_null(no_tenant, True)))
 
 
 UsageKey = tuple[str, str, int]
@@ -368,13 +381,16 @@ def usage_of(batch: MeterBatch, meters: Sequence[Meter]) -> dict[UsageKey, int]:
 
 
 def meter_predicate_sql(meter: Meter) -> exp.Expr:
-    """The events a meter counts, as a sqlglot condition: a tenant, every filter, and a non-null value column.
+    """The events a meter counts, as a sqlglot condition: a tenant (see :func:`tenanted`), every filter, and a
+    non-null value column.
 
     Values become AST literals, never pasted text, so any dialect renders them quoted correctly.
     """
     from sqlglot import exp
 
-    terms: list[exp.Expr] = [exp.column(TENANT_COLUMN).is_(exp.null()).not_()]
+    tenant = exp.column(TENANT_COLUMN)
+    no_tenant = exp.RegexpLike(this=tenant.copy(), expression=exp.Literal.string(NO_TENANT_PATTERN))
+    terms: list[exp.Expr] = [tenant.is_(exp.null()).not_(), no_tenant.not_()]
     for condition in meter.filter:
         terms.append(_condition_sql(condition))
     value = meter.value

@@ -151,6 +151,22 @@ def test_meter_records_on_hand_built_events() -> None:
     assert len(batch) == 3
 
 
+def test_an_empty_blank_or_sentinel_tenant_is_no_tenant_for_records_and_sql_alike() -> None:
+    """Amberflo refuses customerId "": such a record would be dead-lettered, and with it its whole batch."""
+    no_tenant: list[str | None] = [None, "", "-", " ", "\t", " - "]
+    tenants: list[str | None] = ["t1", "a-b", "--", "-t", "t-"]
+    events = events_table(
+        [event(f"r{i}", tenant, T0 + i, "GET", "/a", 200, 10) for i, tenant in enumerate(no_tenant + tenants)]
+    )
+    batch = meter_records(events, DEFAULT_METERS)
+    assert batch.untenanted == len(no_tenant)
+    assert {record["customerId"] for record in batch.records()} == set(tenants)
+    assert len(batch) == 2 * len(tenants)
+    usage = expected_usage(events, DEFAULT_METERS)
+    assert {customer for customer, _, _ in usage} == set(tenants)
+    assert aggregate_lake(events, DEFAULT_METERS) == usage
+
+
 def test_filters_cover_every_operator_with_sql_null_semantics() -> None:
     rows = [
         event(f"r{i}", "t", T0, method, path, status, length)
