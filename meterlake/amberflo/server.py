@@ -14,6 +14,10 @@ Deduplication, precisely. Every accepted record has a key:
 A record whose dimensions hold ``"aflo.cancel_previous_resource_event": "true"`` is not stored: it removes the stored
 event whose key equals its own computed without that dimension (nothing happens if there is none).
 
+A wrong or missing ``X-API-KEY`` is refused with 401 (or 403, as an API gateway in front of Amberflo may answer;
+``key_refusal_status``); the accepted key can be changed while serving (:attr:`LocalAmberflo.api_key`), as an
+operator who fixes or rotates a key in Amberflo does.
+
 Faults (:class:`FaultPlan`) apply to ``/ingest`` only and are drawn per request, after authentication, from the
 server's own ``random.Random(seed)``: the same requests in the same order meet the same faults.
 """
@@ -131,7 +135,7 @@ class ServerStats:
 
     Attributes:
         ingest_requests: authenticated ``/ingest`` requests, whatever their outcome.
-        unauthorized_requests: requests to any endpoint refused with 401.
+        unauthorized_requests: requests to any endpoint refused for their API key (401 or 403).
         records_received: records in ingest requests whose body was read and parsed (not those answered with a
             429/500/503 fault, which the server refuses before reading).
         records_accepted: records newly stored.
@@ -226,17 +230,52 @@ def _without_cancel(dimensions: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in dimensions.items() if k != CANCEL_DIMENSION}
 
 
-class AmberfloState:
-    """The server's memory: events, meters, counters and the fault plan; safe to use from any thread."""
+KeyRefusalStatus = Literal[401, 403]
+_KEY_REFUSALS: Final[Mapping[int, str]] = {401: "Unauthorized", 403: "Forbidden"}
 
-    def __init__(self, faults: FaultPlan | None = None) -> None:
+
+class AmberfloState:
+    """The server's memory: events, meters, counters, the accepted API key and the fault plan; safe to use from any
+    thread. ``api_key`` None accepts any key (or none)."""
+
+    def __init__(
+        self,
+        faults: FaultPlan | None = None,
+        *,
+        api_key: str | None = None,
+        key_refusal_status: KeyRefusalStatus = 401,
+    ) -> None:
+        if key_refusal_status not in _KEY_REFUSALS:
+            raise ValueError(f"key_refusal_status must be 401 or 403, got {key_refusal_status}")
         self._lock = threading.Lock()
+        self._api_key = api_key
+        self._key_refusal_status = key_refusal_status
         self._faults = faults or FaultPlan()
         self._rng = random.Random(self._faults.seed)
         self._events: dict[_DedupKey, _WireRecord] = {}
         self._meters: dict[str, dict[str, Any]] = {}
         self._counters: dict[str, int] = {}
         self._faults_injected: dict[str, int] = {}
+
+    @property
+    def api_key(self) -> str | None:
+        """The API key requests must present (None: any); assign another to fix or rotate it while serving."""
+        with self._lock:
+            return self._api_key
+
+    @api_key.setter
+    def api_key(self, key: str | None) -> None:
+        with self._lock:
+            self._api_key = key
+
+    def key_refusal(self, presented: str | None) -> Response | None:
+        """The answer refusing ``presented`` as the API key (counted as unauthorized), or None if it is accepted."""
+        with self._lock:
+            if self._api_key is None or presented == self._api_key:
+                return None
+            self._counters["unauthorized_requests"] = self._counters.get("unauthorized_requests", 0) + 1
+            status = self._key_refusal_status
+        return _json({"message": _KEY_REFUSALS[status]}, status)
 
     @property
     def faults(self) -> FaultPlan:
@@ -804,9 +843,8 @@ def decode_records_fast(body: bytes, content_encoding: str | None) -> list[_Wire
 class _IngestEndpoint:
     """``POST /ingest`` as a raw ASGI app: the hot route, spared Starlette's per-request objects."""
 
-    def __init__(self, state: AmberfloState, api_key: str | None) -> None:
+    def __init__(self, state: AmberfloState) -> None:
         self._state = state
-        self._api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Authenticate, read the body and answer (or fault)."""
@@ -817,9 +855,9 @@ class _IngestEndpoint:
                     api_key = value.decode("latin-1")
             elif name == b"content-encoding" and content_encoding is None:
                 content_encoding = value.decode("latin-1")
-        if self._api_key is not None and api_key != self._api_key:
-            self._state.count("unauthorized_requests")
-            await _json({"message": "Unauthorized"}, 401)(scope, receive, send)
+        refusal = self._state.key_refusal(api_key)
+        if refusal is not None:
+            await refusal(scope, receive, send)
             return
         chunks = []
         while True:
@@ -903,14 +941,14 @@ class _AmberfloApp:
             await self._rest(scope, receive, send)
 
 
-def create_app(state: AmberfloState, *, api_key: str | None) -> ASGIApp:
-    """The Amberflo API over ``state``; every endpoint needs ``X-API-KEY: api_key`` unless api_key is None."""
+def create_app(state: AmberfloState) -> ASGIApp:
+    """The Amberflo API over ``state``; every endpoint needs ``X-API-KEY: <state.api_key>`` unless that is None."""
 
     def authorized(endpoint: _Endpoint) -> _Endpoint:
         async def guarded(request: Request) -> Response:
-            if api_key is not None and request.headers.get("x-api-key") != api_key:
-                state.count("unauthorized_requests")
-                return _json({"message": "Unauthorized"}, 401)
+            refusal = state.key_refusal(request.headers.get("x-api-key"))
+            if refusal is not None:
+                return refusal
             try:
                 return await endpoint(request)
             except RequestError as exc:
@@ -924,7 +962,7 @@ def create_app(state: AmberfloState, *, api_key: str | None) -> ASGIApp:
         except msgspec.DecodeError as exc:
             raise RequestError(f"body is not JSON: {exc}") from None
 
-    ingest = _IngestEndpoint(state, api_key)
+    ingest = _IngestEndpoint(state)
 
     async def usage(request: Request) -> Response:
         query = parse_usage_query(await json_body(request), now_s=int(time.time()))
@@ -1014,17 +1052,21 @@ class LocalAmberflo:
     """
 
     def __init__(
-        self, *, api_key: str | None = "local-api-key", faults: FaultPlan | None = None, port: int = 0
+        self,
+        *,
+        api_key: str | None = "local-api-key",
+        faults: FaultPlan | None = None,
+        port: int = 0,
+        key_refusal_status: KeyRefusalStatus = 401,
     ) -> None:
-        """Bind ``port`` (0: ephemeral) and start serving.
+        """Bind ``port`` (0: ephemeral) and start serving; a wrong API key is answered ``key_refusal_status``.
 
         Raises:
             PortInUseError: ``port`` is taken.
             ServingError: the server cannot listen or did not start.
         """
-        self.api_key = api_key
-        self.state = AmberfloState(faults)
-        self.app = create_app(self.state, api_key=api_key)
+        self.state = AmberfloState(faults, api_key=api_key, key_refusal_status=key_refusal_status)
+        self.app = create_app(self.state)
         self._server = BackgroundServer(
             self.app,
             bind_listening_socket(_HOST, port),
@@ -1034,6 +1076,15 @@ class LocalAmberflo:
         self.port = self._server.port
         #: Base URL, e.g. ``http://127.0.0.1:8851``.
         self.url = self._server.url
+
+    @property
+    def api_key(self) -> str | None:
+        """The API key the server accepts (None: any); assign another at any time, as a key fixed in Amberflo."""
+        return self.state.api_key
+
+    @api_key.setter
+    def api_key(self, key: str | None) -> None:
+        self.state.api_key = key
 
     @property
     def faults(self) -> FaultPlan:

@@ -177,6 +177,18 @@ def test_every_endpoint_needs_the_api_key(server: LocalAmberflo) -> None:
     assert server.stats().unauthorized_requests == 6
 
 
+def test_a_wrong_key_may_be_answered_403_and_the_key_changed_while_serving() -> None:
+    with LocalAmberflo(api_key="old", key_refusal_status=403) as rotating:
+        refused = httpx.post(rotating.url + "/ingest", json=record(), headers={"X-API-KEY": "new"})
+        assert (refused.status_code, refused.json()) == (403, {"message": "Forbidden"})
+        rotating.api_key = "new"
+        assert httpx.post(rotating.url + "/ingest", json=record(), headers={"X-API-KEY": "new"}).status_code == 200
+        assert httpx.get(rotating.url + "/meters", headers={"X-API-KEY": "old"}).status_code == 403
+        assert (len(rotating.records()), rotating.stats().unauthorized_requests) == (1, 2)
+    with pytest.raises(ValueError, match="401 or 403"):
+        LocalAmberflo(key_refusal_status=500)  # type: ignore[arg-type]
+
+
 def test_without_an_api_key_anyone_may_ingest() -> None:
     with LocalAmberflo(api_key=None) as open_server:
         assert httpx.post(open_server.url + "/ingest", json=record()).status_code == 200
