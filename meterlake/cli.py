@@ -440,6 +440,10 @@ def forward_status(ctx: typer.Context) -> None:
     config = c.config()
     with Outbox.in_data_dir(c.data_dir().ensure(), meters=config.meters, settings=config.amberflo) as outbox:
         status = outbox.status()
+    if status.paused is not None:
+        console.print(
+            f"paused: {status.paused.describe()}; the backlog waits, nothing is dead-lettered", highlight=False
+        )
     console.print(f"backlog        {status.pending_records} records in {status.pending_batches} batches")
     console.print(f"lag            {status.lag_seconds:.1f} s (age of the oldest unsent commit)")
     console.print(f"sent           {status.sent_records} records in {status.sent_batches} batches")
@@ -492,6 +496,11 @@ def forward_run(ctx: typer.Context) -> None:
     )
     if report.dry_run:
         console.print(f"dry run: ${config.amberflo.api_key_env} is not set (or amberflo.dry_run); nothing was sent")
+    if report.paused is not None:
+        raise UsageError(
+            f"paused: {report.paused.describe()}; check ${config.amberflo.api_key_env}. "
+            "The backlog stays queued; nothing was dead-lettered"
+        )
 
 
 @meters_app.command("list")

@@ -13,7 +13,20 @@ queue is full or its retries run out and sets no timeouts:
 - 429, 5xx, network errors and timeouts are transient: retried with full-jitter exponential backoff, waiting at
   least what ``Retry-After`` asks, for ``give_up_after_s`` (well past Amberflo's advised 20 s); then the batch is
   :class:`GaveUp` and stays with the caller to be tried again later, never dropped;
-- any other answer (a 4xx) is permanent: :class:`DeadLetter` carries Amberflo's status and body.
+- 401 and 403 say the API key is wrong, not that the batch is: :class:`KeyRefused`, the batch stays with the caller
+  (forwarding pauses and alerts) and a run starts no further batch;
+- 400, 413 and 422 say some records are invalid, and Amberflo refuses the whole request for one of them: the batch
+  is split to isolate them (:class:`RecordsRefused`), so one bad record never takes 99 good ones with it;
+- any other 4xx (a wrong URL's 404, ...) is permanent and no record explains it: :class:`DeadLetter` carries
+  Amberflo's status and body.
+
+Isolation. A refused batch is split and each part sent again with its own retry budget; a part Amberflo refuses
+again is split in turn, down to single records, and only a record Amberflo refuses on its own is refused for good.
+When the answer names uniqueIds of the part (Amberflo's answers may or may not name the offending record), those
+records are tried alone first and the others together; otherwise the part is halved. A wrong hint only costs a
+request: the part refused again is split again. k bad records among n cost about 2 k log2(n) requests. Parts sent
+before a transient failure or a key refusal interrupted the isolation are sent again with the whole batch later,
+and their deterministic uniqueIds make Amberflo drop them as duplicates.
 
 The forwarder does not decide what is sent twice: callers resend the same encoded batch, whose deterministic
 uniqueIds let Amberflo drop the duplicates (see ``meterlake.amberflo.outbox``).
@@ -29,7 +42,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from types import TracebackType
@@ -50,6 +63,10 @@ logger = logging.getLogger(__name__)
 MAX_BATCH_RECORDS = 100
 #: How much of a permanent refusal's body is kept with the dead letter.
 ANSWER_LIMIT_CHARS = 4096
+#: Amberflo refused the API key: forwarding pauses; the batch is not at fault.
+KEY_REFUSED_STATUSES = frozenset({401, 403})
+#: Amberflo refused the request's content (invalid records, too large): the batch is split to isolate the records.
+RECORDS_REFUSED_STATUSES = frozenset({400, 413, 422})
 #: ISA-L's level 1: a quarter of zlib level 1's CPU for a smaller body.
 _GZIP_LEVEL = 1
 #: zlib's ``wbits`` for a gzip container with a 32 KiB window.
@@ -113,8 +130,39 @@ class Sent:
 
 
 @dataclass(frozen=True, slots=True)
+class RefusedRecord:
+    """A record Amberflo refused when it was sent on its own: its place in the batch, the record and the answer."""
+
+    index: int
+    record: dict[str, Any]
+    status: int
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordsRefused:
+    """Amberflo refused the batch's content (400, 413, 422); splitting it isolated the records it refuses on their
+    own (``refused``, in batch order). Every other record of the batch was accepted.
+
+    ``attempts`` counts the requests for the batch and all its parts.
+    """
+
+    refused: tuple[RefusedRecord, ...]
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRefused:
+    """Amberflo refused the API key (401 or 403): the batch is not at fault and stays to be sent; pause and alert."""
+
+    status: int
+    body: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Amberflo refused the batch for good (a 4xx other than 429): its status and answer say why."""
+    """Amberflo refused the batch for good with a 4xx no record explains (e.g. 404): its status and answer say why."""
 
     status: int
     body: str
@@ -129,17 +177,32 @@ class GaveUp:
     attempts: int
 
 
-SendOutcome = Sent | DeadLetter | GaveUp
+SendOutcome = Sent | RecordsRefused | KeyRefused | DeadLetter | GaveUp
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    """A 4xx answer (other than 429) to one request, before send_batch decides what it means for the batch."""
+
+    status: int
+    body: str
+    attempts: int
 
 
 @dataclass(slots=True)
 class ForwarderStats:
-    """Counters since the forwarder was made: batches and records by outcome, retries by cause."""
+    """Counters since the forwarder was made: batches and records by outcome, retries by cause.
+
+    ``sent_records`` counts every record Amberflo accepted, those of split batches too; ``dead_records`` the records
+    refused for good (alone, or in a :class:`DeadLetter` batch); ``split_batches`` the batches split to isolate them.
+    """
 
     sent_batches: int = 0
     sent_records: int = 0
     dead_batches: int = 0
     dead_records: int = 0
+    split_batches: int = 0
+    key_refusals: int = 0
     gave_up_batches: int = 0
     requests: int = 0
     #: Retries by cause: ``http_429``, ``http_503`` ..., ``timeout``, ``network``.
@@ -310,19 +373,86 @@ class Forwarder:
                 sent_records=self._stats.sent_records,
                 dead_batches=self._stats.dead_batches,
                 dead_records=self._stats.dead_records,
+                split_batches=self._stats.split_batches,
+                key_refusals=self._stats.key_refusals,
                 gave_up_batches=self._stats.gave_up_batches,
                 requests=self._stats.requests,
                 retries=dict(self._stats.retries),
             )
 
     def send_batch(self, batch: EncodedBatch, *, api_key: str, halt: threading.Event | None = None) -> SendOutcome:
-        """POST one batch until Amberflo gives a final answer or the retry budget (or ``halt``) ends the attempts.
+        """Send one batch until Amberflo gives a final answer for each record, or the retry budget (or ``halt``) ends
+        the attempts. A batch Amberflo refuses as invalid is split to isolate the records it refuses (module doc).
 
         Raises:
             BatchTooLargeError: the batch holds more than :data:`MAX_BATCH_RECORDS` records.
         """
         if batch.records > MAX_BATCH_RECORDS:
             raise BatchTooLargeError(batch.records)
+        answer = self._post_until_answered(batch, api_key=api_key, halt=halt)
+        if isinstance(answer, _Refusal) and answer.status in RECORDS_REFUSED_STATUSES:
+            outcome = self._isolate(batch, answer, api_key=api_key, halt=halt)
+        else:
+            outcome = self._final(answer)
+        self._count_outcome(batch, outcome)
+        return outcome
+
+    def _final(self, answer: Sent | _Refusal | GaveUp, *, attempts: int | None = None) -> SendOutcome:
+        """What an answer means for the whole batch (``attempts``: the batch's requests, if more than the answer's)."""
+        if isinstance(answer, Sent | GaveUp):
+            return answer if attempts is None else replace(answer, attempts=attempts)
+        attempts = answer.attempts if attempts is None else attempts
+        if answer.status in KEY_REFUSED_STATUSES:
+            # The caller pauses and alerts once: a log line per batch would bury the one that matters.
+            logger.debug("Amberflo refused the API key: %d %s", answer.status, answer.body)
+            return KeyRefused(status=answer.status, body=answer.body, attempts=attempts)
+        logger.error("Amberflo refused a batch for good: %d %s", answer.status, answer.body)
+        return DeadLetter(status=answer.status, body=answer.body, attempts=attempts)
+
+    def _isolate(
+        self, batch: EncodedBatch, refusal: _Refusal, *, api_key: str, halt: threading.Event | None
+    ) -> SendOutcome:
+        """Split a batch Amberflo refused as invalid until the records it refuses on their own are found.
+
+        Returns:
+            RecordsRefused (every other record accepted); or, when a part met a key refusal, a 4xx no record explains
+            or a transient failure past its budget, that outcome for the whole batch, which is then sent again whole.
+        """
+        records = batch.decode()
+        attempts = refusal.attempts
+        refused: list[RefusedRecord] = []
+        # Parts Amberflo refused, each with the answer that refused it.
+        suspects: list[tuple[list[int], _Refusal]] = [(list(range(len(records))), refusal)]
+        while suspects:
+            indexes, why = suspects.pop()
+            if len(indexes) == 1:
+                index = indexes[0]
+                refused.append(RefusedRecord(index=index, record=records[index], status=why.status, body=why.body))
+                continue
+            for part in split_refused(indexes, records, why.body):
+                answer = self._post_until_answered(encode_batch([records[i] for i in part]), api_key=api_key, halt=halt)
+                attempts += answer.attempts
+                if isinstance(answer, _Refusal) and answer.status in RECORDS_REFUSED_STATUSES:
+                    suspects.append((part, answer))
+                elif not isinstance(answer, Sent):
+                    return self._final(answer, attempts=attempts)
+        if not refused:  # Amberflo refused the batch but accepted every part of it: nothing is at fault
+            logger.warning("Amberflo refused a batch (%d %s) but accepted all its parts", refusal.status, refusal.body)
+            return Sent(attempts=attempts)
+        refused.sort(key=lambda item: item.index)
+        logger.warning(
+            "Amberflo refused %d of a batch's %d records (isolated in %d requests; the others were accepted): %s",
+            len(refused),
+            len(records),
+            attempts,
+            "; ".join(f"{item.record.get('uniqueId')}: {item.status} {item.body[:200]}" for item in refused[:5]),
+        )
+        return RecordsRefused(refused=tuple(refused), attempts=attempts)
+
+    def _post_until_answered(
+        self, batch: EncodedBatch, *, api_key: str, halt: threading.Event | None
+    ) -> Sent | _Refusal | GaveUp:
+        """POST one body until an answer other than a transient failure, or the retry budget (or ``halt``) ends."""
         headers = [
             (b"Host", self._host_header),
             (b"X-API-KEY", api_key.encode()),
@@ -344,13 +474,12 @@ class Forwarder:
                 cause, error = "network", f"{type(exc).__name__}: {exc}"
             else:
                 if 200 <= status < 300:
-                    self._count(sent=batch.records, requests=1)
+                    self._count(requests=1)
                     return Sent(attempts=attempt)
                 if status != 429 and status < 500:
-                    self._count(dead=batch.records, requests=1)
+                    self._count(requests=1)
                     answer = content.decode("utf-8", "replace")[:ANSWER_LIMIT_CHARS]
-                    logger.error("Amberflo refused a batch of %d records: %d %s", batch.records, status, answer)
-                    return DeadLetter(status=status, body=answer, attempts=attempt)
+                    return _Refusal(status=status, body=answer, attempts=attempt)
                 cause, error = f"http_{status}", f"HTTP {status}: {content.decode('utf-8', 'replace')[:200]}"
                 retry_after = parse_retry_after(_header(answer_headers, b"retry-after"))
             ceiling = min(self.settings.max_backoff_s, self.settings.min_backoff_s * 2 ** min(attempt - 1, 30))
@@ -358,7 +487,7 @@ class Forwarder:
             if retry_after is not None:
                 delay = max(delay, retry_after)
             if time.monotonic() + delay > give_up_at:
-                self._count(gave_up=1, requests=1)
+                self._count(requests=1)
                 logger.warning("gave up on a batch after %d attempts: %s", attempt, error)
                 return GaveUp(last_error=error, attempts=attempt)
             self._count(retry=cause, requests=1)
@@ -380,13 +509,14 @@ class Forwarder:
 
         The sending threads pull the batches (so ``batches`` is iterated from them, one at a time); ``on_outcome`` is
         called in the calling thread as each batch is answered, so it may write to a store that only this thread
-        uses. After a :class:`GaveUp` (Amberflo unreachable for the whole budget) or once ``halt`` is set, no
-        further batch is started and the batches in flight stop retrying (they answer GaveUp). An exception from
-        ``batches``, a sending thread or ``on_outcome`` stops the run the same way and is raised here once the
-        batches in flight are answered.
+        uses. After a :class:`GaveUp` (Amberflo unreachable for the whole budget) or a :class:`KeyRefused` (every
+        batch would be refused), or once ``halt`` is set, no further batch is started and the batches in flight stop
+        retrying (they answer GaveUp). An exception from ``batches``, a sending thread or ``on_outcome`` stops the run
+        the same way and is raised here once the batches in flight are answered.
 
         Returns:
-            True if every batch got a final answer (Sent or DeadLetter); False if some were left unsent.
+            True if every batch got a final answer (Sent, RecordsRefused or DeadLetter); False if some were left
+            unsent (GaveUp, KeyRefused).
 
         Raises:
             ForwarderClosedError: the forwarder was closed.
@@ -406,7 +536,7 @@ class Forwarder:
                     run.stop()
                     continue
                 key, batch, outcome = answer
-                if isinstance(outcome, GaveUp):
+                if isinstance(outcome, GaveUp | KeyRefused):
                     complete = False
                 if error is None:
                     try:
@@ -457,7 +587,7 @@ class Forwarder:
                 while (item := run.next_batch()) is not None:
                     key, batch = item
                     outcome = self.send_batch(batch, api_key=run.api_key, halt=run.stopping)
-                    if isinstance(outcome, GaveUp):
+                    if isinstance(outcome, GaveUp | KeyRefused):
                         run.stop()
                     run.answers.put((key, batch, outcome))
             except BaseException as exc:  # handed to the caller, which raises it
@@ -465,21 +595,46 @@ class Forwarder:
             finally:
                 run.answers.put(None)
 
-    def _count(
-        self, *, sent: int = 0, dead: int = 0, gave_up: int = 0, retry: str | None = None, requests: int = 0
-    ) -> None:
+    def _count(self, *, retry: str | None = None, requests: int = 0) -> None:
+        with self._lock:
+            self._stats.requests += requests
+            if retry is not None:
+                self._stats.retries[retry] = self._stats.retries.get(retry, 0) + 1
+
+    def _count_outcome(self, batch: EncodedBatch, outcome: SendOutcome) -> None:
         with self._lock:
             stats = self._stats
-            stats.requests += requests
-            if sent:
+            if isinstance(outcome, Sent):
                 stats.sent_batches += 1
-                stats.sent_records += sent
-            if dead:
+                stats.sent_records += batch.records
+            elif isinstance(outcome, RecordsRefused):
+                stats.split_batches += 1
+                stats.sent_records += batch.records - len(outcome.refused)
+                stats.dead_records += len(outcome.refused)
+            elif isinstance(outcome, DeadLetter):
                 stats.dead_batches += 1
-                stats.dead_records += dead
-            stats.gave_up_batches += gave_up
-            if retry is not None:
-                stats.retries[retry] = stats.retries.get(retry, 0) + 1
+                stats.dead_records += batch.records
+            elif isinstance(outcome, KeyRefused):
+                stats.key_refusals += 1
+            else:
+                stats.gave_up_batches += 1
+
+
+def split_refused(indexes: Sequence[int], records: Sequence[Mapping[str, Any]], answer: str) -> list[list[int]]:
+    """How to split the records at ``indexes`` that Amberflo refused with ``answer``: the others, then each record
+    whose uniqueId the answer names, alone; or, if it names none of them (or all), two halves.
+    """
+    named = [i for i in indexes if _named_in(records[i], answer)]
+    if named and len(named) < len(indexes):
+        alone = set(named)
+        return [[i for i in indexes if i not in alone], *([i] for i in named)]
+    half = len(indexes) // 2
+    return [list(indexes[:half]), list(indexes[half:])]
+
+
+def _named_in(record: Mapping[str, Any], answer: str) -> bool:
+    unique_id = record.get("uniqueId")
+    return isinstance(unique_id, str) and bool(unique_id) and unique_id in answer
 
 
 def host_header(url: httpcore.URL) -> bytes:

@@ -12,8 +12,15 @@ catalog and the data files: it never blocks the delivery stream that commits the
 Amberflo answers. Exactly once in effect: a batch's body is fixed when it is staged, and every record carries a
 deterministic uniqueId (``<meter>:<request_id>``). If the process dies after Amberflo accepted a batch but before
 it was marked sent, the batch is sent again after the restart with the same uniqueIds, and Amberflo drops the
-duplicates. Transient failures leave a batch pending (never dead); a permanent refusal moves it to the dead-letter
-store with Amberflo's answer, from which :meth:`Outbox.retry_dead` re-drives it.
+duplicates. Transient failures leave a batch pending (never dead). When Amberflo refuses records of a batch (the
+forwarder isolates them), the batch keeps the records it accepted, marked sent, and each refused record moves to the
+dead-letter store as a batch of its own, with Amberflo's answer to it; a refusal no record explains (e.g. 404)
+moves the whole batch. :meth:`Outbox.retry_dead` re-drives the dead letters.
+
+When Amberflo refuses the API key (401/403), forwarding is paused, not failed: the batches stay pending, nothing is
+dead-lettered, and :attr:`OutboxStatus.paused` says since when (kept in the outbox, so ``meterlake forward status``
+sees what a running ``meterlake up`` met). The next batch Amberflo accepts ends the pause; :class:`ForwardingWorker`
+tries again at growing intervals until then.
 
 Without an API key the drain runs dry: records are staged (and can be reconciled with :meth:`staged_records`),
 nothing is sent.
@@ -21,12 +28,14 @@ nothing is sent.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -37,7 +46,17 @@ from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot
 
-from meterlake.amberflo.forwarder import DeadLetter, EncodedBatch, Forwarder, GaveUp, SendOutcome, encode_batch
+from meterlake.amberflo.forwarder import (
+    DeadLetter,
+    EncodedBatch,
+    Forwarder,
+    GaveUp,
+    KeyRefused,
+    RecordsRefused,
+    SendOutcome,
+    Sent,
+    encode_batch,
+)
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.local.home import DataDir
 from meterlake.meters import (
@@ -60,6 +79,8 @@ REPAIR_SNAPSHOT_ID = -1
 #: Pending batches read from SQLite at a time while draining.
 _DRAIN_PAGE = 256
 _PENDING, _SENT, _DEAD = "pending", "sent", "dead"
+#: The meta key holding the pause (JSON of :class:`ForwardingPause`'s fields) while Amberflo refuses the API key.
+_PAUSE_KEY = "key_refused"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -120,8 +141,30 @@ class LakeHistoryGapError(OutboxError):
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardingPause:
+    """Forwarding is paused: Amberflo refused the API key. Nothing is sent or dead-lettered until it accepts one."""
+
+    #: Amberflo's status: 401 or 403.
+    status: int
+    #: When Amberflo first refused the key (epoch ms); the pause lasts until a batch is accepted.
+    since_ms: int
+    #: Amberflo's answer.
+    answer: str
+
+    @property
+    def since(self) -> datetime:
+        """When the pause began, in UTC."""
+        return datetime.fromtimestamp(self.since_ms / 1000, UTC)
+
+    def describe(self) -> str:
+        """``Amberflo refused the API key (401), since 2025-11-24 16:00:00 UTC``."""
+        return f"Amberflo refused the API key ({self.status}), since {self.since:%Y-%m-%d %H:%M:%S} UTC"
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStatus:
-    """The outbox at a glance. ``lag_seconds`` is the age of the oldest pending record's commit (0 if none)."""
+    """The outbox at a glance. ``lag_seconds`` is the age of the oldest pending record's commit (0 if none);
+    ``paused`` is set while Amberflo refuses the API key."""
 
     pending_batches: int
     pending_records: int
@@ -134,11 +177,13 @@ class OutboxStatus:
     checkpoint_snapshot_id: int | None
     lag_seconds: float
     last_error: str | None
+    paused: ForwardingPause | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetterEntry:
-    """A batch Amberflo refused for good, with its answer."""
+    """Records Amberflo refused for good (one refused record, or a whole batch refused without a record at fault),
+    with its answer."""
 
     batch_id: int
     records: int
@@ -149,14 +194,17 @@ class DeadLetterEntry:
 
 @dataclass(frozen=True, slots=True)
 class DrainReport:
-    """What one drain did. ``dry_run``: nothing was sent (no API key, or dry_run set)."""
+    """What one drain did. ``dry_run``: nothing was sent (no API key, or dry_run set). ``dead_batches`` counts the
+    dead letters made: a record refused on its own is one. ``paused``: Amberflo refuses the API key."""
 
     dry_run: bool
     sent_batches: int = 0
     sent_records: int = 0
     dead_batches: int = 0
+    dead_records: int = 0
     gave_up_batches: int = 0
     pending_batches: int = 0
+    paused: ForwardingPause | None = None
 
 
 class Outbox:
@@ -314,26 +362,36 @@ class Outbox:
             why = "dry_run is set" if self.settings.dry_run else f"${self.settings.api_key_env} is not set"
             logger.info("Amberflo forwarding is a dry run (%s): %d batches stay staged, nothing sent", why, pending)
             return DrainReport(dry_run=True, pending_batches=pending)
-        counts = {"sent": 0, "sent_records": 0, "dead": 0, "gave_up": 0}
+        counts = {"sent": 0, "sent_records": 0, "dead": 0, "dead_records": 0, "gave_up": 0}
 
         def on_outcome(batch_id: int, batch: EncodedBatch, outcome: SendOutcome) -> None:
-            self._mark(batch_id, outcome)
+            self._mark(batch_id, batch, outcome)
             if isinstance(outcome, DeadLetter):
                 counts["dead"] += 1
+                counts["dead_records"] += batch.records
+            elif isinstance(outcome, RecordsRefused):
+                accepted = batch.records - len(outcome.refused)
+                counts["sent"] += 1 if accepted else 0
+                counts["sent_records"] += accepted
+                counts["dead"] += len(outcome.refused)
+                counts["dead_records"] += len(outcome.refused)
             elif isinstance(outcome, GaveUp):
                 counts["gave_up"] += 1
-            else:
+            elif isinstance(outcome, Sent):
                 counts["sent"] += 1
                 counts["sent_records"] += batch.records
 
         forwarder.forward(self._pending_batches(), on_outcome, api_key=api_key, halt=halt)
+        status = self.status()
         return DrainReport(
             dry_run=False,
             sent_batches=counts["sent"],
             sent_records=counts["sent_records"],
             dead_batches=counts["dead"],
+            dead_records=counts["dead_records"],
             gave_up_batches=counts["gave_up"],
-            pending_batches=self.status().pending_batches,
+            pending_batches=status.pending_batches,
+            paused=status.paused,
         )
 
     def _pending_batches(self) -> Iterator[tuple[int, EncodedBatch]]:
@@ -351,7 +409,7 @@ class Outbox:
                 yield int(batch_id), EncodedBatch(body=bytes(body), records=int(records))
             after = int(page[-1][0])
 
-    def _mark(self, batch_id: int, outcome: SendOutcome) -> None:
+    def _mark(self, batch_id: int, batch: EncodedBatch, outcome: SendOutcome) -> None:
         """Record one batch's answer (one transaction)."""
         now_ms = _now_ms()
         with self._lock:
@@ -364,6 +422,18 @@ class Outbox:
                         (_DEAD, outcome.attempts, outcome.status, outcome.body, now_ms, batch_id, _PENDING),
                     )
                     self._set_meta("last_error", f"batch {batch_id}: HTTP {outcome.status}: {outcome.body[:500]}")
+                elif isinstance(outcome, RecordsRefused):
+                    self._split_refused(batch_id, batch, outcome, now_ms)
+                    self._db.execute("DELETE FROM meta WHERE key = ?", (_PAUSE_KEY,))
+                elif isinstance(outcome, KeyRefused):
+                    self._db.execute(
+                        "UPDATE batches SET attempts = attempts + ?, answer = ?, updated_ms = ? WHERE id = ?",
+                        (outcome.attempts, f"HTTP {outcome.status}: {outcome.body}", now_ms, batch_id),
+                    )
+                    if self._meta(_PAUSE_KEY) is None:
+                        pause = {"status": outcome.status, "since_ms": now_ms, "answer": outcome.body[:500]}
+                        self._set_meta(_PAUSE_KEY, json.dumps(pause))
+                    self._set_meta("last_error", f"Amberflo refused the API key: HTTP {outcome.status}")
                 elif isinstance(outcome, GaveUp):
                     self._db.execute(
                         "UPDATE batches SET attempts = attempts + ?, answer = ?, updated_ms = ? WHERE id = ?",
@@ -376,10 +446,51 @@ class Outbox:
                         "updated_ms = ? WHERE id = ? AND state = ?",
                         (_SENT, outcome.attempts, now_ms, batch_id, _PENDING),
                     )
+                    self._db.execute("DELETE FROM meta WHERE key = ?", (_PAUSE_KEY,))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def _split_refused(self, batch_id: int, batch: EncodedBatch, outcome: RecordsRefused, now_ms: int) -> None:
+        """Keep the records Amberflo accepted in the batch, marked sent, and move each refused record to a dead
+        batch of its own with Amberflo's answer to it (in the caller's transaction).
+
+        The records stay where they were staged, once each: what was staged can still be reconciled.
+        """
+        refused = {item.index for item in outcome.refused}
+        accepted = [record for index, record in enumerate(batch.decode()) if index not in refused]
+        snapshot_id, committed_ms = self._db.execute(
+            "SELECT snapshot_id, committed_ms FROM batches WHERE id = ? AND state = ?", (batch_id, _PENDING)
+        ).fetchone() or (None, None)
+        if snapshot_id is None:
+            return  # marked by a concurrent drain already
+        # (records, state, status, answer): the accepted part first; the first part takes over the batch's row.
+        parts: list[tuple[list[dict[str, Any]], str, int, str | None]] = (
+            [(accepted, _SENT, 200, None)] if accepted else []
+        )
+        parts.extend(([item.record], _DEAD, item.status, item.body) for item in outcome.refused)
+        (records, state, status, answer), *others = parts
+        self._db.execute(
+            "UPDATE batches SET records = ?, min_time_ms = ?, max_time_ms = ?, body = ?, state = ?, "
+            "attempts = attempts + ?, http_status = ?, answer = ?, updated_ms = ? WHERE id = ?",
+            (*_body_columns(records), state, outcome.attempts, status, answer, now_ms, batch_id),
+        )
+        self._db.executemany(
+            "INSERT INTO batches (snapshot_id, committed_ms, records, min_time_ms, max_time_ms, body, state, "
+            "attempts, http_status, answer, updated_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (snapshot_id, committed_ms, *_body_columns(records), state, outcome.attempts, status, answer, now_ms)
+                for records, state, status, answer in others
+            ],
+        )
+        first = outcome.refused[0]
+        self._set_meta(
+            "last_error",
+            f"batch {batch_id}: Amberflo refused {len(refused)} of its {batch.records} records "
+            f"(dead-lettered; the others were accepted), e.g. {first.record.get('uniqueId')}: "
+            f"HTTP {first.status}: {first.body[:300]}",
+        )
 
     # -- inspection and repair ---------------------------------------------------------------------------------------
 
@@ -398,6 +509,7 @@ class Outbox:
             snapshots, untenanted = self._db.execute("SELECT count(*), sum(untenanted) FROM snapshots").fetchone()
             checkpoint = self._meta("checkpoint")
             last_error = self._meta("last_error")
+            pause = self._meta(_PAUSE_KEY)
         lag = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
         return OutboxStatus(
             pending_batches=by_state.get(_PENDING, (0, 0))[0],
@@ -411,6 +523,7 @@ class Outbox:
             checkpoint_snapshot_id=None if checkpoint is None else int(checkpoint),
             lag_seconds=lag,
             last_error=last_error,
+            paused=None if pause is None else ForwardingPause(**json.loads(pause)),
         )
 
     def dead_letters(self) -> list[DeadLetterEntry]:
@@ -506,6 +619,10 @@ class Outbox:
 class ForwardingWorker:
     """A thread that stages committed snapshots and drains the outbox: after each :meth:`wake`, and every
     ``settings.poll_interval_s``. Embedded by ``meterlake up`` and ``make demo``; call :meth:`wake` after a commit.
+
+    While Amberflo refuses the API key the worker keeps staging but drains only at growing intervals (from
+    ``poll_interval_s``, doubling up to ``key_refused_retry_max_s``); it logs the pause once at ERROR and the end of it
+    when a batch is accepted again (the key was fixed in Amberflo; a new key needs a restart).
     """
 
     def __init__(
@@ -529,6 +646,10 @@ class ForwardingWorker:
         self._cycle_done = threading.Condition()
         #: The last cycle's failure (the worker keeps running and retries on the next cycle), or None.
         self.last_error: BaseException | None = None
+        #: The pause as the last drain left it; None while Amberflo accepts the key.
+        self.paused: ForwardingPause | None = None
+        self._next_drain_at = 0.0
+        self._key_retry_s = 0.0
 
     def start(self) -> None:
         """Start the thread (idempotent); its first cycle runs at once, so a backlog left by a previous run drains."""
@@ -577,7 +698,9 @@ class ForwardingWorker:
             try:
                 table = self._load_table()
                 self.outbox.stage_committed(table)
-                self.outbox.drain(self._forwarder, api_key=self._api_key, halt=self._halt)
+                if self.paused is None or time.monotonic() >= self._next_drain_at:
+                    report = self.outbox.drain(self._forwarder, api_key=self._api_key, halt=self._halt)
+                    self._follow_pause(report.paused)
                 self.last_error = None
             except Exception as exc:  # the worker outlives a failed cycle: the lake and outbox keep the records
                 logger.exception("Amberflo forwarding cycle failed; retrying on the next cycle")
@@ -588,6 +711,37 @@ class ForwardingWorker:
                 self._cycle_done.notify_all()
             if final or self._halt.is_set():
                 return
+
+    def _follow_pause(self, pause: ForwardingPause | None) -> None:
+        """Log a pause once (ERROR) and its end; schedule the next drain of a paused outbox."""
+        settings = self.outbox.settings
+        if pause is None:
+            if self.paused is not None:
+                logger.warning(
+                    "Amberflo accepts the API key again: forwarding resumed (paused since %s UTC)",
+                    f"{self.paused.since:%Y-%m-%d %H:%M:%S}",
+                )
+            self.paused = None
+            return
+        if self.paused is None:
+            self._key_retry_s = settings.poll_interval_s
+            logger.error(
+                "%s: Amberflo forwarding is paused; nothing is dead-lettered, the backlog waits. Trying again in "
+                "%.0f s, then less and less often (at most every %.0f s) until Amberflo accepts the key: fix it in "
+                "Amberflo, or set $%s and restart. Amberflo said: %s",
+                pause.describe(),
+                self._key_retry_s,
+                settings.key_refused_retry_max_s,
+                settings.api_key_env,
+                pause.answer[:200],
+            )
+        else:
+            self._key_retry_s = min(self._key_retry_s * 2, settings.key_refused_retry_max_s)
+            logger.info(
+                "Amberflo still refuses the API key (%d); trying again in %.0f s", pause.status, self._key_retry_s
+            )
+        self.paused = pause
+        self._next_drain_at = time.monotonic() + self._key_retry_s
 
 
 # -- the lake -------------------------------------------------------------------------------------------------------
@@ -694,6 +848,13 @@ def columns_read(meters: Sequence[Meter]) -> list[str]:
         if isinstance(meter.value, str):
             needed.add(meter.value)
     return [name for name in metering_event_arrow_schema().names if name in needed]
+
+
+def _body_columns(records: Sequence[dict[str, Any]]) -> tuple[int, int, int, bytes]:
+    """A batch row's records, min_time_ms, max_time_ms and body for ``records``."""
+    times = [record["meterTimeInMillis"] for record in records]
+    encoded = encode_batch(records)
+    return encoded.records, min(times), max(times), encoded.body
 
 
 def _now_ms() -> int:

@@ -39,6 +39,9 @@ class AmberfloSettings(ConfigSection, frozen=True):
     dry_run: bool = False
     #: How often the forwarding worker stages and drains when no commit wakes it.
     poll_interval_s: Annotated[float, Meta(gt=0, le=3600)] = 5.0
+    #: While Amberflo refuses the API key (401/403) forwarding pauses and tries again after ``poll_interval_s``,
+    #: doubling the wait up to this.
+    key_refused_retry_max_s: Annotated[float, Meta(gt=0, le=86_400)] = 300.0
     #: On AWS: the Secrets Manager secret holding the API key (the Amberflo SaaS Builder Toolkit plug-in's default)
     #: and the key of the secret's JSON that holds it.
     api_key_secret_name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9/_+=.@-]{1,512}$")] = "AmberfloApiKey"  # noqa: S105 (a secret name, not a secret)

@@ -1,10 +1,16 @@
 """Forwarding to Amberflo on AWS, the forwarder Lambda: SQS messages of meter records -> Amberflo.
 
 The stager (``meterlake.aws.staging``) fills the queue with what Iceberg committed; this Lambda sends each message
-through the same :class:`Forwarder` as the local runtime. Sent: done. GaveUp (the retry budget was spent on transient
-failures): the message is reported in ``batchItemFailures``, SQS redelivers it, and after the queue's maxReceiveCount
-it lands in the dead-letter queue (alarmed). DeadLetter (a permanent 4xx): the records and Amberflo's answer are
-written to ``s3://<bucket>/amberflo/dead-letters/<date>/<messageId>.json`` and the message counts as processed.
+through the same :class:`Forwarder` as the local runtime, so it behaves the same. Sent: done. GaveUp (the retry
+budget was spent on transient failures): the message is reported in ``batchItemFailures``, SQS redelivers it, and
+after the queue's maxReceiveCount it lands in the dead-letter queue (alarmed). KeyRefused (Amberflo answered 401 or
+403: the API key is wrong, no record is): the message and every later one of the invocation go back to SQS
+untried, the ``ApiKeyRefused`` metric is 1 (alarm on it) and the next invocation reads the secret again, so fixing
+the secret resumes forwarding; nothing is dead-lettered. RecordsRefused (the forwarder isolated the records Amberflo
+refuses): each refused record and Amberflo's answer to it is written to
+``s3://<bucket>/amberflo/dead-letters/<date>/<messageId>-<index>.json`` and the message counts as processed, its
+other records accepted. DeadLetter (a 4xx no record explains): the message's records and Amberflo's answer are
+written to ``.../<date>/<messageId>.json``.
 With ``amberflo.dry_run`` the stack leaves this Lambda unsubscribed; invoked anyway, it sends nothing and hands every
 message back to the queue.
 
@@ -31,7 +37,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from meterlake.amberflo.forwarder import DeadLetter, Forwarder, GaveUp, encode_batch
+from meterlake.amberflo.forwarder import DeadLetter, Forwarder, GaveUp, KeyRefused, RecordsRefused, encode_batch
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.aws import AwsError
 
@@ -127,23 +133,33 @@ class RetryLaterError(ForwardingError):
 
 
 class S3DeadLetters:
-    """Batches Amberflo refused for good: ``<prefix><YYYY-MM-DD>/<messageId>.json`` with its status and answer."""
+    """Records Amberflo refused for good: ``<prefix><YYYY-MM-DD>/<name>.json`` with the status and answer, where
+    name is the message id (a whole message refused) or ``<messageId>-<index>`` (one record, at that index)."""
 
     def __init__(self, s3: Any, *, bucket: str, prefix: str = DEAD_LETTER_PREFIX) -> None:
         self._s3 = s3
         self.bucket = bucket
         self.prefix = prefix
 
-    def put(self, message_id: str, records: Sequence[Mapping[str, Any]], outcome: DeadLetter) -> str:
-        """Write one refused batch; returns its key."""
+    def put(
+        self,
+        name: str,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        message_id: str,
+        status: int,
+        answer: str,
+        attempts: int,
+    ) -> str:
+        """Write refused records; returns the key."""
         now = datetime.now(UTC)
-        key = f"{self.prefix}{now:%Y-%m-%d}/{message_id}.json"
+        key = f"{self.prefix}{now:%Y-%m-%d}/{name}.json"
         document = {
             "messageId": message_id,
             "deadLetteredAt": now.isoformat(),
-            "status": outcome.status,
-            "answer": outcome.body,
-            "attempts": outcome.attempts,
+            "status": status,
+            "answer": answer,
+            "attempts": attempts,
             "records": list(records),
         }
         self._s3.put_object(
@@ -159,13 +175,16 @@ class ForwardCounts:
     records_sent: int = 0
     records_dead_lettered: int = 0
     batches_retried: int = 0
+    #: Amberflo refused the API key (401/403) in this invocation: its status, else None.
+    key_refused: int | None = None
 
 
 class MessageForwarder:
     """Forwards one SQS message's records through the shared :class:`Forwarder`; the record handler of the batch.
 
-    After one message gave up (Amberflo unreachable for the whole budget), or once ``deadline`` (monotonic) is near,
-    the remaining messages are handed back to SQS without a request: they would only spend the Lambda's time.
+    After one message gave up (Amberflo unreachable for the whole budget) or met a refused API key, or once
+    ``deadline`` (monotonic) is near, the remaining messages are handed back to SQS without a request: they would only
+    spend the Lambda's time.
     """
 
     def __init__(
@@ -179,7 +198,7 @@ class MessageForwarder:
         self.counts = ForwardCounts()
 
     def __call__(self, record: SQSRecord) -> None:
-        """Send the message's records; return if Sent or dead-lettered.
+        """Send the message's records; return if every record was accepted or dead-lettered.
 
         Raises:
             RetryLaterError: not delivered yet; the batch processor reports the message in batchItemFailures.
@@ -203,8 +222,37 @@ class MessageForwarder:
         if isinstance(outcome, GaveUp):
             self._unreachable = outcome.last_error
             self._retry_later(outcome.last_error)
+        elif isinstance(outcome, KeyRefused):
+            self._unreachable = f"Amberflo refused the API key ({outcome.status})"
+            self.counts.key_refused = outcome.status
+            logger.error(
+                "Amberflo refused the API key: the messages go back to the queue, nothing is dead-lettered; fix the "
+                "secret (it is read again on the next invocation)",
+                extra={"status": outcome.status, "answer": outcome.body[:500]},
+            )
+            self._retry_later(self._unreachable)
+        elif isinstance(outcome, RecordsRefused):
+            for refused in outcome.refused:
+                key = self._dead_letters.put(
+                    f"{record.message_id}-{refused.index}",
+                    [refused.record],
+                    message_id=record.message_id,
+                    status=refused.status,
+                    answer=refused.body,
+                    attempts=outcome.attempts,
+                )
+                logger.error("Amberflo refused a record for good", extra={"key": key, "status": refused.status})
+            self.counts.records_dead_lettered += len(outcome.refused)
+            self.counts.records_sent += len(records) - len(outcome.refused)
         elif isinstance(outcome, DeadLetter):
-            key = self._dead_letters.put(record.message_id, records, outcome)
+            key = self._dead_letters.put(
+                record.message_id,
+                records,
+                message_id=record.message_id,
+                status=outcome.status,
+                answer=outcome.body,
+                attempts=outcome.attempts,
+            )
             logger.error("Amberflo refused a batch for good", extra={"key": key, "status": outcome.status})
             self.counts.records_dead_lettered += len(records)
         else:
@@ -274,5 +322,9 @@ def forwarder_handler(event: dict[str, Any], context: LambdaContext) -> dict[str
     metrics.add_metric(name="RecordsSent", unit=MetricUnit.Count, value=handler.counts.records_sent)
     metrics.add_metric(name="RecordsDeadLettered", unit=MetricUnit.Count, value=handler.counts.records_dead_lettered)
     metrics.add_metric(name="BatchesRetried", unit=MetricUnit.Count, value=handler.counts.batches_retried)
+    # 0 or 1 per invocation: alarm on its maximum. The backlog waits on the queue for a working key.
+    metrics.add_metric(name="ApiKeyRefused", unit=MetricUnit.Count, value=int(handler.counts.key_refused is not None))
     metrics.flush_metrics()
+    if handler.counts.key_refused is not None:
+        parameters.clear_caches()  # type: ignore[no-untyped-call]  # read the (fixed?) secret again next time
     return response

@@ -75,12 +75,39 @@ def test_dead_letters_are_kept_and_retried(home: Path, server: LocalAmberflo) ->
     status = run(home, "forward", "status")
     assert "dead-lettered  0 records" not in status.output
 
+    assert expected_ids(0, 50) - server.accepted_unique_ids() == {rejected}  # its batch's other records went
+
     server.faults = FaultPlan()
     retried = run(home, "forward", "retry-dead")
     assert retried.exit_code == 0
     assert rejected in retried.output  # Amberflo's answer names the refused uniqueId
+    assert "1 records" in retried.output
     assert run(home, "forward", "run").exit_code == 0
     assert server.accepted_unique_ids() == expected_ids(0, 50)
+
+
+def test_a_wrong_key_pauses_forwarding_and_the_next_run_with_the_right_key_resumes(
+    home: Path, server: LocalAmberflo
+) -> None:
+    """Issue 10 item 6: a wrong key dead-lettered the whole backlog; now it pauses, says so, dead-letters nothing."""
+    commit_events(metering_table(home / "data"), make_events(0, 400), offset=1)
+    refused = run(home, "forward", "run", key="a-revoked-key")
+    assert refused.exit_code != 0
+    assert "paused: Amberflo refused the API key (401), since " in str(refused.exception)
+    assert server.accepted_unique_ids() == set()
+    status = run(home, "forward", "status")
+    assert status.exit_code == 0, status.output
+    assert "paused: Amberflo refused the API key (401), since " in status.output
+    assert "dead-lettered  0 records" in status.output
+    assert f"backlog        {len(expected_ids(0, 400))} records" in status.output
+
+    resumed = run(home, "forward", "run")
+    assert resumed.exit_code == 0, resumed.output
+    assert server.accepted_unique_ids() == expected_ids(0, 400)
+    status = run(home, "forward", "status")
+    assert "paused" not in status.output
+    assert "dead-lettered  0 records" in status.output
+    assert run(home, "reconcile", *WINDOW).exit_code == 0
 
 
 def test_meters_sync_creates_then_leaves_alone(home: Path, server: LocalAmberflo) -> None:

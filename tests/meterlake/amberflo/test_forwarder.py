@@ -1,4 +1,5 @@
-"""The forwarder against the local Amberflo: gzip and key, retries of every transient fault, dead letters, bounds."""
+"""The forwarder against the local Amberflo: gzip and key, retries of every transient fault, refused records isolated,
+a refused key, dead letters, bounds."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from meterlake.amberflo.forwarder import (
     Forwarder,
     ForwarderClosedError,
     GaveUp,
+    KeyRefused,
+    RecordsRefused,
     SendOutcome,
     Sent,
     encode_batch,
     environment_proxy,
     host_header,
     parse_retry_after,
+    split_refused,
 )
 from meterlake.amberflo.server import FaultKind, FaultPlan, LocalAmberflo
 from meterlake.amberflo.settings import AmberfloSettings
@@ -67,7 +71,6 @@ def test_gzip_body_and_api_key_arrive(server: LocalAmberflo) -> None:
     assert batch.body[:2] == b"\x1f\x8b"
     with Forwarder(quick_settings(server)) as forwarder:
         assert forwarder.send_batch(batch, api_key=API_KEY) == Sent(attempts=1)
-        refused = forwarder.send_batch(batch, api_key="wrong-key")
         stats = forwarder.stats()
     assert server.accepted_unique_ids() == {f"api-calls:r{n}" for n in range(100)}
     stored = server.records()[0]
@@ -76,10 +79,27 @@ def test_gzip_body_and_api_key_arrive(server: LocalAmberflo) -> None:
         T0,
         {"resource_path": "/a"},
     )
-    assert isinstance(refused, DeadLetter)
-    assert refused.status == 401
-    assert "Unauthorized" in refused.body
-    assert (stats.sent_records, stats.dead_batches, stats.retries_total) == (100, 1, 0)
+    assert (stats.sent_records, stats.dead_batches, stats.retries_total) == (100, 0, 0)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_stops_the_run_and_refuses_no_record(status: int) -> None:
+    """401/403 say the key is wrong, not the records: nothing is dead, and no further batch is started."""
+    batches = [(i, encode_batch(records(i * 10, 10))) for i in range(50)]
+    outcomes: list[SendOutcome] = []
+    with (
+        LocalAmberflo(api_key="the-right-key", key_refusal_status=status) as server,  # type: ignore[arg-type]
+        Forwarder(quick_settings(server, concurrency=2)) as forwarder,
+    ):
+        complete = forwarder.forward(batches, lambda _k, _b, outcome: outcomes.append(outcome), api_key=API_KEY)
+        stats = forwarder.stats()
+        unauthorized = server.stats().unauthorized_requests
+    assert not complete
+    assert outcomes
+    assert all(isinstance(outcome, KeyRefused) and outcome.status == status for outcome in outcomes)
+    assert len(outcomes) <= 2 * 2  # the batches in flight when the first refusal came back, no more
+    assert unauthorized == len(outcomes)
+    assert (stats.dead_batches, stats.dead_records, stats.key_refusals) == (0, 0, len(outcomes))
 
 
 def test_429_retry_after_is_honoured(server: LocalAmberflo) -> None:
@@ -117,7 +137,7 @@ def test_transient_faults_are_retried_until_sent(server: LocalAmberflo, kind: Fa
     assert len(server.records()) == 10
 
 
-def test_permanent_400_dead_letters_only_that_batch(server: LocalAmberflo) -> None:
+def test_a_record_refused_by_name_is_isolated_and_the_rest_of_its_batch_accepted(server: LocalAmberflo) -> None:
     server.faults = FaultPlan(reject_unique_ids=frozenset({"api-calls:r250"}))
     batches = [(i, encode_batch(records(i * 100, 100))) for i in range(5)]
     outcomes: dict[int, SendOutcome] = {}
@@ -129,15 +149,75 @@ def test_permanent_400_dead_letters_only_that_batch(server: LocalAmberflo) -> No
         complete = forwarder.forward(batches, on_outcome, api_key=API_KEY)
         stats = forwarder.stats()
     assert complete
-    dead = outcomes.pop(2)
-    assert isinstance(dead, DeadLetter)
-    assert dead.status == 400
-    assert "api-calls:r250" in dead.body
-    assert dead.attempts == 1
+    split = outcomes.pop(2)
+    assert isinstance(split, RecordsRefused)
+    (refused,) = split.refused
+    assert (refused.index, refused.record["uniqueId"], refused.status) == (50, "api-calls:r250", 400)
+    assert "api-calls:r250" in refused.body
+    # The answer names the record: the batch, the 99 others together, then the named one alone.
+    assert split.attempts == 3
     assert all(isinstance(outcome, Sent) for outcome in outcomes.values())
-    expected = {f"api-calls:r{n}" for n in range(500) if not 200 <= n < 300}
-    assert server.accepted_unique_ids() == expected
-    assert (stats.sent_batches, stats.dead_batches, stats.dead_records) == (4, 1, 100)
+    assert server.accepted_unique_ids() == {f"api-calls:r{n}" for n in range(500)} - {"api-calls:r250"}
+    assert (stats.sent_records, stats.dead_batches, stats.dead_records, stats.split_batches) == (499, 0, 1, 1)
+
+
+def test_one_invalid_record_per_batch_is_isolated_by_halving_when_the_answer_names_none(
+    server: LocalAmberflo,
+) -> None:
+    """The local Amberflo refuses customerId "" as Amberflo does, naming the record's place, not its uniqueId."""
+    bad_places = {0: [0], 1: [37], 2: [50], 3: [99], 4: [3, 96], 5: list(range(100))}
+    batches = []
+    for key, places in bad_places.items():
+        batch = records(key * 100, 100)
+        for place in places:
+            batch[place]["customerId"] = ""
+        batches.append((key, encode_batch(batch)))
+    outcomes: dict[int, SendOutcome] = {}
+
+    def on_outcome(key: int, batch: EncodedBatch, outcome: SendOutcome) -> None:
+        outcomes[key] = outcome
+
+    with Forwarder(quick_settings(server)) as forwarder:
+        assert forwarder.forward(batches, on_outcome, api_key=API_KEY)
+        stats = forwarder.stats()
+    for key, places in bad_places.items():
+        outcome = outcomes[key]
+        assert isinstance(outcome, RecordsRefused)
+        assert [item.index for item in outcome.refused] == places
+        assert all(
+            item.status == 400 and "customerId must be a non-empty string" in item.body for item in outcome.refused
+        )
+        assert all(item.record["uniqueId"] == f"api-calls:r{key * 100 + item.index}" for item in outcome.refused)
+        if len(places) == 1:
+            assert outcome.attempts <= 1 + 2 * 7  # one halving per level, down to one of 100
+    good = {f"api-calls:r{key * 100 + n}" for key, places in bad_places.items() for n in range(100) if n not in places}
+    assert server.accepted_unique_ids() == good
+    dead = sum(len(places) for places in bad_places.values())
+    assert (stats.sent_records, stats.dead_records, stats.split_batches) == (600 - dead, dead, 6)
+
+
+def test_a_refusal_no_record_explains_dead_letters_the_batch_without_splitting_it(server: LocalAmberflo) -> None:
+    settings = quick_settings(server, base_url=f"{server.url}/no-such-stage")  # a wrong URL: 404
+    with Forwarder(settings) as forwarder:
+        outcome = forwarder.send_batch(encode_batch(records(0, 100)), api_key=API_KEY)
+        stats = forwarder.stats()
+    assert isinstance(outcome, DeadLetter)
+    assert (outcome.status, outcome.attempts) == (404, 1)
+    assert (stats.requests, stats.dead_records, stats.split_batches) == (1, 100, 0)
+
+
+def test_split_refused_tries_named_records_alone_and_halves_otherwise() -> None:
+    batch = records(0, 8)
+    everything = list(range(8))
+    assert split_refused(everything, batch, "bad: api-calls:r5, api-calls:r2") == [[0, 1, 3, 4, 6, 7], [2], [5]]
+    assert split_refused(everything, batch, "record 5: customerId must be a non-empty string") == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]
+    # Naming every record says nothing: halve. A part of one record is never split (the caller stops there).
+    named_all = " ".join(f"api-calls:r{n}" for n in range(8))
+    assert split_refused(everything, batch, named_all) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert split_refused([4, 5, 6], batch, "api-calls:r6") == [[4, 5], [6]]
 
 
 def test_timeouts_bound_a_batch_that_never_succeeds(server: LocalAmberflo) -> None:

@@ -35,8 +35,9 @@ class FakeContext(LambdaContext):
 
 
 @pytest.fixture
-def server() -> Iterator[LocalAmberflo]:
-    amberflo = LocalAmberflo(api_key=API_KEY)
+def server(request: pytest.FixtureRequest) -> Iterator[LocalAmberflo]:
+    """The local Amberflo, refusing a wrong key with 401 (or the status a test passes indirectly)."""
+    amberflo = LocalAmberflo(api_key=API_KEY, key_refusal_status=getattr(request, "param", 401))
     yield amberflo
     amberflo.close()
 
@@ -97,22 +98,58 @@ def emitted_metrics(output: str) -> dict[str, list[float]]:
     return values
 
 
-def test_forwarder_sends_good_batches_and_dead_letters_a_refused_one(
+def test_forwarder_sends_good_records_and_dead_letters_only_the_refused_ones(
     aws: tuple[Any, Any], server: LocalAmberflo, forwarder_env: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     s3, _ = aws
     server.faults = FaultPlan(reject_unique_ids=frozenset({"api-calls:r105"}))
-    response = forwarding.forwarder_handler(sqs_event([batch(0, 100), batch(100, 50), batch(200, 3)]), FakeContext())
+    invalid = batch(200, 100)
+    invalid[42]["customerId"] = ""  # refused by Amberflo without naming the record's uniqueId: found by halving
+    event = sqs_event([batch(0, 100), batch(100, 50), invalid])
+    response = forwarding.forwarder_handler(event, FakeContext())
     assert response == {"batchItemFailures": []}
-    assert server.accepted_unique_ids() == {f"api-calls:r{n}" for n in [*range(100), *range(200, 203)]}
-    (key,) = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=DEAD_LETTER_PREFIX)["Contents"]]
-    assert key.endswith("/msg-1.json")
-    letter = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
-    assert letter["status"] == 400
-    assert "api-calls:r105" in letter["answer"]
-    assert [r["uniqueId"] for r in letter["records"]] == [f"api-calls:r{n}" for n in range(100, 150)]
+    sent = {f"api-calls:r{n}" for n in [*range(150), *range(200, 300)]}
+    assert server.accepted_unique_ids() == sent - {"api-calls:r105", "api-calls:r242"}
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=DEAD_LETTER_PREFIX)["Contents"])
+    assert [key.rsplit("/", 1)[1] for key in keys] == ["msg-1-5.json", "msg-2-42.json"]
+    named, unnamed = (json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()) for key in keys)
+    assert (named["messageId"], named["status"], [r["uniqueId"] for r in named["records"]]) == (
+        "msg-1",
+        400,
+        ["api-calls:r105"],
+    )
+    assert "api-calls:r105" in named["answer"]
+    assert (unnamed["messageId"], unnamed["status"], unnamed["records"]) == ("msg-2", 400, [invalid[42]])
+    assert "customerId must be a non-empty string" in unnamed["answer"]
     metrics = emitted_metrics(capsys.readouterr().out)
-    assert (metrics["RecordsSent"], metrics["RecordsDeadLettered"], metrics["BatchesRetried"]) == ([103], [50], [0])
+    assert (metrics["RecordsSent"], metrics["RecordsDeadLettered"], metrics["BatchesRetried"]) == ([248], [2], [0])
+    assert metrics["ApiKeyRefused"] == [0]
+
+
+@pytest.mark.parametrize("server", [401, 403], indirect=True)
+def test_a_refused_key_hands_every_message_back_alarms_and_resumes_once_the_secret_is_fixed(
+    aws: tuple[Any, Any], server: LocalAmberflo, forwarder_env: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 10 item 6: a wrong key dead-lettered every message; now they wait on the queue for a working key."""
+    s3, _ = aws
+    server.api_key = "the-rotated-key"  # Amberflo no longer accepts the key in the secret
+    event = sqs_event([batch(0, 100), batch(100, 50), batch(200, 3)])
+    response = forwarding.forwarder_handler(event, FakeContext())
+    assert response == {"batchItemFailures": [{"itemIdentifier": f"msg-{i}"} for i in range(3)]}
+    assert server.accepted_unique_ids() == set()
+    assert server.stats().unauthorized_requests == 1  # the other messages went back untried
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix=DEAD_LETTER_PREFIX)
+    metrics = emitted_metrics(capsys.readouterr().out)
+    assert (metrics["ApiKeyRefused"], metrics["RecordsDeadLettered"], metrics["RecordsSent"]) == ([1], [0], [0])
+
+    # The secret is fixed: the next invocation reads it again (not the copy cached for SECRET_MAX_AGE_S) and sends.
+    secrets = boto3.client("secretsmanager", region_name=REGION)
+    secrets.put_secret_value(SecretId=SECRET, SecretString=json.dumps({JSON_KEY: "the-rotated-key"}))
+    response = forwarding.forwarder_handler(event, FakeContext())
+    assert response == {"batchItemFailures": []}
+    assert len(server.accepted_unique_ids()) == 153
+    metrics = emitted_metrics(capsys.readouterr().out)
+    assert (metrics["ApiKeyRefused"], metrics["RecordsSent"]) == ([0], [153])
 
 
 def test_forwarder_hands_batches_back_to_sqs_while_amberflo_fails(
