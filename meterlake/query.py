@@ -12,13 +12,16 @@ Locally, DuckDB's TIMESTAMPTZ operations go through ICU even in a UTC session (m
 ``CAST(request_time AS date)`` alone costs ~0.5 s). So the local relation exposes timestamp columns as naive UTC
 TIMESTAMPs, ``from_iso8601_timestamp`` binds to the same, and result timestamps are tagged UTC again; Trino's
 ``approx_percentile`` runs as DuckDB's exact ``quantile_disc`` (nearest rank), ~0.3 s cheaper than its t-digest.
+
+A .sql file can be anyone's (``meterlake query FILE.sql``), so only a query (SELECT) runs, and locally it runs in a
+sandbox (:func:`sandboxed_duckdb`): DuckDB may read the table's current data files and nothing else, write nothing,
+and cannot be reconfigured by the SQL. Results are shown with :func:`printable` text, never as markup.
 """
 
 from __future__ import annotations
 
 import csv
 import enum
-import functools
 import io
 import json
 import os
@@ -34,8 +37,10 @@ import pyarrow as pa
 import sqlglot
 from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.io.pyarrow import PyArrowFileIO
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table as RichTable
+from rich.text import Text
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel, SqlglotError
 
@@ -61,6 +66,7 @@ _ATHENA_NULL = "NULL"
 _EMPTY_RELATION = "empty_metering_events"
 #: Marks each placeholder while rendering so their textual order can be read back from the tokens.
 _ORDER_TAG = "meterlake_param_"
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 class QueryError(Exception):
@@ -76,7 +82,8 @@ class UnknownQueryError(QueryError):
 
 
 class QueryDefinitionError(QueryError):
-    """A .sql file is malformed: bad @param line, undeclared placeholder, not one statement, untranslatable SQL."""
+    """A .sql file is malformed: not UTF-8, bad @param line, undeclared placeholder, not one query (SELECT), or
+    untranslatable SQL."""
 
     def __init__(self, path: Path | str, problem: str) -> None:
         self.path = path
@@ -296,13 +303,14 @@ def athena_table(config: Config) -> exp.Table:
 
 
 def run_local_query(query: QueryFile, params: Mapping[str, str], *, config: Config, data_dir: DataDir) -> QueryResult:
-    """Run a query over the local table's current snapshot with DuckDB (UTC session, all cores).
+    """Run a query over the local table's current snapshot with DuckDB (UTC session, all cores), sandboxed: the SQL
+    can read the snapshot's data files and no other file, and can write none (see :func:`sandboxed_duckdb`).
 
     Raises:
         QueryParamError: a parameter is unknown, missing or malformed.
         UnsupportedTableStateError: the snapshot has delete files or data files that are not local.
         QueryDefinitionError: the query cannot be prepared for DuckDB.
-        QueryExecutionError: DuckDB failed running it.
+        QueryExecutionError: DuckDB failed running it, or refused a file it reads that is not the table's.
     """
     bound = bind_params(query, params)
     catalog = open_catalog(data_dir)
@@ -311,11 +319,8 @@ def run_local_query(query: QueryFile, params: Mapping[str, str], *, config: Conf
     except NoSuchTableError:
         table = ensure_metering_table(catalog, config)
     files = _current_data_files(table.scan().plan_files())
-    con = _duckdb_database().cursor()
+    con = sandboxed_duckdb(files)
     try:
-        con.execute("SET TimeZone='UTC'")
-        # DuckDB draws its progress bar on stdout, which would corrupt CSV or JSON output.
-        con.execute("SET enable_progress_bar = false")
         if files:
             source: exp.Expr = exp.func(
                 "read_parquet",
@@ -352,31 +357,81 @@ def format_result(result: QueryResult, fmt: Literal["table", "csv", "json"]) -> 
         writer.writerow(result.columns)
         writer.writerows([("" if value is None else _text(value) for value in row) for row in result.rows])
         return buffer.getvalue()
-    cells = [["NULL" if value is None else _text(value) for value in row] for row in result.rows]
-    grid = RichTable(*result.columns)
+    # Cells are Text, not str: rich would read a value such as "[/bold]" as markup (and ":smile:" as an emoji).
+    headers = [printable(column) for column in result.columns]
+    cells = [["NULL" if value is None else printable(_text(value)) for value in row] for row in result.rows]
+    grid = RichTable()
+    for header in headers:
+        grid.add_column(Text(header))
     for row_cells in cells:
-        grid.add_row(*row_cells)
+        grid.add_row(*(Text(cell) for cell in row_cells))
     # Wide enough that rich never wraps a cell: each column's widest text plus borders and padding.
     widths = [
-        max([len(column), *(len(row_cells[i]) for row_cells in cells)]) + 3 for i, column in enumerate(result.columns)
+        max([cell_len(header), *(cell_len(row_cells[i]) for row_cells in cells)]) + 3
+        for i, header in enumerate(headers)
     ]
     buffer = io.StringIO()
     Console(file=buffer, width=max(80, sum(widths) + 1), color_system=None).print(grid)
     return buffer.getvalue()
 
 
-@functools.cache
-def _duckdb_database() -> duckdb.DuckDBPyConnection:
-    """The process's in-memory DuckDB (all cores); each query takes a cursor, as a new database costs ~20 ms."""
-    return duckdb.connect(config={"threads": os.cpu_count() or 1})
+def printable(text: str, *, escape_backslash: bool = True) -> str:
+    """``text`` as a terminal should show it: what it would act on or not show at all written out as an escape.
+
+    Control characters (ANSI escapes, newlines, tabs, DEL, C1), format characters (bidi overrides, zero-width), line
+    and paragraph separators, non-space blanks and lone surrogates become ``\\x1b``, ``\\n``, ``\\u202e``, ... as in
+    Python's ``repr``; so do backslashes (``\\\\``) unless ``escape_backslash`` is false (for prose such as error
+    messages), so that no two values look alike.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    shown: list[str] = []
+    for char in text:
+        if char == "\\":
+            shown.append("\\\\" if escape_backslash else char)
+        elif char.isprintable():
+            shown.append(char)
+        elif char in _NAMED_ESCAPES:
+            shown.append(_NAMED_ESCAPES[char])
+        else:
+            code = ord(char)
+            shown.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(shown)
+
+
+def sandboxed_duckdb(readable: Sequence[str]) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB (all cores, UTC, no progress bar) that may read the files ``readable`` and no other.
+
+    External access is off but for those paths (DuckDB's ``allowed_paths``): reading any other file (``read_text``
+    of the gateway's signing key, ``read_csv('/etc/passwd')``, another Parquet file), writing any (``COPY ... TO``),
+    ``ATTACH``, installing extensions and network URLs are refused with a Permission Error. The configuration is
+    then locked, so the SQL cannot turn access back on; that is also why each query gets its own database (~20 ms)
+    rather than a cursor on a shared one: the allowed paths cannot change once locked.
+    """
+    con = duckdb.connect(config={"threads": os.cpu_count() or 1})
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        # DuckDB draws its progress bar on stdout, which would corrupt CSV or JSON output.
+        con.execute("SET enable_progress_bar = false")
+        if readable:
+            con.execute("SET allowed_paths = $paths", {"paths": list(readable)})
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
 
 
 def _read_query_file(path: Path) -> QueryFile:
     """Parse a .sql file's header (description, @param lines) and check the placeholders match the declarations."""
     try:
-        sql = path.read_text(encoding="utf-8")
+        sql = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise QueryDefinitionError(path, f"cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        bad = exc.object[exc.start]
+        raise QueryDefinitionError(path, f"not UTF-8 text (byte 0x{bad:02x} at offset {exc.start})") from None
     comments = [line.strip() for line in sql.splitlines() if line.strip().startswith("--")]
     description = comments[0].lstrip("-").strip() if comments else ""
     params: list[QueryParam] = []
@@ -446,14 +501,18 @@ def _convert(param: QueryParam, text: str, now: datetime | None) -> BoundValue:
 
 
 def _parse_statement(sql: str, source: Path | str) -> exp.Expr:
-    """Parse exactly one Trino statement."""
+    """Parse exactly one Trino query: a SELECT (with its WITH, UNION, ...), never COPY, CREATE, SET, ATTACH, ..."""
     try:
         statements = [s for s in sqlglot.parse(sql, read=SOURCE_DIALECT) if s is not None]
     except SqlglotError as exc:
         raise QueryDefinitionError(source, f"not valid Trino SQL ({str(exc).splitlines()[0]})") from None
     if len(statements) != 1:
         raise QueryDefinitionError(source, f"expected one SQL statement, found {len(statements)}")
-    return statements[0]
+    statement = statements[0]
+    if not isinstance(statement, exp.Query):
+        kind = statement.name if isinstance(statement, exp.Command) else statement.key
+        raise QueryDefinitionError(source, f"only a query (SELECT) can run, not {kind.upper()}")
+    return statement
 
 
 def _render(tree: exp.Expr, dialect: str) -> str:

@@ -75,3 +75,30 @@ def test_dry_run_prints_curl_commands_like_run_test(tmp_path: Path) -> None:
         c.startswith("curl -XGET 'https://abc123.execute-api.eu-west-1.amazonaws.com/dev/random/") for c in commands
     )
     assert all("Authorization: TOKEN" in c for c in commands)
+
+
+@pytest.mark.parametrize(
+    ("sql", "message"),
+    [
+        (
+            "SELECT content FROM read_text('{key}') UNION ALL SELECT tenant_id FROM metering_events",
+            "Cannot access file",
+        ),
+        ("SELECT * FROM read_csv('/etc/passwd') CROSS JOIN (SELECT count(*) FROM metering_events)", "/etc/passwd"),
+        ("COPY (SELECT tenant_id FROM metering_events) TO '{target}'", "only a query (SELECT) can run, not COPY"),
+    ],
+)
+def test_a_query_file_cannot_reach_outside_the_table(tmp_path: Path, sql: str, message: str) -> None:
+    assert meterlake("token", "--tenant", "acme", cwd=tmp_path).returncode == 0
+    key = next((tmp_path / "home" / "keys").glob("*.pem"))
+    target = tmp_path / "copied.csv"
+    (tmp_path / "hostile.sql").write_text("-- hostile\n" + sql.format(key=key, target=target) + "\n")
+    result = meterlake("query", "hostile.sql", "--format", "csv", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "PRIVATE KEY" not in result.stdout + result.stderr
+    assert "root:" not in result.stdout
+    assert not target.exists()
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert message in lines[0]

@@ -15,12 +15,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sqlglot
 from sqlglot import exp
 
 from meterlake.config import Config
+from meterlake.local.auth import for_config, signing_key_path
 from meterlake.local.catalog import ensure_metering_table, open_catalog
 from meterlake.local.home import DataDir
 from meterlake.query import (
@@ -39,7 +42,9 @@ from meterlake.query import (
     load_query,
     parse_param_args,
     prepare,
+    printable,
     run_local_query,
+    sandboxed_duckdb,
 )
 from meterlake.schema import metering_event_arrow_schema
 
@@ -447,3 +452,114 @@ def test_to_arrow_keeps_types_and_works_for_a_hand_built_result(data_dir: DataDi
     assert table.schema.field("bytes_out").type == pa.int64()
     built = QueryResult(columns=["tenant_id", "requests"], rows=[("acme", 3), (None, 1)]).to_arrow()
     assert built.to_pylist() == [{"tenant_id": "acme", "requests": 3}, {"tenant_id": None, "requests": 1}]
+
+
+# -- the local runner is a sandbox: only the table's own files can be read, nothing can be written ------------------
+
+
+def _query_file(tmp_path: Path, name: str, sql: str) -> Path:
+    path = tmp_path / f"{name}.sql"
+    path.write_text(f"-- {name}\n{sql}\n")
+    return path
+
+
+def test_a_query_cannot_read_the_signing_key_or_system_files(tmp_path: Path, data_dir: DataDir) -> None:
+    key = signing_key_path(data_dir)
+    for_config(CONFIG, data_dir).issue_id_token(user="alice", tenant_id="acme")  # the gateway's private key exists
+    outside = tmp_path / "other.parquet"
+    pq.write_table(_arrow(EVENTS[:3], 10_000), outside)  # a Parquet file that is not one of the table's
+    hostile = {
+        "read_key": f"SELECT content FROM read_text('{key}') UNION ALL SELECT tenant_id FROM metering_events",
+        "read_passwd": "SELECT * FROM read_csv('/etc/passwd') CROSS JOIN (SELECT count(*) AS n FROM metering_events)",
+        "read_other_parquet": f"SELECT tenant_id FROM read_parquet('{outside}') UNION ALL "
+        "SELECT tenant_id FROM metering_events",
+    }
+    for name, sql in hostile.items():
+        query = load_query(str(_query_file(tmp_path, name, sql)))
+        with pytest.raises(QueryExecutionError, match=rf"query '{name}' failed: .*Cannot access file") as refused:
+            run_local_query(query, {}, config=CONFIG, data_dir=data_dir)
+        assert "PRIVATE KEY" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "COPY (SELECT tenant_id FROM metering_events) TO '{target}'",
+        "COPY (SELECT tenant_id FROM metering_events) TO '{target}' (FORMAT csv)",
+    ],
+)
+def test_a_query_cannot_write_files(tmp_path: Path, data_dir: DataDir, sql: str) -> None:
+    target = tmp_path / "copied.csv"
+    path = _query_file(tmp_path, "copy_out", sql.format(target=target))
+    with pytest.raises(QueryDefinitionError, match=r"copy_out\.sql: only a query \(SELECT\) can run, not COPY"):
+        run_local_query(load_query(str(path)), {}, config=CONFIG, data_dir=data_dir)
+    assert not target.exists()
+
+
+def test_the_sandbox_is_refused_by_duckdb_itself_and_locked(tmp_path: Path, data_dir: DataDir) -> None:
+    """Past the statement check, DuckDB refuses a write and any change of its settings (belt and braces)."""
+    target = tmp_path / "copied.csv"
+    files = _current_data_files(ensure_metering_table(open_catalog(data_dir), CONFIG).scan().plan_files())
+    con = sandboxed_duckdb(files)
+    try:
+        assert con.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall() == [(len(EVENTS),)]
+        with pytest.raises(duckdb.PermissionException):
+            con.execute(f"COPY (SELECT 1) TO '{target}'")
+        with pytest.raises(duckdb.InvalidInputException, match="locked"):
+            con.execute("SET enable_external_access = true")
+        assert con.sql("SELECT current_setting('TimeZone')").fetchall() == [("UTC",)]
+    finally:
+        con.close()
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("name", QUERY_NAMES)
+def test_every_shipped_query_runs_in_the_sandbox(data_dir: DataDir, name: str) -> None:
+    assert run(name, data_dir, start="2024-03-04T00:00:00Z", end="2024-03-06T00:00:00Z").rows
+
+
+def test_a_sql_file_that_is_not_utf8_is_a_definition_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.sql"
+    path.write_bytes("-- caf\xe9\nSELECT 1 FROM metering_events\n".encode("latin-1"))
+    with pytest.raises(QueryDefinitionError, match=r"latin1\.sql: not UTF-8 text \(byte 0xe9 at offset 6\)"):
+        load_query(str(path))
+
+
+# -- data is shown as text: never rich markup, never raw control characters ----------------------------------------
+
+HOSTILE_TENANTS = ("[/bold]", "[red]x[/red]", "x", "\x1b[31mevil\x1b[0m", "tab\there", "back\\slash", ":thumbs_up:")
+
+
+def test_table_cells_are_text_with_control_characters_made_visible() -> None:
+    result = QueryResult(columns=["tenant_id", "[b]requests[/b]"], rows=[(t, 1) for t in HOSTILE_TENANTS])
+    text = format_result(result, "table")
+    assert "\x1b" not in text
+    assert "\t" not in text
+    shown = ("[/bold]", "[red]x[/red]", "[b]requests[/b]", r"\x1b[31mevil\x1b[0m", r"tab\there", r"back\\slash")
+    for value in (*shown, ":thumbs_up:"):
+        assert value in text
+    assert len(text.splitlines()) == len(HOSTILE_TENANTS) + 4
+
+
+def test_csv_and_json_carry_the_raw_values() -> None:
+    result = QueryResult(columns=["tenant_id", "requests"], rows=[(t, 1) for t in HOSTILE_TENANTS])
+    rows = list(csv.reader(io.StringIO(format_result(result, "csv"))))
+    assert [row[0] for row in rows[1:]] == list(HOSTILE_TENANTS)
+    assert [o["tenant_id"] for o in json.loads(format_result(result, "json"))] == list(HOSTILE_TENANTS)
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("plain", "plain"),
+        ("\x1b[2J", r"\x1b[2J"),
+        ("a\nb\rc\td", r"a\nb\rc\td"),
+        ("\x7f\x85\xa0", r"\x7f\x85\xa0"),
+        ("\u202eevil\u2028", r"\u202eevil\u2028"),
+        ("\ud800", r"\ud800"),
+        ("caf\xe9 \u6771\u4eac \U0001f600", "caf\xe9 \u6771\u4eac \U0001f600"),
+        ("C:\\x1b", r"C:\\x1b"),
+    ],
+)
+def test_printable_makes_what_a_terminal_would_act_on_visible(raw: str, shown: str) -> None:
+    assert printable(raw) == shown
