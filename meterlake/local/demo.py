@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from meterlake.amberflo.reconcile import Window, amberflo_usage
@@ -23,7 +24,7 @@ from meterlake.config import Config
 from meterlake.loadtest import Caller, LoadTestPlan, run_load_test, summary_lines
 from meterlake.local.home import DataDir
 from meterlake.local.stack import AmberfloTarget, LocalStack
-from meterlake.query import format_result, load_query, run_local_query
+from meterlake.query import format_result, load_query, printable, run_local_query
 
 #: (tenant id, user name) of the demo's callers.
 DEMO_TENANTS: tuple[tuple[str, str], ...] = (("acme", "alice"), ("globex", "bob"), ("initech", "carol"))
@@ -53,9 +54,8 @@ class Reconciliation:
 
     def __str__(self) -> str:
         mark = "==" if self.answered == self.counted else "!="
-        line = (
-            f"{self.tenant or NO_TENANT:>12}: answered {self.answered:>5} {mark} counted in Iceberg {self.counted:>5}"
-        )
+        tenant = NO_TENANT if self.tenant is None else printable(self.tenant)
+        line = f"{tenant:>12}: answered {self.answered:>5} {mark} counted in Iceberg {self.counted:>5}"
         if self.amberflo_units is None:
             line += "  (no tenant: not forwarded)"
         else:
@@ -104,7 +104,7 @@ def run_demo(
 ) -> bool:
     """Run the demo and print its report; True when every tenant reconciles exactly."""
     query = load_query(USAGE_QUERY)
-    console.print(f"[bold]meterlake demo[/bold]: data dir {data_dir.root}")
+    console.print(f"[bold]meterlake demo[/bold]: data dir {escape(printable(str(data_dir.root)))}")
     with (
         LocalAmberflo(api_key=DEMO_AMBERFLO_KEY) as amberflo,
         LocalStack(
@@ -135,7 +135,7 @@ def run_demo(
             task = progress.add_task("requests", total=requests)
             report = run_load_test(plan, on_progress=lambda n: progress.advance(task, n))
         for summary in summary_lines(report):
-            console.print(summary)
+            console.print(summary, markup=False)
         settled = stack.settle()
         window_end = datetime.now(UTC) + timedelta(milliseconds=1)
         with httpx.Client() as client:
@@ -159,7 +159,8 @@ def run_demo(
     params = {"start": _iso(window_start), "end": _iso(window_end)}
     usage = run_local_query(query, params, config=config, data_dir=data_dir)
     console.print(f"\n[bold]{USAGE_QUERY}[/bold] ({query.path.name}) for this run:")
-    console.print(format_result(usage, "table"), end="")
+    # The table is text already (tenants are data): printed as it is, not read as markup.
+    console.print(format_result(usage, "table"), end="", markup=False, highlight=False)
     amberflo_units: dict[str, int] = {}
     for (customer, _meter, _hour), value in units.items():
         amberflo_units[customer] = amberflo_units.get(customer, 0) + int(value)
@@ -171,9 +172,9 @@ def run_demo(
     )
     console.print("\n[bold]reconciliation[/bold] (answered == counted in Iceberg; billable == units in Amberflo):")
     for line in lines:
-        console.print(str(line), style="green" if line.matches else "bold red", highlight=False)
+        console.print(str(line), style="green" if line.matches else "bold red", markup=False, highlight=False)
     console.print(
-        f"\nData kept in {data_dir.root}; try: meterlake query usage_per_tenant_hour "
+        f"\nData kept in {escape(printable(str(data_dir.root)))}; try: meterlake query usage_per_tenant_hour "
         f"--param start={params['start']} --param end={params['end']}"
     )
     return all(line.matches for line in lines)
