@@ -598,6 +598,7 @@ class Spool:
         budget = max_bytes
         unpack = _HEADER.unpack_from
         crc32 = zlib.crc32
+        padding = _PADDING_ARRIVAL
         while position < end and not (records and budget <= 0):
             index = bisect.bisect_right(starts, position) - 1
             segment = segments[index]
@@ -609,31 +610,33 @@ class Spool:
                 while pos + HEADER_BYTES <= len(data):
                     length, crc, arrival = unpack(data, pos)
                     stop = pos + HEADER_BYTES + length
-                    if position + stop > segment_end:
-                        raise SpoolCorruptError(
-                            segment.path,
-                            position + pos,
-                            "the frame runs past the end of its segment",
-                            file_offset=position + pos - segment.start,
-                        )
                     if stop > len(data):
+                        # What was read ends at the segment's end or earlier: only a frame past it can run past that.
+                        if position + stop > segment_end:
+                            raise SpoolCorruptError(
+                                segment.path,
+                                position + pos,
+                                "the frame runs past the end of its segment",
+                                file_offset=position + pos - segment.start,
+                            )
                         if records:
                             break
                         # The first record alone exceeds the budget: read it whole so the caller makes progress.
                         data += handle.read(stop - len(data))
                         if stop > len(data):
                             break
-                    if crc32(data[pos + 8 : stop]) != crc:
+                    payload = data[pos + HEADER_BYTES : stop]
+                    if crc32(payload, crc32(data[pos + 8 : pos + HEADER_BYTES])) != crc:
                         raise SpoolCorruptError(
                             segment.path,
                             position + pos,
                             "checksum mismatch",
                             file_offset=position + pos - segment.start,
                         )
-                    if arrival != _PADDING_ARRIVAL:
+                    if arrival != padding:
                         offsets.append(position + pos)
                         arrivals.append(arrival)
-                        records.append(data[pos + HEADER_BYTES : stop])
+                        records.append(payload)
                     pos = stop
             if pos == 0:
                 if records:
