@@ -1,4 +1,5 @@
-"""BackgroundServer: serves on a pre-bound socket, refuses a taken port, stops cleanly even mid-request."""
+"""BackgroundServer: serves on a pre-bound socket, refuses a taken port, stops cleanly even mid-request, and hands
+requests over its limits (or not parseable) to the app instead of answering them itself."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meterlake.local.serving import (
     BackgroundServer,
     PortInUseError,
+    RequestLimits,
+    RequestRejection,
     ServingError,
     abort_connection,
     bind_listening_socket,
+    request_rejection,
 )
 
 
@@ -116,3 +120,76 @@ def test_abort_connection_resets_the_tcp_connection_without_an_answer() -> None:
 def test_abort_connection_needs_the_extension() -> None:
     with pytest.raises(RuntimeError, match=r"meterlake\.abort_connection"):
         abort_connection({"type": "http", "extensions": {}})
+
+
+# -- request limits: refused requests are handed to the app ----------------------------------------------------------
+
+LIMITS = RequestLimits(max_target_bytes=64, max_header_bytes=256, max_body_bytes=1000)
+
+
+def _echo_app(seen: list[dict[str, object]]) -> ASGIApp:
+    """Answers every request with what the server told it: the rejection (if any), method and path."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        rejection = request_rejection(scope)
+        seen.append({"rejection": rejection, "method": scope["method"], "path": scope["path"]})
+        body = (rejection.value if rejection is not None else "ok").encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def _exchange(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while data := sock.recv(65536):
+            received += data
+    return received
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "rejection"),
+    [
+        (b"GET /" + b"a" * 64 + b" HTTP/1.1\r\nHost: x\r\n\r\n", RequestRejection.TARGET_TOO_LONG),
+        (b"GET /x HTTP/1.1\r\nX-Big: " + b"b" * 250 + b"\r\n\r\n", RequestRejection.HEADERS_TOO_LARGE),
+        (b"GET /x HTTP/1.1\r\nX-Big: " + b"b" * 3_000_000 + b"\r\n\r\n", RequestRejection.HEADERS_TOO_LARGE),
+        (b"POST /x HTTP/1.1\r\nContent-Length: 1001\r\n\r\n", RequestRejection.BODY_TOO_LARGE),
+        (b"GET /x HTTP/1.1\r\nX-A: a\x01b\r\n\r\n", RequestRejection.MALFORMED),
+        (b"GET /x\x7f HTTP/1.1\r\n\r\n", RequestRejection.MALFORMED),
+    ],
+    ids=["target", "headers", "3 MB header", "body", "control character", "bad target"],
+)
+def test_a_refused_request_reaches_the_app_marked_and_the_client_reads_the_answer(
+    request_bytes: bytes, rejection: RequestRejection
+) -> None:
+    """The app answers what uvicorn answered itself (or passed through whole); a client still sending gets it."""
+    seen: list[dict[str, object]] = []
+    with BackgroundServer(_echo_app(seen), bind_listening_socket("127.0.0.1", 0), limits=LIMITS) as server:
+        answer = _exchange(server.port, request_bytes + b"GET /pipelined HTTP/1.1\r\n\r\n")
+        assert httpx.get(server.url + "/next").text == "ok"
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: close\r\n" in answer
+    assert answer.endswith(b"\r\n\r\n" + rejection.value.encode())
+    assert [s["rejection"] for s in seen] == [rejection, None]  # nothing after a refused request is parsed
+    assert len(str(seen[0]["path"])) <= LIMITS.max_target_bytes
+
+
+def test_a_method_the_parser_does_not_know_reaches_the_app_unmarked() -> None:
+    seen: list[dict[str, object]] = []
+    with BackgroundServer(_echo_app(seen), bind_listening_socket("127.0.0.1", 0), limits=LIMITS) as server:
+        answer = _exchange(server.port, b"BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.endswith(b"\r\n\r\nok")
+    assert seen == [{"rejection": None, "method": "BREW", "path": "/pot"}]
+
+
+def test_without_limits_uvicorn_answers_bad_requests_itself() -> None:
+    seen: list[dict[str, object]] = []
+    with BackgroundServer(_echo_app(seen), bind_listening_socket("127.0.0.1", 0)) as server:
+        answer = _exchange(server.port, b"GET /x HTTP/1.1\r\nX-A: a\x01b\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert answer.endswith(b"Invalid HTTP request received.")
+    assert seen == []
