@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meterlake.config import Config
 from meterlake.local.home import DataDir
+from meterlake.records import MISSING
 
 #: The only algorithm a Cognito user pool signs with, and the only one accepted here.
 ALGORITHM = "RS256"
@@ -41,7 +42,9 @@ _KEY_SIZE = 2048
 _PUBLIC_EXPONENT = 65537
 #: ``token_use`` of an ID token; a Cognito authorizer refuses access tokens.
 _ID_TOKEN_USE = "id"  # noqa: S105 - a claim value, not a secret
-_REQUIRED_CLAIMS = ["sub", "iss", "aud", "exp", "iat", "token_use", "cognito:username"]
+_USER_CLAIM = "cognito:username"
+_TENANT_CLAIM = "custom:tenant_id"
+_REQUIRED_CLAIMS = ["sub", "iss", "aud", "exp", "iat", "token_use", _USER_CLAIM]
 #: Namespace of the ``sub`` uuid5s, so one user name always maps to the same subject.
 _SUBJECT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:meterlake:local-user-pool:users")
 
@@ -52,6 +55,20 @@ class InvalidToken(Exception):  # noqa: N818 - the name the gateway and its call
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class InvalidClaimError(ValueError):
+    """A claim value the pool refuses to issue, because it would not reach the access log as itself.
+
+    API Gateway writes ``-`` for a claim it has no value for, so a tenant (or user) named ``-`` reads as none
+    downstream and is never billed; an empty value is no value either; and a string with a lone surrogate cannot be
+    encoded as UTF-8 (RFC 7493, I-JSON, forbids it in JSON), so it can be neither logged nor verified.
+    """
+
+    def __init__(self, claim: str, value: str, problem: str) -> None:
+        super().__init__(f"{claim} {value!r} {problem}")
+        self.claim = claim
+        self.value = value
 
 
 class SigningKeyError(Exception):
@@ -136,11 +153,16 @@ class UserPool:
     ) -> str:
         """Sign an ID token for ``user``, as Cognito's InitiateAuth would return it.
 
+        A user name or tenant id must be non-empty, not ``-`` (what the access log writes for "no value") and valid
+        Unicode; see :class:`InvalidClaimError`.
+
         Raises:
-            ValueError: ``user`` is empty or ``ttl_seconds`` is not positive.
+            InvalidClaimError: ``user`` or ``tenant_id`` breaks that rule.
+            ValueError: ``ttl_seconds`` is not positive.
         """
-        if not user:
-            raise ValueError("user must not be empty")
+        _check_claim_value(_USER_CLAIM, user)
+        if tenant_id is not None:
+            _check_claim_value(_TENANT_CLAIM, tenant_id)
         ttl = self.token_ttl_seconds if ttl_seconds is None else ttl_seconds
         if ttl < 1:
             raise ValueError(f"ttl_seconds must be at least 1, got {ttl}")
@@ -153,10 +175,10 @@ class UserPool:
             "auth_time": now,
             "iat": now,
             "exp": now + ttl,
-            "cognito:username": user,
+            _USER_CLAIM: user,
         }
         if tenant_id is not None:
-            claims["custom:tenant_id"] = tenant_id
+            claims[_TENANT_CLAIM] = tenant_id
         if email is not None:
             claims["email"] = email
         return jwt.encode(claims, self._private_key, algorithm=ALGORITHM, headers={"kid": self.kid})
@@ -210,16 +232,39 @@ class UserPool:
         token_use = claims["token_use"]
         if token_use != _ID_TOKEN_USE:
             raise InvalidToken(f"token_use {token_use!r} is not {_ID_TOKEN_USE!r}")
-        user = claims["cognito:username"]
-        tenant_id = claims.get("custom:tenant_id")
+        user = claims[_USER_CLAIM]
+        tenant_id = claims.get(_TENANT_CLAIM)
         sub = claims["sub"]
         if not isinstance(user, str) or not user:
-            raise InvalidToken(f"cognito:username {user!r} is not a non-empty string")
+            raise InvalidToken(f"{_USER_CLAIM} {user!r} is not a non-empty string")
         if tenant_id is not None and not isinstance(tenant_id, str):
-            raise InvalidToken(f"custom:tenant_id {tenant_id!r} is not a string")
+            raise InvalidToken(f"{_TENANT_CLAIM} {tenant_id!r} is not a string")
+        for name, value in ((_USER_CLAIM, user), (_TENANT_CLAIM, tenant_id)):
+            # JSON can escape a lone surrogate ("\ud800"); no Cognito pool issues one, and it has no UTF-8 form.
+            if value is not None and not _is_unicode(value):
+                raise InvalidToken(f"{name} {value!r} is not valid Unicode (a lone surrogate)")
         if not isinstance(sub, str):
             raise InvalidToken(f"sub {sub!r} is not a string")
         return IdTokenClaims(user=user, tenant_id=tenant_id, client_id=self.client_id, sub=sub), int(claims["exp"])
+
+
+def _check_claim_value(claim: str, value: str) -> None:
+    """Refuse a user or tenant value that would not reach the access log as itself (see InvalidClaimError)."""
+    if not value:
+        raise InvalidClaimError(claim, value, "is empty: the access log would record no value")
+    if value == MISSING:
+        raise InvalidClaimError(claim, value, "is what the access log writes for no value: it would never be billed")
+    if not _is_unicode(value):
+        raise InvalidClaimError(claim, value, "is not valid Unicode (a lone surrogate): it has no UTF-8 form")
+
+
+def _is_unicode(value: str) -> bool:
+    """Whether ``value`` is valid Unicode text, i.e. has a UTF-8 encoding (no lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _load_or_create_key(path: Path) -> rsa.RSAPrivateKey:

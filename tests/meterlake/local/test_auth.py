@@ -21,6 +21,7 @@ from meterlake.config import Config, parse_config
 from meterlake.local import auth
 from meterlake.local.auth import (
     IdTokenClaims,
+    InvalidClaimError,
     InvalidToken,
     SigningKeyError,
     UserPool,
@@ -223,7 +224,7 @@ def test_unusable_key_files_are_refused(tmp_path: Path) -> None:
 def test_bad_arguments_are_refused(pool: UserPool, data_dir: DataDir) -> None:
     with pytest.raises(ValueError, match="ttl_seconds must be at least 1, got 0"):
         pool.issue_id_token(user="x", tenant_id=None, ttl_seconds=0)
-    with pytest.raises(ValueError, match="user must not be empty"):
+    with pytest.raises(InvalidClaimError, match="cognito:username '' is empty"):
         pool.issue_id_token(user="", tenant_id=None)
     with pytest.raises(ValueError, match="token_ttl_seconds"):
         UserPool(data_dir=data_dir, issuer=ISSUER, client_id=CLIENT_ID, token_ttl_seconds=0)
@@ -237,3 +238,38 @@ def test_for_config_builds_the_issuer_from_the_local_settings(data_dir: DataDir)
     assert pool.client_id == "app-7"
     assert for_config(Config(), data_dir, port=40123).issuer == "http://127.0.0.1:40123/local_pool"
     assert pool.verify_id_token(pool.issue_id_token(user="u", tenant_id=None)).client_id == "app-7"
+
+
+@pytest.mark.parametrize(
+    ("user", "tenant_id", "message"),
+    [
+        ("alice", "-", r"custom:tenant_id '-' is what the access log writes for no value: it would never be billed"),
+        ("alice", "", r"custom:tenant_id '' is empty"),
+        ("alice", "acme\ud800", r"custom:tenant_id 'acme\\ud800' is not valid Unicode \(a lone surrogate\)"),
+        ("-", "acme", r"cognito:username '-' is what the access log writes for no value"),
+        ("\udfff", None, r"cognito:username '\\udfff' is not valid Unicode"),
+    ],
+)
+def test_values_the_access_log_cannot_carry_are_never_issued(
+    pool: UserPool, user: str, tenant_id: str | None, message: str
+) -> None:
+    """A tenant '-' would be stored as no tenant and never billed; a lone surrogate cannot be logged at all."""
+    with pytest.raises(InvalidClaimError, match=message) as refused:
+        pool.issue_id_token(user=user, tenant_id=tenant_id)
+    assert isinstance(refused.value, ValueError)
+
+
+@pytest.mark.parametrize("tenant_id", ["-acme", "a-b", "--", "\u2014", "ac me", "\U0001f600"])
+def test_tenant_ids_that_merely_look_odd_are_issued_and_verified(pool: UserPool, tenant_id: str) -> None:
+    assert pool.verify_id_token(pool.issue_id_token(user="u", tenant_id=tenant_id)).tenant_id == tenant_id
+
+
+@pytest.mark.parametrize("claim", ["custom:tenant_id", "cognito:username"])
+def test_a_claim_with_a_lone_surrogate_is_refused_like_any_bad_token(
+    data_dir: DataDir, pool: UserPool, claim: str
+) -> None:
+    """Signed by the pool's key, but JSON escapes a lone surrogate no Cognito pool would issue (no UTF-8 form)."""
+    surrogate: dict[str, Any] = {claim: "t\ud800"}
+    token = forge(data_dir, pool, **surrogate)
+    with pytest.raises(InvalidToken, match=f"{claim} 't\\\\ud800' is not valid Unicode"):
+        pool.verify_id_token(token)
