@@ -17,10 +17,11 @@ from aws_cdk import aws_glue as glue
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
+from sqlglot import exp
 
-from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, glue_arns, grant_table_access
+from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, grant_table_access
 from cdk_stacks.shared import acknowledge, acknowledge_resources
-from cdk_stacks.storage import ATHENA_RESULTS_PREFIX
+from cdk_stacks.storage import ATHENA_RESULTS_PREFIX, MeteringTable
 from meterlake.aws.athena import WORKGROUP
 from meterlake.config import Config
 from meterlake.query import athena_table, list_queries, prepare
@@ -45,18 +46,21 @@ class AthenaNamedQuery:
     parameter_order: tuple[str, ...]
 
 
-def athena_named_queries(config: Config) -> list[AthenaNamedQuery]:
-    """Every ``sql/*.sql`` query prepared for Athena against ``"<database>"."<table>"`` of ``config``.
+def athena_named_queries(config: Config, table: MeteringTable | None = None) -> list[AthenaNamedQuery]:
+    """Every ``sql/*.sql`` query prepared for Athena against the metering table: ``"<database>"."<table>"`` of
+    ``config``, or, for an S3 table, ``"s3tablescatalog/<bucket>"."<namespace>"."<table>"`` (a named query has no
+    catalog of its own, so the catalog is in the SQL).
 
     Raises:
         QueryDefinitionError: a query file is malformed or cannot be translated.
     """
+    target = athena_table(config)
+    if table is not None and table.in_table_bucket:
+        target = exp.table_(table.table_name, db=table.database_name, catalog=table.athena_catalog(), quoted=True)
     queries = []
     for query in list_queries():
         # Each parameter's own name as its value: the ExecutionParameters list then spells the ``?`` order.
-        prepared = prepare(
-            query.sql, dialect="athena", table=athena_table(config), params={p.name: p.name for p in query.params}
-        )
+        prepared = prepare(query.sql, dialect="athena", table=target, params={p.name: p.name for p in query.params})
         order = tuple(str(value).strip("'") for value in prepared.parameters)
         queries.append(
             AthenaNamedQuery(name=query.name, description=query.description, sql=prepared.sql, parameter_order=order)
@@ -71,11 +75,13 @@ class UsageAnalytics(Construct):
         workgroup: the Athena workgroup every usage query runs in.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str, table: MeteringTable
+    ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         aws = config.meterlake.aws
-        database_name, table_name = config.database_name, config.table_name
+        database_name, table_name = table.database_name, table.table_name
         bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)
         self.workgroup = athena.CfnWorkGroup(
             self,
@@ -96,7 +102,7 @@ class UsageAnalytics(Construct):
                 ),
             ),
         )
-        for query in athena_named_queries(config):
+        for query in athena_named_queries(config, table):
             order = ", ".join(query.parameter_order) or "none"
             named = athena.CfnNamedQuery(
                 self,
@@ -108,6 +114,9 @@ class UsageAnalytics(Construct):
                 work_group=self.workgroup.ref,
             )
             named.add_resource_dependency(self.workgroup)
+        if table.in_table_bucket:
+            # S3 Tables compacts the table and expires its snapshots itself (configured on the table).
+            return
 
         table_objects = bucket.arn_for_objects(f"{config.data_firehose_configuration.output_prefix.strip('/')}/*")
         optimizer_logs = [
@@ -132,7 +141,7 @@ class UsageAnalytics(Construct):
                         iam.PolicyStatement(
                             sid="MeteringTable",
                             actions=["glue:GetTable", "glue:UpdateTable"],
-                            resources=glue_arns(stack, database_name=database_name, table_name=table_name),
+                            resources=table.glue_arns(stack),
                         ),
                         iam.PolicyStatement(
                             sid="TableData",
@@ -169,9 +178,7 @@ class UsageAnalytics(Construct):
             "lakeformation:GetDataAccess supports no resource-level permissions; Lake Formation scopes the data "
             "itself through the table grant.",
         )
-        grant = grant_table_access(
-            self, "OptimizerTableGrant", role=role, database_name=database_name, table_name=table_name
-        )
+        grants = grant_table_access(self, "OptimizerTableGrant", role=role, table=table, config=config)
         configurations: dict[str, glue.CfnTableOptimizer.TableOptimizerConfigurationProperty] = {
             "compaction": glue.CfnTableOptimizer.TableOptimizerConfigurationProperty(
                 enabled=True,
@@ -214,7 +221,7 @@ class UsageAnalytics(Construct):
                 type=optimizer_type,
                 table_optimizer_configuration=configuration,
             )
-            optimizer.node.add_dependency(role, grant)
+            optimizer.node.add_dependency(role, *grants)
 
         CfnOutput(self, "AthenaWorkGroup", value=self.workgroup.ref, description="Athena workgroup of the queries")
 
@@ -226,6 +233,15 @@ class AnalyticsStack(Stack):
         workgroup: the Athena workgroup every usage query runs in.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: Config,
+        bucket_name: str,
+        table: MeteringTable,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        self.workgroup = UsageAnalytics(self, "Default", config=config, bucket_name=bucket_name).workgroup
+        self.workgroup = UsageAnalytics(self, "Default", config=config, bucket_name=bucket_name, table=table).workgroup

@@ -69,6 +69,7 @@ def add_pipeline(app: App, config: Config, *, env: Environment | None = None, de
         description="meterlake: the Firehose stream from API access logs to the Iceberg table",
         config=config,
         bucket_name=storage.bucket_name,
+        table=storage.table,
         transform_function=transform.function,
     )
     api = None
@@ -89,6 +90,7 @@ def add_pipeline(app: App, config: Config, *, env: Environment | None = None, de
         description="meterlake: Athena workgroup, usage queries and Iceberg table maintenance",
         config=config,
         bucket_name=storage.bucket_name,
+        table=storage.table,
     )
     forwarding = ForwardingStack(
         app,
@@ -97,6 +99,7 @@ def add_pipeline(app: App, config: Config, *, env: Environment | None = None, de
         description="meterlake: forwards committed metering events to Amberflo (stager, SQS queue, forwarder)",
         config=config,
         bucket_name=storage.bucket_name,
+        table=storage.table,
     )
     # Explicit, so `cdk deploy <Stack>` order is the documented one even where no token crosses stacks.
     delivery.add_stack_dependency(storage)

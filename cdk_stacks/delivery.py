@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from aws_cdk import ArnFormat, Aws, CfnOutput, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, CfnOutput, CfnResource, RemovalPolicy, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kinesisfirehose as firehose
 from aws_cdk import aws_lakeformation as lakeformation
@@ -15,6 +15,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from cdk_stacks.shared import acknowledge, acknowledge_resources, log_retention
+from cdk_stacks.storage import MeteringTable
 from meterlake.config import Config
 from meterlake.schema import METERING_EVENT_SCHEMA
 
@@ -22,6 +23,18 @@ from meterlake.schema import METERING_EVENT_SCHEMA
 RETRY_DURATION_SECONDS: Final = 300
 #: What a principal needs on the table to write it: Glue reads the table, Firehose commits (insert/update/delete).
 TABLE_WRITE_PERMISSIONS: Final = ("SELECT", "INSERT", "DELETE", "DESCRIBE", "ALTER")
+#: What Firehose needs on an S3 table Lake Formation governs ("Caller is required to have ALL permissions").
+S3_TABLE_WRITE_PERMISSIONS: Final = ("ALL",)
+#: What Firehose does with an S3 table through S3 Tables' own API: read its metadata, commit new metadata and data.
+S3_TABLES_WRITE_ACTIONS: Final = (
+    "s3tables:GetTableBucket",
+    "s3tables:GetNamespace",
+    "s3tables:GetTable",
+    "s3tables:GetTableMetadataLocation",
+    "s3tables:UpdateTableMetadataLocation",
+    "s3tables:GetTableData",
+    "s3tables:PutTableData",
+)
 #: The log streams of the delivery stream's destination (Iceberg) and S3 backup (failed records) logs.
 DESTINATION_LOG_STREAM: Final = "DestinationDelivery"
 BACKUP_LOG_STREAM: Final = "BackupDelivery"
@@ -29,40 +42,68 @@ BACKUP_LOG_STREAM: Final = "BackupDelivery"
 UNSCOPABLE_ACTIONS: Final = ("lakeformation:GetDataAccess",)
 
 
-def glue_arns(stack: Stack, *, database_name: str, table_name: str) -> list[str]:
-    """The Glue catalog, database and table ARNs of the metering-events table."""
-    prefix = f"arn:{Aws.PARTITION}:glue:{stack.region}:{stack.account}"
-    return [f"{prefix}:catalog", f"{prefix}:database/{database_name}", f"{prefix}:table/{database_name}/{table_name}"]
-
-
 def grant_table_access(
     scope: Construct,
     construct_id: str,
     *,
     role: iam.IRole,
-    database_name: str,
-    table_name: str,
+    table: MeteringTable,
+    config: Config,
     permissions: Sequence[str] = TABLE_WRITE_PERMISSIONS,
-) -> lakeformation.CfnPrincipalPermissions:
-    """Lake Formation permissions on the table for ``role``: one grant, leaving the account's LF admins untouched.
+) -> list[CfnResource]:
+    """Lake Formation permissions on the table for ``role``, where Lake Formation governs it; the grants made.
 
-    The grant is made by CloudFormation's role, which created the table and so may grant on it.
+    A Glue table gets one grant, leaving the account's LF admins untouched; CloudFormation's role created the table
+    and so may grant on it. An S3 table is governed by Lake Formation only where the account integrated its table
+    buckets with Lake Formation (``s3_tables.access_control``); it then takes DESCRIBE on the namespace and the
+    permissions on the table, in the bucket's federated catalog. ``AWS::LakeFormation::Permissions`` is used there:
+    ``PrincipalPermissions`` refuses a catalog id longer than an account id.
     """
     stack = Stack.of(scope)
-    return lakeformation.CfnPrincipalPermissions(
+    if not table.in_table_bucket:
+        return [
+            lakeformation.CfnPrincipalPermissions(
+                scope,
+                construct_id,
+                principal=lakeformation.CfnPrincipalPermissions.DataLakePrincipalProperty(
+                    data_lake_principal_identifier=role.role_arn
+                ),
+                resource=lakeformation.CfnPrincipalPermissions.ResourceProperty(
+                    table=lakeformation.CfnPrincipalPermissions.TableResourceProperty(
+                        catalog_id=stack.account, database_name=table.database_name, name=table.table_name
+                    )
+                ),
+                permissions=list(permissions),
+                permissions_with_grant_option=[],
+            )
+        ]
+    if config.s3_tables is None or config.s3_tables.access_control != "lake_formation":
+        return []
+    catalog_id = table.lake_formation_catalog_id(stack)
+    principal = lakeformation.CfnPermissions.DataLakePrincipalProperty(data_lake_principal_identifier=role.role_arn)
+    namespace = lakeformation.CfnPermissions(
+        scope,
+        f"{construct_id}Namespace",
+        data_lake_principal=principal,
+        resource=lakeformation.CfnPermissions.ResourceProperty(
+            database_resource=lakeformation.CfnPermissions.DatabaseResourceProperty(
+                catalog_id=catalog_id, name=table.database_name
+            )
+        ),
+        permissions=["DESCRIBE"],
+    )
+    on_table = lakeformation.CfnPermissions(
         scope,
         construct_id,
-        principal=lakeformation.CfnPrincipalPermissions.DataLakePrincipalProperty(
-            data_lake_principal_identifier=role.role_arn
-        ),
-        resource=lakeformation.CfnPrincipalPermissions.ResourceProperty(
-            table=lakeformation.CfnPrincipalPermissions.TableResourceProperty(
-                catalog_id=stack.account, database_name=database_name, name=table_name
+        data_lake_principal=principal,
+        resource=lakeformation.CfnPermissions.ResourceProperty(
+            table_resource=lakeformation.CfnPermissions.TableResourceProperty(
+                catalog_id=catalog_id, database_name=table.database_name, name=table.table_name
             )
         ),
         permissions=list(permissions),
-        permissions_with_grant_option=[],
     )
+    return [namespace, on_table]
 
 
 def _mb(value: float) -> str:
@@ -75,7 +116,8 @@ class AccessLogDelivery(Construct):
 
     Args:
         config: the stream's name, buffering, processor and destination settings.
-        bucket_name: the lake bucket (Iceberg warehouse and error output).
+        bucket_name: the lake bucket (error output, and a Glue table's warehouse).
+        table: the metering table (a Glue table, or an S3 table).
         transform_function: the Lambda processor.
 
     Attributes:
@@ -89,12 +131,12 @@ class AccessLogDelivery(Construct):
         *,
         config: Config,
         bucket_name: str,
+        table: MeteringTable,
         transform_function: lambda_.IFunction,
     ) -> None:
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         settings = config.data_firehose_configuration
-        database_name, table_name = config.database_name, config.table_name
         unique_keys = sorted(METERING_EVENT_SCHEMA.identifier_field_names())
         log_retention_days = config.meterlake.aws.log_retention_days
         bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)
@@ -135,7 +177,7 @@ class AccessLogDelivery(Construct):
                 iam.PolicyStatement(
                     sid="MeteringTable",
                     actions=["glue:GetTable", "glue:GetDatabase", "glue:UpdateTable"],
-                    resources=glue_arns(stack, database_name=database_name, table_name=table_name),
+                    resources=table.glue_arns(stack),
                 ),
                 iam.PolicyStatement(
                     sid="TransformLambda",
@@ -158,6 +200,15 @@ class AccessLogDelivery(Construct):
                 iam.PolicyStatement(sid="LakeFormationData", actions=list(UNSCOPABLE_ACTIONS), resources=["*"]),
             ]
         )
+        if table.in_table_bucket:
+            assert table.table_arn is not None
+            policy.add_statements(
+                iam.PolicyStatement(
+                    sid="S3Table",
+                    actions=list(S3_TABLES_WRITE_ACTIONS),
+                    resources=[table.table_bucket_arn(stack), table.table_arn],
+                )
+            )
         role = iam.Role(
             self,
             "Role",
@@ -182,7 +233,14 @@ class AccessLogDelivery(Construct):
             "Firehose writes Iceberg data, metadata and error output under object keys it chooses in the lake bucket "
             "(table location and error prefix); the role may touch no other bucket.",
         )
-        grant = grant_table_access(self, "TableGrant", role=role, database_name=database_name, table_name=table_name)
+        grants = grant_table_access(
+            self,
+            "TableGrant",
+            role=role,
+            table=table,
+            config=config,
+            permissions=S3_TABLE_WRITE_PERMISSIONS if table.in_table_bucket else TABLE_WRITE_PERMISSIONS,
+        )
 
         lambda_processor = firehose.CfnDeliveryStream.ProcessorProperty(
             type="Lambda",
@@ -205,9 +263,10 @@ class AccessLogDelivery(Construct):
                 firehose.CfnDeliveryStream.DeliveryStreamEncryptionConfigurationInputProperty(key_type="AWS_OWNED_CMK")
             ),
             iceberg_destination_configuration=firehose.CfnDeliveryStream.IcebergDestinationConfigurationProperty(
+                # A Glue table's files go to the lake bucket; S3 Tables chooses where an S3 table's go.
                 catalog_configuration=firehose.CfnDeliveryStream.CatalogConfigurationProperty(
-                    catalog_arn=glue_arns(stack, database_name=database_name, table_name=table_name)[0],
-                    warehouse_location=f"s3://{bucket_name}",
+                    catalog_arn=table.catalog_arn(stack),
+                    warehouse_location=None if table.in_table_bucket else f"s3://{bucket_name}",
                 ),
                 role_arn=role.role_arn,
                 s3_configuration=firehose.CfnDeliveryStream.S3DestinationConfigurationProperty(
@@ -223,8 +282,8 @@ class AccessLogDelivery(Construct):
                 s3_backup_mode="FailedDataOnly",
                 destination_table_configuration_list=[
                     firehose.CfnDeliveryStream.DestinationTableConfigurationProperty(
-                        destination_database_name=database_name,
-                        destination_table_name=table_name,
+                        destination_database_name=table.database_name,
+                        destination_table_name=table.table_name,
                         unique_keys=list(unique_keys),
                         s3_error_output_prefix=settings.error_output_prefix,
                     )
@@ -250,7 +309,7 @@ class AccessLogDelivery(Construct):
             ),
         )
         # The stream must not start writing before its role may read and write the table.
-        self.delivery_stream.node.add_dependency(role, grant)
+        self.delivery_stream.node.add_dependency(role, *grants)
 
         CfnOutput(self, "DeliveryStreamName", value=stream_name, description="Firehose stream of the access logs")
 
@@ -270,11 +329,17 @@ class DeliveryStack(Stack):
         *,
         config: Config,
         bucket_name: str,
+        table: MeteringTable,
         transform_function: lambda_.IFunction,
         **kwargs: Any,
     ) -> None:
         super().__init__(scope, construct_id, **kwargs)
         self.delivery = AccessLogDelivery(
-            self, "Default", config=config, bucket_name=bucket_name, transform_function=transform_function
+            self,
+            "Default",
+            config=config,
+            bucket_name=bucket_name,
+            table=table,
+            transform_function=transform_function,
         )
         self.delivery_stream = self.delivery.delivery_stream

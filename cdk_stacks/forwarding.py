@@ -10,10 +10,9 @@ Delivery stack (and so the table) exists.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any, Final
 
-from aws_cdk import ArnFormat, CfnOutput, Duration, RemovalPolicy, Stack
+from aws_cdk import ArnFormat, CfnOutput, CfnResource, Duration, RemovalPolicy, Stack
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_events as events
@@ -29,7 +28,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 
 from cdk_stacks.bundling import LAMBDA_LOCK_DIR, PythonBundle, PythonTarget, lambda_code, project_requirements
-from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, glue_arns, grant_table_access
+from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, grant_table_access
 from cdk_stacks.shared import (
     LAMBDA_PYTHON_VERSION,
     LAMBDA_RUNTIME_REASON,
@@ -38,6 +37,7 @@ from cdk_stacks.shared import (
     lambda_role,
     python_function,
 )
+from cdk_stacks.storage import MeteringTable
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.aws.forwarding import (
     DEAD_LETTER_PREFIX,
@@ -56,13 +56,13 @@ from meterlake.aws.staging import (
     ENV_METERS,
     ENV_QUEUE_URL,
     ENV_TABLE,
+    ENV_TABLE_BUCKET_ARN,
     LEASE_KEY,
     STAGER_SERVICE,
     STAGER_TIMEOUT_S,
     render_meters,
 )
 from meterlake.config import Config
-from meterlake.meters import Meter
 
 
 def _as_is(*paths: str) -> tuple[tuple[str, str], ...]:
@@ -162,6 +162,14 @@ MAX_FORWARD_LAG: Final = Duration.minutes(30)
 ENVIRONMENT_LIMIT_BYTES: Final = 4096
 #: What the stager needs on the table: read its rows and its definition.
 TABLE_READ_PERMISSIONS: Final = ("SELECT", "DESCRIBE")
+#: What reading an S3 table through S3 Tables' Iceberg endpoint takes: the bucket, namespace, table, metadata, files.
+S3_TABLES_READ_ACTIONS: Final = (
+    "s3tables:GetTableBucket",
+    "s3tables:GetNamespace",
+    "s3tables:GetTable",
+    "s3tables:GetTableMetadataLocation",
+    "s3tables:GetTableData",
+)
 
 
 class EnvironmentTooLargeError(ValueError):
@@ -209,7 +217,9 @@ class UsageForwarding(Construct):
         alarm_topic: the SNS topic every alarm notifies.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str, table: MeteringTable
+    ) -> None:
         super().__init__(scope, construct_id)
         aws = config.meterlake.aws
         amberflo = config.amberflo
@@ -244,11 +254,8 @@ class UsageForwarding(Construct):
         self.stager = self._stager(
             lambda_code(stager_bundle(target)),
             bucket=bucket,
-            database_name=config.database_name,
-            table_name=config.table_name,
-            output_prefix=config.data_firehose_configuration.output_prefix,
-            meters=config.meters,
-            batch_size=amberflo.batch_size,
+            table=table,
+            config=config,
             architecture=architecture,
             log_retention_days=log_retention_days,
         )
@@ -282,25 +289,35 @@ class UsageForwarding(Construct):
         code: lambda_.Code,
         *,
         bucket: s3.IBucket,
-        database_name: str,
-        table_name: str,
-        output_prefix: str,
-        meters: Sequence[Meter],
-        batch_size: int,
+        table: MeteringTable,
+        config: Config,
         architecture: str,
         log_retention_days: int,
     ) -> lambda_.Function:
-        table_objects = bucket.arn_for_objects(f"{output_prefix.strip('/')}/*")
+        stack = Stack.of(self)
+        table_objects = bucket.arn_for_objects(f"{config.data_firehose_configuration.output_prefix.strip('/')}/*")
         stager_state = [bucket.arn_for_objects(key) for key in (CHECKPOINT_KEY, LEASE_KEY)]
-        policy = iam.PolicyDocument(
-            statements=[
+        if table.in_table_bucket:
+            assert table.table_arn is not None
+            # Read through S3 Tables' Iceberg endpoint: its own actions authorize metadata and files alike.
+            reads = [
                 iam.PolicyStatement(
-                    sid="MeteringTable",
-                    actions=["glue:GetTable", "glue:GetDatabase"],
-                    resources=glue_arns(Stack.of(self), database_name=database_name, table_name=table_name),
+                    sid="S3Table",
+                    actions=list(S3_TABLES_READ_ACTIONS),
+                    resources=[table.table_bucket_arn(stack), table.table_arn],
+                )
+            ]
+        else:
+            reads = [
+                iam.PolicyStatement(
+                    sid="MeteringTable", actions=["glue:GetTable", "glue:GetDatabase"], resources=table.glue_arns(stack)
                 ),
                 iam.PolicyStatement(sid="LakeFormationData", actions=list(UNSCOPABLE_ACTIONS), resources=["*"]),
                 iam.PolicyStatement(sid="TableFiles", actions=["s3:GetObject"], resources=[table_objects]),
+            ]
+        policy = iam.PolicyDocument(
+            statements=[
+                *reads,
                 iam.PolicyStatement(
                     sid="CheckpointAndLease", actions=["s3:GetObject", "s3:PutObject"], resources=stager_state
                 ),
@@ -320,27 +337,36 @@ class UsageForwarding(Construct):
             description="meterlake Amberflo stager: reads the metering table, queues its records, keeps a checkpoint",
             policy=("Stage", policy),
         )
-        acknowledge(
-            role,
-            "AwsSolutions-IAM5[Resource::*]",
-            "lakeformation:GetDataAccess supports no resource-level permissions; Lake Formation scopes the data "
-            "itself through the SELECT/DESCRIBE grant on the table.",
-        )
-        acknowledge_resources(
-            role,
-            "AwsSolutions-IAM5",
-            [table_objects],
-            "Iceberg data and metadata files have generated names under the table location; the stager may only "
-            "read objects there.",
-        )
-        grant = grant_table_access(
-            self,
-            "StagerTableGrant",
-            role=role,
-            database_name=database_name,
-            table_name=table_name,
-            permissions=TABLE_READ_PERMISSIONS,
-        )
+        grants: list[CfnResource] = []
+        if not table.in_table_bucket:
+            acknowledge(
+                role,
+                "AwsSolutions-IAM5[Resource::*]",
+                "lakeformation:GetDataAccess supports no resource-level permissions; Lake Formation scopes the data "
+                "itself through the SELECT/DESCRIBE grant on the table.",
+            )
+            acknowledge_resources(
+                role,
+                "AwsSolutions-IAM5",
+                [table_objects],
+                "Iceberg data and metadata files have generated names under the table location; the stager may only "
+                "read objects there.",
+            )
+            grants = grant_table_access(
+                self, "StagerTableGrant", role=role, table=table, config=config, permissions=TABLE_READ_PERMISSIONS
+            )
+        environment = {
+            ENV_DATABASE: table.database_name,
+            ENV_TABLE: table.table_name,
+            ENV_BUCKET: bucket.bucket_name,
+            ENV_QUEUE_URL: self.queue.queue_url,
+            ENV_METERS: render_meters(config.meters),
+            ENV_BATCH_SIZE: str(config.amberflo.batch_size),
+            "POWERTOOLS_SERVICE_NAME": STAGER_SERVICE,
+            "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
+        }
+        if table.in_table_bucket:
+            environment[ENV_TABLE_BUCKET_ARN] = table.table_bucket_arn(stack)
         function = python_function(
             self,
             "Stager",
@@ -357,21 +383,9 @@ class UsageForwarding(Construct):
             # time by the stager's S3 lease, and a missed tick is caught up by the next.
             retry_attempts=0,
             max_event_age=Duration.minutes(2),
-            environment=_checked_environment(
-                "stager",
-                {
-                    ENV_DATABASE: database_name,
-                    ENV_TABLE: table_name,
-                    ENV_BUCKET: bucket.bucket_name,
-                    ENV_QUEUE_URL: self.queue.queue_url,
-                    ENV_METERS: render_meters(meters),
-                    ENV_BATCH_SIZE: str(batch_size),
-                    "POWERTOOLS_SERVICE_NAME": STAGER_SERVICE,
-                    "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
-                },
-            ),
+            environment=_checked_environment("stager", environment),
         )
-        function.node.add_dependency(grant)
+        function.node.add_dependency(*grants)
         acknowledge(function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)
         return function
 
@@ -583,6 +597,15 @@ class ForwardingStack(Stack):
         forwarding: the queues, Lambdas, schedule and alarms.
     """
 
-    def __init__(self, scope: Construct, construct_id: str, *, config: Config, bucket_name: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        config: Config,
+        bucket_name: str,
+        table: MeteringTable,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(scope, construct_id, **kwargs)
-        self.forwarding = UsageForwarding(self, "Default", config=config, bucket_name=bucket_name)
+        self.forwarding = UsageForwarding(self, "Default", config=config, bucket_name=bucket_name, table=table)

@@ -1,7 +1,8 @@
-"""The Glue ``OpenTableFormatInput`` of the metering-events table, generated from ``meterlake.schema``.
+"""The metering-events table as AWS creates it, generated from ``meterlake.schema``: Glue's ``OpenTableFormatInput``
+(an Iceberg table in a general-purpose bucket) and S3 Tables' ``IcebergMetadata`` (a table in a table bucket).
 
-CloudFormation creates the Iceberg table through Glue's Iceberg API from this input, so the table on AWS has the
-columns, field ids, identifier field and partition spec the local catalog creates: there is no DDL to run by hand.
+CloudFormation creates the table from these, so the table on AWS has the columns, field ids, identifier fields and
+partition spec the local catalog creates: there is no DDL to run by hand.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Final
 
 from aws_cdk import aws_glue as glue
+from aws_cdk import aws_s3tables as s3tables
 from pyiceberg.partitioning import PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.types import (
@@ -121,4 +123,36 @@ def open_table_format_input(location: str) -> glue.CfnTable.OpenTableFormatInput
                 properties={k: v for k, v in TABLE_PROPERTIES.items() if k not in _RESERVED_PROPERTIES},
             ),
         )
+    )
+
+
+def s3_tables_iceberg_metadata(
+    schema: Schema = METERING_EVENT_SCHEMA, spec: PartitionSpec = METERING_EVENT_PARTITION_SPEC
+) -> s3tables.CfnTable.IcebergMetadataProperty:
+    """The S3 table's schema (field ids and identifier fields included), partition spec and properties."""
+    return s3tables.CfnTable.IcebergMetadataProperty(
+        iceberg_schema_v2=s3tables.CfnTable.IcebergSchemaV2Property(
+            schema_v2_field_type="struct",
+            schema_v2_field_list=[
+                s3tables.CfnTable.SchemaV2FieldProperty(
+                    id=field.field_id,
+                    name=field.name,
+                    type=glue_iceberg_type(field.field_type),
+                    required=field.required,
+                    doc=field.doc,
+                )
+                for field in schema.fields
+            ],
+            identifier_field_ids=list(schema.identifier_field_ids),
+        ),
+        iceberg_partition_spec=s3tables.CfnTable.IcebergPartitionSpecProperty(
+            fields=[
+                s3tables.CfnTable.IcebergPartitionFieldProperty(
+                    name=field.name, source_id=field.source_id, transform=str(field.transform), field_id=field.field_id
+                )
+                for field in spec.fields
+            ],
+            spec_id=spec.spec_id,
+        ),
+        table_properties={k: v for k, v in TABLE_PROPERTIES.items() if k not in _RESERVED_PROPERTIES},
     )

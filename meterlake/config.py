@@ -183,6 +183,29 @@ class MeterlakeSettings(ConfigSection, frozen=True):
     aws: AwsDeployment = msgspec.field(default_factory=AwsDeployment)
 
 
+#: S3 Tables namespace and table names: lower case letters, digits and underscores, not starting with "aws".
+S3TablesName = Annotated[str, Meta(pattern=r"^(?!aws)[a-z0-9_]+$", min_length=1, max_length=255)]
+#: Table bucket names: 3-63 lower case letters, digits and hyphens, starting and ending with a letter or digit.
+TableBucketName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$", min_length=3, max_length=63)]
+
+
+class S3TablesDestination(ConfigSection, frozen=True):
+    """The AWS sample's v3 ``s3_tables`` section: the metering table lives in an Amazon S3 table bucket (Iceberg
+    tables S3 compacts and expires itself) instead of a Glue table on a general-purpose bucket.
+
+    Firehose reaches the namespace through the ``s3tablescatalog`` federated catalog, so the sample's resource-link
+    database (its ``destination_iceberg_table_configuration.database_name``) is not needed.
+    """
+
+    namespace_name: S3TablesName = "restapi_access_log_namespace"
+    table_name: S3TablesName = "restapi_access_log_iceberg"
+    #: None: a name unique to the Storage stack (``meterlake-<8 hex>``), so a redeploy never collides with a kept one.
+    table_bucket_name: TableBucketName | None = None
+    #: How the account integrated its table buckets with AWS analytics services (once per region): IAM only (the
+    #: console's default), or Lake Formation grants on top, for which the stacks then grant every role it needs.
+    access_control: Literal["iam", "lake_formation"] = "iam"
+
+
 class Config(Struct, kw_only=True, frozen=True):
     """The whole configuration. Unknown top-level keys are CDK's own (feature flags, lookups) and are kept out."""
 
@@ -191,18 +214,24 @@ class Config(Struct, kw_only=True, frozen=True):
     #: What is billed: each meter turns matching metering events into Amberflo records.
     meters: tuple[Meter, ...] = DEFAULT_METERS
     amberflo: AmberfloSettings = msgspec.field(default_factory=AmberfloSettings)
+    #: Set: the table is in an S3 table bucket; None: a Glue Iceberg table in the lake bucket.
+    s3_tables: S3TablesDestination | None = None
 
     def __post_init__(self) -> None:
         check_meters(self.meters)
 
     @property
     def database_name(self) -> str:
-        """The Iceberg table's database."""
+        """The Iceberg table's database: the Glue database, or the S3 Tables namespace."""
+        if self.s3_tables is not None:
+            return self.s3_tables.namespace_name
         return self.data_firehose_configuration.destination_iceberg_table_configuration.database_name
 
     @property
     def table_name(self) -> str:
         """The Iceberg table's name."""
+        if self.s3_tables is not None:
+            return self.s3_tables.table_name
         return self.data_firehose_configuration.destination_iceberg_table_configuration.table_name
 
 

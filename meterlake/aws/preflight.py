@@ -16,8 +16,8 @@ from typing import Any, Final
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
 from meterlake.aws import AwsError
-from meterlake.aws.stacks import CDK_QUALIFIER, DELIVERY_STACK, FORWARDING_STACK, STORAGE_STACK
-from meterlake.config import Config
+from meterlake.aws.stacks import CDK_QUALIFIER, DELIVERY_STACK, FORWARDING_STACK, S3_TABLES_CATALOG, STORAGE_STACK
+from meterlake.config import Config, S3TablesDestination
 
 #: The Lake Formation principal that stands for "IAM decides" in an account's default permissions.
 IAM_ALLOWED_PRINCIPALS: Final = "IAM_ALLOWED_PRINCIPALS"
@@ -67,7 +67,12 @@ def _checks(config: Config, account: Account) -> Iterator[Check]:
     yield _lake_formation(account)
     if not _iam_governed(account):
         yield _athena_access(config)
-    yield _database(config, account)
+    if config.s3_tables is None:
+        yield _database(config, account)
+    else:
+        yield _s3_tables_integration(config.s3_tables, account)
+        if config.s3_tables.table_bucket_name is not None:
+            yield _named_table_bucket(config.s3_tables.table_bucket_name, account)
     if config.data_firehose_configuration.s3_bucket is not None:
         yield _named_bucket(config.data_firehose_configuration.s3_bucket, account)
     yield _delivery_stream(config.data_firehose_configuration.delivery_stream_name, account)
@@ -185,9 +190,14 @@ def _exists(call: Callable[[], object], *missing: str) -> bool:
     return True
 
 
-def _name_free(check: str, *, label: str, stack: str, exists: bool, account: Account, remedy: str) -> Check:
-    """A name the stack will create: free, already the deployed stack's (an update), or taken outside it."""
-    name = label.split(" ", 1)[1] if " " in label else label
+def _name_free(
+    check: str, *, label: str, stack: str, exists: bool, account: Account, remedy: str, physical_id: str | None = None
+) -> Check:
+    """A name the stack will create: free, already the deployed stack's (an update), or taken outside it.
+
+    ``physical_id`` is what CloudFormation records for the resource (default: the name the label ends with).
+    """
+    name = physical_id or label.rsplit(" ", 1)[-1]
     if not exists:
         return Check(check, Outcome.OK, f"{label} does not exist yet; {stack} creates it")
     if _deployed_resource(account, stack, name):
@@ -206,6 +216,53 @@ def _database(config: Config, account: Account) -> Check:
         account=account,
         remedy="CloudFormation cannot create it; delete it or set "
         "data_firehose_configuration.destination_iceberg_table_configuration.database_name",
+    )
+
+
+def _s3_tables_integration(destination: S3TablesDestination, account: Account) -> Check:
+    """Firehose, Athena and Glue reach S3 tables through the ``s3tablescatalog`` federated catalog, which exists once
+    the region's table buckets were integrated with AWS analytics services (a one-time, region-wide step AWS leaves
+    to the console or CLI); the integration's access control must be the one the config describes."""
+    name = "S3 Tables integration"
+    glue = account.client("glue")
+    try:
+        catalog = glue.get_catalog(CatalogId=S3_TABLES_CATALOG)["Catalog"]
+    except ClientError as exc:
+        if _error_code(exc) != "EntityNotFoundException":
+            raise
+        return Check(
+            name,
+            Outcome.FAIL,
+            f"table buckets are not integrated with AWS analytics services in {account.region} (no Glue catalog "
+            f"{S3_TABLES_CATALOG}): enable it once per region (S3 console > Table buckets > Integrate), then deploy",
+        )
+    defaults = {
+        entry.get("Principal", {}).get("DataLakePrincipalIdentifier")
+        for entry in catalog.get("CreateTableDefaultPermissions", [])
+    }
+    actual = "iam" if IAM_ALLOWED_PRINCIPALS in defaults else "lake_formation"
+    if actual != destination.access_control:
+        return Check(
+            name,
+            Outcome.FAIL,
+            f"the integration uses {actual} access control but s3_tables.access_control is "
+            f"{destination.access_control!r}: set it to {actual!r} so the stacks grant what the account enforces",
+        )
+    return Check(name, Outcome.OK, f"{S3_TABLES_CATALOG} exists; {actual} access control, as configured")
+
+
+def _named_table_bucket(bucket: str, account: Account) -> Check:
+    s3tables = account.client("s3tables")
+    arn = f"arn:aws:s3tables:{account.region}:{account.account_id}:bucket/{bucket}"
+    return _name_free(
+        "table bucket",
+        label=f"table bucket {bucket}",
+        stack=STORAGE_STACK,
+        exists=_exists(lambda: s3tables.get_table_bucket(tableBucketARN=arn), "NotFoundException"),
+        account=account,
+        physical_id=arn,
+        remedy="kept by an earlier deployment's `cdk destroy`? Delete its tables, namespace and bucket, or set "
+        "another s3_tables.table_bucket_name",
     )
 
 

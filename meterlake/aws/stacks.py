@@ -19,3 +19,5 @@ STACK_NAMES: Final = (
 STORAGE_STACK, TRANSFORM_STACK, DELIVERY_STACK, API_STACK, ANALYTICS_STACK, FORWARDING_STACK = STACK_NAMES
 #: ``cdk bootstrap``'s default qualifier: its roles and its version parameter are named after it.
 CDK_QUALIFIER: Final = "hnb659fds"
+#: Glue's federated catalog of a region's S3 table buckets (``s3tablescatalog/<bucket>`` is one bucket's).
+S3_TABLES_CATALOG: Final = "s3tablescatalog"

@@ -46,6 +46,8 @@ ENV_TABLE: Final = "METERING_TABLE"
 ENV_QUEUE_URL: Final = "FORWARD_QUEUE_URL"
 ENV_METERS: Final = "METERS_JSON"
 ENV_BATCH_SIZE: Final = "FORWARD_BATCH_SIZE"
+#: Set when the table is an S3 table: the table bucket's ARN (the table is read through S3 Tables' Iceberg API).
+ENV_TABLE_BUCKET_ARN: Final = "METERING_TABLE_BUCKET_ARN"
 
 #: SQS takes at most 256 KiB per message and per SendMessageBatch call; the margin covers the request framing.
 MAX_MESSAGE_BYTES: Final = 250_000
@@ -111,6 +113,8 @@ class StagerSettings:
     queue_url: str
     meters: tuple[Meter, ...]
     batch_size: int = MAX_BATCH_RECORDS
+    #: The table bucket of an S3 table; None for a Glue table.
+    table_bucket_arn: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> StagerSettings:
@@ -127,6 +131,7 @@ class StagerSettings:
             queue_url=required_env(environ, ENV_QUEUE_URL),
             meters=parse_meters(msgspec.json.decode(required_env(environ, ENV_METERS))),
             batch_size=int(environ.get(ENV_BATCH_SIZE, MAX_BATCH_RECORDS)),
+            table_bucket_arn=environ.get(ENV_TABLE_BUCKET_ARN) or None,
         )
 
 
@@ -473,6 +478,40 @@ def load_glue_table(database: str, table: str, environ: Mapping[str, str] = os.e
     return catalog.load_table((database, table))
 
 
+def s3_tables_catalog_properties(table_bucket_arn: str, region: str) -> dict[str, str]:
+    """pyiceberg's REST catalog properties for S3 Tables' Iceberg endpoint of ``table_bucket_arn``.
+
+    The endpoint serves one table bucket (the warehouse), signs with SigV4 as ``s3tables`` and needs no Glue or Lake
+    Formation permission: S3 Tables' own (GetTableMetadataLocation, GetTableData, ...) authorize the reads, the
+    table files' included.
+    """
+    return {
+        "type": "rest",
+        "uri": f"https://s3tables.{region}.amazonaws.com/iceberg",
+        "warehouse": table_bucket_arn,
+        "rest.sigv4-enabled": "true",
+        "rest.signing-name": "s3tables",
+        "rest.signing-region": region,
+    }
+
+
+def load_s3_table(table_bucket_arn: str, namespace: str, table: str, environ: Mapping[str, str] = os.environ) -> Table:
+    """The S3 table as S3 Tables' Iceberg endpoint has it now."""
+    from pyiceberg.catalog.rest import RestCatalog
+
+    region = environ.get("AWS_REGION", "")
+    catalog = RestCatalog("s3tables", **s3_tables_catalog_properties(table_bucket_arn, region))
+    loaded: Table = catalog.load_table((namespace, table))
+    return loaded
+
+
+def load_metering_table(settings: StagerSettings) -> Table:
+    """The metering table: an S3 table if the settings name a table bucket, else the Glue table."""
+    if settings.table_bucket_arn is not None:
+        return load_s3_table(settings.table_bucket_arn, settings.database, settings.table)
+    return load_glue_table(settings.database, settings.table)
+
+
 def reset_caches() -> None:
     """Forget the settings and clients read so far (tests; a warm Lambda keeps them)."""
     for cached in (_stager_settings, _clients):
@@ -495,7 +534,7 @@ def stager_handler(event: dict[str, Any], context: LambdaContext) -> dict[str, A
     try:
         report = stage(
             settings,
-            load_table=lambda: load_glue_table(settings.database, settings.table),
+            load_table=lambda: load_metering_table(settings),
             s3=s3,
             sqs=sqs,
             time_left_s=lambda: context.get_remaining_time_in_millis() / 1000,

@@ -12,7 +12,7 @@ from aws_cdk.assertions import Template
 
 from cdk_stacks.app import MeterlakeStacks, build_app
 from meterlake.aws.stacks import STACK_NAMES
-from meterlake.config import Config, parse_config
+from meterlake.config import Config, load_config, parse_config
 from tests.cdk_stacks.iam_evaluation import Deployment
 from tests.cdk_stacks.user_apis import USER_API_STACKS, add_user_api
 
@@ -92,6 +92,35 @@ def templates(stacks: MeterlakeStacks) -> dict[str, Template]:
 def deployment(templates: dict[str, Template]) -> Deployment:
     """Every stack as deployed in one account and region: CloudFormation expressions resolve to physical names."""
     return Deployment({name: template.to_json() for name, template in templates.items()})
+
+
+#: The AWS sample's v3 context file, as its repository ships it: its ``s3_tables`` section selects S3 Tables.
+SAMPLE_V3_CONTEXT = Path(__file__).parent / "fixtures" / "saas-metering-system-v3.cdk.context.json"
+
+
+@pytest.fixture(scope="session")
+def s3_tables_config() -> Config:
+    return load_config(SAMPLE_V3_CONTEXT)
+
+
+@pytest.fixture(scope="session")
+def s3_tables_stacks(
+    s3_tables_config: Config, stacks: MeterlakeStacks, cdk_outdir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> MeterlakeStacks:
+    """The whole app from the sample's v3 context, synthesized once (cdk-nag raises on a finding). The Lambda
+    assets are those of the session's first app (same bundles, same hashes), linked in so they are not rebuilt."""
+    outdir = tmp_path_factory.mktemp("cdk.out.s3tables")
+    for asset in cdk_outdir.glob("asset.*"):
+        (outdir / asset.name).symlink_to(asset)
+    built = build_app(s3_tables_config, outdir=str(outdir))
+    built.app.synth()
+    return built
+
+
+@pytest.fixture(scope="session")
+def s3_tables_deployment(s3_tables_stacks: MeterlakeStacks) -> Deployment:
+    assembly = s3_tables_stacks.app.synth()
+    return Deployment({name: assembly.get_stack_by_name(name).template for name in STACK_NAMES})
 
 
 def lake_bucket(deployment: Deployment) -> str:

@@ -294,6 +294,15 @@ class Deployment:
             values = {"Ref": name, "Arn": f"arn:{p}:firehose:{r}:{a}:deliverystream/{name}"}
         elif kind == "AWS::Glue::Database":
             values = {"Ref": str(self.resolve(stack, props["DatabaseInput"]["Name"]))}
+        elif kind == "AWS::S3Tables::TableBucket":
+            name = prop("TableBucketName")
+            arn = f"arn:{p}:s3tables:{r}:{a}:bucket/{name}"
+            values = {"Ref": arn, "TableBucketARN": arn}
+        elif kind == "AWS::S3Tables::Table":
+            bucket_arn = str(self.resolve(stack, props["TableBucketARN"]))
+            table_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{stack}/{logical_id}"))
+            arn = f"{bucket_arn}/table/{table_id}"
+            values = {"Ref": arn, "TableARN": arn}
         elif kind == "AWS::Events::Rule":
             name = prop("Name")
             values = {"Ref": name, "Arn": f"arn:{p}:events:{r}:{a}:rule/{name}"}

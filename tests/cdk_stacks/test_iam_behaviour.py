@@ -319,24 +319,35 @@ def _table_files(location: str) -> list[str]:
     ]
 
 
-def test_firehose_may_assume_its_role_and_do_what_an_iceberg_destination_does(deployment: Deployment) -> None:
-    """The calls AWS documents for a Firehose stream with a Lambda processor writing an Iceberg table in Glue."""
+@pytest.mark.parametrize("destination", ["glue", "s3_tables"])
+def test_firehose_may_assume_its_role_and_do_what_an_iceberg_destination_does(
+    destination: str, request: pytest.FixtureRequest
+) -> None:
+    """The calls AWS documents for a Firehose stream with a Lambda processor writing an Iceberg table: a Glue table
+    in the lake bucket, or an S3 table reached through Glue's ``s3tablescatalog`` federation."""
+    deployment: Deployment = request.getfixturevalue("deployment" if destination == "glue" else "s3_tables_deployment")
     stack = "MeterlakeDelivery"
     (stream,) = deployment.resources(stack, "AWS::KinesisFirehose::DeliveryStream").values()
     raw = stream["Properties"]["IcebergDestinationConfiguration"]
     role = raw["RoleARN"]["Fn::GetAtt"][0]
-    destination = deployment.resolve(stack, raw)
+    destination_config = deployment.resolve(stack, raw)
     # Firehose passes the stream's account as sts:ExternalId (AWS's documented trust condition for Firehose roles).
     assert _trust_allows(deployment, stack, role, "firehose.amazonaws.com", {"sts:ExternalId": ACCOUNT})
-
-    catalog = destination["CatalogConfiguration"]["CatalogArn"]
-    (table,) = destination["DestinationTableConfigurationList"]
-    database, name = table["DestinationDatabaseName"], table["DestinationTableName"]
-    glue = (
-        catalog,
-        catalog.replace(":catalog", f":database/{database}"),
-        catalog.replace(":catalog", f":table/{database}/{name}"),
+    secure = {"aws:SecureTransport": "true"}
+    calls = _firehose_common_calls(destination_config) + (
+        _glue_table_calls(deployment, destination_config)
+        if destination == "glue"
+        else _s3_table_calls(deployment, destination_config, writes=True)
     )
+    calls.append(AwsCall("lakeformation:GetDataAccess", ("*",), secure, "gets Lake Formation data credentials"))
+    assert _denied(deployment, stack, role, calls) == []
+
+
+SECURE = {"aws:SecureTransport": "true"}
+
+
+def _firehose_common_calls(destination: dict[str, Any]) -> list[AwsCall]:
+    """What Firehose does whatever the table: run the processor, write error output, log."""
     bucket_arn = destination["S3Configuration"]["BucketARN"]
     error_object = f"{bucket_arn}/{_rendered(destination['S3Configuration']['ErrorOutputPrefix'])}file-1"
     lambda_arn = next(
@@ -346,23 +357,17 @@ def test_firehose_may_assume_its_role_and_do_what_an_iceberg_destination_does(de
         if p["ParameterName"] == "LambdaArn"
     )
     logging = [destination["CloudWatchLoggingOptions"], destination["S3Configuration"]["CloudWatchLoggingOptions"]]
-    secure = {"aws:SecureTransport": "true"}
-    calls = [
+    return [
         *(
-            AwsCall(f"glue:{a}", glue, secure, "commits to the table")
-            for a in ("GetTable", "GetDatabase", "UpdateTable")
+            AwsCall(action, (error_object,), SECURE, "writes error output")
+            for action in ("s3:PutObject", "s3:GetObject", "s3:AbortMultipartUpload")
         ),
         *(
-            AwsCall(action, (obj,), secure, "writes the table's files")
-            for obj in (*_table_files(_table_location(deployment)), error_object)
-            for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
-        ),
-        *(
-            AwsCall(action, (bucket_arn,), secure, "lists the bucket")
+            AwsCall(action, (bucket_arn,), SECURE, "lists the bucket")
             for action in ("s3:ListBucket", "s3:GetBucketLocation", "s3:ListBucketMultipartUploads")
         ),
         *(
-            AwsCall(a, (lambda_arn,), secure, "runs the processor")
+            AwsCall(a, (lambda_arn,), SECURE, "runs the processor")
             for a in ("lambda:InvokeFunction", "lambda:GetFunctionConfiguration")
         ),
         *(
@@ -371,14 +376,72 @@ def test_firehose_may_assume_its_role_and_do_what_an_iceberg_destination_does(de
                 (
                     f"arn:{PARTITION}:logs:{REGION}:{ACCOUNT}:log-group:{o['LogGroupName']}:log-stream:{o['LogStreamName']}",
                 ),
-                secure,
+                SECURE,
                 "logs delivery errors",
             )
             for o in logging
         ),
-        AwsCall("lakeformation:GetDataAccess", ("*",), secure, "gets Lake Formation data credentials"),
     ]
-    assert _denied(deployment, stack, role, calls) == []
+
+
+def _glue_table_calls(deployment: Deployment, destination: dict[str, Any]) -> list[AwsCall]:
+    """A Glue table: commit through the default catalog, write its files under the table's location."""
+    catalog = destination["CatalogConfiguration"]["CatalogArn"]
+    (table,) = destination["DestinationTableConfigurationList"]
+    database, name = table["DestinationDatabaseName"], table["DestinationTableName"]
+    glue = (
+        catalog,
+        catalog.replace(":catalog", f":database/{database}"),
+        catalog.replace(":catalog", f":table/{database}/{name}"),
+    )
+    return [
+        *(
+            AwsCall(f"glue:{a}", glue, SECURE, "commits to the table")
+            for a in ("GetTable", "GetDatabase", "UpdateTable")
+        ),
+        *(
+            AwsCall(action, (obj,), SECURE, "writes the table's files")
+            for obj in _table_files(_table_location(deployment))
+            for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:AbortMultipartUpload")
+        ),
+    ]
+
+
+def _s3_table(deployment: Deployment) -> tuple[str, str, str]:
+    """(table bucket name, its ARN, the S3 table's ARN) as the Storage stack's deployment has them."""
+    storage = "MeterlakeStorage"
+    ((bucket_id, _),) = deployment.resources(storage, "AWS::S3Tables::TableBucket").items()
+    ((table_id, _),) = deployment.resources(storage, "AWS::S3Tables::Table").items()
+    bucket_arn = str(deployment.attribute(storage, bucket_id, "TableBucketARN"))
+    return bucket_arn.rsplit("/", 1)[1], bucket_arn, str(deployment.attribute(storage, table_id, "TableARN"))
+
+
+def _s3_table_calls(deployment: Deployment, destination: dict[str, Any], *, writes: bool) -> list[AwsCall]:
+    """An S3 table through Glue's federation (AWS Glue, "Specifying AWS Glue resource ARNs"; the S3 Tables catalog
+    prerequisites): Glue on every catalog above the table, its database and table; S3 Tables on the bucket and table."""
+    bucket, bucket_arn, table_arn = _s3_table(deployment)
+    (table,) = destination["DestinationTableConfigurationList"]
+    namespace, name = table["DestinationDatabaseName"], table["DestinationTableName"]
+    root = f"arn:{PARTITION}:glue:{REGION}:{ACCOUNT}"
+    assert destination["CatalogConfiguration"]["CatalogArn"] == f"{root}:catalog/s3tablescatalog/{bucket}"
+    glue = (
+        f"{root}:catalog",
+        f"{root}:catalog/s3tablescatalog",
+        f"{root}:catalog/s3tablescatalog/{bucket}",
+        f"{root}:database/s3tablescatalog/{bucket}/{namespace}",
+        f"{root}:table/s3tablescatalog/{bucket}/{namespace}/{name}",
+    )
+    glue_actions = ("GetTable", "GetDatabase", "UpdateTable") if writes else ("GetTable", "GetDatabase")
+    s3tables_actions = ["GetTableBucket", "GetNamespace", "GetTable", "GetTableMetadataLocation", "GetTableData"]
+    if writes:
+        s3tables_actions += ["UpdateTableMetadataLocation", "PutTableData"]
+    return [
+        *(AwsCall(f"glue:{a}", glue, SECURE, "commits through Glue's federation") for a in glue_actions),
+        *(
+            AwsCall(f"s3tables:{a}", (bucket_arn, table_arn), SECURE, "reads and writes the S3 table")
+            for a in s3tables_actions
+        ),
+    ]
 
 
 def _rendered(prefix: str) -> str:

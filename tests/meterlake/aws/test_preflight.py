@@ -8,6 +8,7 @@ from typing import Any
 
 import boto3  # type: ignore[import-untyped]
 import pytest
+from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
 from meterlake.aws.preflight import IAM_ALLOWED_PRINCIPALS, Account, Check, Outcome, connect, preflight
 from meterlake.aws.stacks import CDK_QUALIFIER
@@ -179,3 +180,80 @@ def test_no_region_is_one_line(
         main()
     assert caught.value.code == 2
     assert capsys.readouterr().err.startswith("error: no AWS region")
+
+
+class GlueWithCatalogs:
+    """moto's Glue client plus GetCatalog (moto lacks it), answering for the federated catalogs given."""
+
+    def __init__(self, glue: Any, catalogs: dict[str, dict[str, Any]]) -> None:
+        self._glue = glue
+        self.catalogs = catalogs
+        self.exceptions = glue.exceptions
+
+    def get_catalog(self, CatalogId: str) -> dict[str, Any]:  # noqa: N803 - boto3's parameter name
+        if CatalogId not in self.catalogs:
+            error = {"Error": {"Code": "EntityNotFoundException", "Message": f"Catalog {CatalogId} not found"}}
+            raise ClientError(error, "GetCatalog")
+        return {"Catalog": self.catalogs[CatalogId]}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._glue, name)
+
+
+def s3_tables_catalog(access_control: str) -> dict[str, Any]:
+    """The ``s3tablescatalog`` catalog as the integration creates it in each access-control mode."""
+    principal = IAM_ALLOWED_PRINCIPALS if access_control == "iam" else "arn:aws:iam::123456789012:role/admin"
+    return {
+        "Name": "s3tablescatalog",
+        "CreateTableDefaultPermissions": [
+            {"Principal": {"DataLakePrincipalIdentifier": principal}, "Permissions": ["ALL"]}
+        ]
+        if access_control == "iam"
+        else [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("integrated", "configured", "outcome"),
+    [
+        (None, "iam", Outcome.FAIL),
+        ("iam", "iam", Outcome.OK),
+        ("lake_formation", "lake_formation", Outcome.OK),
+        ("iam", "lake_formation", Outcome.FAIL),
+        ("lake_formation", "iam", Outcome.FAIL),
+    ],
+)
+def test_s3_tables_need_the_regions_integration_in_the_configured_mode(
+    account: Account, integrated: str | None, configured: str, outcome: Outcome
+) -> None:
+    catalogs = {} if integrated is None else {"s3tablescatalog": s3_tables_catalog(integrated)}
+    glue = GlueWithCatalogs(boto3.client("glue", region_name=REGION), catalogs)
+    with_glue = Account(
+        account_id=account.account_id,
+        region=account.region,
+        client=lambda service: glue if service == "glue" else account.client(service),
+    )
+    config = parse_config({"s3_tables": {"namespace_name": "usage", "access_control": configured}})
+    checks = by_name(preflight(config, with_glue))
+    assert "Glue database" not in checks
+    check = checks["S3 Tables integration"]
+    assert check.outcome is outcome, check
+    if integrated is None:
+        assert "not integrated with AWS analytics services" in check.detail
+    elif outcome is Outcome.FAIL:
+        assert f"s3_tables.access_control is {configured!r}" in check.detail
+
+
+def test_a_named_table_bucket_kept_by_an_earlier_deployment_fails_early(account: Account) -> None:
+    glue = GlueWithCatalogs(boto3.client("glue", region_name=REGION), {"s3tablescatalog": s3_tables_catalog("iam")})
+    with_glue = Account(
+        account_id=account.account_id,
+        region=account.region,
+        client=lambda service: glue if service == "glue" else account.client(service),
+    )
+    config = parse_config({"s3_tables": {"table_bucket_name": "kept-metering"}})
+    assert by_name(preflight(config, with_glue))["table bucket"].outcome is Outcome.OK
+    boto3.client("s3tables", region_name=REGION).create_table_bucket(name="kept-metering")
+    check = by_name(preflight(config, with_glue))["table bucket"]
+    assert check.outcome is Outcome.FAIL
+    assert "s3_tables.table_bucket_name" in check.detail
