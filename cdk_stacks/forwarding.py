@@ -582,6 +582,23 @@ class UsageForwarding(Construct):
             evaluation_periods=1,
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
         )
+        cloudwatch.Alarm(
+            self,
+            "ApiKeyRefusedAlarm",
+            alarm_description="Amberflo refuses the API key (401/403): forwarding is paused and every message goes "
+            "back to the queue; fix the secret (the next invocation reads it again)",
+            metric=cloudwatch.Metric(
+                namespace=METRICS_NAMESPACE,
+                metric_name="ApiKeyRefused",
+                dimensions_map={"service": FORWARDER_SERVICE},
+                statistic="Maximum",
+                period=period,
+            ),
+            threshold=0,
+            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_THRESHOLD,
+            evaluation_periods=1,
+            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
+        )
         # Every alarm of the stack, this one's and any added later, notifies the topic when it fires and clears.
         action = cloudwatch_actions.SnsAction(self.alarm_topic)
         for child in self.node.children:

@@ -272,7 +272,8 @@ def test_every_alarm_notifies_the_encrypted_topic_and_its_subscriber(
     assert set(publish["Condition"]) == {"ArnLike", "StringEquals"}
     assert ":alarm:*" in json.dumps(publish["Condition"]["ArnLike"]["aws:SourceArn"])
     alarms = resources_of(template, "AWS::CloudWatch::Alarm").values()
-    assert len(alarms) == 5
+    assert len(alarms) == 6
+    assert "ApiKeyRefused" in {a["Properties"].get("MetricName") for a in alarms}
     for alarm in alarms:
         assert alarm["Properties"]["AlarmActions"] == [{"Ref": topic_id}]
         assert alarm["Properties"]["OKActions"] == [{"Ref": topic_id}]
