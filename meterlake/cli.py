@@ -1,14 +1,21 @@
 """The ``meterlake`` command line: thin commands over the pipeline's modules.
 
-User mistakes (bad config, unknown query, unreachable URL, ...) print one ``error:`` line and exit non-zero; they
-never show a traceback.
+User mistakes (bad config, unknown query, unreachable URL, ...) and failures of the environment (a read-only data
+dir, a full disk) print one ``error:`` line and exit non-zero; they never show a traceback.
+
+Values that come from data (tenants, Amberflo's answers, file names) are printed as text: control characters made
+visible (:func:`meterlake.query.printable`) and rich markup escaped, so a tenant named ``[/bold]`` or one holding ANSI
+escapes shows as what it is.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,6 +24,7 @@ from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from meterlake.aws.athena import WORKGROUP as ATHENA_WORKGROUP
@@ -30,8 +38,8 @@ from meterlake.loadtest import (
     run_load_test,
     summary_lines,
 )
-from meterlake.local.home import DataDir
-from meterlake.query import QueryError
+from meterlake.local.home import PRIVATE_UMASK, DataDir, DataDirError
+from meterlake.query import QueryError, printable
 
 app = typer.Typer(
     name="meterlake",
@@ -41,8 +49,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Piped output (make demo in CI, | less) gets a fixed width instead of rich's 80-column default.
-console = Console(width=None if sys.stdout.isatty() else 140)
-err_console = Console(stderr=True)
+# No emoji codes: a value such as ":smile:" is printed as it is.
+console = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
+err_console = Console(stderr=True, emoji=False)
+
+
+#: The highest TCP port.
+_MAX_PORT = 65535
 
 
 class UsageError(Exception):
@@ -61,8 +74,23 @@ class Context:
         return load_config(self.config_path)
 
     def data_dir(self) -> DataDir:
-        """The local runtime's data dir."""
+        """The local runtime's data dir; from here on this process creates files 0600 and directories 0700."""
+        # Every file the pipeline writes there (spool, Parquet, metadata, catalog, outbox, errors) is its user's only.
+        os.umask(PRIVATE_UMASK)
         return DataDir.resolve(self.home)
+
+    def writable_data_dir(self) -> DataDir:
+        """The data dir, created and checked writable: for commands that write there.
+
+        Raises:
+            DataDirError: it cannot be created or written (a read-only file system, no permission).
+        """
+        return self.data_dir().ensure().require_writable()
+
+
+def _shown(value: object) -> str:
+    """A value from data for a console line: control characters visible, rich markup escaped."""
+    return escape(printable(str(value)))
 
 
 @app.callback()
@@ -89,15 +117,15 @@ def show_config(ctx: typer.Context) -> None:
     """Validate the config and print what the pipeline will use."""
     config = _context(ctx).config()
     firehose = config.data_firehose_configuration
-    console.print(f"delivery stream  {firehose.delivery_stream_name}")
-    console.print(f"table            {config.database_name}.{config.table_name}")
+    console.print(f"delivery stream  {_shown(firehose.delivery_stream_name)}")
+    console.print(f"table            {_shown(config.database_name)}.{_shown(config.table_name)}")
     hints = firehose.buffering_hints
     console.print(f"buffering        {hints.size_in_mbs} MB or {hints.interval_in_seconds} s")
     processing = firehose.transform_records_with_aws_lambda
     console.print(f"transform buffer {processing.effective_buffer_size:g} MB, {processing.number_of_retries} retries")
     if processing.buffer_size_note is not None:
-        console.print(f"note: {processing.buffer_size_note}", soft_wrap=True)
-    console.print(f"unmetered        {', '.join(config.meterlake.unmetered_http_methods) or '(none)'}")
+        console.print(f"note: {_shown(processing.buffer_size_note)}", soft_wrap=True)
+    console.print(f"unmetered        {_shown(', '.join(config.meterlake.unmetered_http_methods) or '(none)')}")
 
 
 @app.command("access-log-format")
@@ -118,6 +146,10 @@ def token(
     """Issue an ID token from the local user pool, for the gateway `meterlake up` serves."""
     from meterlake.local.auth import for_config
 
+    if not user:
+        raise UsageError("--user must not be empty")
+    if ttl is not None and ttl < 1:
+        raise UsageError(f"--ttl must be at least 1, got {ttl}")
     c = _context(ctx)
     pool = for_config(c.config(), c.data_dir().ensure())
     print(pool.issue_id_token(user=user, tenant_id=tenant, ttl_seconds=ttl))
@@ -131,8 +163,10 @@ def up(
     """Run the local pipeline until Ctrl-C or SIGTERM; on the way out everything acknowledged is flushed."""
     from meterlake.local.stack import LocalStack
 
+    if port is not None and not 0 <= port <= _MAX_PORT:
+        raise UsageError(f"--port must be 0-{_MAX_PORT}, got {port}")
     c = _context(ctx)
-    config, data_dir = c.config(), c.data_dir()
+    config, data_dir = c.config(), c.writable_data_dir()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -143,7 +177,7 @@ def up(
         with LocalStack(config=config, data_dir=data_dir, port=port) as stack:
             console.print(f"RestApiEndpoint {stack.gateway.invoke_url}", highlight=False)
             console.print(
-                f"data dir {data_dir.root}; get a token: meterlake token --tenant acme --user alice; "
+                f"data dir {_shown(data_dir.root)}; get a token: meterlake token --tenant acme --user alice; "
                 f'try: curl -H "Authorization: $TOKEN" {stack.gateway.invoke_url}/random/strings?len=8',
                 highlight=False,
             )
@@ -168,7 +202,8 @@ def demo(
     from meterlake.local.demo import run_demo
 
     c = _context(ctx)
-    ok = run_demo(config=c.config(), data_dir=c.data_dir(), requests=requests, concurrency=concurrency, console=console)
+    config, data_dir = c.config(), c.writable_data_dir()
+    ok = run_demo(config=config, data_dir=data_dir, requests=requests, concurrency=concurrency, console=console)
     if not ok:
         raise typer.Exit(1)
 
@@ -270,7 +305,7 @@ def load_test(
         task = progress.add_task("requests", total=plan.total)
         report = run_load_test(plan, on_progress=lambda n: progress.advance(task, n))
     for line in summary_lines(report):
-        console.print(line, highlight=False)
+        console.print(_shown(line), highlight=False)
 
 
 def _aws_client(service: str, region: str | None, *, region_option: str) -> Any:
@@ -331,7 +366,7 @@ def query(
     if list_ or name is None:
         for q in list_queries():
             params = ", ".join(p.name for p in q.params)
-            console.print(f"[bold]{q.name}[/bold]  {q.description}  [dim]params: {params or '-'}[/dim]")
+            console.print(f"[bold]{_shown(q.name)}[/bold]  {_shown(q.description)}  [dim]params: {params or '-'}[/dim]")
         return
     if fmt not in ("table", "csv", "json"):
         raise UsageError(f"--format must be table, csv or json, got {fmt!r}")
@@ -362,20 +397,44 @@ def ingest(
     ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="File of access-log lines, one per line, or - for stdin.")],
 ) -> None:
-    """Put access-log lines into the local delivery stream and flush them into Iceberg."""
-    from meterlake.local.stream import DeliveryStream, ingest_lines
+    """Put access-log lines into the local delivery stream and flush them into Iceberg.
+
+    A line too long to be a record stops the ingest there: the lines before it are flushed, nothing after it is read.
+    """
+    from meterlake.local.stream import MAX_PUT_RECORD_BYTES, DeliveryStream, ingest_lines
 
     c = _context(ctx)
-    if source == "-":
-        handle = sys.stdin.buffer
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise UsageError(f"{source}: no such file")
-        handle = path.open("rb")
-    with handle, DeliveryStream(config=c.config(), data_dir=c.data_dir()) as stream:
-        count = ingest_lines(stream, (line.rstrip(b"\r\n") for line in handle if line.strip()))
+    config = c.config()
+    path = None if source == "-" else Path(source)
+    if path is not None and not path.is_file():
+        raise UsageError(f"{source}: no such file")
+    data_dir = c.writable_data_dir()
+    stopped_at: list[tuple[int, int]] = []  # (line number, size) of the line that stopped the ingest
+
+    def records(handle: Any) -> Iterator[bytes]:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = line.rstrip(b"\r\n")
+            if len(record) > MAX_PUT_RECORD_BYTES:
+                stopped_at.append((number, len(record)))
+                return
+            yield record
+
+    with (
+        sys.stdin.buffer if path is None else path.open("rb") as handle,
+        DeliveryStream(config=config, data_dir=data_dir) as stream,
+    ):
+        count = ingest_lines(stream, records(handle))
         report = stream.flush()
+    if stopped_at:
+        number, size = stopped_at[0]
+        raise UsageError(
+            f"{'stdin' if path is None else source} line {number} is {size} bytes; a record may be at most "
+            f"{MAX_PUT_RECORD_BYTES}: ingest stopped there; the {count} lines before it were acknowledged and flushed "
+            f"(committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}); "
+            "nothing after it was read"
+        )
     console.print(
         f"acknowledged {count} lines; committed {report.ok_written}, rejected {report.failed}, "
         f"dropped {report.dropped}, duplicates skipped {report.duplicates_skipped}"
@@ -388,7 +447,8 @@ def flush(ctx: typer.Context) -> None:
     from meterlake.local.stream import DeliveryStream
 
     c = _context(ctx)
-    with DeliveryStream(config=c.config(), data_dir=c.data_dir()) as stream:
+    config, data_dir = c.config(), c.writable_data_dir()
+    with DeliveryStream(config=config, data_dir=data_dir) as stream:
         report = stream.flush()
     console.print(f"committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}")
 
@@ -416,10 +476,12 @@ def aws_preflight(
 
     config = _context(ctx).config()
     account = connect(profile=profile, region=region)
-    console.print(f"account {account.account_id}, region {account.region}", highlight=False)
+    console.print(f"account {_shown(account.account_id)}, region {_shown(account.region)}", highlight=False)
     checks = preflight(config, account)
     for check in checks:
-        console.print(f"{check.outcome.value:<5} {check.name}: {check.detail}", highlight=False, soft_wrap=True)
+        console.print(
+            f"{check.outcome.value:<5} {_shown(check.name)}: {_shown(check.detail)}", highlight=False, soft_wrap=True
+        )
     failed = [check.name for check in checks if check.outcome is Outcome.FAIL]
     if failed:
         raise UsageError(f"{len(failed)} prerequisite(s) missing: {', '.join(failed)}")
@@ -438,7 +500,7 @@ def forward_status(ctx: typer.Context) -> None:
 
     c = _context(ctx)
     config = c.config()
-    with Outbox.in_data_dir(c.data_dir().ensure(), meters=config.meters, settings=config.amberflo) as outbox:
+    with Outbox.in_data_dir(c.writable_data_dir(), meters=config.meters, settings=config.amberflo) as outbox:
         status = outbox.status()
     if status.paused is not None:
         console.print(
@@ -451,7 +513,7 @@ def forward_status(ctx: typer.Context) -> None:
     console.print(f"no tenant      {status.untenanted_events} events (never forwarded)")
     console.print(f"checkpoint     snapshot {status.checkpoint_snapshot_id} ({status.staged_snapshots} staged)")
     if status.last_error:
-        console.print(f"last error     {status.last_error}", highlight=False)
+        console.print(f"last error     {_shown(status.last_error)}", highlight=False)
     if _amberflo_key(config) is None:
         console.print(f"(dry run: ${config.amberflo.api_key_env} is not set; records are staged, nothing is sent)")
 
@@ -463,11 +525,11 @@ def forward_retry_dead(ctx: typer.Context) -> None:
 
     c = _context(ctx)
     config = c.config()
-    with Outbox.in_data_dir(c.data_dir().ensure(), meters=config.meters, settings=config.amberflo) as outbox:
+    with Outbox.in_data_dir(c.writable_data_dir(), meters=config.meters, settings=config.amberflo) as outbox:
         for entry in outbox.dead_letters():
             console.print(
-                f"batch {entry.batch_id}: {entry.records} records, Amberflo said {entry.http_status}: "
-                f"{(entry.answer or '')[:160]}",
+                f"batch {_shown(entry.batch_id)}: {entry.records} records, Amberflo said {entry.http_status}: "
+                f"{_shown((entry.answer or '')[:160])}",
                 highlight=False,
             )
         count = outbox.retry_dead()
@@ -482,7 +544,7 @@ def forward_run(ctx: typer.Context) -> None:
     from meterlake.local.catalog import ensure_metering_table, open_catalog
 
     c = _context(ctx)
-    config, data_dir = c.config(), c.data_dir().ensure()
+    config, data_dir = c.config(), c.writable_data_dir()
     table = ensure_metering_table(open_catalog(data_dir), config)
     with (
         Outbox.in_data_dir(data_dir, meters=config.meters, settings=config.amberflo) as outbox,
@@ -510,8 +572,9 @@ def meters_list(ctx: typer.Context) -> None:
     for meter in config.meters:
         conditions = " and ".join(f"{c.column} {c.op} {c.value!r}" for c in meter.filter) or "every event"
         console.print(
-            f"[bold]{meter.meter_api_name}[/bold] ({meter.meter_type}): {meter.label}; counts {conditions}; "
-            f"value {meter.value!r}; dimensions {', '.join(meter.dimensions) or '-'}",
+            f"[bold]{_shown(meter.meter_api_name)}[/bold] ({_shown(meter.meter_type)}): {_shown(meter.label)}; "
+            f"counts {_shown(conditions)}; value {_shown(repr(meter.value))}; "
+            f"dimensions {_shown(', '.join(meter.dimensions) or '-')}",
             highlight=False,
         )
 
@@ -530,7 +593,9 @@ def meters_sync(ctx: typer.Context) -> None:
     with httpx.Client() as client:
         results = sync_meters(client, base_url=config.amberflo.base_url, api_key=key, meters=config.meters)
     for result in results:
-        console.print(f"{result.meter_api_name}: {result.action} (id {result.meter_id})", highlight=False)
+        console.print(
+            f"{_shown(result.meter_api_name)}: {_shown(result.action)} (id {_shown(result.meter_id)})", highlight=False
+        )
 
 
 @app.command()
@@ -550,7 +615,7 @@ def reconcile(
     from meterlake.amberflo.reconcile import repair as repair_usage
 
     c = _context(ctx)
-    config, data_dir = c.config(), c.data_dir().ensure()
+    config, data_dir = c.config(), c.writable_data_dir()
     window = Window.covering(_timestamp("--from", from_), _timestamp("--to", to))
     key = _amberflo_key(config)
     lake = lake_usage(config, data_dir, window)
@@ -564,14 +629,15 @@ def reconcile(
                 )
             report = compare(lake, other, against=f"Amberflo at {config.amberflo.base_url}")
         console.print(
-            f"{report.buckets} customer/meter/hour buckets compared against {report.against}; "
+            f"{report.buckets} customer/meter/hour buckets compared against {_shown(report.against)}; "
             f"{len(report.differences)} differ",
             highlight=False,
         )
         for d in report.differences:
             hour = datetime.fromtimestamp(d.hour_s, UTC).strftime("%Y-%m-%dT%H:00Z")
             console.print(
-                f"  {d.customer_id} {d.meter_api_name} {hour}: lake {d.lake:g}, other {d.other:g}", highlight=False
+                f"  {_shown(d.customer_id)} {_shown(d.meter_api_name)} {hour}: lake {d.lake:g}, other {d.other:g}",
+                highlight=False,
             )
         if repair and report.missing:
             queued = repair_usage(report, config=config, data_dir=data_dir, outbox=outbox)
@@ -604,7 +670,8 @@ def amberflo_serve(
     try:
         with LocalAmberflo(api_key=api_key, port=port, faults=FaultPlan(transient_rate=transient_rate)) as server:
             console.print(
-                f"local Amberflo on {server.url} (X-API-KEY: {api_key}); point amberflo.base_url at it", highlight=False
+                f"local Amberflo on {server.url} (X-API-KEY: {_shown(api_key)}); point amberflo.base_url at it",
+                highlight=False,
             )
             stop.wait()
     finally:
@@ -613,8 +680,17 @@ def amberflo_serve(
 
 
 def _fail(message: str) -> NoReturn:
-    sys.stderr.write(f"error: {message}\n")
+    # One line, whatever the message carries (a file name, Amberflo's answer): control characters made visible.
+    sys.stderr.write(f"error: {printable(message, escape_backslash=False)}\n")
     raise SystemExit(2)
+
+
+def _os_error(exc: OSError) -> str:
+    """A failure of the environment (read-only or full file system, no permission) as one line: path, reason, errno."""
+    reason = exc.strerror or str(exc)
+    name = errno.errorcode.get(exc.errno) if exc.errno else None
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{reason}" + (f" ({name})" if name else "")
 
 
 def main() -> None:
@@ -623,7 +699,7 @@ def main() -> None:
     from meterlake.amberflo.reconcile import ReconcileError
     from meterlake.amberflo.sync import MeterSyncError
     from meterlake.aws import AwsError
-    from meterlake.local.auth import InvalidToken
+    from meterlake.local.auth import InvalidClaimError, InvalidToken, SigningKeyError
     from meterlake.local.gateway import GatewayError
     from meterlake.local.serving import ServingError
     from meterlake.local.stream import StreamError
@@ -643,7 +719,13 @@ def main() -> None:
         ReconcileError,
         MeterSyncError,
         ServingError,
+        DataDirError,
+        SigningKeyError,
+        InvalidClaimError,
     ) as exc:
         _fail(str(exc))
+    except OSError as exc:
+        # The disk filled up or became read-only under a command, past what its own errors name.
+        _fail(_os_error(exc))
     except KeyboardInterrupt:
         _fail("interrupted")
