@@ -17,7 +17,6 @@ from aws_cdk import aws_glue as glue
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
-from sqlglot import exp
 
 from cdk_stacks.delivery import UNSCOPABLE_ACTIONS, grant_table_access
 from cdk_stacks.shared import acknowledge, acknowledge_resources
@@ -54,9 +53,7 @@ def athena_named_queries(config: Config, table: MeteringTable | None = None) -> 
     Raises:
         QueryDefinitionError: a query file is malformed or cannot be translated.
     """
-    target = athena_table(config)
-    if table is not None and table.in_table_bucket:
-        target = exp.table_(table.table_name, db=table.database_name, catalog=table.athena_catalog(), quoted=True)
+    target = athena_table(config, table_bucket=None if table is None else table.table_bucket_name)
     queries = []
     for query in list_queries():
         # Each parameter's own name as its value: the ExecutionParameters list then spells the ``?`` order.

@@ -39,8 +39,6 @@ def static_prefix(prefix: str) -> str:
     return folder
 
 
-#: Glue's own catalog in Athena.
-ATHENA_DEFAULT_CATALOG: Final = "AwsDataCatalog"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +93,6 @@ class MeteringTable:
         """The catalog id Lake Formation grants on the table take: the account, or ``<account>:s3tablescatalog/<b>``."""
         path = self.glue_catalog_path()
         return f"{stack.account}:{path}" if path else stack.account
-
-    def athena_catalog(self) -> str:
-        """The catalog Athena names the table in."""
-        path = self.glue_catalog_path()
-        return path or ATHENA_DEFAULT_CATALOG
 
     def table_bucket_arn(self, stack: Stack) -> str:
         """The S3 table bucket's ARN.

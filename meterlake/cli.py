@@ -359,6 +359,13 @@ def query(
         str | None,
         typer.Option("--output-location", help="s3:// prefix for Athena's results (default: the workgroup's)."),
     ] = None,
+    table_bucket: Annotated[
+        str | None,
+        typer.Option(
+            "--table-bucket",
+            help="With --athena and s3_tables: the table bucket (default: the config's, else the deployed stack's).",
+        ),
+    ] = None,
 ) -> None:
     """Run an Athena-dialect SQL query from sql/: locally (sqlglot -> DuckDB over the table's files) or on Athena."""
     from meterlake.query import format_result, list_queries, load_query, parse_param_args, run_local_query
@@ -373,21 +380,27 @@ def query(
     output: Literal["table", "csv", "json"] = fmt  # type: ignore[assignment]
     c = _context(ctx)
     if not athena:
-        if region is not None or output_location is not None:
-            raise UsageError("--region and --output-location only apply with --athena")
+        if region is not None or output_location is not None or table_bucket is not None:
+            raise UsageError("--region, --output-location and --table-bucket only apply with --athena")
         result = run_local_query(
             load_query(name), parse_param_args(param or []), config=c.config(), data_dir=c.data_dir()
         )
     else:
-        from meterlake.aws.athena import run_athena_query
+        from meterlake.aws.athena import deployed_table_bucket, run_athena_query
 
+        config = c.config()
+        if config.s3_tables is not None and table_bucket is None:
+            table_bucket = config.s3_tables.table_bucket_name or deployed_table_bucket(
+                _aws_client("cloudformation", region, region_option="--region")
+            )
         result = run_athena_query(
             load_query(name),
             parse_param_args(param or []),
-            config=c.config(),
+            config=config,
             athena_client=_aws_client("athena", region, region_option="--region"),
             workgroup=workgroup,
             output_location=output_location,
+            table_bucket=table_bucket,
         )
     sys.stdout.write(format_result(result, output))
 
@@ -442,13 +455,24 @@ def ingest(
 
 
 @app.command()
-def flush(ctx: typer.Context) -> None:
+def flush(
+    ctx: typer.Context,
+    recover: Annotated[
+        bool,
+        typer.Option(
+            "--recover",
+            help="Deliver every readable record past damaged spool segments, kept in spool/quarantine/.",
+        ),
+    ] = False,
+) -> None:
     """Commit whatever the delivery stream acknowledged but has not committed yet (e.g. after a crash)."""
     from meterlake.local.stream import DeliveryStream
 
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
-    with DeliveryStream(config=config, data_dir=data_dir) as stream:
+    with DeliveryStream(config=config, data_dir=data_dir, recover=recover) as stream:
+        for repair in stream.recovered:
+            console.print(f"recovered {_shown(repair.describe())}", highlight=False, soft_wrap=True)
         report = stream.flush()
     console.print(f"committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}")
 

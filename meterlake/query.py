@@ -44,6 +44,7 @@ from rich.text import Text
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel, SqlglotError
 
+from meterlake.aws.stacks import ATHENA_DEFAULT_CATALOG, S3_TABLES_CATALOG
 from meterlake.config import Config
 from meterlake.local.catalog import ensure_metering_table, open_catalog
 from meterlake.local.home import DataDir
@@ -297,9 +298,35 @@ def prepare(
     return PreparedQuery(_render(positional, SOURCE_DIALECT), [_athena_literal(params[name]) for name in order])
 
 
-def athena_table(config: Config) -> exp.Table:
-    """The metering-events table as Athena names it: ``"<database>"."<table>"`` from the config."""
-    return exp.table_(config.table_name, db=config.database_name, quoted=True)
+class TableBucketUnknownError(QueryError):
+    """An S3 table is queried on Athena without the name of the table bucket that holds it."""
+
+
+def athena_catalog(config: Config, *, table_bucket: str | None = None) -> str:
+    """The Athena catalog of the metering table: Glue's own, or ``s3tablescatalog/<bucket>`` for an S3 table.
+
+    Raises:
+        TableBucketUnknownError: the table is an S3 table and ``table_bucket`` is not given.
+    """
+    if config.s3_tables is None:
+        return ATHENA_DEFAULT_CATALOG
+    if table_bucket is None:
+        raise TableBucketUnknownError(
+            f"the metering table is an S3 table ({config.database_name}.{config.table_name}): its table bucket's "
+            "name is needed to query it on Athena"
+        )
+    return f"{S3_TABLES_CATALOG}/{table_bucket}"
+
+
+def athena_table(config: Config, *, table_bucket: str | None = None) -> exp.Table:
+    """The metering-events table as Athena names it: ``"<database>"."<table>"``, or for an S3 table
+    ``"s3tablescatalog/<bucket>"."<namespace>"."<table>"`` (a named query has no catalog of its own).
+
+    Raises:
+        TableBucketUnknownError: the table is an S3 table and ``table_bucket`` is not given.
+    """
+    catalog = None if config.s3_tables is None else athena_catalog(config, table_bucket=table_bucket)
+    return exp.table_(config.table_name, db=config.database_name, catalog=catalog, quoted=True)
 
 
 def run_local_query(query: QueryFile, params: Mapping[str, str], *, config: Config, data_dir: DataDir) -> QueryResult:

@@ -19,11 +19,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
 from meterlake.aws import AwsError
+from meterlake.aws.stacks import STORAGE_STACK
 from meterlake.config import Config
-from meterlake.query import QueryFile, QueryResult, athena_table, bind_params, prepare
+from meterlake.query import QueryFile, QueryResult, athena_catalog, athena_table, bind_params, prepare
 
-#: The Glue Data Catalog as Athena names it; the metering-events table is registered there.
-CATALOG = "AwsDataCatalog"
 #: The workgroup the Analytics stack creates and `meterlake query --athena` uses by default.
 WORKGROUP = "meterlake"
 #: Each poll waits this much longer than the one before, up to :data:`MAX_POLL_INTERVAL_S`.
@@ -85,6 +84,29 @@ class AthenaResultError(AthenaError):
         super().__init__(f"Athena result column {column!r} ({athena_type}): cannot read {value!r}")
 
 
+class TableBucketOutputError(AthenaError):
+    """The deployed Storage stack does not say which table bucket holds the S3 table."""
+
+
+def deployed_table_bucket(cloudformation_client: Any) -> str:
+    """The table bucket's name from the deployed ``MeterlakeStorage`` stack's ``TableBucketName`` output.
+
+    Raises:
+        TableBucketOutputError: the stack is not deployed here, or has no such output (a Glue table).
+    """
+    try:
+        stacks = _call(cloudformation_client.describe_stacks, "DescribeStacks", StackName=STORAGE_STACK)["Stacks"]
+    except AthenaRequestError as exc:
+        raise TableBucketOutputError(
+            f"cannot read {STORAGE_STACK}'s outputs to find the table bucket ({exc}); give --table-bucket"
+        ) from None
+    outputs = {o["OutputKey"]: o["OutputValue"] for stack in stacks for o in stack.get("Outputs", [])}
+    if "TableBucketName" not in outputs:
+        raise TableBucketOutputError(f"{STORAGE_STACK} has no TableBucketName output: is it deployed with s3_tables?")
+    bucket: str = outputs["TableBucketName"]
+    return bucket
+
+
 def run_athena_query(
     query: QueryFile,
     params: Mapping[str, str],
@@ -93,6 +115,7 @@ def run_athena_query(
     athena_client: Any,
     workgroup: str,
     output_location: str | None = None,
+    table_bucket: str | None = None,
     poll_interval_s: float = 0.5,
     timeout_s: float = 300,
 ) -> QueryResult:
@@ -100,6 +123,7 @@ def run_athena_query(
 
     ``params`` are the raw ``--param`` texts, validated against the query's declarations before any AWS call.
     ``output_location`` (``s3://...``) overrides the workgroup's result location; without it the workgroup's is used.
+    ``table_bucket`` names the table bucket of an S3 table (``MeterlakeStorage``'s ``TableBucketName`` output).
     Polling starts every ``poll_interval_s`` and backs off; after ``timeout_s`` (or on Ctrl-C) the query is cancelled.
 
     Raises:
@@ -111,13 +135,17 @@ def run_athena_query(
         AthenaResultError: a returned value does not match its column type.
     """
     bound = bind_params(query, params)
-    prepared = prepare(query.sql, dialect="athena", table=athena_table(config), params=bound)
+    table = athena_table(config, table_bucket=table_bucket)
+    prepared = prepare(query.sql, dialect="athena", table=table, params=bound)
     # prepare(dialect="athena") returns the values in placeholder order, as ExecutionParameters wants them.
     assert isinstance(prepared.parameters, list)
     request: dict[str, Any] = {
         "QueryString": prepared.sql,
         "WorkGroup": workgroup,
-        "QueryExecutionContext": {"Database": config.database_name, "Catalog": CATALOG},
+        "QueryExecutionContext": {
+            "Database": config.database_name,
+            "Catalog": athena_catalog(config, table_bucket=table_bucket),
+        },
     }
     if prepared.parameters:
         request["ExecutionParameters"] = prepared.parameters

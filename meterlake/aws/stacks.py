@@ -21,3 +21,5 @@ STORAGE_STACK, TRANSFORM_STACK, DELIVERY_STACK, API_STACK, ANALYTICS_STACK, FORW
 CDK_QUALIFIER: Final = "hnb659fds"
 #: Glue's federated catalog of a region's S3 table buckets (``s3tablescatalog/<bucket>`` is one bucket's).
 S3_TABLES_CATALOG: Final = "s3tablescatalog"
+#: Glue's own catalog, as Athena names it.
+ATHENA_DEFAULT_CATALOG: Final = "AwsDataCatalog"

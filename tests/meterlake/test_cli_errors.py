@@ -182,3 +182,26 @@ def test_ingest_names_the_file_line_of_an_oversized_record_and_what_was_committe
     again = meterlake("flush", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("committed 0,")
+
+
+# -- a damaged spool ------------------------------------------------------------------------------------------------
+
+
+def test_a_damaged_spool_is_refused_with_one_line_and_flush_recover_delivers_the_rest(tmp_path: Path) -> None:
+    _crash_after_put(tmp_path / "home", 90)
+    (segment,) = (tmp_path / "home" / "spool").glob("*.seg")
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the uncommitted records
+    segment.write_bytes(bytes(data))
+    refused = one_error_line(meterlake("flush", cwd=tmp_path))
+    assert "is damaged at byte" in refused
+    assert "`meterlake flush --recover`" in refused
+    recovered = meterlake("flush", "--recover", cwd=tmp_path)
+    assert recovered.returncode == 0, recovered.stderr
+    lines = recovered.stdout.splitlines()
+    assert lines[0].startswith("recovered ")
+    assert lines[-1].startswith("committed 89,")  # every record but the damaged one
+    assert list((tmp_path / "home" / "spool" / "quarantine").glob("*.json"))
+    again = meterlake("flush", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith("committed 0,")

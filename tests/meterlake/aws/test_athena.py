@@ -6,6 +6,7 @@ its static results API; it cannot fail a query or page results, so those two cas
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -21,10 +22,12 @@ from meterlake.aws.athena import (
     AthenaRequestError,
     AthenaResultError,
     AthenaTimeout,
+    TableBucketOutputError,
+    deployed_table_bucket,
     run_athena_query,
 )
 from meterlake.config import Config, parse_config
-from meterlake.query import QueryParamError, QueryResult, format_result, load_query
+from meterlake.query import QueryParamError, QueryResult, TableBucketUnknownError, format_result, load_query
 from tests.meterlake.aws.conftest import REGION, queue_athena_result
 
 CONFIG = parse_config(
@@ -285,3 +288,32 @@ def test_results_are_read_across_pages(stubbed: tuple[Any, Stubber]) -> None:
     result = run_usage(client, WINDOW)
 
     assert result.rows == [("a", 1), ("b", 2), ("c", 3), ("d", 4)]
+
+
+S3_TABLES = parse_config({"s3_tables": {"namespace_name": "usage", "table_name": "events"}})
+
+
+def test_an_s3_table_is_queried_in_its_table_buckets_catalog(athena: Any) -> None:
+    run_usage(athena, WINDOW, config=S3_TABLES, table_bucket="meterlake-1a2b3c4d")
+
+    execution = only_execution(athena)
+    assert 'FROM "s3tablescatalog/meterlake-1a2b3c4d"."usage"."events" AS metering_events WHERE' in execution["Query"]
+    assert execution["QueryExecutionContext"] == {"Database": "usage", "Catalog": "s3tablescatalog/meterlake-1a2b3c4d"}
+
+
+def test_an_s3_table_without_its_bucket_is_refused_before_any_call(athena: Any) -> None:
+    with pytest.raises(TableBucketUnknownError, match="table bucket's name is needed"):
+        run_usage(athena, WINDOW, config=S3_TABLES)
+    assert athena.list_query_executions(WorkGroup="wg")["QueryExecutionIds"] == []
+
+
+def test_the_table_bucket_is_read_from_the_deployed_storage_stack(moto: None) -> None:
+    cloudformation = boto3.client("cloudformation", region_name=REGION)
+    with pytest.raises(TableBucketOutputError, match="give --table-bucket"):
+        deployed_table_bucket(cloudformation)
+    template = {
+        "Resources": {"Topic": {"Type": "AWS::SNS::Topic"}},
+        "Outputs": {"TableBucketName": {"Value": "meterlake-1a2b3c4d"}},
+    }
+    cloudformation.create_stack(StackName="MeterlakeStorage", TemplateBody=json.dumps(template))
+    assert deployed_table_bucket(cloudformation) == "meterlake-1a2b3c4d"
