@@ -4,8 +4,16 @@ Every request to the API writes exactly one access-log line, rendered from ``met
 renders the stage's format. The user pool's JWKS document is served too but, like Cognito's, it is not part of the
 metered API, so it is not access-logged.
 
-Lines go through :class:`AccessLogWriter`, which hands them to the delivery stream in batches from one background
-thread: the stream fsyncs, which must never happen on the event loop, let alone once per request.
+Answered means metered: an answer leaves only once its access-log line is durable. The middleware holds each
+response whole (API Gateway buffers an integration's response too), hands its line to :class:`AccessLogWriter` and
+sends the response when the delivery stream's put covering that line has returned. The writer's one background
+thread puts whatever lines are waiting in one call (one fsync), so concurrent requests share a put: a group commit.
+If the line cannot be made durable (the stream raised, e.g. on a full disk), the client gets API Gateway's 503
+instead of the success, the writer counts it and says so in the server log, and answers succeed again as soon as the
+stream accepts lines.
+
+The gateway also enforces API Gateway's own request limits (:data:`API_GATEWAY_REQUEST_LIMITS`) and answers requests
+over them, or not parseable as HTTP/1.1, as API Gateway does; each such answer is access-logged like any other.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
@@ -35,7 +44,15 @@ from meterlake.config import Config
 from meterlake.demo_api import RANDOM_STRINGS_RESOURCE, BadParameterError, random_strings
 from meterlake.local.auth import JWKS_PATH, IdTokenClaims, InvalidToken, UserPool, for_config
 from meterlake.local.home import DataDir
-from meterlake.local.serving import BackgroundServer, ServingError, bind_listening_socket
+from meterlake.local.serving import (
+    BackgroundServer,
+    RequestLimits,
+    RequestRejection,
+    ServingError,
+    bind_listening_socket,
+    request_rejection,
+)
+from meterlake.local.stream import RecordTooLargeError
 from meterlake.records import render_access_log_line
 
 logger = logging.getLogger(__name__)
@@ -47,12 +64,27 @@ REQUEST_ID_HEADER = "x-amzn-RequestId"
 #: API Gateway's response header naming the error type of a request it refused itself.
 ERROR_TYPE_HEADER = "x-amzn-ErrorType"
 
+#: API Gateway REST's request limits, from "Quotas for configuring and running a REST API in API Gateway"
+#: (docs.aws.amazon.com/apigateway/latest/developerguide/api-gateway-execution-service-limits-table.html), none of
+#: which can be increased: "Length, in characters, of the URL for a Regional API: 10240" (the stacks deploy a
+#: Regional API; the local gateway counts the request target, the part of the URL a request line carries); "Total
+#: combined size of all header values, including header names, values, any line terminators, and whitespaces: 10240
+#: Bytes"; "Payload size: 10 MB". The page lists no limit on the number of headers: the byte limit bounds it.
+API_GATEWAY_REQUEST_LIMITS = RequestLimits(
+    max_target_bytes=10_240, max_header_bytes=10_240, max_body_bytes=10 * 1024 * 1024
+)
+
 _EXCHANGE = "meterlake.exchange"
 _JSON = "application/json"
 _STARTUP_TIMEOUT_SECONDS = 10.0
 _SHUTDOWN_TIMEOUT_SECONDS = 10.0
 #: How long uvicorn lets in-flight requests finish on shutdown before cancelling them.
 _GRACEFUL_SHUTDOWN_SECONDS = 5
+#: Retry backoff of the writer for lines nobody waits for, after a failed put: doubling from the first to the last.
+_RETRY_BACKOFF_SECONDS = (0.05, 2.0)
+#: Lines nobody waits for (answers already made unsuccessful, requests never answered) kept for retry at most; on a
+#: long outage the oldest are dropped (counted and logged) rather than growing without bound.
+_MAX_BACKLOG_LINES = 100_000
 
 
 class GatewayError(Exception):
@@ -69,62 +101,140 @@ class AccessLogDeliveryError(Exception):
         self.last_error = last_error
 
 
+class AccessLogNotDurableError(Exception):
+    """A request's access-log line could not be made durable, so its answer must not claim success.
+
+    ``cause`` is what the sink raised: a failure of the sink (it may accept lines again later) or a
+    :class:`~meterlake.local.stream.RecordTooLargeError` for this very line (it never will).
+    """
+
+    def __init__(self, request_id: str, cause: BaseException) -> None:
+        super().__init__(f"the access-log line of request {request_id} is not durable: {cause}")
+        self.request_id = request_id
+        self.cause = cause
+
+
 class AccessLogSink(Protocol):
     """Where access-log lines go: the local delivery stream (Firehose's PutRecordBatch in the cloud)."""
 
     def put_records(self, lines: Sequence[bytes]) -> None:
-        """Durably accept ``lines``, or raise; may block (it fsyncs)."""
+        """Durably accept all of ``lines``, or raise having accepted none; may block (it fsyncs).
+
+        Raises:
+            RecordTooLargeError: ``lines[index]`` can never be accepted; the others may be put again without it.
+            Exception: any other failure; the same lines may be put again later.
+        """
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogStats:
+    """What an :class:`AccessLogWriter` did since it started, in lines."""
+
+    #: Accepted by the sink.
+    delivered: int
+    #: Refused by the sink for good (too large), set aside and logged at ERROR with their request id.
+    refused: int
+    #: Lines of answers that were withheld (answered 503 instead) because the sink failed.
+    not_durable: int
+    #: Lines nobody waited for that were dropped because the retry backlog was full.
+    dropped: int
+    #: Waiting: commits in flight and the retry backlog.
+    pending: int
+
+
+class _Entry:
+    """One line in the writer, with the future of the request waiting for it (None: nobody waits)."""
+
+    __slots__ = ("future", "line", "loop", "request_id", "seq")
+
+    def __init__(
+        self,
+        line: bytes,
+        request_id: str,
+        future: asyncio.Future[None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.seq = 0  # order of arrival, set when queued
+        self.line = line
+        self.request_id = request_id
+        self.future = future
+        self.loop = loop
 
 
 class AccessLogWriter:
-    """Batches lines from the event loop and hands them to the sink from one background thread.
+    """Hands access-log lines to the sink from one background thread, in group commits.
 
-    A batch is sent when ``max_batch`` lines are waiting or ``max_delay`` seconds after its first line. A failing
-    sink is logged and retried with backoff; its lines stay queued, in order, until it accepts them.
+    :meth:`commit` returns once the put covering its line returned: every line waiting when a put starts goes into
+    that put, so concurrent requests share one fsync. A sink failure fails the commits of that put at once (their
+    answers become 503s); lines nobody waits for (:meth:`put`) are kept in order and retried with backoff until the
+    sink accepts them. A line the sink refuses for good (:class:`RecordTooLargeError` names it) is set aside, counted
+    and logged with its request id, and the rest of its batch is put again without it: one line never blocks others.
     """
 
-    def __init__(self, sink: AccessLogSink, *, max_batch: int = 500, max_delay: float = 0.02) -> None:
+    def __init__(self, sink: AccessLogSink, *, max_batch: int = 500, max_backlog: int = _MAX_BACKLOG_LINES) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if max_backlog < 1:
+            raise ValueError(f"max_backlog must be at least 1, got {max_backlog}")
         self._sink = sink
         self._max_batch = max_batch
-        self._max_delay = max_delay
+        self._max_backlog = max_backlog
         self._cond = threading.Condition()
-        self._pending: collections.deque[bytes] = collections.deque()
+        self._commits: collections.deque[_Entry] = collections.deque()
+        self._backlog: collections.deque[_Entry] = collections.deque()
+        self._in_flight: list[_Entry] = []  # the batch being put
+        self._retry_at = 0.0
+        self._backoff = 0.0
         self._enqueued = 0
+        self._settled = 0  # delivered + refused + not durable + dropped
         self._delivered = 0
-        self._hurry = 0  # number of drain() calls waiting: send without waiting for a batch to fill
+        self._refused = 0
+        self._not_durable = 0
+        self._dropped = 0
+        self._failing = False
         self._closing = False
         self._last_error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def pending(self) -> int:
-        """Lines enqueued but not yet accepted by the sink."""
+        """Lines handed to the writer and not yet settled (delivered, refused, withheld or dropped)."""
         with self._cond:
-            return self._enqueued - self._delivered
+            return self._enqueued - self._settled
 
-    def put(self, line: bytes) -> None:
-        """Queue one line; never blocks on the sink.
+    def stats(self) -> AccessLogStats:
+        """Counts of what the writer did so far."""
+        with self._cond:
+            return AccessLogStats(
+                delivered=self._delivered,
+                refused=self._refused,
+                not_durable=self._not_durable,
+                dropped=self._dropped,
+                pending=self._enqueued - self._settled,
+            )
+
+    async def commit(self, line: bytes, request_id: str) -> None:
+        """Return once ``line`` is durable: the sink's put that covered it returned.
+
+        Raises:
+            AccessLogNotDurableError: the sink raised for the put covering ``line``; nothing of it is durable.
+            RuntimeError: the writer was closed.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._enqueue(_Entry(line, request_id, future, loop), self._commits)
+        await future
+
+    def put(self, line: bytes, request_id: str) -> None:
+        """Queue a line nobody waits for; it is retried until the sink accepts it. Never blocks on the sink.
 
         Raises:
             RuntimeError: the writer was closed.
         """
-        with self._cond:
-            if self._closing:
-                raise RuntimeError("access-log writer is closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="access-log-writer", daemon=True)
-                self._thread.start()
-            self._pending.append(line)
-            self._enqueued += 1
-            # Wake the thread only when it waits for a first line or a batch just filled: a wake-up per line
-            # would hand the GIL back and forth with the event loop on every request.
-            if len(self._pending) == 1 or len(self._pending) == self._max_batch:
-                self._cond.notify_all()
+        self._enqueue(_Entry(line, request_id), self._backlog)
 
     def drain(self, timeout: float) -> None:
-        """Block until every line queued so far was accepted by the sink.
+        """Block until every line handed over so far is settled: delivered, or refused, withheld or dropped.
 
         Raises:
             AccessLogDeliveryError: not done within ``timeout`` seconds (the sink is failing or too slow).
@@ -132,16 +242,11 @@ class AccessLogWriter:
         deadline = time.monotonic() + timeout
         with self._cond:
             target = self._enqueued
-            self._hurry += 1
-            self._cond.notify_all()
-            try:
-                while self._delivered < target:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise AccessLogDeliveryError(self._enqueued - self._delivered, self._last_error)
-                    self._cond.wait(remaining)
-            finally:
-                self._hurry -= 1
+            while (oldest := self._oldest_unsettled()) is not None and oldest < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AccessLogDeliveryError(self._enqueued - self._settled, self._last_error)
+                self._cond.wait(remaining)
 
     def close(self, timeout: float) -> None:
         """Refuse new lines, deliver the queued ones, stop the thread (idempotent).
@@ -157,45 +262,218 @@ class AccessLogWriter:
         if thread is not None:
             thread.join(timeout)
 
+    def _oldest_unsettled(self) -> int | None:
+        """Arrival number of the oldest line not settled yet; None when all are. Called with the lock held."""
+        heads = [queue[0].seq for queue in (self._commits, self._backlog) if queue]
+        heads += [entry.seq for entry in self._in_flight[:1]]
+        return min(heads, default=None)
+
+    def _enqueue(self, entry: _Entry, queue: collections.deque[_Entry]) -> None:
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("access-log writer is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="access-log-writer", daemon=True)
+                self._thread.start()
+            entry.seq = self._enqueued
+            queue.append(entry)
+            self._enqueued += 1
+            dropped = self._trim_backlog()
+            self._cond.notify_all()
+        _log_dropped(dropped, self._max_backlog)
+
+    def _trim_backlog(self) -> list[_Entry]:
+        """Drop the oldest backlog lines beyond ``max_backlog``; return them. Called with the lock held."""
+        dropped = [self._backlog.popleft() for _ in range(len(self._backlog) - self._max_backlog)]
+        self._dropped += len(dropped)
+        self._settled += len(dropped)
+        return dropped
+
     def _run(self) -> None:
-        backoff = 0.0
         while True:
-            batch = self._next_batch()
+            with self._cond:
+                batch = self._next_batch()
             if batch is None:
                 return
-            try:
-                self._sink.put_records(batch)
-            except Exception as exc:
-                backoff = min(max(backoff * 2, 0.05), 2.0)
-                logger.exception(
-                    "access-log sink refused %d lines; keeping them and retrying in %.2f s", len(batch), backoff
-                )
-                with self._cond:
-                    self._last_error = exc
-                    self._pending.extendleft(reversed(batch))
-                time.sleep(backoff)
-                continue
-            backoff = 0.0
-            with self._cond:
-                self._delivered += len(batch)
-                self._last_error = None
-                self._cond.notify_all()
+            self._deliver(batch)
 
-    def _next_batch(self) -> list[bytes] | None:
-        """Wait for lines, give a batch ``max_delay`` to fill, and take it; None once closed and empty."""
-        with self._cond:
-            while not self._pending:
-                if self._closing:
-                    return None
+    def _next_batch(self) -> list[_Entry] | None:
+        """Waiting commits, topped up with backlog lines once their backoff passed; None once closed and empty.
+
+        Backlog lines ride along with commits rather than after them, so a steady stream of commits cannot starve
+        them. Called with the lock held.
+        """
+        while True:
+            backlog_due = bool(self._backlog) and time.monotonic() >= self._retry_at
+            if self._commits or backlog_due:
+                batch = self._take(self._commits, self._max_batch)
+                if backlog_due:
+                    batch += self._take(self._backlog, self._max_batch - len(batch))
+                batch.sort(key=lambda entry: entry.seq)
+                self._in_flight = batch
+                return batch
+            if self._backlog:
+                self._cond.wait(self._retry_at - time.monotonic())
+            elif self._closing:
+                return None
+            else:
                 self._cond.wait()
-            deadline = time.monotonic() + self._max_delay
-            while len(self._pending) < self._max_batch and not self._closing and not self._hurry:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            count = min(len(self._pending), self._max_batch)
-            return [self._pending.popleft() for _ in range(count)]
+
+    @staticmethod
+    def _take(queue: collections.deque[_Entry], count: int) -> list[_Entry]:
+        return [queue.popleft() for _ in range(min(len(queue), count))]
+
+    def _deliver(self, batch: list[_Entry]) -> None:
+        while batch:
+            try:
+                self._sink.put_records([entry.line for entry in batch])
+            except RecordTooLargeError as exc:
+                if not 0 <= exc.index < len(batch):
+                    self._failed(batch, exc)
+                    return
+                self._set_aside(batch, exc)
+                continue
+            except Exception as exc:
+                self._failed(batch, exc)
+                return
+            self._accepted(batch)
+            return
+
+    def _accepted(self, batch: list[_Entry]) -> None:
+        with self._cond:
+            self._delivered += len(batch)
+            self._settled += len(batch)
+            self._in_flight = []
+            recovered, self._failing = self._failing, False
+            self._backoff = self._retry_at = 0.0
+            self._last_error = None
+            withheld = self._not_durable
+            self._cond.notify_all()
+        if recovered:
+            logger.warning(
+                "access-log sink accepts lines again; %d answers so far were withheld (503) while lines failed",
+                withheld,
+            )
+        _settle(batch, None)
+
+    def _failed(self, batch: list[_Entry], exc: Exception) -> None:
+        """Fail the commits of ``batch`` (their answers become 503s); put its other lines back for a retry."""
+        waited_for = [entry for entry in batch if entry.future is not None]
+        retried = [entry for entry in batch if entry.future is None]
+        with self._cond:
+            self._last_error = exc
+            started, self._failing = not self._failing, True
+            self._not_durable += len(waited_for)
+            self._settled += len(waited_for)
+            self._in_flight = []
+            dropped: list[_Entry] = []
+            if retried:
+                self._backlog.extendleft(reversed(retried))
+                dropped = self._trim_backlog()
+                low, high = _RETRY_BACKOFF_SECONDS
+                self._backoff = min(max(self._backoff * 2, low), high)
+                self._retry_at = time.monotonic() + self._backoff
+            self._cond.notify_all()
+        _log_dropped(dropped, self._max_backlog)
+        if started:
+            logger.error(
+                "access-log sink failed (%s): answering 503 until it accepts lines again; lines of requests already "
+                "answered are kept and retried",
+                exc,
+            )
+        else:
+            logger.debug("access-log sink still failing (%s) for %d lines", exc, len(batch))
+        _settle(waited_for, exc)
+
+    def _set_aside(self, batch: list[_Entry], exc: RecordTooLargeError) -> None:
+        """Take the line ``exc`` names out of ``batch`` (the batch in flight) for good."""
+        with self._cond:
+            entry = batch.pop(exc.index)
+            self._refused += 1
+            self._settled += 1
+            self._cond.notify_all()
+        logger.error(
+            "access-log line of request %s refused for good by the sink (%s): set aside, the other lines go on",
+            entry.request_id,
+            exc,
+        )
+        _settle([entry], exc)
+
+
+def _log_dropped(dropped: list[_Entry], max_backlog: int) -> None:
+    for entry in dropped:
+        logger.error(
+            "access-log backlog full (%d lines): dropped the line of request %s", max_backlog, entry.request_id
+        )
+
+
+def _settle(entries: Iterable[_Entry], error: BaseException | None) -> None:
+    """Resolve the futures of ``entries`` on their event loops: done, or failed with ``error``. Called off-loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Entry]] = {}
+    for entry in entries:
+        if entry.loop is not None:
+            by_loop.setdefault(entry.loop, []).append(entry)
+    for loop, waiting in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, waiting, error)
+
+
+def _resolve(entries: list[_Entry], error: BaseException | None) -> None:
+    for entry in entries:
+        future = entry.future
+        if future is None or future.done():  # cancelled: the request is gone
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(AccessLogNotDurableError(entry.request_id, error))
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A whole response as the gateway sends it: status, headers (the request id is added on sending), body."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+
+def _api_gateway_error(status: int, message: str, error_type: str | None = None) -> _Answer:
+    """API Gateway's error answer: ``{"message": ...}`` as JSON, with ``x-amzn-ErrorType`` when it sends one."""
+    body = msgspec.json.encode({"message": message})
+    headers = [(b"content-type", _JSON.encode()), (b"content-length", str(len(body)).encode())]
+    if error_type is not None:
+        headers.append((ERROR_TYPE_HEADER.lower().encode(), error_type.encode()))
+    return _Answer(status, tuple(headers), body)
+
+
+#: API Gateway's answers to requests its front end refuses, before any resource, authorizer or gateway response of
+#: the API runs (so without ``x-amzn-ErrorType``, which comes with an API's gateway responses):
+#:
+#: - headers over the limit: 431, as deployed REST APIs answered an oversized ``Cookie`` header (backbencher.dev,
+#:   "SOLVED: 431 Status Code With Request Header Fields Too Large", 2023), with the message "HTTP header is larger
+#:   than 10240 bytes." that users of API Gateway report (ntsblog.homedev.com.au, "AWS API Gateway - HTTP header is
+#:   larger than 10240 bytes.", 2021);
+#: - URL over the limit: "414 Request URI too long", the answer the quota page documents for a path over the
+#:   method ARN's length;
+#: - body over the limit: 413, the REQUEST_TOO_LARGE gateway response ("Gateway response types for API Gateway";
+#:   it cannot be customised), with the message "Request Too Long" of AWS's own REST API emulator
+#:   (aws/aws-lambda-dotnet, Amazon.Lambda.TestTool, ``ToHttpApiRequestTooLargeResponse``);
+#: - not parseable as HTTP/1.1: no source shows API Gateway's answer; modelled as a bare 400 "Bad Request".
+_REFUSALS: Mapping[RequestRejection, _Answer] = {
+    RequestRejection.HEADERS_TOO_LARGE: _api_gateway_error(
+        431, f"HTTP header is larger than {API_GATEWAY_REQUEST_LIMITS.max_header_bytes} bytes."
+    ),
+    RequestRejection.TARGET_TOO_LONG: _api_gateway_error(414, "Request URI too long"),
+    RequestRejection.BODY_TOO_LARGE: _api_gateway_error(413, "Request Too Long"),
+    RequestRejection.MALFORMED: _api_gateway_error(400, "Bad Request"),
+}
+#: API Gateway's answer to a failure inside the API (the authorizer or the integration raised).
+_INTERNAL_SERVER_ERROR = _api_gateway_error(500, "Internal server error")
+#: The answer when a request's access-log line cannot be made durable: API Gateway's 503, ``{"message":"Service
+#: Unavailable"}`` as a deployed API answered it (cortexlabs/cortex#1225, 2020). Its error type follows API Gateway's
+#: naming of the errors it raises itself (``<Reason>Exception``); no source shows the header on a 503.
+_SERVICE_UNAVAILABLE = _api_gateway_error(503, "Service Unavailable", "ServiceUnavailableException")
 
 
 class _Exchange:
@@ -223,12 +501,38 @@ class _Exchange:
         self.response_length = 0
 
 
-class AccessLogMiddleware:
-    """Pure ASGI middleware writing exactly one access-log line per API request, once its response is complete.
+class _ResponseBuffer:
+    """Collects an ASGI response whole, as API Gateway buffers an integration's response before answering."""
 
-    The line is queued just before the response's last body chunk goes to the server, so a client holding a
-    response can rely on :meth:`AccessLogWriter.drain` covering it. The middleware is also the API's error
-    boundary: an exception before the response started becomes API Gateway's 500 ``Internal server error``.
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = bytearray()
+        self.complete = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.headers = list(message.get("headers", ()))
+        elif message["type"] == "http.response.body" and self.status is not None and not self.complete:
+            self.body += message.get("body", b"")
+            self.complete = not message.get("more_body", False)
+
+    def answer(self) -> _Answer | None:
+        """The response, once the app sent all of it."""
+        if self.status is None or not self.complete:
+            return None
+        return _Answer(self.status, tuple(self.headers), bytes(self.body))
+
+
+class AccessLogMiddleware:
+    """Pure ASGI middleware answering each API request only once its one access-log line is durable.
+
+    The app's response is held whole; its line is committed through the :class:`AccessLogWriter`, then the response
+    is sent. When the line cannot be made durable the client gets API Gateway's 503 instead, and the 503's own line
+    is queued for retry. Requests the server refused (see :mod:`meterlake.local.serving`) are answered here as API
+    Gateway's front end answers them, without running the API. The middleware is also the API's error boundary: an
+    exception in the app becomes API Gateway's 500 ``Internal server error``.
     """
 
     def __init__(self, app: ASGIApp, *, writer: AccessLogWriter, stage: str, unlogged_paths: Iterable[str]) -> None:
@@ -239,53 +543,58 @@ class AccessLogMiddleware:
         self._unlogged_paths = frozenset(unlogged_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._unlogged_paths:
+        if scope["type"] != "http":
             await self._app(scope, receive, send)
             return
-        path = scope["path"]
-        if path != self._stage_root and not path.startswith(self._stage_root + "/"):
-            # A path outside the stage names a stage the API does not have: API Gateway answers 403 Forbidden,
-            # and no stage writes an access-log line for it (the request reaches no stage).
-            await _send_json(send, 403, {"message": "Forbidden"}, error_type="ForbiddenException")
-            return
+        rejection = request_rejection(scope)
+        if rejection is None:
+            if scope["path"] in self._unlogged_paths:
+                await self._app(scope, receive, send)
+                return
+            path = scope["path"]
+            if path != self._stage_root and not path.startswith(self._stage_root + "/"):
+                # A path outside the stage names a stage the API does not have: API Gateway answers 403 Forbidden,
+                # and no stage writes an access-log line for it (the request reaches no stage).
+                forbidden = _api_gateway_error(403, "Forbidden", "ForbiddenException")
+                await _send_answer(send, forbidden)
+                return
         exchange = _Exchange()
         scope[_EXCHANGE] = exchange
-        request_id_header = (REQUEST_ID_HEADER.encode("latin-1"), exchange.request_id.encode("latin-1"))
-        logged = False
-
-        async def send_logged(message: Message) -> None:
-            nonlocal logged
-            if message["type"] == "http.response.start":
-                exchange.status = message["status"]
-                message = {**message, "headers": [*message.get("headers", ()), request_id_header]}
-            elif message["type"] == "http.response.body":
-                exchange.response_length += len(message.get("body", b""))
-                if not message.get("more_body", False) and not logged:
-                    logged = True
-                    self._log(scope, exchange)
-            await send(message)
-
-        failure: Exception | None = None
-        response_started = False
+        line_queued = False
         try:
+            answer = _REFUSALS[rejection] if rejection is not None else await self._integrate(scope, receive)
+            exchange.status, exchange.response_length = answer.status, len(answer.body)
+            line = self._line(scope, exchange)
+            line_queued = True
             try:
-                await self._app(scope, receive, send_logged)
-            except Exception as exc:
-                failure = exc
-                logger.exception("request %s %s failed", scope["method"], scope["path"])
-            response_started = exchange.status is not None
-            if not response_started:
-                await _send_json(send_logged, 500, {"message": "Internal server error"})
+                await self._writer.commit(line, exchange.request_id)
+            except AccessLogNotDurableError as exc:
+                logger.debug("request %s answered 503: %s", exchange.request_id, exc)
+                answer = _SERVICE_UNAVAILABLE
+                exchange.status, exchange.response_length = answer.status, len(answer.body)
+                self._writer.put(self._line(scope, exchange), exchange.request_id)
+            await _send_answer(send, answer, request_id=exchange.request_id)
         finally:
-            if not logged:  # the response never completed (failed midway, or the request was cancelled)
-                self._log(scope, exchange)
-        if failure is not None and response_started:
-            # The response had started when the app failed: let the server abort the connection.
-            raise failure
+            if not line_queued:  # never answered (the request was cancelled): still one line, without a status
+                self._writer.put(self._line(scope, exchange), exchange.request_id)
 
-    def _log(self, scope: Scope, exchange: _Exchange) -> None:
+    async def _integrate(self, scope: Scope, receive: Receive) -> _Answer:
+        """Run the API (authorizer and integration) and return its whole response, or API Gateway's 500."""
+        buffer = _ResponseBuffer()
+        try:
+            await self._app(scope, receive, buffer.send)
+        except Exception:
+            logger.exception("request %s %s failed", scope["method"], scope["path"])
+            return _INTERNAL_SERVER_ERROR
+        answer = buffer.answer()
+        if answer is None:
+            logger.error("request %s %s: the app returned without a complete response", scope["method"], scope["path"])
+            return _INTERNAL_SERVER_ERROR
+        return answer
+
+    def _line(self, scope: Scope, exchange: _Exchange) -> bytes:
         claims = exchange.claims
-        line = render_access_log_line(
+        return render_access_log_line(
             {
                 "request_id": exchange.request_id,
                 "api_id": LOCAL_API_ID,
@@ -306,7 +615,14 @@ class AccessLogMiddleware:
                 "integration_latency_ms": exchange.integration_latency_ms,
             }
         )
-        self._writer.put(line)
+
+
+async def _send_answer(send: Send, answer: _Answer, *, request_id: str | None = None) -> None:
+    headers = list(answer.headers)
+    if request_id is not None:
+        headers.append((REQUEST_ID_HEADER.encode("latin-1"), request_id.encode("latin-1")))
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
 
 
 class _ApiResource(Route):
@@ -365,6 +681,9 @@ def create_gateway_app(*, config: Config, user_pool: UserPool, access_log: Acces
         exception_handlers={404: _missing_route, 405: _missing_route},
         lifespan=lifespan,
     )
+    # API Gateway does not redirect: a path with a trailing slash is a resource the API does not have. Starlette's
+    # redirect would also build its Location from the client's Host header.
+    app.router.redirect_slashes = False
     app.access_log_writer = writer
     return app
 
@@ -443,15 +762,6 @@ def _json_response(status: int, body: object, headers: Mapping[str, str] | None 
     return Response(msgspec.json.encode(body), status_code=status, media_type=_JSON, headers=headers)
 
 
-async def _send_json(send: Send, status: int, body: object, *, error_type: str | None = None) -> None:
-    payload = msgspec.json.encode(body)
-    headers = [(b"content-type", _JSON.encode()), (b"content-length", str(len(payload)).encode())]
-    if error_type is not None:
-        headers.append((ERROR_TYPE_HEADER.lower().encode(), error_type.encode()))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-
-
 def _header(scope: Scope, name: bytes) -> str | None:
     """A request header's value; None when absent or empty, as API Gateway writes ``-`` for both."""
     for key, value in scope["headers"]:
@@ -491,14 +801,22 @@ class GatewayServer:
             raise
         try:
             self._server = BackgroundServer(
-                self.app, sock, name="gateway", graceful_shutdown_s=_GRACEFUL_SHUTDOWN_SECONDS
+                self.app,
+                sock,
+                name="gateway",
+                graceful_shutdown_s=_GRACEFUL_SHUTDOWN_SECONDS,
+                limits=API_GATEWAY_REQUEST_LIMITS,
             )
         except ServingError as exc:
             raise GatewayError(f"the gateway did not start: {exc}") from None
         self.invoke_url = f"{self._server.url}/{config.meterlake.api_stage}"
 
+    def access_log_stats(self) -> AccessLogStats:
+        """What the access-log writer did so far: lines delivered, refused, withheld (503) and dropped."""
+        return self.app.access_log_writer.stats()
+
     def drain(self, timeout: float) -> None:
-        """Block until every access-log line of the requests answered so far was handed to the sink.
+        """Block until every access-log line handed over so far is settled (delivered, or refused or withheld).
 
         Raises:
             AccessLogDeliveryError: the sink did not take them within ``timeout`` seconds.
