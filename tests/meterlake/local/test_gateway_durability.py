@@ -7,6 +7,7 @@ committed, never what the gateway says it acknowledged.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -128,3 +129,70 @@ def test_sigkill_under_load_loses_no_answered_request_and_repeats_none(tmp_path:
     missing = set(answered) - set(committed)
     assert len(answered) == len(set(answered)) > 150
     assert (len(missing), len(duplicated)) == (0, 0), f"{len(answered)} answered: missing {sorted(missing)[:5]}"
+
+
+# -- a full disk under the gateway ---------------------------------------------------------------------------------
+
+#: Serves the API over the real delivery stream, makes 5 requests, fills the disk (RLIMIT_FSIZE at the spool
+#: segment's size, SIGXFSZ ignored: appends fail with EFBIG as on a full disk), makes 5 more, frees it, makes 5
+#: more, and closes the stream (which commits). Prints every answer and the writer's counts.
+_FULL_DISK_SCRIPT = """
+import json, logging, resource, signal, sys
+from pathlib import Path
+import httpx
+from meterlake.config import Config
+from meterlake.local.gateway import GatewayServer
+from meterlake.local.home import DataDir
+from meterlake.local.stream import DeliveryStream
+
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+data_dir = DataDir.resolve(Path(sys.argv[1]))
+stream = DeliveryStream(config=Config(), data_dir=data_dir)
+answers = []
+with GatewayServer(config=Config(), data_dir=data_dir, access_log=stream, port=0) as gateway:
+    token = gateway.user_pool.issue_id_token(user="user", tenant_id="acme")
+    def call(phase):
+        answer = httpx.get(gateway.invoke_url + "/random/strings", headers={"Authorization": token}, timeout=10)
+        answers.append({"phase": phase, "status": answer.status_code, "request_id": answer.headers["x-amzn-RequestId"]})
+    for _ in range(5):
+        call("before")
+    segment = max(data_dir.spool.glob("*.seg"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (segment.stat().st_size, hard))
+    for _ in range(5):
+        call("disk full")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+    for _ in range(5):
+        call("space back")
+    gateway.drain(10)
+    stats = gateway.access_log_stats()
+stream.close()
+print(json.dumps({"answers": answers, "delivered": stats.delivered, "not_durable": stats.not_durable}))
+"""
+
+
+def test_a_full_disk_answers_503_never_a_success_it_cannot_meter_and_recovers(tmp_path: Path) -> None:
+    """Issue 10 items 2 and 4: while the spool cannot grow, no request is answered with a success."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[3],
+        timeout=120,
+        check=True,
+    )
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    answers = outcome["answers"]
+    assert [(a["phase"], a["status"]) for a in answers] == [
+        *[("before", 200)] * 5,
+        *[("disk full", 503)] * 5,
+        *[("space back", 200)] * 5,
+    ]
+    assert (outcome["delivered"], outcome["not_durable"]) == (15, 5)  # the 503s' own lines once space was back
+    assert "access-log sink failed" in done.stderr
+    assert "answering 503 until it accepts lines again" in done.stderr
+    assert "5 answers so far were withheld (503)" in done.stderr
+    rows = ensure_metering_table(open_catalog(DataDir.resolve(tmp_path)), CONFIG).scan().to_arrow().to_pylist()
+    committed = Counter((row["request_id"], row["status"]) for row in rows)
+    assert committed == Counter((a["request_id"], a["status"]) for a in answers)
