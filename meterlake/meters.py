@@ -3,8 +3,8 @@
 A :class:`Meter` says which events count (``filter``), what each counts for (``value``: a constant or a numeric
 column) and which columns travel along as Amberflo dimensions. :func:`meter_records` applies meters to an Arrow table
 of events column-wise (pyarrow.compute), :func:`meter_predicate_sql` renders the same rule as a sqlglot expression so
-reconciliation can aggregate the lake in DuckDB (:func:`aggregate_lake`) and compare it with what was staged
-(:func:`expected_usage`).
+reconciliation can aggregate the lake in DuckDB (``meterlake.amberflo.reconcile.aggregate_lake``) and compare it with
+what was staged (:func:`expected_usage`).
 
 Two rules are not meter filters but hold for every meter: an event without a tenant is never forwarded (it is
 counted apart, :attr:`MeterBatch.untenanted`), and an event whose value column is null is not a record (Amberflo's
@@ -436,30 +436,6 @@ def lake_usage_query(meters: Sequence[Meter], source: exp.Expr | str) -> exp.Que
     for select in selects[1:]:
         query = exp.union(query, select, distinct=False)
     return query
-
-
-def aggregate_lake(events: pa.Table | Sequence[str], meters: Sequence[Meter]) -> dict[UsageKey, int]:
-    """Usage per customer, meter and UTC hour computed by DuckDB from the lake rows (a table or Parquet paths).
-
-    The SQL twin of :func:`expected_usage`: reconciliation checks that the two agree.
-    """
-    import duckdb
-    from sqlglot import exp
-
-    con = duckdb.connect()
-    try:
-        if isinstance(events, pa.Table):
-            con.register("metering_events", events)
-            source: exp.Expr = exp.to_table("metering_events")
-        else:
-            if not events:
-                return {}
-            source = exp.func("read_parquet", exp.array(*(exp.Literal.string(path) for path in events)))
-        sql = lake_usage_query(meters, source).sql(dialect="duckdb")
-        rows = con.execute(sql).fetchall()
-    finally:
-        con.close()
-    return {(str(customer), str(meter), int(hour)): int(usage) for customer, meter, hour, usage in rows}
 
 
 # -- internals ------------------------------------------------------------------------------------------------------

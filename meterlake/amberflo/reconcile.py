@@ -1,9 +1,10 @@
 """Reconciliation: what the lake says each customer used, per meter and hour, against what Amberflo reports.
 
 The lake side is computed by DuckDB from the Iceberg table's current files with the meters' own predicates
-(:func:`meterlake.meters.aggregate_lake`); the other side is Amberflo's ``/usage`` (SUM, or MAX for max_usage meters,
-per HOUR, grouped by customerId) or, on a dry run, the records staged in the outbox. Repair re-stages the lake's
-records of every bucket Amberflo is short of: they carry their original uniqueIds, so nothing can be counted twice.
+(:func:`aggregate_lake`, in the local queries' DuckDB sandbox); the other side is Amberflo's ``/usage`` (SUM, or MAX
+for max_usage meters, per HOUR, grouped by customerId) or, on a dry run, the records staged in the outbox. Repair
+re-stages the lake's records of every bucket Amberflo is short of: they carry their original uniqueIds, so nothing can
+be counted twice.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from meterlake.amberflo.outbox import Outbox
 from meterlake.config import Config
 from meterlake.local.catalog import ensure_metering_table, open_catalog
 from meterlake.local.home import DataDir
-from meterlake.meters import Meter, UsageKey, aggregate_lake, meter_records
+from meterlake.meters import Meter, UsageKey, lake_usage_query, meter_records
+from meterlake.query import sandboxed_duckdb
 from meterlake.schema import metering_event_arrow_schema
 
 HOUR_S = 3600
@@ -81,6 +83,30 @@ class ReconcileReport:
 def _lake_files(config: Config, data_dir: DataDir) -> list[str]:
     table = ensure_metering_table(open_catalog(data_dir), config)
     return [task.file.file_path.removeprefix("file://") for task in table.scan().plan_files()]
+
+
+def aggregate_lake(events: pa.Table | Sequence[str], meters: Sequence[Meter]) -> dict[UsageKey, int]:
+    """Usage per customer, meter and UTC hour computed by DuckDB from the lake rows (a table or Parquet paths).
+
+    The SQL twin of :func:`meterlake.meters.expected_usage`: reconciliation checks that the two agree. It runs in the
+    same sandbox as every local query: DuckDB may read the given files and nothing else.
+    """
+    from sqlglot import exp
+
+    paths = [] if isinstance(events, pa.Table) else list(events)
+    if not isinstance(events, pa.Table) and not paths:
+        return {}
+    con = sandboxed_duckdb(paths)
+    try:
+        if isinstance(events, pa.Table):
+            con.register("metering_events", events)
+            source: exp.Expr = exp.to_table("metering_events")
+        else:
+            source = exp.func("read_parquet", exp.array(*(exp.Literal.string(path) for path in paths)))
+        rows = con.execute(lake_usage_query(meters, source).sql(dialect="duckdb")).fetchall()
+    finally:
+        con.close()
+    return {(str(customer), str(meter), int(hour)): int(usage) for customer, meter, hour, usage in rows}
 
 
 def lake_usage(config: Config, data_dir: DataDir, window: Window) -> dict[UsageKey, float]:

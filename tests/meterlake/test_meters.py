@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meterlake.amberflo.reconcile import aggregate_lake
 from meterlake.meters import (
     DEFAULT_METERS,
     UNIQUE_ID_MAX,
     Condition,
     Meter,
     MeterError,
-    aggregate_lake,
     expected_usage,
     lake_usage_query,
     meter_records,
@@ -286,7 +286,7 @@ print(len(meter_records(events, meters)))
 
 
 def test_applying_meters_needs_neither_duckdb_nor_sqlglot() -> None:
-    """The stager Lambda's asset leaves DuckDB and sqlglot out: only the SQL twin (aggregate_lake) imports them."""
+    """The stager Lambda's asset leaves DuckDB and sqlglot out: only the SQL twin (reconciliation's) imports them."""
     result = subprocess.run([sys.executable, "-c", _WITHOUT_SQL_ENGINES], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "3"
