@@ -24,7 +24,6 @@ This module is core: it imports nothing from the local runtime or the CLI, so ``
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -35,7 +34,7 @@ import pyarrow.compute as pc
 from msgspec import Meta
 from pyiceberg.types import IntegerType, LongType, StringType, TimestamptzType
 
-from meterlake.records import MISSING
+from meterlake.records import NO_TENANT_PATTERN
 from meterlake.schema import METERING_EVENT_SCHEMA
 from meterlake.structs import ConfigSection
 
@@ -46,8 +45,6 @@ if TYPE_CHECKING:
 TENANT_COLUMN = "tenant_id"
 REQUEST_ID_COLUMN = "request_id"
 TIME_COLUMN = "request_time"
-#: A tenant value matching this (RE2, as both pyarrow and DuckDB use) is no tenant: blank, or API Gateway's "-".
-NO_TENANT_PATTERN = r"^\s*(?:" + re.escape(MISSING) + r")?\s*$"
 
 #: Amberflo's limits: meter API names up to 50 characters, uniqueIds kept to 128.
 METER_NAME_MAX = 50

@@ -20,6 +20,12 @@ MISSING = "-"
 #: The column the transform adds to every metering event: when the pipeline processed it (UTC microseconds).
 INGESTED_AT = "ingested_at"
 
+#: The field that says whose usage a request is.
+TENANT_FIELD = "tenant_id"
+#: A tenant value matching this (RE2, as pyarrow and DuckDB use; its ``\s`` is ``[\t\n\f\r ]``) is no tenant:
+#: blank, or API Gateway's ``-``. The transform stores such a value as null, and meters never bill it.
+NO_TENANT_PATTERN = r"^\s*(?:" + MISSING + r")?\s*$"
+
 
 class FieldType(enum.Enum):
     """How a field's text in the access log is typed by the transform."""

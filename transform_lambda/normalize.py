@@ -31,7 +31,15 @@ from typing import Annotated, Any, Final, Literal, cast
 import msgspec
 from msgspec import Meta
 
-from meterlake.records import ACCESS_LOG_FIELDS, FIELDS_BY_NAME, INGESTED_AT, MISSING, AccessLogField, FieldType
+from meterlake.records import (
+    ACCESS_LOG_FIELDS,
+    FIELDS_BY_NAME,
+    INGESTED_AT,
+    MISSING,
+    TENANT_FIELD,
+    AccessLogField,
+    FieldType,
+)
 
 #: Firehose's limit on one record; larger records are rejected before any parsing.
 MAX_RECORD_BYTES: Final = 1000 * 1024
@@ -164,6 +172,12 @@ _MeteringEvent: Any = msgspec.defstruct(
 # first quote escaped, or opening a string, the quote after the colon would close it and "-" would follow a string).
 _SENTINEL_VALUE: Final = re.compile(re.escape(b'":"' + MISSING.encode() + b'"'))
 _NULLED: Final = b'":null'
+# A blank tenant, or "-" among blanks, is no tenant (records.NO_TENANT_PATTERN): stored as null, so every reader's
+# "has a tenant" is IS NOT NULL. In msgspec's output RE2's whitespace [\t\n\f\r ] is " " or an escape; the key
+# can only be the real key, by the argument above.
+_BLANK = rb"(?: |\\[tnfr])*"
+_BLANK_TENANT: Final = re.compile(rb'"' + TENANT_FIELD.encode() + rb'":"' + _BLANK + rb"(?:-" + _BLANK + rb')?"')
+_NO_TENANT: Final = b'"' + TENANT_FIELD.encode() + b'":null'
 
 # Batch framing: [[N,line0],[N,line1],...] decoded as list[tuple[Literal[N], event]]. N is secret and random, so
 # only the framing can supply it; n elements that each start with N must then be exactly the n frames, i.e. each
@@ -207,7 +221,8 @@ def transform_records(
         event.ingested_at = ingested_at
     # JSON output holds no raw newline, so encode_lines splits back into one document per event; to_builtins
     # base64-encodes a list of bytes in one C call.
-    documents = _SENTINEL_VALUE.sub(_NULLED, _ENCODER.encode_lines(events)).split(b"\n")
+    encoded = _BLANK_TENANT.sub(_NO_TENANT, _SENTINEL_VALUE.sub(_NULLED, _ENCODER.encode_lines(events)))
+    documents = encoded.split(b"\n")
     documents.pop()
     outcomes: list[Any] = msgspec.to_builtins(documents)
     if not all_valid:

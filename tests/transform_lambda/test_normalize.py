@@ -7,10 +7,14 @@ import json
 import random
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pyiceberg.types import IntegerType, LongType, StringType, TimestamptzType
 
-from meterlake.records import ACCESS_LOG_FIELDS, INGESTED_AT, render_access_log_line
+from meterlake.records import ACCESS_LOG_FIELDS, INGESTED_AT, NO_TENANT_PATTERN, render_access_log_line
 from meterlake.schema import METERING_EVENT_SCHEMA
 from transform_lambda.normalize import (
     MAX_RECORD_BYTES,
@@ -384,3 +388,13 @@ def test_mixed_batch_falls_back_and_matches_line_by_line_processing() -> None:
             assert event["request_id"] == source["request_id"]
             assert event["request_time"] == int(source["request_time"]) * 1000
             assert event["tenant_id"] == (None if source["tenant_id"] == "-" else source["tenant_id"])
+
+
+@given(tenant=st.text(alphabet=[" ", "\t", "\n", "\f", "\r", "\v", "\u00a0", "-", "a", "\\", '"'], max_size=6))
+def test_a_blank_or_dash_tenant_is_stored_as_no_tenant_exactly_as_the_meters_read_it(tenant: str) -> None:
+    """The transform nulls what records.NO_TENANT_PATTERN calls no tenant (RE2, as the meters and DuckDB match it),
+    and nothing else, so every reader's "has a tenant" is simply IS NOT NULL."""
+    (outcome,) = transform([line(0, tenant_id=tenant)])
+    stored = event_of(outcome)["tenant_id"]
+    no_tenant = pc.match_substring_regex(pa.array([tenant]), NO_TENANT_PATTERN)[0].as_py()
+    assert stored == (None if no_tenant else tenant)
