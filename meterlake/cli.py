@@ -489,14 +489,21 @@ app.add_typer(meters_app, name="meters")
 app.add_typer(amberflo_app, name="amberflo")
 
 
+_REST_API_ID = typer.Option("--rest-api-id", help="The REST API's id (the first part of its execute-api host).")
+_STAGE = typer.Option("--stage", help="The stage to meter.")
+_PROFILE = typer.Option("--profile", help="AWS profile (default: $AWS_PROFILE).")
+_REGION = typer.Option("--region", help="AWS region (default: the profile's).")
+
+
 @aws_app.command("preflight")
 def aws_preflight(
     ctx: typer.Context,
-    profile: Annotated[str | None, typer.Option("--profile", help="AWS profile (default: $AWS_PROFILE).")] = None,
-    region: Annotated[str | None, typer.Option("--region", help="AWS region (default: the profile's).")] = None,
+    profile: Annotated[str | None, _PROFILE] = None,
+    region: Annotated[str | None, _REGION] = None,
 ) -> None:
     """Check what `cdk deploy` needs before it needs it (read-only): bootstrap, Lake Formation, names, secret."""
-    from meterlake.aws.preflight import Outcome, connect, preflight
+    from meterlake.aws.account import connect
+    from meterlake.aws.preflight import Outcome, preflight
 
     config = _context(ctx).config()
     account = connect(profile=profile, region=region)
@@ -509,6 +516,65 @@ def aws_preflight(
     failed = [check.name for check in checks if check.outcome is Outcome.FAIL]
     if failed:
         raise UsageError(f"{len(failed)} prerequisite(s) missing: {', '.join(failed)}")
+
+
+@aws_app.command("attach")
+def aws_attach(
+    ctx: typer.Context,
+    rest_api_id: Annotated[str, _REST_API_ID],
+    stage: Annotated[str, _STAGE],
+    profile: Annotated[str | None, _PROFILE] = None,
+    region: Annotated[str | None, _REGION] = None,
+) -> None:
+    """Meter a REST API stage made outside this CDK app: its access log goes to the pipeline's stream."""
+    from meterlake.aws.account import connect
+    from meterlake.aws.attach import attach_stage
+
+    account = connect(profile=profile, region=region)
+    change = attach_stage(
+        _context(ctx).config(),
+        apigateway=account.client("apigateway"),
+        apigatewayv2=account.client("apigatewayv2"),
+        firehose=account.client("firehose"),
+        rest_api_id=rest_api_id,
+        stage=stage,
+    )
+    for warning in change.warnings:
+        err_console.print(f"warning: {_shown(warning)}", highlight=False, soft_wrap=True)
+    console.print(
+        f"metered: {_shown(change.api_name)} ({change.rest_api_id}) stage {_shown(change.stage)} logs every request "
+        f"to {change.stream_arn}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@aws_app.command("detach")
+def aws_detach(
+    ctx: typer.Context,
+    rest_api_id: Annotated[str, _REST_API_ID],
+    stage: Annotated[str, _STAGE],
+    profile: Annotated[str | None, _PROFILE] = None,
+    region: Annotated[str | None, _REGION] = None,
+) -> None:
+    """Stop metering a stage that `meterlake aws attach` metered (its access log is removed)."""
+    from meterlake.aws.account import connect
+    from meterlake.aws.attach import detach_stage
+
+    account = connect(profile=profile, region=region)
+    change = detach_stage(
+        _context(ctx).config(),
+        apigateway=account.client("apigateway"),
+        firehose=account.client("firehose"),
+        rest_api_id=rest_api_id,
+        stage=stage,
+    )
+    console.print(
+        f"not metered: {_shown(change.api_name)} ({change.rest_api_id}) stage {_shown(change.stage)} no longer "
+        f"logs to {change.stream_arn}",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _amberflo_key(config: Config) -> str | None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
-from meterlake.aws import AwsError
+from meterlake.aws.account import Account
 from meterlake.aws.stacks import CDK_QUALIFIER, DELIVERY_STACK, FORWARDING_STACK, S3_TABLES_CATALOG, STORAGE_STACK
 from meterlake.config import Config, S3TablesDestination
 
@@ -41,20 +41,6 @@ class Check:
     name: str
     outcome: Outcome
     detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class Account:
-    """Where the deploy goes: the caller's account and region, and boto3 clients for them."""
-
-    account_id: str
-    region: str
-    client: Callable[[str], Any]
-
-    @property
-    def cdk_execution_role(self) -> str:
-        """The role CloudFormation deploys with after ``cdk bootstrap``: the one Lake Formation must trust."""
-        return f"arn:aws:iam::{self.account_id}:role/cdk-{CDK_QUALIFIER}-cfn-exec-role-{self.account_id}-{self.region}"
 
 
 def preflight(config: Config, account: Account) -> list[Check]:
@@ -314,37 +300,3 @@ def _amberflo_secret(config: Config, account: Account) -> Check:
             f"no secret {secret}: create it before deploying {FORWARDING_STACK} ({command}), or its forwarder fails",
         )
     return Check(name, Outcome.OK, f"secret {secret} exists")
-
-
-class AccountUnreachableError(AwsError):
-    """No region, no credentials, or an unusable profile: nothing can be checked."""
-
-
-def connect(*, profile: str | None, region: str | None) -> Account:
-    """The account and region the AWS CLI would use (``--profile``/``AWS_PROFILE``, the config files, the
-    environment), as boto3 resolves them.
-
-    Raises:
-        AccountUnreachableError: no region is configured, no credentials are found, or the profile is unknown.
-    """
-    import boto3  # type: ignore[import-untyped]
-    from botocore.exceptions import BotoCoreError
-
-    try:
-        session = boto3.Session(profile_name=profile, region_name=region)
-    except BotoCoreError as exc:
-        raise AccountUnreachableError(str(exc)) from None
-    if not session.region_name:
-        raise AccountUnreachableError("no AWS region: give --region, set AWS_REGION, or set one in the profile")
-    try:
-        identity = session.client("sts").get_caller_identity()
-    except (BotoCoreError, ClientError) as exc:
-        raise AccountUnreachableError(f"cannot identify the caller: {exc}") from None
-    clients: dict[str, Any] = {}
-
-    def client(service: str) -> Any:
-        if service not in clients:
-            clients[service] = session.client(service)
-        return clients[service]
-
-    return Account(account_id=identity["Account"], region=session.region_name, client=client)

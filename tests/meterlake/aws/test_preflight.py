@@ -10,7 +10,8 @@ import boto3  # type: ignore[import-untyped]
 import pytest
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
-from meterlake.aws.preflight import IAM_ALLOWED_PRINCIPALS, Account, Check, Outcome, connect, preflight
+from meterlake.aws.account import Account, connect
+from meterlake.aws.preflight import IAM_ALLOWED_PRINCIPALS, Check, Outcome, preflight
 from meterlake.aws.stacks import CDK_QUALIFIER
 from meterlake.cli import main
 from meterlake.config import Config, parse_config
@@ -148,7 +149,7 @@ def test_a_missing_amberflo_secret_is_a_warning_with_the_command(account: Accoun
 def test_the_command_prints_each_check_and_fails_on_a_missing_prerequisite(
     account: Account, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from meterlake.aws import preflight as module
+    from meterlake.aws import account as module
 
     monkeypatch.setattr(module, "connect", lambda **_: account)
     monkeypatch.setattr(sys, "argv", ["meterlake", "aws", "preflight", "--region", REGION])
