@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import stat
 import threading
 import time
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meterlake.config import Config
 from meterlake.local.home import DataDir
-from meterlake.records import MISSING
+from meterlake.records import MISSING, NO_TENANT_PATTERN
 
 #: The only algorithm a Cognito user pool signs with, and the only one accepted here.
 ALGORITHM = "RS256"
@@ -45,6 +46,9 @@ _ID_TOKEN_USE = "id"  # noqa: S105 - a claim value, not a secret
 _USER_CLAIM = "cognito:username"
 _TENANT_CLAIM = "custom:tenant_id"
 _REQUIRED_CLAIMS = ["sub", "iss", "aud", "exp", "iat", "token_use", _USER_CLAIM]
+#: ``records.NO_TENANT_PATTERN`` as the transform and the meters match it: RE2, whose ``\s`` is ``[\t\n\f\r ]``
+#: (Python's also matches ``\v`` and Unicode spaces, which the lake keeps as tenants).
+_NO_TENANT = re.compile(NO_TENANT_PATTERN.replace(r"\s", "[\t\n\f\r ]"))
 #: Namespace of the ``sub`` uuid5s, so one user name always maps to the same subject.
 _SUBJECT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:meterlake:local-user-pool:users")
 
@@ -58,11 +62,12 @@ class InvalidToken(Exception):  # noqa: N818 - the name the gateway and its call
 
 
 class InvalidClaimError(ValueError):
-    """A claim value the pool refuses to issue, because it would not reach the access log as itself.
+    """A claim value the pool refuses to issue, because it would not reach the lake as itself.
 
-    API Gateway writes ``-`` for a claim it has no value for, so a tenant (or user) named ``-`` reads as none
-    downstream and is never billed; an empty value is no value either; and a string with a lone surrogate cannot be
-    encoded as UTF-8 (RFC 7493, I-JSON, forbids it in JSON), so it can be neither logged nor verified.
+    API Gateway writes ``-`` for a claim it has no value for, so a user named ``-`` reads as none downstream, and a
+    tenant that is blank or ``-`` (``records.NO_TENANT_PATTERN``) is stored as no tenant and never billed; an empty
+    value is no value either; and a string with a lone surrogate cannot be encoded as UTF-8 (RFC 7493, I-JSON,
+    forbids it in JSON), so it can be neither logged nor verified.
     """
 
     def __init__(self, claim: str, value: str, problem: str) -> None:
@@ -153,8 +158,9 @@ class UserPool:
     ) -> str:
         """Sign an ID token for ``user``, as Cognito's InitiateAuth would return it.
 
-        A user name or tenant id must be non-empty, not ``-`` (what the access log writes for "no value") and valid
-        Unicode; see :class:`InvalidClaimError`.
+        A user name must be non-empty and not ``-`` (what the access log writes for "no value"), a tenant id must not
+        be blank or ``-`` (no tenant to the transform and the meters), and both must be valid Unicode; see
+        :class:`InvalidClaimError`.
 
         Raises:
             InvalidClaimError: ``user`` or ``tenant_id`` breaks that rule.
@@ -249,11 +255,13 @@ class UserPool:
 
 
 def _check_claim_value(claim: str, value: str) -> None:
-    """Refuse a user or tenant value that would not reach the access log as itself (see InvalidClaimError)."""
+    """Refuse a user or tenant value that would not reach the lake as itself (see InvalidClaimError)."""
     if not value:
         raise InvalidClaimError(claim, value, "is empty: the access log would record no value")
     if value == MISSING:
         raise InvalidClaimError(claim, value, "is what the access log writes for no value: it would never be billed")
+    if claim == _TENANT_CLAIM and _NO_TENANT.fullmatch(value):
+        raise InvalidClaimError(claim, value, "is blank: the lake stores it as no tenant and never bills it")
     if not _is_unicode(value):
         raise InvalidClaimError(claim, value, "is not valid Unicode (a lone surrogate): it has no UTF-8 form")
 

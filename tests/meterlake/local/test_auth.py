@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -29,6 +31,7 @@ from meterlake.local.auth import (
     signing_key_path,
 )
 from meterlake.local.home import DataDir
+from meterlake.records import NO_TENANT_PATTERN
 
 ISSUER = "http://127.0.0.1:8850/local_pool"
 CLIENT_ID = "meterlake-local-client"
@@ -259,9 +262,30 @@ def test_values_the_access_log_cannot_carry_are_never_issued(
     assert isinstance(refused.value, ValueError)
 
 
-@pytest.mark.parametrize("tenant_id", ["-acme", "a-b", "--", "\u2014", "ac me", "\U0001f600"])
+@pytest.mark.parametrize("tenant_id", [" ", "\t", " - ", "\r\n-\f"])
+def test_a_blank_tenant_is_never_issued(pool: UserPool, tenant_id: str) -> None:
+    with pytest.raises(InvalidClaimError, match="is blank: the lake stores it as no tenant and never bills it"):
+        pool.issue_id_token(user="alice", tenant_id=tenant_id)
+
+
+@pytest.mark.parametrize("tenant_id", ["-acme", "a-b", "--", "- -", "\u2014", "ac me", "\U0001f600", "\v", "\u00a0"])
 def test_tenant_ids_that_merely_look_odd_are_issued_and_verified(pool: UserPool, tenant_id: str) -> None:
     assert pool.verify_id_token(pool.issue_id_token(user="u", tenant_id=tenant_id)).tenant_id == tenant_id
+
+
+def test_the_pool_refuses_exactly_the_tenants_the_lake_reads_as_no_tenant(pool: UserPool) -> None:
+    """The rule is records.NO_TENANT_PATTERN matched as the transform and the meters match it (RE2, via pyarrow)."""
+    candidates = ["-", " ", "\t", "\n", "\r", "\f", "\v", "\u00a0", "\u2003", " - ", "--", "- -", "-x", "x", " x "]
+    lake_no_tenant = pc.match_substring_regex(pa.array(candidates), NO_TENANT_PATTERN).to_pylist()
+    refused = []
+    for tenant_id in candidates:
+        try:
+            pool.issue_id_token(user="u", tenant_id=tenant_id)
+        except InvalidClaimError:
+            refused.append(True)
+        else:
+            refused.append(False)
+    assert refused == lake_no_tenant
 
 
 @pytest.mark.parametrize("claim", ["custom:tenant_id", "cognito:username"])
