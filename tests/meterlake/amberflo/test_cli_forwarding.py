@@ -11,6 +11,7 @@ from typer.testing import CliRunner, Result
 from meterlake.amberflo.server import FaultPlan, LocalAmberflo
 from meterlake.cli import app
 from meterlake.meters import DEFAULT_METERS, meter_records
+from tests.conftest import FaultReport
 from tests.meterlake.amberflo.conftest import API_KEY
 from tests.meterlake.amberflo.lake import BASE_TIME_MS, commit_events, make_events, metering_table
 
@@ -87,7 +88,7 @@ def test_dead_letters_are_kept_and_retried(home: Path, server: LocalAmberflo) ->
 
 
 def test_a_wrong_key_pauses_forwarding_and_the_next_run_with_the_right_key_resumes(
-    home: Path, server: LocalAmberflo
+    home: Path, server: LocalAmberflo, fault_report: FaultReport
 ) -> None:
     """Issue 10 item 6: a wrong key dead-lettered the whole backlog; now it pauses, says so, dead-letters nothing."""
     commit_events(metering_table(home / "data"), make_events(0, 400), offset=1)
@@ -102,8 +103,16 @@ def test_a_wrong_key_pauses_forwarding_and_the_next_run_with_the_right_key_resum
     assert f"backlog        {len(expected_ids(0, 400))} records" in status.output
 
     resumed = run(home, "forward", "run")
+    expected, accepted = expected_ids(0, 400), server.accepted_unique_ids()
+    fault_report(
+        "wrong Amberflo key, then fixed (records)",
+        answered=len(expected),
+        committed=len(accepted & expected),
+        lost=len(expected - accepted),
+        duplicated=len(server.records()) - len(accepted),
+    )
     assert resumed.exit_code == 0, resumed.output
-    assert server.accepted_unique_ids() == expected_ids(0, 400)
+    assert accepted == expected
     status = run(home, "forward", "status")
     assert "paused" not in status.output
     assert "dead-lettered  0 records" in status.output

@@ -38,6 +38,7 @@ from meterlake.config import Config
 from meterlake.local.home import DataDir
 from meterlake.meters import DEFAULT_METERS, UsageKey, expected_usage, meter_records, usage_of
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA
+from tests.conftest import FaultReport
 from tests.meterlake.amberflo.conftest import API_KEY, quick_settings
 from tests.meterlake.amberflo.lake import BASE_TIME_MS, commit_events, make_events, metering_table
 
@@ -189,7 +190,7 @@ def test_retry_dead_redrives_after_the_server_stops_rejecting(
 
 
 def test_one_refused_record_per_batch_dead_letters_only_it_and_the_rest_reconciles(
-    tmp_path: Path, table: Table, server: LocalAmberflo
+    tmp_path: Path, table: Table, server: LocalAmberflo, fault_report: FaultReport
 ) -> None:
     for i in range(3):
         commit_events(table, make_events(i * 1000, 1000), offset=i)
@@ -207,6 +208,15 @@ def test_one_refused_record_per_batch_dead_letters_only_it_and_the_rest_reconcil
         dead = outbox.dead_letters()
         status = outbox.status()
         staged = outbox.staged_records()
+    good = expected - set(refused)
+    accepted = server.accepted_unique_ids()
+    fault_report(
+        "Amberflo refuses 1 record per batch (good records)",
+        answered=len(good),
+        committed=len(accepted & good),
+        lost=len(good - accepted),
+        duplicated=len(server.records()) - len(accepted),
+    )
     assert len(batches) > 20
     assert (report.dead_batches, report.dead_records, report.gave_up_batches) == (len(refused), len(refused), 0)
     # Nothing good was dead-lettered, and exactly the refused records were: each alone, with Amberflo's answer.

@@ -25,6 +25,7 @@ from meterlake.local.stream import (
     StreamFullError,
 )
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA, TABLE_PROPERTIES
+from tests.conftest import FaultReport
 from tests.meterlake.local.test_stream import gateway_line, make_config, metering_table
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -95,7 +96,9 @@ print(json.dumps({"acked": [l.decode() for l in acked], "refusals": refusals, "c
 """
 
 
-def test_a_full_disk_refuses_puts_and_loses_no_acknowledged_line(data_dir: DataDir, config: Config) -> None:
+def test_a_full_disk_refuses_puts_and_loses_no_acknowledged_line(
+    data_dir: DataDir, config: Config, fault_report: FaultReport
+) -> None:
     lines = [gateway_line(n) for n in range(150)]
     source = data_dir.root.parent / "lines.txt"
     source.parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +120,13 @@ def test_a_full_disk_refuses_puts_and_loses_no_acknowledged_line(data_dir: DataD
         stream.flush()
     ids = committed_ids(data_dir, config)
     refused = len(lines) - len(acked)
+    fault_report(
+        "full disk while lines are put (stream)",
+        answered=len(acked),
+        committed=len(set(ids)),
+        lost=len(acked - set(ids)),
+        duplicated=len(ids) - len(set(ids)),
+    )
     assert len(ids) == len(set(ids)), "a line was committed twice"
     assert set(ids) == acked, f"acked {len(acked)}, committed {len(ids)}, lost {len(acked - set(ids))}"
     assert outcome["close_error"] is None
@@ -147,7 +157,9 @@ def _flip(path: Path, file_offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_a_flipped_byte_in_the_uncommitted_region_is_refused_then_recovered(data_dir: DataDir, config: Config) -> None:
+def test_a_flipped_byte_in_the_uncommitted_region_is_refused_then_recovered(
+    data_dir: DataDir, config: Config, fault_report: FaultReport
+) -> None:
     with DeliveryStream(config=config, data_dir=data_dir):
         pass
     lines = [gateway_line(n) for n in range(90)]
@@ -167,15 +179,26 @@ def test_a_flipped_byte_in_the_uncommitted_region_is_refused_then_recovered(data
     with DeliveryStream(config=config, data_dir=data_dir, recover=True) as stream:
         assert [(r.path, r.damages[0].file_offset) for r in stream.recovered] == [(segment, offsets[45])]
         report = stream.flush()
+    readable = {line_id(line) for i, line in enumerate(lines) if i != 45}
+    ids = committed_ids(data_dir, config)
+    fault_report(
+        "flipped byte, uncommitted spool (its 1 record unreadable)",
+        answered=len(readable),
+        committed=len(set(ids)),
+        lost=len(readable - set(ids)),
+        duplicated=len(ids) - len(set(ids)),
+    )
     assert report.ok_written == 89
-    assert sorted(committed_ids(data_dir, config)) == sorted(line_id(line) for i, line in enumerate(lines) if i != 45)
+    assert sorted(ids) == sorted(readable)
     assert len(list((data_dir.spool / QUARANTINE_DIR).glob("*.json"))) == 1
     with DeliveryStream(config=config, data_dir=data_dir) as again:
         again.put_records([gateway_line(1000)])
     assert len(committed_ids(data_dir, config)) == 90
 
 
-def test_a_flipped_byte_in_the_committed_region_is_refused_then_recovered(data_dir: DataDir, config: Config) -> None:
+def test_a_flipped_byte_in_the_committed_region_is_refused_then_recovered(
+    data_dir: DataDir, config: Config, fault_report: FaultReport
+) -> None:
     committed = [gateway_line(n) for n in range(40)]
     with DeliveryStream(config=config, data_dir=data_dir) as stream:
         stream.put_records(committed)
@@ -191,8 +214,16 @@ def test_a_flipped_byte_in_the_committed_region_is_refused_then_recovered(data_d
 
     with DeliveryStream(config=config, data_dir=data_dir, recover=True) as stream:
         report = stream.flush()
-    assert report.ok_written == 60, "the uncommitted tail behind committed damage must all be delivered"
     ids = committed_ids(data_dir, config)
+    answered = {line_id(line) for line in committed + pending}
+    fault_report(
+        "flipped byte, committed spool",
+        answered=len(answered),
+        committed=len(set(ids)),
+        lost=len(answered - set(ids)),
+        duplicated=len(ids) - len(set(ids)),
+    )
+    assert report.ok_written == 60, "the uncommitted tail behind committed damage must all be delivered"
     assert sorted(ids) == sorted(line_id(line) for line in committed + pending)
     with DeliveryStream(config=config, data_dir=data_dir) as again:
         again.put_records([gateway_line(1000)])
