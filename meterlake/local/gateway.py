@@ -468,6 +468,8 @@ _REFUSALS: Mapping[RequestRejection, _Answer] = {
     RequestRejection.BODY_TOO_LARGE: _api_gateway_error(413, "Request Too Long"),
     RequestRejection.MALFORMED: _api_gateway_error(400, "Bad Request"),
 }
+#: API Gateway's answer to a path outside the stage: a stage the API does not have.
+_FORBIDDEN = _api_gateway_error(403, "Forbidden", "ForbiddenException")
 #: API Gateway's answer to a failure inside the API (the authorizer or the integration raised).
 _INTERNAL_SERVER_ERROR = _api_gateway_error(500, "Internal server error")
 #: The answer when a request's access-log line cannot be made durable: API Gateway's 503, ``{"message":"Service
@@ -555,8 +557,7 @@ class AccessLogMiddleware:
             if path != self._stage_root and not path.startswith(self._stage_root + "/"):
                 # A path outside the stage names a stage the API does not have: API Gateway answers 403 Forbidden,
                 # and no stage writes an access-log line for it (the request reaches no stage).
-                forbidden = _api_gateway_error(403, "Forbidden", "ForbiddenException")
-                await _send_answer(send, forbidden)
+                await _send_answer(send, _FORBIDDEN)
                 return
         exchange = _Exchange()
         scope[_EXCHANGE] = exchange
