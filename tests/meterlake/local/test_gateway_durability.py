@@ -23,6 +23,7 @@ from meterlake.local.auth import for_config
 from meterlake.local.catalog import ensure_metering_table, open_catalog
 from meterlake.local.home import DataDir
 from meterlake.local.stack import LocalStack
+from tests.conftest import FaultReport
 
 CONFIG = Config()
 
@@ -33,7 +34,9 @@ def _committed_request_ids(data_dir: DataDir) -> list[str]:
     return ids
 
 
-def test_a_5_mb_header_request_does_not_stop_metering_the_300_after_it(tmp_path: Path) -> None:
+def test_a_5_mb_header_request_does_not_stop_metering_the_300_after_it(
+    tmp_path: Path, fault_report: FaultReport
+) -> None:
     """Issue 10 item 1: the hostile request is refused (431) and logged; every later request is metered."""
     data_dir = DataDir.resolve(tmp_path)
     with LocalStack(config=CONFIG, data_dir=data_dir, port=0) as stack:
@@ -43,6 +46,15 @@ def test_a_5_mb_header_request_does_not_stop_metering_the_300_after_it(tmp_path:
             hostile = client.get(url, headers={"User-Agent": "u" * 5_000_000})
             answered = [client.get(url, headers={"Authorization": token}) for _ in range(300)]
         settled = stack.settle()
+    answered_ids = [r.headers["x-amzn-RequestId"] for r in [hostile, *answered]]
+    committed = _committed_request_ids(data_dir)
+    fault_report(
+        "5 MB header, then 300 requests (gateway)",
+        answered=len(answered_ids),
+        committed=len(set(committed)),
+        lost=len(set(answered_ids) - set(committed)),
+        duplicated=len(committed) - len(set(committed)),
+    )
     assert hostile.status_code == 431
     assert [r.status_code for r in answered] == [200] * 300
     rows = ensure_metering_table(open_catalog(data_dir), CONFIG).scan().to_arrow().to_pylist()
@@ -98,7 +110,9 @@ async def _load_until_killed(
 
 
 @pytest.mark.slow
-def test_sigkill_under_load_loses_no_answered_request_and_repeats_none(tmp_path: Path) -> None:
+def test_sigkill_under_load_loses_no_answered_request_and_repeats_none(
+    tmp_path: Path, fault_report: FaultReport
+) -> None:
     """Issue 10 item 4: every response a client received whole is committed after `meterlake flush`, once."""
     home = tmp_path / "home"
     home.mkdir()
@@ -127,6 +141,13 @@ def test_sigkill_under_load_loses_no_answered_request_and_repeats_none(tmp_path:
     committed = _committed_request_ids(data_dir)
     duplicated = [request_id for request_id, n in Counter(committed).items() if n > 1]
     missing = set(answered) - set(committed)
+    fault_report(
+        "SIGKILL of up under load, 3 times (gateway)",
+        answered=len(answered),
+        committed=len(set(committed)),
+        lost=len(missing),
+        duplicated=len(committed) - len(set(committed)),
+    )
     assert len(answered) == len(set(answered)) > 150
     assert (len(missing), len(duplicated)) == (0, 0), f"{len(answered)} answered: missing {sorted(missing)[:5]}"
 
@@ -172,7 +193,9 @@ print(json.dumps({"answers": answers, "delivered": stats.delivered, "not_durable
 """
 
 
-def test_a_full_disk_answers_503_never_a_success_it_cannot_meter_and_recovers(tmp_path: Path) -> None:
+def test_a_full_disk_answers_503_never_a_success_it_cannot_meter_and_recovers(
+    tmp_path: Path, fault_report: FaultReport
+) -> None:
     """Issue 10 items 2 and 4: while the spool cannot grow, no request is answered with a success."""
     done = subprocess.run(
         [sys.executable, "-c", _FULL_DISK_SCRIPT, str(tmp_path)],
@@ -195,4 +218,12 @@ def test_a_full_disk_answers_503_never_a_success_it_cannot_meter_and_recovers(tm
     assert "5 answers so far were withheld (503)" in done.stderr
     rows = ensure_metering_table(open_catalog(DataDir.resolve(tmp_path)), CONFIG).scan().to_arrow().to_pylist()
     committed = Counter((row["request_id"], row["status"]) for row in rows)
+    committed_ids = {request_id for request_id, _ in committed}
+    fault_report(
+        "full disk under the gateway (503 meanwhile)",
+        answered=len(answers),
+        committed=len(committed_ids),
+        lost=len({a["request_id"] for a in answers} - committed_ids),
+        duplicated=sum(committed.values()) - len(committed_ids),
+    )
     assert committed == Counter((a["request_id"], a["status"]) for a in answers)
