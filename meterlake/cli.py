@@ -577,6 +577,47 @@ def aws_detach(
     )
 
 
+@aws_app.command("check")
+def aws_check(
+    ctx: typer.Context,
+    profile: Annotated[str | None, _PROFILE] = None,
+    region: Annotated[str | None, _REGION] = None,
+    tenants: Annotated[int, typer.Option(min=1, max=10, help="Check tenants, one Cognito user each.")] = 2,
+    requests: Annotated[int, typer.Option(min=1, max=1000, help="Requests per tenant.")] = 20,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="Seconds to wait for the pipeline after the traffic (default: Firehose's buffering intervals + 600).",
+        ),
+    ] = None,
+) -> None:
+    """Prove the deployment: real tokens, real requests, counted in Athena and Amberflo (creates and deletes users)."""
+    from meterlake.aws.account import connect
+    from meterlake.aws.check import CheckFailed, run_check
+
+    config = _context(ctx).config()
+    account = connect(profile=profile, region=region)
+    console.print(f"account {_shown(account.account_id)}, region {_shown(account.region)}", highlight=False)
+    report = run_check(
+        config,
+        account,
+        tenants=tenants,
+        requests_per_tenant=requests,
+        timeout_s=timeout,
+        say=lambda line: console.print(_shown(line), highlight=False, soft_wrap=True),
+    )
+    console.print(
+        "\n[bold]reconciliation[/bold] (answered == counted in Athena; billable == api-calls units in Amberflo):"
+    )
+    for line in report.reconciliation.lines:
+        console.print(_shown(line), style="green" if line.matches else "bold red", highlight=False, soft_wrap=True)
+    for ids in report.request_id_lines():
+        console.print(_shown(ids), highlight=False, soft_wrap=True)
+    if not report.ok:
+        raise CheckFailed(report.problems)
+
+
 def _amberflo_key(config: Config) -> str | None:
     import os
 
