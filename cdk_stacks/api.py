@@ -15,9 +15,10 @@ from cdk_stacks.metering import meter_stage
 from cdk_stacks.shared import LAMBDA_PYTHON_VERSION, LAMBDA_RUNTIME_REASON, acknowledge, lambda_role, python_function
 from meterlake.config import Config
 from meterlake.demo_api import RANDOM_STRINGS_RESOURCE
+from meterlake.records import DEFAULT_TENANT_CLAIM, DEFAULT_TENANT_SOURCE
 
-#: The Cognito custom attribute that carries a user's tenant; the access log reads the claim ``custom:tenant_id``.
-TENANT_ATTRIBUTE: Final = "tenant_id"
+#: The Cognito custom attribute that carries a user's tenant; the access log reads its claim ``custom:<attribute>``.
+TENANT_ATTRIBUTE: Final = DEFAULT_TENANT_CLAIM.removeprefix("custom:")
 #: The demo Lambda is the stdlib-only demo API module; no third-party packages.
 DEMO_SOURCES: Final = (
     ("meterlake/__init__.py", "meterlake/__init__.py"),
@@ -26,6 +27,17 @@ DEMO_SOURCES: Final = (
 DEMO_HANDLER: Final = "meterlake.demo_api.lambda_handler"
 #: The query-string parameters of the demo API, all optional.
 DEMO_QUERY_PARAMETERS: Final = ("chars", "len", "num")
+
+
+class DemoApiTenantSourceError(ValueError):
+    """The demo API's tenants are its user pool's DEFAULT_TENANT_CLAIM; another tenant source would bill nobody."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(
+            f"the demo API authorizes with its Cognito user pool's {DEFAULT_TENANT_CLAIM} claim, but "
+            f"meterlake.tenant_source is {kind!r} with other variables: its requests would carry no tenant. Meter your "
+            "own APIs (meter_stage) or set demo_api=False"
+        )
 
 
 class DemoApi(Construct):
@@ -38,6 +50,13 @@ class DemoApi(Construct):
     """
 
     def __init__(self, scope: Construct, construct_id: str, *, config: Config, pipeline: AccessLogDelivery) -> None:
+        """Build the demo API and meter its stage into ``pipeline``.
+
+        Raises:
+            DemoApiTenantSourceError: the config takes tenants from elsewhere than the demo pool's claim.
+        """
+        if config.meterlake.tenant_source.source() != DEFAULT_TENANT_SOURCE:
+            raise DemoApiTenantSourceError(config.meterlake.tenant_source.kind)
         super().__init__(scope, construct_id)
         aws = config.meterlake.aws
         stage_name = config.meterlake.api_stage

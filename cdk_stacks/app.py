@@ -22,6 +22,7 @@ from cdk_stacks.storage import StorageStack
 from cdk_stacks.transform import TransformStack
 from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config
+from meterlake.records import DEFAULT_TENANT_SOURCE
 
 #: CDK feature flags the stacks rely on, from cdk.json (the cdk CLI passes them too; `python app.py` reads them here).
 FEATURE_FLAGS: Final[dict[str, object]] = json.loads((Path(__file__).resolve().parents[1] / "cdk.json").read_text())[
@@ -43,10 +44,13 @@ class MeterlakeStacks:
     forwarding: ForwardingStack
 
 
-def add_pipeline(app: App, config: Config, *, env: Environment | None = None, demo_api: bool = True) -> MeterlakeStacks:
+def add_pipeline(
+    app: App, config: Config, *, env: Environment | None = None, demo_api: bool | None = None
+) -> MeterlakeStacks:
     """Add meterlake's stacks to ``app`` (a user's own CDK app, or :func:`build_app`'s), built from ``config``.
 
-    ``demo_api`` adds the demo REST API; a team metering its own APIs leaves it out and meters their stages with
+    ``demo_api`` adds the demo REST API (None: when tenants come from its Cognito claim, the default tenant
+    source); a team metering its own APIs leaves it out and meters their stages with
     :func:`cdk_stacks.metering.meter_stage` and ``stacks.delivery.delivery``. ``env`` defaults to
     CDK_DEFAULT_ACCOUNT/CDK_DEFAULT_REGION (unset: environment-agnostic templates).
     """
@@ -72,6 +76,8 @@ def add_pipeline(app: App, config: Config, *, env: Environment | None = None, de
         table=storage.table,
         transform_function=transform.function,
     )
+    if demo_api is None:
+        demo_api = config.meterlake.tenant_source.source() == DEFAULT_TENANT_SOURCE
     api = None
     if demo_api:
         api = ApiStack(

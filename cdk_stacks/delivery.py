@@ -122,6 +122,7 @@ class AccessLogDelivery(Construct):
 
     Attributes:
         delivery_stream: the stream the API stages' access logs go to (:func:`cdk_stacks.metering.meter_stage`).
+        access_log_format: the format those stages write, rendered for the configured tenant source.
     """
 
     def __init__(
@@ -137,6 +138,7 @@ class AccessLogDelivery(Construct):
         super().__init__(scope, construct_id)
         stack = Stack.of(self)
         settings = config.data_firehose_configuration
+        self.access_log_format = config.meterlake.tenant_source.access_log_format()
         unique_keys = sorted(METERING_EVENT_SCHEMA.identifier_field_names())
         log_retention_days = config.meterlake.aws.log_retention_days
         bucket = s3.Bucket.from_bucket_name(self, "LakeBucket", bucket_name)

@@ -10,7 +10,6 @@ from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_kinesisfirehose as firehose
 
 from cdk_stacks.delivery import AccessLogDelivery
-from meterlake.records import render_access_log_format
 
 
 class StageNotMeterableError(TypeError):
@@ -18,7 +17,8 @@ class StageNotMeterableError(TypeError):
 
 
 def meter_stage(stage: apigateway.Stage | apigateway.CfnStage, pipeline: AccessLogDelivery) -> None:
-    """Send ``stage``'s access log to ``pipeline``'s delivery stream, in the rendered access-log format.
+    """Send ``stage``'s access log to ``pipeline``'s delivery stream, in the access-log format rendered for the
+    pipeline's tenant source (``meterlake.tenant_source``: a Cognito claim, a Lambda authorizer's context, API keys).
 
     Replaces whatever access-log destination the stage had: a REST API stage logs to one destination (CloudWatch
     Logs or Firehose, not both). The stage may be in another stack than the pipeline: CDK then exports the stream's
@@ -32,5 +32,5 @@ def meter_stage(stage: apigateway.Stage | apigateway.CfnStage, pipeline: AccessL
         raise StageNotMeterableError(f"{stage.node.path} is not an AWS::ApiGateway::Stage of this app")
     stream: firehose.CfnDeliveryStream = pipeline.delivery_stream
     cfn_stage.access_log_setting = apigateway.CfnStage.AccessLogSettingProperty(
-        destination_arn=stream.attr_arn, format=render_access_log_format()
+        destination_arn=stream.attr_arn, format=pipeline.access_log_format
     )

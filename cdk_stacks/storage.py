@@ -39,8 +39,6 @@ def static_prefix(prefix: str) -> str:
     return folder
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class MeteringTable:
     """Where the metering table is, as Firehose, Athena, the optimizers and the stager address it.

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+import msgspec
 from aws_cdk import Duration, Stack
 from constructs import Construct
 
 from cdk_stacks.bundling import LAMBDA_LOCK_DIR, PythonBundle, PythonTarget, lambda_code, project_requirements
 from cdk_stacks.shared import LAMBDA_PYTHON_VERSION, LAMBDA_RUNTIME_REASON, acknowledge, lambda_role, python_function
-from meterlake.config import Config
+from meterlake.config import LAMBDA_ENVIRONMENT_LIMIT_BYTES, Config
 from transform_lambda.handler import (
     ENV_DATABASE,
     ENV_OPERATION,
     ENV_TABLE,
+    ENV_TENANTS_BY_API_KEY,
     ENV_UNMETERED_HTTP_METHODS,
     METRICS_NAMESPACE,
     SERVICE,
@@ -69,16 +71,35 @@ class TransformFunction(Construct):
             memory_size=aws.transform_memory_mb,
             # Firehose waits at most 5 minutes for a processor; a full 6 MB batch takes well under a second.
             timeout=Duration.minutes(1),
-            environment={
-                ENV_DATABASE: config.database_name,
-                ENV_TABLE: config.table_name,
-                ENV_OPERATION: OTF_OPERATION,
-                ENV_UNMETERED_HTTP_METHODS: ",".join(config.meterlake.unmetered_http_methods),
-                "POWERTOOLS_SERVICE_NAME": SERVICE,
-                "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
-            },
+            environment=transform_environment(config),
         )
         acknowledge(self.function, "AwsSolutions-L1", LAMBDA_RUNTIME_REASON)
+
+
+def transform_environment(config: Config) -> dict[str, str]:
+    """The transform Lambda's environment (what ``TransformSettings.from_env`` reads, and Powertools' names).
+
+    Raises:
+        ValueError: it exceeds Lambda's limit on a function's environment, which would fail the deployment.
+    """
+    environment = {
+        ENV_DATABASE: config.database_name,
+        ENV_TABLE: config.table_name,
+        ENV_OPERATION: OTF_OPERATION,
+        ENV_UNMETERED_HTTP_METHODS: ",".join(config.meterlake.unmetered_http_methods),
+        "POWERTOOLS_SERVICE_NAME": SERVICE,
+        "POWERTOOLS_METRICS_NAMESPACE": METRICS_NAMESPACE,
+    }
+    tenants = config.meterlake.tenant_source.api_key_tenants
+    if tenants is not None:
+        environment[ENV_TENANTS_BY_API_KEY] = msgspec.json.encode(tenants).decode()
+    size = sum(len(name.encode()) + len(value.encode()) for name, value in environment.items())
+    if size > LAMBDA_ENVIRONMENT_LIMIT_BYTES:
+        raise ValueError(
+            f"the transform Lambda's environment is {size} bytes, over Lambda's {LAMBDA_ENVIRONMENT_LIMIT_BYTES}: "
+            "shorten meterlake.tenant_source.tenants_by_api_key"
+        )
+    return environment
 
 
 class TransformStack(Stack):

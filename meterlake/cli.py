@@ -40,6 +40,7 @@ from meterlake.loadtest import (
 )
 from meterlake.local.home import PRIVATE_UMASK, DataDir, DataDirError
 from meterlake.query import QueryError, printable
+from meterlake.records import TenantSourceKind
 
 app = typer.Typer(
     name="meterlake",
@@ -126,20 +127,25 @@ def show_config(ctx: typer.Context) -> None:
     if processing.buffer_size_note is not None:
         console.print(f"note: {_shown(processing.buffer_size_note)}", soft_wrap=True)
     console.print(f"unmetered        {_shown(', '.join(config.meterlake.unmetered_http_methods) or '(none)')}")
+    source = config.meterlake.tenant_source.source()
+    tenants = f"${source.tenant_variable}"
+    if source.kind is TenantSourceKind.API_KEY:
+        tenants += f", mapped to {len(config.meterlake.tenant_source.tenants_by_api_key)} tenants"
+    console.print(f"tenant           {_shown(tenants)}", highlight=False)
 
 
 @app.command("access-log-format")
-def access_log_format() -> None:
-    """Print API Gateway's access-log format, rendered from the one record definition."""
-    from meterlake.records import render_access_log_format
-
-    print(render_access_log_format())
+def access_log_format(ctx: typer.Context) -> None:
+    """Print API Gateway's access-log format, rendered from the one record definition for the tenant source."""
+    print(_context(ctx).config().meterlake.tenant_source.access_log_format())
 
 
 @app.command()
 def token(
     ctx: typer.Context,
-    tenant: Annotated[str | None, typer.Option(help="custom:tenant_id claim (omit for a tenant-less user).")] = None,
+    tenant: Annotated[
+        str | None, typer.Option(help="The tenant claim, custom:tenant_id unless configured (omit: no tenant).")
+    ] = None,
     user: Annotated[str, typer.Option(help="cognito:username claim.")] = "demo-user",
     ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds (default: config token_ttl_seconds).")] = None,
 ) -> None:
@@ -153,6 +159,25 @@ def token(
     c = _context(ctx)
     pool = for_config(c.config(), c.data_dir().ensure())
     print(pool.issue_id_token(user=user, tenant_id=tenant, ttl_seconds=ttl))
+
+
+@app.command("api-key")
+def api_key(
+    ctx: typer.Context,
+    key_id: Annotated[str, typer.Argument(help="A key id of meterlake.tenant_source.tenants_by_api_key.")],
+) -> None:
+    """Print the value of a local API key (send it as x-api-key), when tenants come from API keys."""
+    from meterlake.local.auth import LocalApiKeys, for_config
+
+    c = _context(ctx)
+    config = c.config()
+    source = config.meterlake.tenant_source
+    if source.kind != TenantSourceKind.API_KEY.value:
+        raise UsageError(f"meterlake.tenant_source.kind is {source.kind!r}: the local gateway takes no API keys")
+    if key_id not in source.tenants_by_api_key:
+        known = ", ".join(sorted(source.tenants_by_api_key)) or "none"
+        raise UsageError(f"no API key {key_id!r} in meterlake.tenant_source.tenants_by_api_key (keys: {known})")
+    print(LocalApiKeys.for_config(config, for_config(config, c.data_dir().ensure())).value(key_id))
 
 
 @app.command()
@@ -218,11 +243,19 @@ def load_test(
     auth_token: Annotated[
         list[str] | None, typer.Option("--auth-token", help="ID token sent raw in Authorization (repeatable).")
     ] = None,
+    api_key_value: Annotated[
+        list[str] | None, typer.Option("--api-key", help="API key value sent in x-api-key (repeatable).")
+    ] = None,
     max_count: Annotated[int | None, typer.Option("--max-count", help="Total requests (default 10).")] = None,
     duration: Annotated[float | None, typer.Option(help="Run for this many seconds instead of --max-count.")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 8,
     tenants: Annotated[
-        int, typer.Option(min=0, help="Local gateway only: issue tokens for this many tenants (tenant-1 ...).")
+        int,
+        typer.Option(
+            min=0,
+            help="Local gateway only: issue tokens for this many tenants (tenant-1 ...), or with tenants from API keys "
+            "use the first N configured keys.",
+        ),
     ] = 0,
     unauthenticated_share: Annotated[float, typer.Option(help="Share of requests sent without a token.")] = 0.0,
     not_found_share: Annotated[
@@ -261,23 +294,19 @@ def load_test(
         execution_id=execution_id, region_name=region_name or "us-east-1", api_stage=api_stage
     )
     callers = [Caller(tenant_id=None, token=t) for t in auth_token or []]
+    callers += [Caller(tenant_id=None, token=None, api_key=key) for key in api_key_value or []]
     if cognito_client_id:
         callers.append(_cognito_caller(cognito_client_id, username, password, region_name))
     elif username is not None:
         raise UsageError("--username only applies with --cognito-client-id")
     if tenants:
-        from meterlake.local.auth import for_config
-
         c = _context(ctx)
-        pool = for_config(c.config(), c.data_dir().ensure())
-        callers += [
-            Caller(tenant_id=f"tenant-{i}", token=pool.issue_id_token(user=f"user-{i}", tenant_id=f"tenant-{i}"))
-            for i in range(1, tenants + 1)
-        ]
+        callers += _local_callers(c.config(), c.data_dir().ensure(), tenants)
     if not callers:
         if unauthenticated_share < 1.0:
             raise UsageError(
-                "no token: give --auth-token or --cognito-client-id, or --tenants N against the local gateway"
+                "no token: give --auth-token, --api-key or --cognito-client-id, or --tenants N against the local "
+                "gateway"
             )
         callers = [Caller(tenant_id=None, token=None)]
     plan = LoadTestPlan(
@@ -306,6 +335,27 @@ def load_test(
         report = run_load_test(plan, on_progress=lambda n: progress.advance(task, n))
     for line in summary_lines(report):
         console.print(_shown(line), highlight=False)
+
+
+def _local_callers(config: Config, data_dir: DataDir, tenants: int) -> list[Caller]:
+    """``tenants`` callers of the local gateway, with the credentials its tenant source takes."""
+    from meterlake.local.auth import LocalApiKeys, for_config
+
+    pool = for_config(config, data_dir)
+    source = config.meterlake.tenant_source
+    if source.kind != TenantSourceKind.API_KEY.value:
+        return [
+            Caller(tenant_id=f"tenant-{i}", token=pool.issue_id_token(user=f"user-{i}", tenant_id=f"tenant-{i}"))
+            for i in range(1, tenants + 1)
+        ]
+    mapped = list(source.tenants_by_api_key.items())
+    if tenants > len(mapped):
+        raise UsageError(
+            f"--tenants {tenants}: tenants come from API keys, and meterlake.tenant_source.tenants_by_api_key maps "
+            f"{len(mapped)}"
+        )
+    keys = LocalApiKeys.for_config(config, pool)
+    return [Caller(tenant_id=tenant, token=None, api_key=keys.value(key_id)) for key_id, tenant in mapped[:tenants]]
 
 
 def _aws_client(service: str, region: str | None, *, region_option: str) -> Any:

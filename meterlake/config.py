@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,13 @@ from msgspec import Meta, Struct
 
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.meters import DEFAULT_METERS, Meter, check_meters
+from meterlake.records import (
+    DEFAULT_TENANT_CLAIM,
+    NO_TENANT_PATTERN_PYTHON,
+    TenantSource,
+    TenantSourceKind,
+    render_access_log_format,
+)
 from meterlake.structs import ConfigSection
 
 #: Firehose requires this prefix on a delivery stream that receives API Gateway access logs.
@@ -174,6 +182,66 @@ class AwsDeployment(ConfigSection, frozen=True):
             raise ValueError(f"log_retention_days {self.log_retention_days}: CloudWatch Logs allows only {allowed}")
 
 
+#: Lambda's limit on a function's environment variables, names and values together.
+LAMBDA_ENVIRONMENT_LIMIT_BYTES = 4096
+#: The share of that limit the API-key-to-tenant mapping may take (as JSON); the transform's other variables and
+#: Powertools' need the rest.
+TENANTS_BY_API_KEY_LIMIT_BYTES = 3072
+
+
+class TenantSourceSettings(ConfigSection, frozen=True):
+    """Where API Gateway finds each request's tenant, i.e. how the metered APIs authorize their callers.
+
+    ``cognito_claim``: a Cognito user-pool authorizer; the tenant is the ID token's ``claim``.
+    ``authorizer_context``: a Lambda authorizer; the tenant is ``context_key`` of the context it returns.
+    ``api_key``: API keys; the access log records the key's id and the transform bills it to
+    ``tenants_by_api_key[id]`` (a key missing there is metered with no tenant and never billed).
+    """
+
+    kind: Literal["cognito_claim", "authorizer_context", "api_key"] = "cognito_claim"
+    #: The ID token claim holding the tenant; API Gateway reads it as ``$context.authorizer.claims['<claim>']``.
+    claim: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_:.-]+$", max_length=128)] = DEFAULT_TENANT_CLAIM
+    #: The Lambda authorizer's context key holding the tenant, read as ``$context.authorizer.<context_key>``.
+    context_key: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]+$", max_length=128)] = "tenant_id"
+    #: API key id (as API Gateway shows it, e.g. ``a1b2c3d4e5``) -> the tenant its requests are billed to.
+    tenants_by_api_key: dict[Annotated[str, Meta(pattern=r"^[A-Za-z0-9]+$", max_length=128)], str] = msgspec.field(
+        default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        if self.kind != TenantSourceKind.API_KEY.value and self.tenants_by_api_key:
+            raise ValueError(f"tenants_by_api_key is only read when kind is 'api_key', not {self.kind!r}")
+        if self.kind == TenantSourceKind.AUTHORIZER_CONTEXT.value and self.context_key == "claims":
+            raise ValueError("context_key 'claims' is the Cognito claims map, not a key a Lambda authorizer returns")
+        for key_id, tenant in self.tenants_by_api_key.items():
+            if re.fullmatch(NO_TENANT_PATTERN_PYTHON, tenant):
+                raise ValueError(f"tenants_by_api_key[{key_id!r}] = {tenant!r} is blank: it would never be billed")
+        size = len(msgspec.json.encode(self.tenants_by_api_key))
+        if size > TENANTS_BY_API_KEY_LIMIT_BYTES:
+            raise ValueError(
+                f"tenants_by_api_key is {size} bytes of JSON, over {TENANTS_BY_API_KEY_LIMIT_BYTES}: the transform "
+                f"Lambda reads it from its environment, which Lambda limits to {LAMBDA_ENVIRONMENT_LIMIT_BYTES} bytes"
+            )
+
+    def source(self) -> TenantSource:
+        """The ``$context`` variables that fill the access log's tenant and user fields."""
+        kind = TenantSourceKind(self.kind)
+        if kind is TenantSourceKind.COGNITO_CLAIM:
+            return TenantSource.cognito_claim(self.claim)
+        if kind is TenantSourceKind.AUTHORIZER_CONTEXT:
+            return TenantSource.authorizer_context(self.context_key)
+        return TenantSource.api_key()
+
+    def access_log_format(self) -> str:
+        """The access-log format a metered stage writes: the record, its tenant and user from this source."""
+        return render_access_log_format(self.source())
+
+    @property
+    def api_key_tenants(self) -> Mapping[str, str] | None:
+        """The transform's key-id-to-tenant mapping: set only when tenants come from API keys."""
+        return self.tenants_by_api_key if self.kind == TenantSourceKind.API_KEY.value else None
+
+
 class MeterlakeSettings(ConfigSection, frozen=True):
     """meterlake's own settings, beside the sample's keys."""
 
@@ -181,6 +249,7 @@ class MeterlakeSettings(ConfigSection, frozen=True):
     api_stage: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]+$")] = "prod"
     local: LocalRuntime = msgspec.field(default_factory=LocalRuntime)
     aws: AwsDeployment = msgspec.field(default_factory=AwsDeployment)
+    tenant_source: TenantSourceSettings = msgspec.field(default_factory=TenantSourceSettings)
 
 
 #: S3 Tables namespace and table names: lower case letters, digits and underscores, not starting with "aws".

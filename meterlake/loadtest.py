@@ -21,6 +21,8 @@ from urllib.parse import urlencode, urlsplit
 
 import httpx
 
+from meterlake.records import API_KEY_HEADER
+
 ROUTE = "/random/strings"
 NOT_FOUND_ROUTE = "/random/nothing-here"
 _CHARS = ("", "lowercase", "uppercase", "letters", "digits")
@@ -32,10 +34,21 @@ class LoadTestError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Caller:
-    """Who sends a request: a tenant label (None = unauthenticated) and the ID token to send."""
+    """Who sends a request: a tenant label (None = unauthenticated), the ID token and/or the API key to send."""
 
     tenant_id: str | None
     token: str | None
+    api_key: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        """The request headers carrying the caller's credentials: the token raw in Authorization, the key in
+        x-api-key (what a Cognito or Lambda authorizer and an API-key-requiring method read)."""
+        headers = {}
+        if self.token:
+            headers["Authorization"] = self.token
+        if self.api_key:
+            headers[API_KEY_HEADER] = self.api_key
+        return headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +140,8 @@ def dry_run_commands(plan: LoadTestPlan, count: int) -> list[str]:
     commands = []
     for _ in range(count):
         url, caller = _next_request(plan, rng)
-        header = f" --header {shlex.quote('Authorization: ' + caller.token)}" if caller.token else ""
-        commands.append(f"curl -XGET {shlex.quote(url)}{header}")
+        headers = "".join(f" --header {shlex.quote(f'{name}: {value}')}" for name, value in caller.headers().items())
+        commands.append(f"curl -XGET {shlex.quote(url)}{headers}")
     return commands
 
 
@@ -174,7 +187,7 @@ async def _run(plan: LoadTestPlan, on_progress: Callable[[int], None] | None) ->
     async def worker(client: httpx.AsyncClient) -> None:
         while take():
             url, caller = _next_request(plan, rng)
-            headers = {"Authorization": caller.token} if caller.token else {}
+            headers = caller.headers()
             started = time.perf_counter()
             try:
                 response = await client.get(url, headers=headers)

@@ -22,9 +22,13 @@ INGESTED_AT = "ingested_at"
 
 #: The field that says whose usage a request is.
 TENANT_FIELD = "tenant_id"
+#: The Cognito ID token claim holding the tenant, unless the config names another (a custom user-pool attribute).
+DEFAULT_TENANT_CLAIM = "custom:tenant_id"
 #: A tenant value matching this (RE2, as pyarrow and DuckDB use; its ``\s`` is ``[\t\n\f\r ]``) is no tenant:
 #: blank, or API Gateway's ``-``. The transform stores such a value as null, and meters never bill it.
 NO_TENANT_PATTERN = r"^\s*(?:" + MISSING + r")?\s*$"
+#: NO_TENANT_PATTERN for Python's ``re``, whose ``\s`` also matches ``\v`` and Unicode spaces (tenants to the lake).
+NO_TENANT_PATTERN_PYTHON = NO_TENANT_PATTERN.replace(r"\s", "[\t\n\f\r ]")
 
 
 class FieldType(enum.Enum):
@@ -54,10 +58,10 @@ ACCESS_LOG_FIELDS: tuple[AccessLogField, ...] = (
     AccessLogField("stage", "context.stage", FieldType.STRING, False, "Deployment stage"),
     AccessLogField(
         "tenant_id",
-        "context.authorizer.claims['custom:tenant_id']",
+        f"context.authorizer.claims['{DEFAULT_TENANT_CLAIM}']",
         FieldType.STRING,
         False,
-        "Cognito claim custom:tenant_id; null for unauthenticated requests",
+        "Whose usage it is (by default the Cognito claim custom:tenant_id); null when the request has none",
     ),
     AccessLogField(
         "user", "context.authorizer.claims['cognito:username']", FieldType.STRING, False, "Cognito user name"
@@ -94,14 +98,64 @@ ACCESS_LOG_FIELDS: tuple[AccessLogField, ...] = (
 
 FIELDS_BY_NAME: Mapping[str, AccessLogField] = {f.name: f for f in ACCESS_LOG_FIELDS}
 
+#: The field naming who made the request, beside the tenant.
+USER_FIELD = "user"
+#: The request header API Gateway reads a caller's API key from (its id is ``$context.identity.apiKeyId``).
+API_KEY_HEADER = "x-api-key"
 
-def render_access_log_format() -> str:
+
+class TenantSourceKind(enum.Enum):
+    """Where API Gateway finds a request's tenant: how the API authorizes its callers."""
+
+    #: A claim of the Cognito user pool authorizer's ID token (DEFAULT_TENANT_CLAIM unless configured).
+    COGNITO_CLAIM = "cognito_claim"
+    #: A key of the context a Lambda authorizer returns (``$context.authorizer.<key>``).
+    AUTHORIZER_CONTEXT = "authorizer_context"
+    #: The API key the caller sent: its id is logged, and the transform maps it to the key's tenant.
+    API_KEY = "api_key"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSource:
+    """The ``$context`` variables (without ``$``) that fill the tenant and user fields for one kind of authorizer."""
+
+    kind: TenantSourceKind
+    tenant_variable: str
+    user_variable: str
+
+    @classmethod
+    def cognito_claim(cls, claim: str = DEFAULT_TENANT_CLAIM) -> TenantSource:
+        """A Cognito user pool authorizer: the tenant is a claim of the ID token, the user its username."""
+        return cls(TenantSourceKind.COGNITO_CLAIM, f"context.authorizer.claims['{claim}']", _COGNITO_USER)
+
+    @classmethod
+    def authorizer_context(cls, key: str) -> TenantSource:
+        """A Lambda authorizer: the tenant is a key of the context it returns, the user its principalId."""
+        return cls(TenantSourceKind.AUTHORIZER_CONTEXT, f"context.authorizer.{key}", "context.authorizer.principalId")
+
+    @classmethod
+    def api_key(cls) -> TenantSource:
+        """An API key: its id is logged as both tenant and user; the transform maps the tenant field to the key's
+        tenant (an unmapped key is no tenant) and keeps the id as the user."""
+        return cls(TenantSourceKind.API_KEY, "context.identity.apiKeyId", "context.identity.apiKeyId")
+
+
+_COGNITO_USER = FIELDS_BY_NAME[USER_FIELD].context_variable
+#: The record's own variables: a Cognito authorizer and its DEFAULT_TENANT_CLAIM.
+DEFAULT_TENANT_SOURCE = TenantSource.cognito_claim()
+if DEFAULT_TENANT_SOURCE.tenant_variable != FIELDS_BY_NAME[TENANT_FIELD].context_variable:
+    raise ImportError("the record's tenant variable and the default tenant source disagree")
+
+
+def render_access_log_format(source: TenantSource = DEFAULT_TENANT_SOURCE) -> str:
     """Render API Gateway's access-log format string: one JSON object, every value quoted.
 
     Quoting every value keeps the line valid JSON whatever API Gateway substitutes (``-`` for a missing number,
-    for instance); typing is the transform's job, not the format's.
+    for instance); typing is the transform's job, not the format's. ``source`` says which variables fill the tenant
+    and user fields; every other field is the record's own.
     """
-    members = ",".join(f'"{f.name}":"${f.context_variable}"' for f in ACCESS_LOG_FIELDS)
+    variables = {TENANT_FIELD: source.tenant_variable, USER_FIELD: source.user_variable}
+    members = ",".join(f'"{f.name}":"${variables.get(f.name, f.context_variable)}"' for f in ACCESS_LOG_FIELDS)
     return "{" + members + "}"
 
 

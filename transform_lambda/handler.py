@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+import msgspec
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import (
@@ -37,6 +38,7 @@ ENV_DATABASE: Final = "METERING_DATABASE"
 ENV_TABLE: Final = "METERING_TABLE"
 ENV_OPERATION: Final = "OTF_OPERATION"
 ENV_UNMETERED_HTTP_METHODS: Final = "UNMETERED_HTTP_METHODS"
+ENV_TENANTS_BY_API_KEY: Final = "TENANTS_BY_API_KEY"
 
 logger = Logger(service=SERVICE)
 
@@ -62,12 +64,14 @@ class InvalidSettingError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TransformSettings:
-    """Where Firehose writes Ok records and which requests are not metered."""
+    """Where Firehose writes Ok records, which requests are not metered and, when tenants come from API keys, each
+    key id's tenant (None: the access log's tenant field is the tenant itself)."""
 
     database: str
     table: str
     operation: str = "insert"
     unmetered_http_methods: frozenset[str] = frozenset({"OPTIONS"})
+    tenants_by_api_key: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
         if not self.database:
@@ -79,10 +83,16 @@ class TransformSettings:
         for method in self.unmetered_http_methods:
             if not method or method != method.strip().upper():
                 raise InvalidSettingError("unmetered_http_methods", method, "upper-case HTTP method names")
+        for key_id, tenant in (self.tenants_by_api_key or {}).items():
+            if not isinstance(key_id, str) or not isinstance(tenant, str) or not key_id or not tenant.strip():
+                raise InvalidSettingError(
+                    "tenants_by_api_key", {key_id: tenant}, "API key ids mapped to non-blank tenant strings"
+                )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] = os.environ) -> TransformSettings:
-        """Read METERING_DATABASE, METERING_TABLE (required), OTF_OPERATION, UNMETERED_HTTP_METHODS (comma-separated).
+        """Read METERING_DATABASE, METERING_TABLE (required), OTF_OPERATION, UNMETERED_HTTP_METHODS (comma-separated),
+        TENANTS_BY_API_KEY (a JSON object; set only when tenants come from API keys).
 
         Raises:
             MissingSettingError: METERING_DATABASE or METERING_TABLE is unset or empty.
@@ -99,6 +109,12 @@ class TransformSettings:
         methods = environ.get(ENV_UNMETERED_HTTP_METHODS)
         if methods is not None:
             optional["unmetered_http_methods"] = frozenset(m.strip().upper() for m in methods.split(",") if m.strip())
+        tenants = environ.get(ENV_TENANTS_BY_API_KEY)
+        if tenants is not None:
+            try:
+                optional["tenants_by_api_key"] = msgspec.json.decode(tenants, type=dict[str, str])
+            except msgspec.DecodeError:
+                raise InvalidSettingError(ENV_TENANTS_BY_API_KEY, tenants, "a JSON object of strings") from None
         return cls(database=database, table=table, **optional)
 
 
@@ -194,6 +210,7 @@ def make_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> H
             [record["data"] for record in records],
             ingested_at=time.time_ns() // 1000,
             unmetered_http_methods=settings.unmetered_http_methods,
+            tenants_by_api_key=settings.tenants_by_api_key,
         )
         answers: list[Any] = outcomes
         failures: Counter[str] = Counter()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Annotated, Any, Final, Literal, cast
@@ -200,7 +200,11 @@ _DECODE_ERRORS: Final = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDe
 
 
 def transform_records(
-    encoded: Sequence[object], *, ingested_at: int, unmetered_http_methods: frozenset[str]
+    encoded: Sequence[object],
+    *,
+    ingested_at: int,
+    unmetered_http_methods: frozenset[str],
+    tenants_by_api_key: Mapping[str, str] | None = None,
 ) -> list[Outcome]:
     """Transform a batch of base64 Firehose record payloads, one outcome per payload, in order.
 
@@ -208,10 +212,16 @@ def transform_records(
         encoded: each record's ``data`` (base64 of one access-log line).
         ingested_at: the invocation's time, UTC epoch microseconds, written to every event.
         unmetered_http_methods: requests with these (exact) HTTP methods are dropped, not metered.
+        tenants_by_api_key: set when the access log's tenant field holds the caller's API key id: each id becomes
+            its tenant, and an id missing here (or no key) becomes no tenant.
     """
     decoded = _decode_payloads(_decode_base64(encoded))
     all_valid = Rejection not in set(map(type, decoded))
     events = decoded if all_valid else [event for event in decoded if type(event) is not Rejection]
+    if tenants_by_api_key is not None:
+        tenant_of_key = tenants_by_api_key.get
+        for event in events:
+            setattr(event, TENANT_FIELD, tenant_of_key(getattr(event, TENANT_FIELD)))
     for name in _EPOCH_MILLIS_FIELDS:
         for event in events:
             millis = getattr(event, name)

@@ -8,6 +8,7 @@ stream that does not exist, a stage logging to some other destination.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -16,10 +17,14 @@ from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 from meterlake.aws import AwsError
 from meterlake.aws.stacks import DELIVERY_STACK
 from meterlake.config import Config
-from meterlake.records import render_access_log_format
+from meterlake.records import TenantSourceKind
 
-#: The authorizer type whose claims carry the Cognito user's tenant (``$context.authorizer.claims[...]``).
-COGNITO_AUTHORIZER: Final = "COGNITO_USER_POOLS"
+#: The authorizer types that fill each tenant source's ``$context.authorizer`` variables: a Cognito user-pool
+#: authorizer's claims, a Lambda authorizer's (TOKEN or REQUEST) context.
+AUTHORIZER_TYPES: Final[Mapping[TenantSourceKind, frozenset[str]]] = {
+    TenantSourceKind.COGNITO_CLAIM: frozenset({"COGNITO_USER_POOLS"}),
+    TenantSourceKind.AUTHORIZER_CONTEXT: frozenset({"TOKEN", "REQUEST"}),
+}
 
 
 class AttachError(AwsError):
@@ -86,15 +91,31 @@ def stream_arn(firehose: Any, config: Config) -> str:
     return arn
 
 
-def tenant_warnings(apigateway: Any, rest_api_id: str) -> list[str]:
-    """Why requests to the API may carry no tenant: no authorizer that yields one."""
+def tenant_warnings(apigateway: Any, rest_api_id: str, stage: str, config: Config) -> list[str]:
+    """Why requests to the stage may carry no tenant: nothing there yields one from the configured tenant source."""
+    source = config.meterlake.tenant_source
+    if source.kind == TenantSourceKind.API_KEY.value:
+        plans = apigateway.get_usage_plans()
+        covered = any(
+            (api_stage.get("apiId"), api_stage.get("stage")) == (rest_api_id, stage)
+            for plan in plans.get("items", [])
+            for api_stage in plan.get("apiStages", [])
+        )
+        if covered:
+            return []
+        return [
+            f"no usage plan covers {rest_api_id}/{stage}: API Gateway identifies no API key on its requests, so they "
+            "would be metered with no tenant, never billed (tenant_source is 'api_key')"
+        ]
+    wanted = AUTHORIZER_TYPES[TenantSourceKind(source.kind)]
     authorizers = apigateway.get_authorizers(restApiId=rest_api_id).get("items", [])
-    if any(authorizer.get("type") == COGNITO_AUTHORIZER for authorizer in authorizers):
+    if any(authorizer.get("type") in wanted for authorizer in authorizers):
         return []
     kinds = ", ".join(sorted({str(a.get("type")) for a in authorizers})) or "none"
+    variable = "$" + source.source().tenant_variable
     return [
-        f"REST API {rest_api_id} has no Cognito user-pool authorizer (authorizers: {kinds}): the access log takes the "
-        "tenant from the Cognito claim custom:tenant_id, so its requests would be metered with no tenant, never billed"
+        f"REST API {rest_api_id} has no {' or '.join(sorted(wanted))} authorizer (authorizers: {kinds}): the access "
+        f"log takes the tenant from {variable}, so its requests would be metered with no tenant, never billed"
     ]
 
 
@@ -111,7 +132,11 @@ def attach_stage(
     arn = stream_arn(firehose, config)
     operations = [
         {"op": "replace", "path": "/accessLogSettings/destinationArn", "value": arn},
-        {"op": "replace", "path": "/accessLogSettings/format", "value": render_access_log_format()},
+        {
+            "op": "replace",
+            "path": "/accessLogSettings/format",
+            "value": config.meterlake.tenant_source.access_log_format(),
+        },
     ]
     try:
         apigateway.update_stage(restApiId=rest_api_id, stageName=stage, patchOperations=operations)
@@ -122,7 +147,7 @@ def attach_stage(
         api_name=str(api.get("name", "")),
         stage=stage,
         stream_arn=arn,
-        warnings=tenant_warnings(apigateway, rest_api_id),
+        warnings=tenant_warnings(apigateway, rest_api_id, stage, config),
     )
 
 

@@ -12,9 +12,10 @@ import jwt
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
 from meterlake.aws import AwsError
+from meterlake.records import DEFAULT_TENANT_CLAIM
 
 #: The claim the API's access log attributes requests by.
-TENANT_CLAIM = "custom:tenant_id"
+TENANT_CLAIM = DEFAULT_TENANT_CLAIM
 
 #: What to do when Cognito answers with a challenge instead of tokens, by challenge name.
 _CHALLENGE_ADVICE = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -16,7 +17,8 @@ import stat
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meterlake.config import Config
 from meterlake.local.home import DataDir
-from meterlake.records import MISSING, NO_TENANT_PATTERN
+from meterlake.records import DEFAULT_TENANT_CLAIM, MISSING, NO_TENANT_PATTERN_PYTHON, TenantSourceKind
 
 #: The only algorithm a Cognito user pool signs with, and the only one accepted here.
 ALGORITHM = "RS256"
@@ -44,11 +46,10 @@ _PUBLIC_EXPONENT = 65537
 #: ``token_use`` of an ID token; a Cognito authorizer refuses access tokens.
 _ID_TOKEN_USE = "id"  # noqa: S105 - a claim value, not a secret
 _USER_CLAIM = "cognito:username"
-_TENANT_CLAIM = "custom:tenant_id"
 _REQUIRED_CLAIMS = ["sub", "iss", "aud", "exp", "iat", "token_use", _USER_CLAIM]
-#: ``records.NO_TENANT_PATTERN`` as the transform and the meters match it: RE2, whose ``\s`` is ``[\t\n\f\r ]``
-#: (Python's also matches ``\v`` and Unicode spaces, which the lake keeps as tenants).
-_NO_TENANT = re.compile(NO_TENANT_PATTERN.replace(r"\s", "[\t\n\f\r ]"))
+#: Further claims the pool writes into every token it issues (or on request, ``email``).
+_ISSUED_CLAIMS = ("auth_time", "email")
+_NO_TENANT = re.compile(NO_TENANT_PATTERN_PYTHON)
 #: Namespace of the ``sub`` uuid5s, so one user name always maps to the same subject.
 _SUBJECT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:meterlake:local-user-pool:users")
 
@@ -86,12 +87,16 @@ class SigningKeyError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class IdTokenClaims:
-    """What the API needs from a verified ID token; ``tenant_id`` is None when the user has no tenant claim."""
+    """What the API needs from a verified ID token; ``tenant_id`` is None when the user has no tenant claim.
+
+    ``claims`` holds every claim, as a Cognito authorizer hands them to ``$context.authorizer.claims``.
+    """
 
     user: str
     tenant_id: str | None
     client_id: str
     sub: str
+    claims: Mapping[str, Any] = field(default_factory=dict)
 
 
 def signing_key_path(data_dir: DataDir) -> Path:
@@ -112,19 +117,29 @@ def for_config(config: Config, data_dir: DataDir, *, port: int | None = None) ->
         SigningKeyError: the existing key file cannot be used.
     """
     local = config.meterlake.local
+    source = config.meterlake.tenant_source
     return UserPool(
         data_dir=data_dir,
         issuer=issuer_url(host=local.host, port=local.port if port is None else port, user_pool_id=local.user_pool_id),
         client_id=local.client_id,
         token_ttl_seconds=local.token_ttl_seconds,
+        tenant_claim=source.claim if source.kind == TenantSourceKind.COGNITO_CLAIM.value else DEFAULT_TENANT_CLAIM,
     )
 
 
 class UserPool:
     """Issues RS256 ID tokens carrying Cognito's claims and verifies them as a Cognito user-pool authorizer does."""
 
-    def __init__(self, *, data_dir: DataDir, issuer: str, client_id: str, token_ttl_seconds: int) -> None:
-        """Load the signing key from the data dir, creating it on first use.
+    def __init__(
+        self,
+        *,
+        data_dir: DataDir,
+        issuer: str,
+        client_id: str,
+        token_ttl_seconds: int,
+        tenant_claim: str = DEFAULT_TENANT_CLAIM,
+    ) -> None:
+        """Load the signing key from the data dir (created on first use); tokens carry the tenant as ``tenant_claim``.
 
         Raises:
             SigningKeyError: the existing key file cannot be used.
@@ -132,9 +147,12 @@ class UserPool:
         """
         if token_ttl_seconds < 1:
             raise ValueError(f"token_ttl_seconds must be at least 1, got {token_ttl_seconds}")
+        if tenant_claim in _REQUIRED_CLAIMS or tenant_claim in _ISSUED_CLAIMS:
+            raise ValueError(f"tenant claim {tenant_claim!r} is one the pool sets itself")
         self.issuer = issuer
         self.client_id = client_id
         self.token_ttl_seconds = token_ttl_seconds
+        self.tenant_claim = tenant_claim
         self._private_key = _load_or_create_key(signing_key_path(data_dir))
         # Verifying with the key object (not PEM text) spares PyJWT a parse per request.
         self._public_key = self._private_key.public_key()
@@ -153,6 +171,13 @@ class UserPool:
         """The JWKS document listing the pool's one public signing key."""
         return {"keys": [{**self._public_jwk, "kid": self.kid, "use": "sig", "alg": ALGORITHM}]}
 
+    def derive_secret(self, purpose: str) -> bytes:
+        """A secret for ``purpose`` only this pool's key holder can compute (e.g. the local API keys' values)."""
+        der = self._private_key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return hmac.new(der, purpose.encode(), hashlib.sha256).digest()
+
     def issue_id_token(
         self, *, user: str, tenant_id: str | None, ttl_seconds: int | None = None, email: str | None = None
     ) -> str:
@@ -168,7 +193,7 @@ class UserPool:
         """
         _check_claim_value(_USER_CLAIM, user)
         if tenant_id is not None:
-            _check_claim_value(_TENANT_CLAIM, tenant_id)
+            _check_claim_value(self.tenant_claim, tenant_id, tenant=True)
         ttl = self.token_ttl_seconds if ttl_seconds is None else ttl_seconds
         if ttl < 1:
             raise ValueError(f"ttl_seconds must be at least 1, got {ttl}")
@@ -184,7 +209,7 @@ class UserPool:
             _USER_CLAIM: user,
         }
         if tenant_id is not None:
-            claims[_TENANT_CLAIM] = tenant_id
+            claims[self.tenant_claim] = tenant_id
         if email is not None:
             claims["email"] = email
         return jwt.encode(claims, self._private_key, algorithm=ALGORITHM, headers={"kid": self.kid})
@@ -239,28 +264,29 @@ class UserPool:
         if token_use != _ID_TOKEN_USE:
             raise InvalidToken(f"token_use {token_use!r} is not {_ID_TOKEN_USE!r}")
         user = claims[_USER_CLAIM]
-        tenant_id = claims.get(_TENANT_CLAIM)
+        tenant_id = claims.get(self.tenant_claim)
         sub = claims["sub"]
         if not isinstance(user, str) or not user:
             raise InvalidToken(f"{_USER_CLAIM} {user!r} is not a non-empty string")
         if tenant_id is not None and not isinstance(tenant_id, str):
-            raise InvalidToken(f"{_TENANT_CLAIM} {tenant_id!r} is not a string")
-        for name, value in ((_USER_CLAIM, user), (_TENANT_CLAIM, tenant_id)):
+            raise InvalidToken(f"{self.tenant_claim} {tenant_id!r} is not a string")
+        for name, value in ((_USER_CLAIM, user), (self.tenant_claim, tenant_id)):
             # JSON can escape a lone surrogate ("\ud800"); no Cognito pool issues one, and it has no UTF-8 form.
             if value is not None and not _is_unicode(value):
                 raise InvalidToken(f"{name} {value!r} is not valid Unicode (a lone surrogate)")
         if not isinstance(sub, str):
             raise InvalidToken(f"sub {sub!r} is not a string")
-        return IdTokenClaims(user=user, tenant_id=tenant_id, client_id=self.client_id, sub=sub), int(claims["exp"])
+        verified = IdTokenClaims(user=user, tenant_id=tenant_id, client_id=self.client_id, sub=sub, claims=claims)
+        return verified, int(claims["exp"])
 
 
-def _check_claim_value(claim: str, value: str) -> None:
+def _check_claim_value(claim: str, value: str, *, tenant: bool = False) -> None:
     """Refuse a user or tenant value that would not reach the lake as itself (see InvalidClaimError)."""
     if not value:
         raise InvalidClaimError(claim, value, "is empty: the access log would record no value")
     if value == MISSING:
         raise InvalidClaimError(claim, value, "is what the access log writes for no value: it would never be billed")
-    if claim == _TENANT_CLAIM and _NO_TENANT.fullmatch(value):
+    if tenant and _NO_TENANT.fullmatch(value):
         raise InvalidClaimError(claim, value, "is blank: the lake stores it as no tenant and never bills it")
     if not _is_unicode(value):
         raise InvalidClaimError(claim, value, "is not valid Unicode (a lone surrogate): it has no UTF-8 form")
@@ -337,3 +363,35 @@ def _jwk_thumbprint(jwk: dict[str, str]) -> str:
     canonical = json.dumps({name: jwk[name] for name in ("e", "kty", "n")}, separators=(",", ":"), sort_keys=True)
     digest = hashlib.sha256(canonical.encode("ascii")).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+#: What the local API keys' values derive from (with the user pool's key, so they survive a restart).
+_API_KEY_PURPOSE = "meterlake local API keys v1"
+#: Characters of a local API key's value; API Gateway's values are 20 to 128 characters.
+_API_KEY_LENGTH = 40
+
+
+class LocalApiKeys:
+    """The local stand-in of API Gateway's API keys: one per configured key id, its value derived from a secret.
+
+    API Gateway identifies a request's key by its value (``x-api-key``) and logs its id
+    (``$context.identity.apiKeyId``); here the ids are the configured ``tenants_by_api_key`` keys.
+    """
+
+    def __init__(self, secret: bytes, key_ids: Iterable[str]) -> None:
+        self._secret = secret
+        self._ids_by_value = {self.value(key_id): key_id for key_id in key_ids}
+
+    @classmethod
+    def for_config(cls, config: Config, pool: UserPool) -> LocalApiKeys:
+        """The keys of ``config``'s ``tenants_by_api_key``, their values derived from ``pool``'s key."""
+        return cls(pool.derive_secret(_API_KEY_PURPOSE), config.meterlake.tenant_source.tenants_by_api_key)
+
+    def value(self, key_id: str) -> str:
+        """The value a caller sends in ``x-api-key`` for the key ``key_id``."""
+        digest = hmac.new(self._secret, key_id.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).decode("ascii")[:_API_KEY_LENGTH]
+
+    def key_id(self, value: str) -> str | None:
+        """The id of the key whose value is ``value``; None for a value that is no key."""
+        return self._ids_by_value.get(value)

@@ -42,7 +42,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meterlake.config import Config
 from meterlake.demo_api import RANDOM_STRINGS_RESOURCE, BadParameterError, random_strings
-from meterlake.local.auth import JWKS_PATH, IdTokenClaims, InvalidToken, UserPool, for_config
+from meterlake.local.auth import JWKS_PATH, UserPool, for_config
+from meterlake.local.authorizers import Authorizer, Refused, authorizer_for
 from meterlake.local.home import DataDir
 from meterlake.local.serving import (
     BackgroundServer,
@@ -53,7 +54,7 @@ from meterlake.local.serving import (
     request_rejection,
 )
 from meterlake.local.stream import RecordTooLargeError
-from meterlake.records import render_access_log_line
+from meterlake.records import FIELDS_BY_NAME, TENANT_FIELD, USER_FIELD, TenantSource, render_access_log_line
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ API_GATEWAY_REQUEST_LIMITS = RequestLimits(
 )
 
 _EXCHANGE = "meterlake.exchange"
+#: The access-log field an authorizer fills beside the tenant and the user.
+_CLIENT_ID = "client_id"
 _JSON = "application/json"
 _STARTUP_TIMEOUT_SECONDS = 10.0
 _SHUTDOWN_TIMEOUT_SECONDS = 10.0
@@ -482,7 +485,7 @@ class _Exchange:
     """One API request as the access log sees it; the routing and authorizer layers fill in what they learn."""
 
     __slots__ = (
-        "claims",
+        "context",
         "integration_latency_ms",
         "request_id",
         "request_time_ms",
@@ -496,7 +499,8 @@ class _Exchange:
         self.request_time_ms = time.time_ns() // 1_000_000
         self.started_ns = time.perf_counter_ns()
         self.request_id = str(uuid.uuid4())
-        self.claims: IdTokenClaims | None = None
+        #: The ``$context`` variables the authorizer filled (none until it ran and let the request through).
+        self.context: Mapping[str, str] = {}
         self.resource_path: str | None = None
         self.integration_latency_ms: int | None = None
         self.status: int | None = None
@@ -537,10 +541,19 @@ class AccessLogMiddleware:
     exception in the app becomes API Gateway's 500 ``Internal server error``.
     """
 
-    def __init__(self, app: ASGIApp, *, writer: AccessLogWriter, stage: str, unlogged_paths: Iterable[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        writer: AccessLogWriter,
+        stage: str,
+        unlogged_paths: Iterable[str],
+        tenant_source: TenantSource,
+    ) -> None:
         self._app = app
         self._writer = writer
         self._stage = stage
+        self._source = tenant_source
         self._stage_root = f"/{stage}"
         self._unlogged_paths = frozenset(unlogged_paths)
 
@@ -594,15 +607,15 @@ class AccessLogMiddleware:
         return answer
 
     def _line(self, scope: Scope, exchange: _Exchange) -> bytes:
-        claims = exchange.claims
+        context = exchange.context
         return render_access_log_line(
             {
                 "request_id": exchange.request_id,
                 "api_id": LOCAL_API_ID,
                 "stage": self._stage,
-                "tenant_id": claims.tenant_id if claims else None,
-                "user": claims.user if claims else None,
-                "client_id": claims.client_id if claims else None,
+                TENANT_FIELD: context.get(self._source.tenant_variable),
+                USER_FIELD: context.get(self._source.user_variable),
+                _CLIENT_ID: context.get(FIELDS_BY_NAME[_CLIENT_ID].context_variable),
                 "ip": scope["client"][0] if scope.get("client") else None,
                 "user_agent": _header(scope, b"user-agent"),
                 "request_time": exchange.request_time_ms,
@@ -650,8 +663,12 @@ class GatewayApp(Starlette):
     access_log_writer: AccessLogWriter
 
 
-def create_gateway_app(*, config: Config, user_pool: UserPool, access_log: AccessLogSink) -> GatewayApp:
+def create_gateway_app(
+    *, config: Config, user_pool: UserPool, access_log: AccessLogSink, authorizer: Authorizer | None = None
+) -> GatewayApp:
     """Build the API (stage ``config.meterlake.api_stage``) and the pool's JWKS route, logging to ``access_log``.
+
+    ``authorizer`` guards the API; None: the configured tenant source's (:func:`authorizer_for`).
 
     The writer's thread starts with the first request and is closed (drained) at lifespan shutdown.
     """
@@ -673,11 +690,19 @@ def create_gateway_app(*, config: Config, user_pool: UserPool, access_log: Acces
             _ApiResource(
                 stage=stage,
                 resource_path=RANDOM_STRINGS_RESOURCE,
-                endpoint=_cognito_authorized(user_pool, _random_strings),
+                endpoint=_authorized(authorizer or authorizer_for(config, user_pool), _random_strings),
             ),
             Route(jwks_path, jwks, methods=["GET"]),
         ],
-        middleware=[Middleware(AccessLogMiddleware, writer=writer, stage=stage, unlogged_paths=[jwks_path])],
+        middleware=[
+            Middleware(
+                AccessLogMiddleware,
+                writer=writer,
+                stage=stage,
+                unlogged_paths=[jwks_path],
+                tenant_source=config.meterlake.tenant_source.source(),
+            )
+        ],
         # Starlette's routing failures: 404 unknown path, 405 a method the resource does not have.
         exception_handlers={404: _missing_route, 405: _missing_route},
         lifespan=lifespan,
@@ -689,22 +714,20 @@ def create_gateway_app(*, config: Config, user_pool: UserPool, access_log: Acces
     return app
 
 
-def _cognito_authorized(
-    user_pool: UserPool, integration: Callable[[Request], Awaitable[Response]]
+def _authorized(
+    authorizer: Authorizer, integration: Callable[[Request], Awaitable[Response]]
 ) -> Callable[[Request], Awaitable[Response]]:
-    """Wrap an integration in a Cognito user-pool authorizer: a valid ID token in ``Authorization``, or 401."""
+    """Wrap an integration in the stage's authorizer: what it fills joins the request's ``$context``, or it refuses."""
 
     async def authorized(request: Request) -> Response:
         exchange: _Exchange = request.scope[_EXCHANGE]
-        token = _bearer_token(request.headers.get("authorization"))
-        if token is None:
-            logger.debug("401: no Authorization header")
-            return _json_response(401, {"message": "Unauthorized"})
         try:
-            exchange.claims = user_pool.verify_id_token(token)
-        except InvalidToken as exc:
-            logger.debug("401: %s", exc.reason)
-            return _json_response(401, {"message": "Unauthorized"})
+            exchange.context = authorizer.authorize(request.headers)
+        except Refused as refused:
+            logger.debug("%d: %s", refused.status, refused.reason)
+            return _json_response(
+                refused.status, {"message": refused.message}, headers={ERROR_TYPE_HEADER: refused.error_type}
+            )
         started = time.perf_counter_ns()
         try:
             return await integration(request)
@@ -712,17 +735,6 @@ def _cognito_authorized(
             exchange.integration_latency_ms = (time.perf_counter_ns() - started) // 1_000_000
 
     return authorized
-
-
-def _bearer_token(header: str | None) -> str | None:
-    """The token from ``Authorization``: raw (as Cognito authorizers take it) or ``Bearer <token>``."""
-    if header is None:
-        return None
-    value = header.strip()
-    scheme, _, rest = value.partition(" ")
-    if scheme.lower() == "bearer":
-        value = rest.strip()
-    return value or None
 
 
 async def _random_strings(request: Request) -> Response:

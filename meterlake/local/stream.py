@@ -580,6 +580,7 @@ class DeliveryStream:
                 table=config.table_name,
                 operation=_SUPPORTED_OPERATION,
                 unmetered_http_methods=frozenset(config.meterlake.unmetered_http_methods),
+                tenants_by_api_key=config.meterlake.tenant_source.api_key_tenants,
             )
             handler = make_handler(settings, emit_metrics=False)
         self._handler = handler

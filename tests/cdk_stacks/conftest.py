@@ -14,7 +14,7 @@ from cdk_stacks.app import MeterlakeStacks, build_app
 from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config, load_config, parse_config
 from tests.cdk_stacks.iam_evaluation import Deployment
-from tests.cdk_stacks.user_apis import USER_API_STACKS, add_user_api
+from tests.cdk_stacks.user_apis import API_KEY_USER_API, USER_API_STACKS, add_api_key_user_api, add_user_api
 
 #: Every value differs from the defaults in meterlake/config.py and cdk.context.json, but s3_bucket: the lake bucket
 #: is named by CloudFormation, as by default (test_storage.py builds a named one on its own).
@@ -143,3 +143,27 @@ def only_resource(template: Template, resource_type: str) -> dict[str, Any]:
     (resource,) = resources_of(template, resource_type).values()
     properties: dict[str, Any] = resource["Properties"]
     return properties
+
+
+#: The api_key tenant source: the session's config, its tenants taken from API keys through this mapping.
+API_KEY_TENANTS: dict[str, str] = {"a1b2c3d4e5": "acme", "f6g7h8i9j0": "globex"}
+
+
+@pytest.fixture(scope="session")
+def api_key_stacks(
+    stacks: MeterlakeStacks, cdk_outdir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> MeterlakeStacks:
+    """The app with tenants from API keys (so no demo API) and a user API requiring keys, synthesized once with
+    cdk-nag; the Lambda assets are the session's first app's, linked in."""
+    context = {**TEST_CONTEXT, "meterlake": {**TEST_CONTEXT["meterlake"], "tenant_source": {"kind": "api_key"}}}
+    context["meterlake"]["tenant_source"]["tenants_by_api_key"] = API_KEY_TENANTS
+    outdir = tmp_path_factory.mktemp("cdk.out.apikeys")
+    for asset in cdk_outdir.glob("asset.*"):
+        (outdir / asset.name).symlink_to(asset)
+    built = build_app(parse_config(context), outdir=str(outdir))
+    name, stage_name = API_KEY_USER_API
+    add_api_key_user_api(built.app, name, stage_name=stage_name, pipeline=built.delivery.delivery).add_dependency(
+        built.delivery
+    )
+    built.app.synth()
+    return built

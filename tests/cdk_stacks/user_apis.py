@@ -39,3 +39,30 @@ def add_user_api(app: App, name: str, *, stage_name: str, pipeline: AccessLogDel
     for finding in ("APIG2", "APIG3", "APIG6", "COG1", "COG2", "COG3", "COG8"):
         acknowledge(stack, f"AwsSolutions-{finding}", "A user's own API stack in meterlake's tests.")
     return stack
+
+
+#: The API-key-authorized user API of the api_key tenant-source app: (stack name, stage name).
+API_KEY_USER_API: Final = ("PartnerFeedApi", "v2")
+
+
+def add_api_key_user_api(app: App, name: str, *, stage_name: str, pipeline: AccessLogDelivery) -> Stack:
+    """A REST API of the user's whose GET /feed requires an API key (a usage plan covers its stage), metered."""
+    stack = Stack(app, name)
+    api = apigateway.RestApi(
+        stack, "Api", cloud_watch_role=False, deploy_options=apigateway.StageOptions(stage_name=stage_name)
+    )
+    api.root.add_resource("feed").add_method(
+        "GET",
+        apigateway.MockIntegration(
+            integration_responses=[apigateway.IntegrationResponse(status_code="200")],
+            request_templates={"application/json": '{"statusCode": 200}'},
+        ),
+        api_key_required=True,
+        method_responses=[apigateway.MethodResponse(status_code="200")],
+    )
+    plan = api.add_usage_plan("Plan", api_stages=[apigateway.UsagePlanPerApiStage(api=api, stage=api.deployment_stage)])
+    plan.add_api_key(api.add_api_key("AcmeKey"))
+    meter_stage(api.deployment_stage, pipeline)
+    for finding in ("APIG2", "APIG3", "APIG4", "APIG6", "COG4"):
+        acknowledge(stack, f"AwsSolutions-{finding}", "A user's own API stack in meterlake's tests.")
+    return stack

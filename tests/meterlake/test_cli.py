@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from meterlake.records import render_access_log_format
+from meterlake.records import TenantSource, render_access_log_format
 
 
 def meterlake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -61,6 +61,38 @@ def test_access_log_format_is_the_rendered_definition(tmp_path: Path) -> None:
     result = meterlake("access-log-format", cwd=tmp_path)
     assert result.returncode == 0
     assert result.stdout.strip() == render_access_log_format()
+
+
+API_KEY_CONFIG = {"meterlake": {"tenant_source": {"kind": "api_key", "tenants_by_api_key": {"k1": "acme", "k2": "b"}}}}
+
+
+def test_the_tenant_source_shapes_the_format_the_local_keys_and_the_load_test(tmp_path: Path) -> None:
+    """With tenants from API keys: the format logs the key id, `api-key` prints a local key's value, and the local
+    load test sends the first N configured keys."""
+    (tmp_path / "cdk.context.json").write_text(json.dumps(API_KEY_CONFIG))
+    rendered = meterlake("access-log-format", cwd=tmp_path)
+    assert rendered.stdout.strip() == render_access_log_format(TenantSource.api_key())
+    assert (
+        "tenant           $context.identity.apiKeyId, mapped to 2 tenants" in meterlake("config", cwd=tmp_path).stdout
+    )
+    values = [meterlake("api-key", key_id, cwd=tmp_path).stdout.strip() for key_id in ("k1", "k2", "k1")]
+    assert values[0] == values[2] != values[1]
+    result = meterlake(
+        "load-test", "--apigw-invoke-url", "http://127.0.0.1:9/prod", "--tenants", "2", "--max-count", "20",
+        "--seed", "1", "--dry-run", cwd=tmp_path,
+    )  # fmt: skip
+    sent = {c.split("x-api-key: ")[1].rstrip("'") for c in result.stdout.splitlines()}
+    assert sent == {values[0], values[1]}
+    for args, message in (
+        (["api-key", "k9"], "no API key 'k9' in meterlake.tenant_source.tenants_by_api_key (keys: k1, k2)"),
+        (["load-test", "--apigw-invoke-url", "http://127.0.0.1:9/prod", "--tenants", "3"], "maps 2"),
+    ):
+        refused = meterlake(*args, cwd=tmp_path)
+        assert refused.returncode != 0
+        assert refused.stderr.strip().startswith("error: ")
+        assert message in refused.stderr
+    (tmp_path / "cdk.context.json").unlink()
+    assert "takes no API keys" in meterlake("api-key", "k1", cwd=tmp_path).stderr
 
 
 def test_dry_run_prints_curl_commands_like_run_test(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from meterlake.aws.attach import AttachError, attach_stage, detach_stage
 from meterlake.cli import main
-from meterlake.config import Config
+from meterlake.config import Config, parse_config
 from meterlake.records import render_access_log_format
 from tests.meterlake.aws.conftest import REGION
 
@@ -39,14 +39,16 @@ def deploy_stream(clients: dict[str, Any]) -> str:
     return arn
 
 
-def rest_api(clients: dict[str, Any], *, cognito: bool) -> str:
-    """A REST API with a deployed stage 'v1' (and a Cognito authorizer if asked)."""
+def rest_api(clients: dict[str, Any], *, cognito: bool = False, authorizer: str | None = None) -> str:
+    """A REST API with a deployed stage 'v1' and, if asked, an authorizer of that type ('COGNITO_USER_POOLS',
+    'TOKEN', 'REQUEST') or, with 'USAGE_PLAN', a usage plan covering the stage (so API Gateway identifies keys)."""
     apigateway = clients["apigateway"]
     api_id: str = apigateway.create_rest_api(name="orders")["id"]
     root = apigateway.get_resources(restApiId=api_id)["items"][0]["id"]
     apigateway.put_method(restApiId=api_id, resourceId=root, httpMethod="GET", authorizationType="NONE")
     apigateway.put_integration(restApiId=api_id, resourceId=root, httpMethod="GET", type="MOCK")
-    if cognito:
+    authorizer = "COGNITO_USER_POOLS" if cognito else authorizer
+    if authorizer == "COGNITO_USER_POOLS":
         apigateway.create_authorizer(
             restApiId=api_id,
             name="users",
@@ -54,7 +56,20 @@ def rest_api(clients: dict[str, Any], *, cognito: bool) -> str:
             providerARNs=["arn:aws:cognito-idp:us-east-1:123456789012:userpool/us-east-1_abc"],
             identitySource="method.request.header.Authorization",
         )
+    elif authorizer in ("TOKEN", "REQUEST"):
+        apigateway.create_authorizer(
+            restApiId=api_id,
+            name="tenants",
+            type=authorizer,
+            authorizerUri=(
+                "arn:aws:apigateway:us-east-1:lambda:path/2015-03-31/functions/"
+                "arn:aws:lambda:us-east-1:123456789012:function:authorizer/invocations"
+            ),
+            identitySource="method.request.header.Authorization",
+        )
     apigateway.create_deployment(restApiId=api_id, stageName="v1")
+    if authorizer == "USAGE_PLAN":
+        apigateway.create_usage_plan(name="tenants", apiStages=[{"apiId": api_id, "stage": "v1"}])
     return api_id
 
 
@@ -80,20 +95,50 @@ def test_attach_sets_the_stage_access_log_and_detach_removes_it(clients: dict[st
         )
 
 
-def test_an_api_without_a_tenant_yielding_authorizer_is_attached_with_a_warning(clients: dict[str, Any]) -> None:
-    deploy_stream(clients)
-    api_id = rest_api(clients, cognito=False)
-    change = attach_stage(
-        CONFIG,
-        apigateway=clients["apigateway"],
-        apigatewayv2=clients["apigatewayv2"],
-        firehose=clients["firehose"],
-        rest_api_id=api_id,
-        stage="v1",
-    )
-    (warning,) = change.warnings
-    assert "no Cognito user-pool authorizer" in warning
+SOURCES: dict[str, dict[str, Any]] = {
+    "cognito_claim": {"kind": "cognito_claim", "claim": "custom:org"},
+    "authorizer_context": {"kind": "authorizer_context", "context_key": "org"},
+    "api_key": {"kind": "api_key", "tenants_by_api_key": {"k1": "acme"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("kind", "yields", "other", "expected"),
+    [
+        ("cognito_claim", "COGNITO_USER_POOLS", "TOKEN", "no COGNITO_USER_POOLS authorizer (authorizers: TOKEN)"),
+        ("authorizer_context", "TOKEN", "COGNITO_USER_POOLS", "no REQUEST or TOKEN authorizer"),
+        ("authorizer_context", "REQUEST", None, "no REQUEST or TOKEN authorizer (authorizers: none)"),
+        ("api_key", "USAGE_PLAN", "COGNITO_USER_POOLS", "no usage plan covers"),
+    ],
+)
+def test_the_format_and_the_tenant_warning_follow_the_configured_tenant_source(
+    clients: dict[str, Any], kind: str, yields: str, other: str | None, expected: str
+) -> None:
+    """The stage gets the format rendered for the source; a warning names what the API lacks to yield a tenant."""
+    config = parse_config({"meterlake": {"tenant_source": SOURCES[kind]}})
+    arn = deploy_stream(clients)
+    changes = {}
+    for authorizer in (yields, other):
+        api_id = rest_api(clients, authorizer=authorizer)
+        changes[authorizer] = attach_stage(
+            config,
+            apigateway=clients["apigateway"],
+            apigatewayv2=clients["apigatewayv2"],
+            firehose=clients["firehose"],
+            rest_api_id=api_id,
+            stage="v1",
+        )
+        stage = clients["apigateway"].get_stage(restApiId=api_id, stageName="v1")
+        assert stage["accessLogSettings"] == {
+            "destinationArn": arn,
+            "format": render_access_log_format(config.meterlake.tenant_source.source()),
+        }
+    assert changes[yields].warnings == []
+    (warning,) = changes[other].warnings
+    assert expected in warning
     assert "never billed" in warning
+    if kind != "api_key":
+        assert "$" + config.meterlake.tenant_source.source().tenant_variable in warning
 
 
 @pytest.mark.parametrize(

@@ -215,7 +215,10 @@ def meterlake(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
             ],
             "error: no AWS region: give --region-name or set AWS_REGION",
         ),
-        (["query", "usage_per_tenant_day", "--region", "us-east-1"], "error: --region and --output-location only"),
+        (
+            ["query", "usage_per_tenant_day", "--region", "us-east-1"],
+            "error: --region, --output-location and --table-bucket only apply with --athena",
+        ),
         (
             ["load-test", "--apigw-invoke-url", "http://127.0.0.1:9/prod", "--auth-token", "x", "--username", "u"],
             "error: --username only applies with --cognito-client-id",

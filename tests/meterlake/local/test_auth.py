@@ -153,7 +153,7 @@ def test_issued_token_carries_cognito_id_token_claims(pool: UserPool) -> None:
     assert claims["auth_time"] == claims["iat"]
     assert uuid.UUID(claims["sub"]).version == 5
     assert pool.verify_id_token(token) == IdTokenClaims(
-        user="alice", tenant_id="acme", client_id=CLIENT_ID, sub=claims["sub"]
+        user="alice", tenant_id="acme", client_id=CLIENT_ID, sub=claims["sub"], claims=claims
     )
 
 

@@ -567,8 +567,10 @@ def test_requests_over_api_gateway_limits_are_answered_as_api_gateway_does_and_l
     assert [(status, body) for status, _, body in answers] == [(status, body) for _, status, body in sent]
     for status, headers, _ in answers:
         assert headers["content-type"] == "application/json"
-        assert "x-amzn-errortype" not in headers  # refused by API Gateway's front end, before any gateway response
-        if status != 401:
+        if status == 401:  # the authorizer's gateway response
+            assert headers["x-amzn-errortype"] == "UnauthorizedException"
+        else:  # refused by API Gateway's front end, before any gateway response
+            assert "x-amzn-errortype" not in headers
             assert headers["connection"] == "close"
     records = logged(gateway, sink)
     assert [(r["status"], r["request_id"]) for r in records] == [
