@@ -46,6 +46,7 @@ from meterlake.aws.stacks import (
 from meterlake.config import Config
 from meterlake.meters import Meter
 from meterlake.query import QueryResult, load_query
+from meterlake.records import DEFAULT_TENANT_SOURCE
 
 #: The meter whose units are reconciled: one unit per billable request (the shipped definition).
 CALLS_METER: Final = "api-calls"
@@ -852,6 +853,14 @@ def run_check(
         AthenaError: an Athena count failed.
         ReconcileError: Amberflo's usage could not be read.
     """
+    if config.meterlake.tenant_source.source() != DEFAULT_TENANT_SOURCE:
+        raise CheckFailed(
+            [
+                f"the check drives the demo API ({API_STACK}) with its Cognito users' {TENANT_CLAIM} claim, "
+                f"and meterlake.tenant_source is {config.meterlake.tenant_source.kind!r} with other variables: "
+                "the demo API is not deployed with it"
+            ]
+        )
     timeout = default_timeout_s(config) if timeout_s is None else timeout_s
     interval = POLL_INTERVAL_S if poll_interval_s is None else poll_interval_s
     deployment = read_deployment(account.client("cloudformation"), config, region=account.region)

@@ -494,6 +494,22 @@ def test_a_missing_stack_or_output_is_one_line_before_anything_is_created(
     assert deployed.api.seen == []
 
 
+def test_a_tenant_source_the_demo_api_cannot_fill_is_refused_before_anything_is_created(
+    deployed: Deployed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deployed.deploy()
+    config = config_for(deployed, meterlake={"tenant_source": {"kind": "authorizer_context"}})
+
+    code, _, err = run_cli(tmp_path, config, monkeypatch, capsys)
+
+    assert code != 0
+    (line,) = err.splitlines()
+    assert "the check drives the demo API (MeterlakeApi)" in line
+    assert "'authorizer_context'" in line
+    assert deployed.users() == []
+    assert deployed.api.seen == []
+
+
 def test_s3_tables_need_the_table_bucket_output(deployed: Deployed) -> None:
     deployed.deploy(without=("TableBucketName",))
     cloudformation = boto3.client("cloudformation", region_name=REGION)
