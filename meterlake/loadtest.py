@@ -24,6 +24,8 @@ import httpx
 from meterlake.records import API_KEY_HEADER
 
 ROUTE = "/random/strings"
+#: Answers below this status (with a tenant) are billable: the usage queries' and the shipped api-calls meter's rule.
+BILLABLE_BELOW_STATUS = 500
 NOT_FOUND_ROUTE = "/random/nothing-here"
 _CHARS = ("", "lowercase", "uppercase", "letters", "digits")
 
@@ -89,6 +91,8 @@ class LoadTestReport:
     duration_s: float = 0.0
     status_counts: Counter[int] = field(default_factory=Counter)
     answered_by_tenant: Counter[str | None] = field(default_factory=Counter)
+    #: Of those, the billable ones (status < 500, with a tenant: the usage queries' and the meters' rule).
+    billable_by_tenant: Counter[str | None] = field(default_factory=Counter)
     latencies_ms: list[float] = field(default_factory=list)
     transport_errors: Counter[str] = field(default_factory=Counter)
     request_ids: list[str] = field(default_factory=list)
@@ -196,7 +200,10 @@ async def _run(plan: LoadTestPlan, on_progress: Callable[[int], None] | None) ->
             else:
                 report.latencies_ms.append((time.perf_counter() - started) * 1000)
                 report.status_counts[response.status_code] += 1
-                report.answered_by_tenant[_attributed_tenant(url, caller, response.status_code)] += 1
+                tenant = _attributed_tenant(url, caller, response.status_code)
+                report.answered_by_tenant[tenant] += 1
+                if tenant is not None and response.status_code < BILLABLE_BELOW_STATUS:
+                    report.billable_by_tenant[tenant] += 1
                 request_id = response.headers.get("x-amzn-requestid")
                 if request_id:
                     report.request_ids.append(request_id)

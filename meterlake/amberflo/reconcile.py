@@ -14,7 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pyarrow as pa
@@ -25,7 +25,7 @@ from meterlake.config import Config
 from meterlake.local.catalog import ensure_metering_table, open_catalog
 from meterlake.local.home import DataDir
 from meterlake.meters import Meter, UsageKey, lake_usage_query, meter_records
-from meterlake.query import sandboxed_duckdb
+from meterlake.query import printable, sandboxed_duckdb
 from meterlake.schema import metering_event_arrow_schema
 
 HOUR_S = 3600
@@ -205,3 +205,148 @@ def repair(report: ReconcileReport, *, config: Config, data_dir: DataDir, outbox
     ]
     outbox.restage(records)
     return len(records)
+
+
+# --- one run, per tenant: answered == counted == forwarded (make demo, meterlake aws check) -------------------------
+
+#: How a reconciliation line names a request that reached the lake with no tenant.
+NO_TENANT = "(no tenant)"
+#: The meter whose units a run is reconciled by: one unit per billable request (the shipped definition).
+CALLS_METER = "api-calls"
+#: The columns of the usage queries (sql/usage_per_tenant_*.sql) a run's counts are read from.
+_TENANT_COLUMN, _REQUESTS_COLUMN, _BILLABLE_COLUMN = "tenant_id", "requests", "billable_requests"
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """A tenant's requests and, of them, the billable ones (status < 500; requests with no tenant never are)."""
+
+    requests: int = 0
+    billable: int = 0
+
+
+def usage_tallies(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> dict[str | None, Tally]:
+    """Requests and billable requests per tenant of a usage query's rows (summed over its days or hours); no rows
+    (Athena may then name no columns either) is no tenants."""
+    rows = list(rows)
+    if not rows:
+        return {}
+    tenant_at = columns.index(_TENANT_COLUMN)
+    requests_at, billable_at = columns.index(_REQUESTS_COLUMN), columns.index(_BILLABLE_COLUMN)
+    tallies: dict[str | None, Tally] = {}
+    for row in rows:
+        value = row[tenant_at]
+        tenant = value if isinstance(value, str) else None
+        before = tallies.get(tenant, Tally())
+        tallies[tenant] = Tally(
+            before.requests + int(str(row[requests_at])), before.billable + int(str(row[billable_at]))
+        )
+    return tallies
+
+
+def _mark(left: int, right: int) -> str:
+    return "==" if left == right else "!="
+
+
+@dataclass(frozen=True, slots=True)
+class TenantReconciliation:
+    """One tenant's line: answered by the API, counted in the lake (``counted_in``), units in Amberflo.
+
+    ``forwarded`` None: Amberflo is not compared, for ``not_forwarded_reason`` (a dry run; requests with no tenant
+    are never forwarded).
+    """
+
+    tenant: str | None
+    answered: Tally
+    counted: Tally
+    forwarded: int | None
+    counted_in: str
+    not_forwarded_reason: str = "forwarding is a dry run"
+
+    @property
+    def label(self) -> str:
+        """The tenant as printed: escaped (tenants are data), or :data:`NO_TENANT`."""
+        return NO_TENANT if self.tenant is None else printable(self.tenant)
+
+    @property
+    def differences(self) -> list[str]:
+        """Each comparison that does not hold, naming both sides."""
+        a, c, t, where = self.answered, self.counted, self.label, self.counted_in
+        found = []
+        if a.requests != c.requests:
+            found.append(f"{t}: answered {a.requests}, counted in {where} {c.requests}")
+        if a.billable != c.billable:
+            found.append(f"{t}: billable {a.billable}, billable in {where} {c.billable}")
+        if self.forwarded is not None and self.forwarded != a.billable:
+            found.append(f"{t}: billable {a.billable}, {CALLS_METER} units in Amberflo {self.forwarded}")
+        return found
+
+    @property
+    def matches(self) -> bool:
+        """True when the lake counted exactly what was answered and Amberflo holds exactly the billable units."""
+        return not self.differences
+
+    def __str__(self) -> str:
+        a, c = self.answered, self.counted
+        line = (
+            f"{self.label:>12}: answered {a.requests:>5} {_mark(a.requests, c.requests)} counted in "
+            f"{self.counted_in} {c.requests:>5}  billable {a.billable:>5}"
+        )
+        if c.billable != a.billable:
+            line += f" != billable in {self.counted_in} {c.billable:>5}"
+        if self.forwarded is None:
+            line += f"  ({self.not_forwarded_reason})"
+        else:
+            line += f" {_mark(a.billable, self.forwarded)} {CALLS_METER} units in Amberflo {self.forwarded:>5}"
+        return f"{line}  {'OK' if self.matches else 'MISMATCH'}"
+
+
+@dataclass(frozen=True, slots=True)
+class RunReconciliation:
+    """Every tenant's line and the verdict."""
+
+    lines: tuple[TenantReconciliation, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when there is a line and every line matches."""
+        return bool(self.lines) and all(line.matches for line in self.lines)
+
+    @property
+    def differences(self) -> list[str]:
+        """Every difference of every line."""
+        return [difference for line in self.lines for difference in line.differences]
+
+
+#: A tenant as a run's tallies key it: the check's tenants all have ids, the demo's traffic may have none.
+_Tenant = TypeVar("_Tenant", str, str | None)
+
+
+def reconcile_run(
+    answered: Mapping[_Tenant, Tally],
+    counted: Mapping[_Tenant, Tally],
+    forwarded: Mapping[str, int] | None,
+    *,
+    counted_in: str,
+    not_forwarded_reason: str = "forwarding is a dry run",
+) -> RunReconciliation:
+    """Pair, per tenant seen on any side, what the API answered, what the lake counted and what Amberflo holds.
+
+    ``forwarded`` None: Amberflo is not compared (a dry run), and each line says ``not_forwarded_reason``. Requests
+    with no tenant are never forwarded, so their line compares the lake only. A tenant missing from a side counts
+    zero there.
+    """
+    tenants = sorted(set(answered) | set(counted) | set(forwarded or {}), key=lambda t: (t is None, t or ""))
+    return RunReconciliation(
+        tuple(
+            TenantReconciliation(
+                tenant,
+                answered.get(tenant, Tally()),
+                counted.get(tenant, Tally()),
+                None if forwarded is None or tenant is None else forwarded.get(tenant, 0),
+                counted_in,
+                "no tenant: not forwarded" if tenant is None else not_forwarded_reason,
+            )
+            for tenant in tenants
+        )
+    )

@@ -28,7 +28,15 @@ from typing import Any, Final, TypeVar
 import httpx
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
-from meterlake.amberflo.reconcile import Window, amberflo_usage
+from meterlake.amberflo.reconcile import (
+    CALLS_METER,
+    RunReconciliation,
+    Tally,
+    Window,
+    amberflo_usage,
+    reconcile_run,
+    usage_tallies,
+)
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.aws import AwsError
 from meterlake.aws.account import Account
@@ -45,13 +53,13 @@ from meterlake.aws.stacks import (
 )
 from meterlake.config import Config
 from meterlake.meters import Meter
-from meterlake.query import QueryResult, load_query
+from meterlake.query import load_query
 from meterlake.records import DEFAULT_TENANT_SOURCE
 
-#: The meter whose units are reconciled: one unit per billable request (the shipped definition).
-CALLS_METER: Final = "api-calls"
 #: The sql/ query that counts the check's requests in the lake.
 USAGE_QUERY: Final = "usage_per_tenant_day"
+#: Where the reconciliation lines say the requests were counted.
+COUNTED_IN: Final = "Athena"
 #: The demo API's route the check calls, and its query string.
 ROUTE: Final = "/random/strings"
 ROUTE_PARAMS: Final = {"len": "8"}
@@ -376,14 +384,6 @@ class CheckUsers:
 # --- traffic --------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Tally:
-    """A tenant's requests and, of them, the billable ones (status < 500)."""
-
-    requests: int = 0
-    billable: int = 0
-
-
 @dataclass(slots=True)
 class TenantTraffic:
     """What the API answered one tenant's requests: statuses, request ids, and requests that got no answer."""
@@ -462,21 +462,6 @@ def drive_traffic(
 # --- counters -------------------------------------------------------------------------------------------------------
 
 
-def usage_tallies(result: QueryResult) -> dict[str | None, Tally]:
-    """Requests and billable requests per tenant of a usage query's rows (summed over its days or hours)."""
-    if not result.rows:
-        return {}
-    tenant_at = result.columns.index("tenant_id")
-    requests_at = result.columns.index("requests")
-    billable_at = result.columns.index("billable_requests")
-    tallies: dict[str | None, Tally] = {}
-    for row in result.rows:
-        tenant = row[tenant_at] if isinstance(row[tenant_at], str) else None
-        before = tallies.get(tenant, Tally())
-        tallies[tenant] = Tally(before.requests + int(row[requests_at]), before.billable + int(row[billable_at]))
-    return tallies
-
-
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
@@ -508,7 +493,7 @@ def count_in_athena(
             table_bucket=table_bucket,
             timeout_s=ATHENA_QUERY_TIMEOUT_S,
         )
-        counted[tenant] = usage_tallies(result).get(tenant, Tally())
+        counted[tenant] = usage_tallies(result.columns, result.rows).get(tenant, Tally())
     return counted
 
 
@@ -605,97 +590,6 @@ def forwarding_state(
 # --- reconciliation --------------------------------------------------------------------------------------------------
 
 
-def _mark(left: int, right: int) -> str:
-    return "==" if left == right else "!="
-
-
-@dataclass(frozen=True, slots=True)
-class TenantReconciliation:
-    """One tenant's line: answered by the API, counted in Athena, units in Amberflo (None: not compared)."""
-
-    tenant: str
-    answered: Tally
-    counted: Tally
-    forwarded: int | None
-    not_forwarded_reason: str = "forwarding is a dry run"
-
-    @property
-    def differences(self) -> list[str]:
-        """Each comparison that does not hold, naming both sides."""
-        a, c, t = self.answered, self.counted, self.tenant
-        found = []
-        if a.requests != c.requests:
-            found.append(f"{t}: answered {a.requests}, counted in Athena {c.requests}")
-        if a.billable != c.billable:
-            found.append(f"{t}: billable {a.billable}, billable in Athena {c.billable}")
-        if self.forwarded is not None and self.forwarded != a.billable:
-            found.append(f"{t}: billable {a.billable}, {CALLS_METER} units in Amberflo {self.forwarded}")
-        return found
-
-    @property
-    def matches(self) -> bool:
-        """True when the lake counted exactly what was answered and Amberflo holds exactly the billable units."""
-        return not self.differences
-
-    def __str__(self) -> str:
-        a, c = self.answered, self.counted
-        line = (
-            f"{self.tenant}: answered {a.requests:>5} {_mark(a.requests, c.requests)} counted in Athena "
-            f"{c.requests:>5}  billable {a.billable:>5}"
-        )
-        if c.billable != a.billable:
-            line += f" != billable in Athena {c.billable:>5}"
-        if self.forwarded is None:
-            line += f"  ({self.not_forwarded_reason})"
-        else:
-            line += f" {_mark(a.billable, self.forwarded)} {CALLS_METER} units in Amberflo {self.forwarded:>5}"
-        return f"{line}  {'OK' if self.matches else 'MISMATCH'}"
-
-
-@dataclass(frozen=True, slots=True)
-class Reconciliation:
-    """Every tenant's line and the verdict."""
-
-    lines: tuple[TenantReconciliation, ...]
-
-    @property
-    def ok(self) -> bool:
-        """True when there is a line and every line matches."""
-        return bool(self.lines) and all(line.matches for line in self.lines)
-
-    @property
-    def differences(self) -> list[str]:
-        """Every difference of every line."""
-        return [difference for line in self.lines for difference in line.differences]
-
-
-def reconcile(
-    answered: Mapping[str, Tally],
-    counted: Mapping[str, Tally],
-    forwarded: Mapping[str, int] | None,
-    *,
-    not_forwarded_reason: str = "forwarding is a dry run",
-) -> Reconciliation:
-    """Pair, per tenant seen on any side, what the API answered, what Athena counted and what Amberflo holds.
-
-    ``forwarded`` None: Amberflo is not compared (a dry run), and each line says ``not_forwarded_reason``. A tenant
-    missing from a side counts zero there.
-    """
-    tenants = sorted(set(answered) | set(counted) | set(forwarded or {}))
-    return Reconciliation(
-        tuple(
-            TenantReconciliation(
-                tenant,
-                answered.get(tenant, Tally()),
-                counted.get(tenant, Tally()),
-                None if forwarded is None else forwarded.get(tenant, 0),
-                not_forwarded_reason,
-            )
-            for tenant in tenants
-        )
-    )
-
-
 def lake_settled(answered: Mapping[str, Tally], counted: Mapping[str, Tally]) -> bool:
     """Whether counting again is pointless: every tenant counted as answered, or one counted more (counts only
     grow)."""
@@ -751,7 +645,7 @@ class CheckReport:
     """What the check saw: the traffic, the per-tenant reconciliation, the forwarding state, what timed out."""
 
     traffic: Mapping[str, TenantTraffic]
-    reconciliation: Reconciliation
+    reconciliation: RunReconciliation
     forwarding: ForwardingState
     timeout_s: float
     #: What was still awaited when the timeout ended ("Athena", "Amberflo"); empty when nothing was.
@@ -776,7 +670,7 @@ class CheckReport:
         """For each tenant whose counts differ: the request ids its answers carried, to look up in the access log."""
         lines = []
         for line in self.reconciliation.lines:
-            traffic = self.traffic.get(line.tenant)
+            traffic = None if line.tenant is None else self.traffic.get(line.tenant)
             if line.matches or traffic is None or not traffic.request_ids:
                 continue
             ids = traffic.request_ids
@@ -946,7 +840,13 @@ def run_check(
     say(str(forwarding))
     return CheckReport(
         traffic=traffic,
-        reconciliation=reconcile(answered, counted, forwarded, not_forwarded_reason=not_forwarded_reason),
+        reconciliation=reconcile_run(
+            answered,
+            counted,
+            forwarded,
+            counted_in=COUNTED_IN,
+            not_forwarded_reason=not_forwarded_reason,
+        ),
         forwarding=forwarding,
         timeout_s=timeout,
         timed_out=tuple(timed_out),

@@ -9,8 +9,6 @@ are metered under no tenant and never billed, even when they carried a tenant's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -18,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from meterlake.amberflo.reconcile import Window, amberflo_usage
+from meterlake.amberflo.reconcile import CALLS_METER, Tally, Window, amberflo_usage, reconcile_run, usage_tallies
 from meterlake.amberflo.server import LocalAmberflo
 from meterlake.config import Config
 from meterlake.loadtest import Caller, LoadTestPlan, run_load_test, summary_lines
@@ -29,74 +27,13 @@ from meterlake.query import format_result, load_query, printable, run_local_quer
 #: (tenant id, user name) of the demo's callers.
 DEMO_TENANTS: tuple[tuple[str, str], ...] = (("acme", "alice"), ("globex", "bob"), ("initech", "carol"))
 USAGE_QUERY = "usage_per_tenant_day"
-NO_TENANT = "(no tenant)"
-#: The meter whose units the demo reconciles: one unit per billable request.
-CALLS_METER = "api-calls"
+#: Where the reconciliation lines say the requests were counted.
+COUNTED_IN = "Iceberg"
 DEMO_AMBERFLO_KEY = "demo-api-key"
-
-
-@dataclass(frozen=True, slots=True)
-class Reconciliation:
-    """One tenant's line: answered by the API, counted in Iceberg (and billable there), units in Amberflo."""
-
-    tenant: str | None
-    answered: int
-    counted: int
-    billable: int = 0
-    #: api-calls units Amberflo holds; None for traffic without a tenant, which is never forwarded.
-    amberflo_units: int | None = None
-
-    @property
-    def matches(self) -> bool:
-        """True when the lake counted exactly what was answered, and Amberflo holds exactly the billable units."""
-        forwarded_ok = self.amberflo_units is None or self.amberflo_units == self.billable
-        return self.answered == self.counted and forwarded_ok
-
-    def __str__(self) -> str:
-        mark = "==" if self.answered == self.counted else "!="
-        tenant = NO_TENANT if self.tenant is None else printable(self.tenant)
-        line = f"{tenant:>12}: answered {self.answered:>5} {mark} counted in Iceberg {self.counted:>5}"
-        if self.amberflo_units is None:
-            line += "  (no tenant: not forwarded)"
-        else:
-            umark = "==" if self.amberflo_units == self.billable else "!="
-            line += f"  billable {self.billable:>5} {umark} {CALLS_METER} units in Amberflo {self.amberflo_units:>5}"
-        return f"{line}  {'OK' if self.matches else 'MISMATCH'}"
-
-
-def reconcile(
-    answered: dict[str | None, int],
-    counted: dict[str | None, int],
-    billable: dict[str | None, int] | None = None,
-    amberflo: dict[str, int] | None = None,
-) -> list[Reconciliation]:
-    """Pair answered, counted (and billable/forwarded) requests per tenant (tenants seen on any side)."""
-    billable = billable or {}
-    tenants = sorted(set(answered) | set(counted) | set(amberflo or {}), key=lambda t: (t is None, t or ""))
-    return [
-        Reconciliation(
-            t,
-            answered.get(t, 0),
-            counted.get(t, 0),
-            billable.get(t, 0),
-            None if amberflo is None or t is None else amberflo.get(t, 0),
-        )
-        for t in tenants
-    ]
 
 
 def _iso(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
-
-
-def _sum_by_tenant(rows: Iterable[tuple[object, ...]], columns: list[str], column: str) -> dict[str | None, int]:
-    tenant_at, value_at = columns.index("tenant_id"), columns.index(column)
-    totals: dict[str | None, int] = {}
-    for row in rows:
-        tenant = row[tenant_at]
-        key = tenant if isinstance(tenant, str) else None
-        totals[key] = totals.get(key, 0) + int(str(row[value_at]))
-    return totals
 
 
 def run_demo(
@@ -164,17 +101,17 @@ def run_demo(
     amberflo_units: dict[str, int] = {}
     for (customer, _meter, _hour), value in units.items():
         amberflo_units[customer] = amberflo_units.get(customer, 0) + int(value)
-    lines = reconcile(
-        dict(report.answered_by_tenant),
-        _sum_by_tenant(usage.rows, usage.columns, "requests"),
-        _sum_by_tenant(usage.rows, usage.columns, "billable_requests"),
-        amberflo_units,
+    answered = {
+        tenant: Tally(count, report.billable_by_tenant[tenant]) for tenant, count in report.answered_by_tenant.items()
+    }
+    reconciliation = reconcile_run(
+        answered, usage_tallies(usage.columns, usage.rows), amberflo_units, counted_in=COUNTED_IN
     )
     console.print("\n[bold]reconciliation[/bold] (answered == counted in Iceberg; billable == units in Amberflo):")
-    for line in lines:
+    for line in reconciliation.lines:
         console.print(str(line), style="green" if line.matches else "bold red", markup=False, highlight=False)
     console.print(
         f"\nData kept in {escape(printable(str(data_dir.root)))}; try: meterlake query usage_per_tenant_hour "
         f"--param start={params['start']} --param end={params['end']}"
     )
-    return all(line.matches for line in lines)
+    return reconciliation.ok

@@ -26,6 +26,7 @@ import httpx
 import pytest
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
+from meterlake.amberflo.reconcile import Tally
 from meterlake.amberflo.server import LocalAmberflo
 from meterlake.aws import check
 from meterlake.aws.account import connect
@@ -35,21 +36,17 @@ from meterlake.aws.check import (
     CheckUserCleanupError,
     CheckUsers,
     DeploymentIncompleteError,
-    Tally,
     TenantTraffic,
     forwarding_state,
     lake_settled,
     new_password,
     read_deployment,
-    reconcile,
     run_check,
-    usage_tallies,
 )
 from meterlake.aws.forwarding import DEAD_LETTER_PREFIX
 from meterlake.aws.stacks import STACK_NAMES
 from meterlake.cli import main
 from meterlake.config import Config, parse_config
-from meterlake.query import QueryResult
 from tests.meterlake.aws.conftest import REGION, CognitoUser, queue_athena_result, verified_claims
 from tests.meterlake.aws.test_athena import USAGE_COLUMNS
 
@@ -58,71 +55,6 @@ TENANTS = [f"check-{RUN_ID}-1", f"check-{RUN_ID}-2"]
 AMBERFLO_KEY = "check-amberflo-key"
 TABLE_BUCKET = "meterlake-1a2b3c4d"
 WORKGROUP = "meterlake-check"
-
-
-# --- the reconciliation ---------------------------------------------------------------------------------------------
-
-
-def test_matching_maps_reconcile_to_ok_lines_in_the_demos_format() -> None:
-    answered = {"acme": Tally(20, 18), "globex": Tally(5, 5)}
-    result = reconcile(answered, dict(answered), {"acme": 18, "globex": 5})
-    assert result.ok
-    assert result.differences == []
-    assert [str(line) for line in result.lines] == [
-        "acme: answered    20 == counted in Athena    20  billable    18 == api-calls units in Amberflo    18  OK",
-        "globex: answered     5 == counted in Athena     5  billable     5 == api-calls units in Amberflo     5  OK",
-    ]
-
-
-def test_a_short_count_is_a_mismatch_naming_both_sides() -> None:
-    result = reconcile({"acme": Tally(20, 20)}, {"acme": Tally(17, 17)}, {"acme": 20})
-    assert not result.ok
-    (line,) = result.lines
-    assert str(line) == (
-        "acme: answered    20 != counted in Athena    17  billable    20 != billable in Athena    17 "
-        "== api-calls units in Amberflo    20  MISMATCH"
-    )
-    assert result.differences == ["acme: answered 20, counted in Athena 17", "acme: billable 20, billable in Athena 17"]
-
-
-def test_amberflo_short_of_the_billable_requests_is_a_mismatch() -> None:
-    result = reconcile({"acme": Tally(20, 20)}, {"acme": Tally(20, 20)}, {"acme": 19})
-    assert not result.ok
-    assert result.differences == ["acme: billable 20, api-calls units in Amberflo 19"]
-    assert str(result.lines[0]).endswith("billable    20 != api-calls units in Amberflo    19  MISMATCH")
-
-
-def test_a_tenant_missing_from_a_side_counts_zero_there() -> None:
-    result = reconcile({"acme": Tally(20, 20), "globex": Tally(3, 3)}, {"acme": Tally(20, 20)}, {"acme": 20})
-    assert [line.tenant for line in result.lines] == ["acme", "globex"]
-    assert result.lines[0].matches
-    assert result.differences == [
-        "globex: answered 3, counted in Athena 0",
-        "globex: billable 3, billable in Athena 0",
-        "globex: billable 3, api-calls units in Amberflo 0",
-    ]
-    # A tenant the lake or Amberflo holds that the check never answered is a difference too.
-    extra = reconcile({}, {"stranger": Tally(1, 1)}, {"stranger": 1})
-    assert extra.differences == [
-        "stranger: answered 0, counted in Athena 1",
-        "stranger: billable 0, billable in Athena 1",
-        "stranger: billable 0, api-calls units in Amberflo 1",
-    ]
-
-
-def test_a_dry_run_compares_the_lake_only_and_says_so() -> None:
-    result = reconcile({"acme": Tally(20, 20)}, {"acme": Tally(20, 20)}, None)
-    assert result.ok
-    assert str(result.lines[0]) == (
-        "acme: answered    20 == counted in Athena    20  billable    20  (forwarding is a dry run)  OK"
-    )
-    short = reconcile({"acme": Tally(20, 20)}, {"acme": Tally(19, 19)}, None)
-    assert not short.ok
-    assert "Amberflo" not in " ".join(short.differences)
-
-
-def test_nothing_to_reconcile_is_not_ok() -> None:
-    assert not reconcile({}, {}, {}).ok
 
 
 def test_what_the_lake_should_count_leaves_out_refused_tokens_and_bills_no_server_error() -> None:
@@ -136,19 +68,6 @@ def test_what_the_lake_should_count_leaves_out_refused_tokens_and_bills_no_serve
         "acme: 2 requests answered 401/403 (the API refused the ID token)",
         "acme: 2 requests answered 5xx",
     ]
-
-
-def test_usage_rows_are_summed_per_tenant_over_days() -> None:
-    result = QueryResult(
-        columns=[name for name, _ in USAGE_COLUMNS],
-        rows=[
-            ("acme", "2026-11-29", 3, 2, 0, 1, 0, 9),
-            ("acme", "2026-11-30", 4, 4, 0, 0, 0, 9),
-            (None, "2026-11-30", 7, 0, 0, 7, 0, 3),
-        ],
-    )
-    assert usage_tallies(result) == {"acme": Tally(7, 6), None: Tally(7, 0)}
-    assert usage_tallies(QueryResult(columns=[], rows=[])) == {}
 
 
 def test_waiting_stops_once_every_count_matches_or_one_is_over() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import httpx
 
+from meterlake.amberflo.reconcile import Tally, reconcile_run, usage_tallies
 from meterlake.config import Config
 from meterlake.loadtest import Caller, LoadTestPlan, run_load_test
 from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.demo import reconcile
 from meterlake.local.home import DataDir
 from meterlake.local.stack import LocalStack
 from meterlake.query import load_query, run_local_query
@@ -60,11 +60,9 @@ def test_requests_sent_equal_events_in_the_lake_and_usage_sql(tmp_path: Path) ->
     usage = run_local_query(
         load_query("usage_per_tenant_day"), {"start": start, "end": end}, config=config, data_dir=data_dir
     )
-    at_tenant, at_requests = usage.columns.index("tenant_id"), usage.columns.index("requests")
-    counted: Counter[str | None] = Counter()
-    for row in usage.rows:
-        counted[row[at_tenant]] += int(row[at_requests])
-    expected = Counter(report.answered_by_tenant)
-    expected[None] += 1  # the tenant-less token is kept, with a null tenant, and never billed
+    counted = usage_tallies(usage.columns, usage.rows)
+    expected = {t: Tally(n, report.billable_by_tenant[t]) for t, n in report.answered_by_tenant.items()}
+    # The tenant-less token is kept, with a null tenant, and never billed.
+    expected[None] = Tally(expected[None].requests + 1, 0)
     assert counted == expected
-    assert all(line.matches for line in reconcile(dict(expected), dict(counted)))
+    assert reconcile_run(expected, counted, None, counted_in="Iceberg").ok
