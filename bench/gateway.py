@@ -26,9 +26,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from meterlake.config import Config, parse_config
+from meterlake.lake.home import DataDir
 from meterlake.loadtest import Caller, LoadTestPlan, run_load_test
 from meterlake.local.gateway import GatewayServer
-from meterlake.local.home import DataDir
 from meterlake.local.stream import DeliveryStream
 
 #: (connections, requests per variant and round in a full run, in a quick run).

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 
 from meterlake.config import Config, parse_config
-from meterlake.local.home import DataDir
+from meterlake.lake.home import DataDir
 from meterlake.local.stream import DeliveryStream
 from meterlake.records import render_access_log_line
 
@@ -159,7 +159,7 @@ def run(quick: bool = False) -> dict[str, object]:
 
 
 def _count_rows(data_dir: DataDir, config: Config) -> int:
-    from meterlake.local.catalog import ensure_metering_table, open_catalog
+    from meterlake.lake.catalog import ensure_metering_table, open_catalog
 
     table = ensure_metering_table(open_catalog(data_dir), config)
     snapshot = table.current_snapshot()

@@ -16,9 +16,9 @@ import duckdb
 import pyarrow as pa
 
 from meterlake.config import Config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
-from meterlake.query import load_query, run_local_query
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
+from meterlake.lake.query import load_query, run_local_query
 
 DATA_ROOT = Path(__file__).parent / "data"
 FULL_EVENTS = 10_000_000

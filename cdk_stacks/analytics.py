@@ -23,7 +23,7 @@ from cdk_stacks.shared import acknowledge, acknowledge_resources
 from cdk_stacks.storage import ATHENA_RESULTS_PREFIX, MeteringTable
 from meterlake.aws.athena import WORKGROUP
 from meterlake.config import Config
-from meterlake.query import athena_table, list_queries, prepare
+from meterlake.lake.query import athena_table, list_queries, prepare
 
 WORKGROUP_NAME: Final = WORKGROUP
 ATHENA_ENGINE: Final = "Athena engine version 3"

@@ -97,8 +97,8 @@ FORWARDER_PRUNE: Final = (
 STAGER_SOURCES: Final = FORWARDER_SOURCES + _as_is(
     "meterlake/aws/staging.py",
     "meterlake/amberflo/outbox.py",
-    "meterlake/local/__init__.py",
-    "meterlake/local/home.py",
+    "meterlake/lake/__init__.py",
+    "meterlake/lake/home.py",
     "meterlake/meters.py",
     "meterlake/schema.py",
     "meterlake/records.py",

@@ -4,8 +4,8 @@ User mistakes (bad config, unknown query, unreachable URL, ...) and failures of 
 dir, a full disk) print one ``error:`` line and exit non-zero; they never show a traceback.
 
 Values that come from data (tenants, Amberflo's answers, file names) are printed as text: control characters made
-visible (:func:`meterlake.query.printable`) and rich markup escaped, so a tenant named ``[/bold]`` or one holding ANSI
-escapes shows as what it is.
+visible (:func:`meterlake.lake.query.printable`) and rich markup escaped, so a tenant named ``[/bold]`` or one holding
+ANSI escapes shows as what it is.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from meterlake.aws.athena import WORKGROUP as ATHENA_WORKGROUP
 from meterlake.config import Config, ConfigError, load_config
+from meterlake.lake.home import PRIVATE_UMASK, DataDir, DataDirError
+from meterlake.lake.query import QueryError, printable
 from meterlake.loadtest import (
     Caller,
     LoadTestError,
@@ -38,8 +40,6 @@ from meterlake.loadtest import (
     run_load_test,
     summary_lines,
 )
-from meterlake.local.home import PRIVATE_UMASK, DataDir, DataDirError
-from meterlake.query import QueryError, printable
 from meterlake.records import TenantSourceKind
 
 app = typer.Typer(
@@ -418,7 +418,7 @@ def query(
     ] = None,
 ) -> None:
     """Run an Athena-dialect SQL query from sql/: locally (sqlglot -> DuckDB over the table's files) or on Athena."""
-    from meterlake.query import format_result, list_queries, load_query, parse_param_args, run_local_query
+    from meterlake.lake.query import format_result, list_queries, load_query, parse_param_args, run_local_query
 
     if list_ or name is None:
         for q in list_queries():
@@ -722,7 +722,7 @@ def forward_run(ctx: typer.Context) -> None:
     """Stage what Iceberg committed since the last run and send the backlog once (what `up` does continuously)."""
     from meterlake.amberflo.forwarder import Forwarder
     from meterlake.amberflo.outbox import Outbox
-    from meterlake.local.catalog import ensure_metering_table, open_catalog
+    from meterlake.lake.catalog import ensure_metering_table, open_catalog
 
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()

@@ -58,7 +58,7 @@ from meterlake.amberflo.forwarder import (
     encode_batch,
 )
 from meterlake.amberflo.settings import AmberfloSettings
-from meterlake.local.home import DataDir
+from meterlake.lake.home import DataDir
 from meterlake.meters import (
     DEFAULT_METERS,
     REQUEST_ID_COLUMN,

@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 
 from meterlake.amberflo.outbox import Outbox
 from meterlake.config import Config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
+from meterlake.lake.query import printable, sandboxed_duckdb
 from meterlake.meters import Meter, UsageKey, lake_usage_query, meter_records
-from meterlake.query import printable, sandboxed_duckdb
 from meterlake.schema import metering_event_arrow_schema
 
 HOUR_S = 3600

@@ -2,8 +2,8 @@
 
 The table reference becomes ``"<database>"."<table>"`` from the config and every parameter travels in
 ``ExecutionParameters`` behind a positional ``?``: a value never becomes part of the SQL text. Athena returns every
-value as text; :func:`run_athena_query` types it by the column's declared type so :func:`~meterlake.query.format_result`
-prints an Athena result exactly as it prints a local one.
+value as text; :func:`run_athena_query` types it by the column's declared type so
+:func:`~meterlake.lake.query.format_result` prints an Athena result exactly as it prints a local one.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[impor
 from meterlake.aws import AwsError
 from meterlake.aws.stacks import STORAGE_STACK
 from meterlake.config import Config
-from meterlake.query import QueryFile, QueryResult, athena_catalog, athena_table, bind_params, prepare
+from meterlake.lake.query import QueryFile, QueryResult, athena_catalog, athena_table, bind_params, prepare
 
 #: The workgroup the Analytics stack creates and `meterlake query --athena` uses by default.
 WORKGROUP = "meterlake"

@@ -52,8 +52,8 @@ from meterlake.aws.stacks import (
     STORAGE_STACK,
 )
 from meterlake.config import Config
+from meterlake.lake.query import load_query
 from meterlake.meters import Meter
-from meterlake.query import load_query
 from meterlake.records import DEFAULT_TENANT_SOURCE
 
 #: The sql/ query that counts the check's requests in the lake.

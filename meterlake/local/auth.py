@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meterlake.config import Config
-from meterlake.local.home import DataDir
+from meterlake.lake.home import DataDir
 from meterlake.records import DEFAULT_TENANT_CLAIM, MISSING, NO_TENANT_PATTERN_PYTHON, TenantSourceKind
 
 #: The only algorithm a Cognito user pool signs with, and the only one accepted here.

@@ -19,10 +19,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from meterlake.amberflo.reconcile import CALLS_METER, Tally, Window, amberflo_usage, reconcile_run, usage_tallies
 from meterlake.amberflo.server import LocalAmberflo
 from meterlake.config import Config
+from meterlake.lake.home import DataDir
+from meterlake.lake.query import format_result, load_query, printable, run_local_query
 from meterlake.loadtest import Caller, LoadTestPlan, run_load_test, summary_lines
-from meterlake.local.home import DataDir
 from meterlake.local.stack import AmberfloTarget, LocalStack
-from meterlake.query import format_result, load_query, printable, run_local_query
 
 #: (tenant id, user name) of the demo's callers.
 DEMO_TENANTS: tuple[tuple[str, str], ...] = (("acme", "alice"), ("globex", "bob"), ("initech", "carol"))

@@ -42,9 +42,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meterlake.config import Config
 from meterlake.demo_api import RANDOM_STRINGS_RESOURCE, BadParameterError, random_strings
+from meterlake.lake.home import DataDir
 from meterlake.local.auth import JWKS_PATH, UserPool, for_config
 from meterlake.local.authorizers import Authorizer, Refused, authorizer_for
-from meterlake.local.home import DataDir
 from meterlake.local.serving import (
     BackgroundServer,
     RequestLimits,

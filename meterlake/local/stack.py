@@ -16,9 +16,9 @@ from pyiceberg.table import Table
 from meterlake.amberflo.forwarder import Forwarder
 from meterlake.amberflo.outbox import ForwardingWorker, Outbox, OutboxStatus
 from meterlake.config import Config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
 from meterlake.local.gateway import GatewayServer
-from meterlake.local.home import DataDir
 from meterlake.local.stream import DeliveryStream, FlushReport
 
 DRAIN_TIMEOUT_S = 30.0

@@ -53,8 +53,8 @@ from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
 from meterlake.config import LAMBDA_PAYLOAD_LIMIT_BYTES, LAMBDA_REQUEST_LIMIT_BYTES, Config, load_config
-from meterlake.local.catalog import ensure_metering_table, open_catalog, remove_orphan_metadata
-from meterlake.local.home import DataDir
+from meterlake.lake.catalog import ensure_metering_table, open_catalog, remove_orphan_metadata
+from meterlake.lake.home import DataDir
 from meterlake.local.spool import (
     QUARANTINE_DIR,
     Spool,

@@ -6,7 +6,7 @@ from aws_cdk.assertions import Template
 
 from cdk_stacks.analytics import OPTIMIZER_LOG_GROUPS, athena_named_queries
 from meterlake.config import Config
-from meterlake.query import TABLE_PLACEHOLDER, list_queries
+from meterlake.lake.query import TABLE_PLACEHOLDER, list_queries
 from tests.cdk_stacks.conftest import lake_bucket, only_resource, resources_of
 from tests.cdk_stacks.iam_evaluation import Deployment
 

@@ -144,7 +144,7 @@ def _crash_after_put(home: Path, count: int) -> None:
     script = (
         "import os, sys, uuid\n"
         "from meterlake.config import Config\n"
-        "from meterlake.local.home import DataDir\n"
+        "from meterlake.lake.home import DataDir\n"
         "from meterlake.local.stream import DeliveryStream\n"
         "from tests.meterlake.test_cli_errors import access_log_line\n"
         "stream = DeliveryStream(config=Config(), data_dir=DataDir.resolve(sys.argv[1]))\n"

@@ -12,7 +12,7 @@ import sys
 from meterlake.amberflo.forwarder import Forwarder
 from meterlake.amberflo.outbox import Outbox
 from meterlake.amberflo.settings import AmberfloSettings
-from meterlake.local.home import DataDir
+from meterlake.lake.home import DataDir
 from tests.meterlake.amberflo.lake import metering_table
 
 

@@ -9,8 +9,8 @@ import pyarrow as pa
 from pyiceberg.table import Table
 
 from meterlake.config import Config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
 from meterlake.local.stream import SPOOL_OFFSET_PROPERTY, STREAM_PROPERTY
 from meterlake.schema import metering_event_arrow_schema
 

@@ -35,7 +35,7 @@ from meterlake.amberflo.reconcile import Window, amberflo_usage, compare, lake_u
 from meterlake.amberflo.server import FaultPlan, LocalAmberflo
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.config import Config
-from meterlake.local.home import DataDir
+from meterlake.lake.home import DataDir
 from meterlake.meters import DEFAULT_METERS, UsageKey, expected_usage, meter_records, usage_of
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA
 from tests.conftest import FaultReport

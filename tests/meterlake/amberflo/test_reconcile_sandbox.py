@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from meterlake.amberflo.reconcile import aggregate_lake
+from meterlake.lake.query import sandboxed_duckdb
 from meterlake.meters import DEFAULT_METERS, expected_usage
-from meterlake.query import sandboxed_duckdb
 from tests.meterlake.amberflo.lake import make_events
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from rich.console import Console
 
 from meterlake.amberflo.reconcile import RunReconciliation, Tally, TenantReconciliation, reconcile_run, usage_tallies
-from meterlake.query import QueryResult
+from meterlake.lake.query import QueryResult
 from tests.meterlake.aws.test_athena import USAGE_COLUMNS
 
 

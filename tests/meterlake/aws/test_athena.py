@@ -27,7 +27,7 @@ from meterlake.aws.athena import (
     run_athena_query,
 )
 from meterlake.config import Config, parse_config
-from meterlake.query import QueryParamError, QueryResult, TableBucketUnknownError, format_result, load_query
+from meterlake.lake.query import QueryParamError, QueryResult, TableBucketUnknownError, format_result, load_query
 from tests.meterlake.aws.conftest import REGION, queue_athena_result
 
 CONFIG = parse_config(

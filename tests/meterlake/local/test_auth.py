@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from meterlake.config import Config, parse_config
+from meterlake.lake.home import DataDir
 from meterlake.local import auth
 from meterlake.local.auth import (
     IdTokenClaims,
@@ -30,7 +31,6 @@ from meterlake.local.auth import (
     for_config,
     signing_key_path,
 )
-from meterlake.local.home import DataDir
 from meterlake.records import NO_TENANT_PATTERN
 
 ISSUER = "http://127.0.0.1:8850/local_pool"

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from meterlake.config import Config, parse_config
+from meterlake.lake.home import DataDir
 from meterlake.local.gateway import (
     AccessLogDeliveryError,
     AccessLogNotDurableError,
@@ -29,7 +30,6 @@ from meterlake.local.gateway import (
     GatewayServer,
     create_gateway_app,
 )
-from meterlake.local.home import DataDir
 from meterlake.local.stream import RecordTooLargeError
 from meterlake.records import ACCESS_LOG_FIELDS, MISSING
 from tests.meterlake.local.test_auth import bad_tokens, forge

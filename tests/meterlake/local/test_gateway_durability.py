@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from meterlake.config import Config
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
 from meterlake.local.auth import for_config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
 from meterlake.local.stack import LocalStack
 from tests.conftest import FaultReport
 
@@ -163,7 +163,7 @@ from pathlib import Path
 import httpx
 from meterlake.config import Config
 from meterlake.local.gateway import GatewayServer
-from meterlake.local.home import DataDir
+from meterlake.lake.home import DataDir
 from meterlake.local.stream import DeliveryStream
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -21,8 +21,8 @@ import pytest
 from pyiceberg.table import Table
 
 from meterlake.config import Config, parse_config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
 from meterlake.local.stream import (
     CHECKPOINT_FILE,
     REQUEST_ID_INDEX_FILE,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from meterlake.config import Config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
 from meterlake.local.spool import QUARANTINE_DIR, Spool
 from meterlake.local.stream import (
     REQUEST_ID_INDEX_FILE,
@@ -61,7 +61,7 @@ _FULL_DISK_SCRIPT = """
 import json, resource, signal, sys
 from pathlib import Path
 from meterlake.config import parse_config
-from meterlake.local.home import DataDir
+from meterlake.lake.home import DataDir
 from meterlake.local.stream import DeliveryStream
 
 home, lines_path, limit = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])

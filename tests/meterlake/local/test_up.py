@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 
 from meterlake.config import Config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
 
 
 def test_up_serves_then_flushes_on_sigterm(tmp_path: Path) -> None:

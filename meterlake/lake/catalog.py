@@ -17,7 +17,7 @@ from pyiceberg.table import Table
 from sqlalchemy.exc import OperationalError
 
 from meterlake.config import Config
-from meterlake.local.home import DataDir
+from meterlake.lake.home import DataDir
 from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA, TABLE_PROPERTIES
 
 CATALOG_NAME = "meterlake"

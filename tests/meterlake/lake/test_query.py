@@ -23,10 +23,9 @@ import sqlglot
 from sqlglot import exp
 
 from meterlake.config import Config
-from meterlake.local.auth import for_config, signing_key_path
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
-from meterlake.query import (
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
+from meterlake.lake.query import (
     QueryDefinitionError,
     QueryError,
     QueryExecutionError,
@@ -46,6 +45,7 @@ from meterlake.query import (
     run_local_query,
     sandboxed_duckdb,
 )
+from meterlake.local.auth import for_config, signing_key_path
 from meterlake.schema import metering_event_arrow_schema
 
 TENANTS = ("acme", "globex", "initech", None)

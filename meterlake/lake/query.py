@@ -46,12 +46,12 @@ from sqlglot.errors import ErrorLevel, SqlglotError
 
 from meterlake.aws.stacks import ATHENA_DEFAULT_CATALOG, S3_TABLES_CATALOG
 from meterlake.config import Config
-from meterlake.local.catalog import ensure_metering_table, open_catalog
-from meterlake.local.home import DataDir
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.home import DataDir
 from meterlake.schema import metering_event_arrow_schema
 
 #: The directory of the project's queries.
-SQL_DIR = Path(__file__).parents[1] / "sql"
+SQL_DIR = Path(__file__).parents[2] / "sql"
 
 #: The table name the SQL files are written against; :func:`prepare` replaces it.
 TABLE_PLACEHOLDER = "metering_events"

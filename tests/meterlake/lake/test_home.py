@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meterlake.local.home import DataDir, DataDirError
+from meterlake.lake.home import DataDir, DataDirError
 from tests.meterlake.cli_process import meterlake
 
 
