@@ -111,6 +111,7 @@ class UsageAnalytics(Construct):
                 work_group=self.workgroup.ref,
             )
             named.add_resource_dependency(self.workgroup)
+        CfnOutput(self, "AthenaWorkGroup", value=self.workgroup.ref, description="Athena workgroup of the queries")
         if table.in_table_bucket:
             # S3 Tables compacts the table and expires its snapshots itself (configured on the table).
             return
@@ -219,8 +220,6 @@ class UsageAnalytics(Construct):
                 table_optimizer_configuration=configuration,
             )
             optimizer.node.add_dependency(role, *grants)
-
-        CfnOutput(self, "AthenaWorkGroup", value=self.workgroup.ref, description="Athena workgroup of the queries")
 
 
 class AnalyticsStack(Stack):

@@ -252,10 +252,23 @@ class MeterlakeSettings(ConfigSection, frozen=True):
     tenant_source: TenantSourceSettings = msgspec.field(default_factory=TenantSourceSettings)
 
 
-#: S3 Tables namespace and table names: lower case letters, digits and underscores, not starting with "aws".
-S3TablesName = Annotated[str, Meta(pattern=r"^(?!aws)[a-z0-9_]+$", min_length=1, max_length=255)]
-#: Table bucket names: 3-63 lower case letters, digits and hyphens, starting and ending with a letter or digit.
-TableBucketName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$", min_length=3, max_length=63)]
+#: S3 Tables namespace and table names (docs.aws.amazon.com/AmazonS3/latest/userguide/s3-tables-buckets-naming.html):
+#: lower case letters, digits and underscores, beginning and ending with a letter or digit, not starting with "aws".
+S3TablesName = Annotated[str, Meta(pattern=r"^(?!aws)[a-z0-9](?:[a-z0-9_]*[a-z0-9])?$", min_length=1, max_length=255)]
+#: Table bucket names (same page): 3-63 lower case letters, digits and hyphens, beginning and ending with a letter or
+#: digit, none of the reserved prefixes (xn--, sthree-, amzn-s3-demo-, aws) or suffixes (-s3alias, --ol-s3, --x-s3,
+#: --table-s3).
+TableBucketName = Annotated[
+    str,
+    Meta(
+        pattern=(
+            r"^(?!xn--|sthree-|amzn-s3-demo-|aws)[a-z0-9][a-z0-9-]*[a-z0-9]$"
+            r"(?<!-s3alias)(?<!--ol-s3)(?<!--x-s3)(?<!--table-s3)"
+        ),
+        min_length=3,
+        max_length=63,
+    ),
+]
 
 
 class S3TablesDestination(ConfigSection, frozen=True):

@@ -158,9 +158,39 @@ def test_lake_formation_access_control_grants_the_table_in_the_buckets_catalog()
     assert grant_table_access(stack, "None", role=role, table=table, config=iam_only) == []
 
 
-@pytest.mark.parametrize("name", ["aws_usage", "Upper", "with-hyphen"])
+@pytest.mark.parametrize("name", ["aws_usage", "Upper", "with-hyphen", "_usage", "usage_"])
 def test_s3_tables_names_follow_s3_tables_rules(name: str) -> None:
     from meterlake.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"s3_tables\.namespace_name"):
-        parse_config({"s3_tables": {"namespace_name": name}})
+    for key in ("namespace_name", "table_name"):
+        with pytest.raises(ConfigError, match=rf"s3_tables\.{key}"):
+            parse_config({"s3_tables": {key: name}})
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["xn--usage", "sthree-usage", "amzn-s3-demo-usage", "aws-usage", "usage-s3alias", "usage--ol-s3", "usage--x-s3",
+     "usage--table-s3", "-usage", "usage-", "Usage", "us"],
+)  # fmt: skip
+def test_table_bucket_names_follow_s3_tables_rules(name: str) -> None:
+    from meterlake.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"s3_tables\.table_bucket_name"):
+        parse_config({"s3_tables": {"table_bucket_name": name}})
+    assert parse_config({"s3_tables": {"table_bucket_name": "usage-2026"}}).s3_tables is not None
+
+
+@pytest.mark.parametrize("variant", ["glue", "s3_tables"])
+def test_every_output_meterlake_aws_check_reads_is_synthesized(
+    variant: str,
+    deployment: Deployment,
+    s3_tables_deployment: Deployment,
+    test_config: Config,
+    s3_tables_config: Config,
+) -> None:
+    """The check's list of outputs and the stacks' outputs are one fact: each output it needs exists, per variant."""
+    from meterlake.aws.check import required_outputs
+
+    built, config = (deployment, test_config) if variant == "glue" else (s3_tables_deployment, s3_tables_config)
+    for stack, names in required_outputs(config).items():
+        assert set(names) <= set(built.templates[stack].get("Outputs", {})), stack
