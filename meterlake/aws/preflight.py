@@ -50,8 +50,8 @@ def preflight(config: Config, account: Account) -> list[Check]:
 
 def _checks(config: Config, account: Account) -> Iterator[Check]:
     yield _bootstrap(account)
-    yield _lake_formation(account)
-    if not _iam_governed(account):
+    yield _lake_formation(config, account)
+    if not _iam_governed(account) or _s3_tables_under_lake_formation(config):
         yield _athena_access(config)
     if config.s3_tables is None:
         yield _database(config, account)
@@ -98,16 +98,34 @@ def _bootstrap(account: Account) -> Check:
     return Check(name, Outcome.OK, f"bootstrap version {version['Parameter']['Value']} in {account.region}")
 
 
-def _lake_formation(account: Account) -> Check:
+def _s3_tables_under_lake_formation(config: Config) -> bool:
+    """Whether the table is in a table bucket whose catalog integration is governed by Lake Formation grants."""
+    return config.s3_tables is not None and config.s3_tables.access_control == "lake_formation"
+
+
+def _lake_formation(config: Config, account: Account) -> Check:
     """The CDK execution role creates the Glue database and table and grants Firehose, the stager and the
     optimizers their table permissions: Lake Formation lets it if it is a data lake administrator, or if the
-    account still leaves new databases to IAM (the default until Lake Formation is set up)."""
+    account still leaves new databases to IAM (the default until Lake Formation is set up). An S3 table under Lake
+    Formation is another matter: S3 Tables, not the role, creates it in the ``s3tablescatalog`` catalog, so only a
+    data lake administrator may grant on it, whatever the default catalog's settings."""
     name = "Lake Formation"
     settings = account.client("lakeformation").get_data_lake_settings()["DataLakeSettings"]
     role = account.cdk_execution_role
     admins = {admin.get("DataLakePrincipalIdentifier") for admin in settings.get("DataLakeAdmins", [])}
     if role in admins:
         return Check(name, Outcome.OK, f"the CDK execution role is a data lake administrator ({role})")
+    if _s3_tables_under_lake_formation(config):
+        return Check(
+            name,
+            Outcome.FAIL,
+            f"s3_tables.access_control is 'lake_formation' and the CDK execution role {role} is not a data lake "
+            "administrator: the table bucket's tables are created by S3 Tables in the s3tablescatalog catalog, so "
+            "CloudFormation's grants to Firehose and the stager would be refused ('Resource does not exist or "
+            "requester is not authorized to access requested permissions'). Add the role as an administrator "
+            "(console: Lake Formation > Administrative roles and tasks; or `aws lakeformation put-data-lake-settings`, "
+            "keeping the current admins)",
+        )
     defaults = {
         entry.get("Principal", {}).get("DataLakePrincipalIdentifier")
         for entry in settings.get("CreateDatabaseDefaultPermissions", [])

@@ -245,6 +245,32 @@ def test_s3_tables_need_the_regions_integration_in_the_configured_mode(
         assert f"s3_tables.access_control is {configured!r}" in check.detail
 
 
+def test_s3_tables_under_lake_formation_need_the_cdk_role_as_administrator(account: Account) -> None:
+    """The default catalog may still leave new databases to IAM (the moto account does): S3 Tables creates the table
+    in its own catalog, so only a data lake administrator can grant on it."""
+    glue = GlueWithCatalogs(
+        boto3.client("glue", region_name=REGION), {"s3tablescatalog": s3_tables_catalog("lake_formation")}
+    )
+    with_glue = Account(
+        account_id=account.account_id,
+        region=account.region,
+        client=lambda service: glue if service == "glue" else account.client(service),
+    )
+    config = parse_config({"s3_tables": {"namespace_name": "usage", "access_control": "lake_formation"}})
+    checks = by_name(preflight(config, with_glue))
+    assert checks["Lake Formation"].outcome is Outcome.FAIL
+    assert "s3tablescatalog" in checks["Lake Formation"].detail
+    assert checks["Athena queries"].outcome is Outcome.WARN
+    assert (
+        by_name(preflight(parse_config({"s3_tables": {"access_control": "iam"}}), with_glue))["Lake Formation"].outcome
+        is Outcome.OK
+    )
+    boto3.client("lakeformation", region_name=REGION).put_data_lake_settings(
+        DataLakeSettings={"DataLakeAdmins": [{"DataLakePrincipalIdentifier": CDK_ROLE}]}
+    )
+    assert by_name(preflight(config, with_glue))["Lake Formation"].outcome is Outcome.OK
+
+
 def test_a_named_table_bucket_kept_by_an_earlier_deployment_fails_early(account: Account) -> None:
     glue = GlueWithCatalogs(boto3.client("glue", region_name=REGION), {"s3tablescatalog": s3_tables_catalog("iam")})
     with_glue = Account(
