@@ -65,6 +65,25 @@ def test_the_table_is_the_schema_in_a_kept_table_bucket(s3_tables_deployment: De
     assert s3_tables_deployment.resources("MeterlakeAnalytics", "AWS::Glue::TableOptimizer") == {}
 
 
+#: The S3 table's IcebergMetadata as deployed: CloudFormation treats it as create-only.
+DEPLOYED_METADATA = Path(__file__).parent / "fixtures" / "s3-tables-iceberg-metadata.json"
+
+
+def test_the_s3_tables_metadata_never_changes_under_a_deployed_table(s3_tables_deployment: Deployment) -> None:
+    """AWS::S3Tables::Table's IcebergMetadata is create-only: any change (a field, a doc string) makes CloudFormation
+    replace the table, and the replacement fails on the name of the retained one. So the template keeps the metadata
+    tables were created with, and a changed record reaches deployed tables by schema evolution (README: "Schema
+    evolution"), never through this property."""
+    (table,) = s3_tables_deployment.resources(STORAGE, "AWS::S3Tables::Table").values()
+    deployed = json.loads(DEPLOYED_METADATA.read_text())
+    synthesized = table["Properties"]["IcebergMetadata"]
+    assert synthesized == deployed, (
+        "the S3 table's IcebergMetadata changed: a deployed stack would try to replace its table and fail. Keep "
+        f"the created metadata ({DEPLOYED_METADATA.name}) and evolve deployed tables instead; synthesized:\n"
+        + json.dumps(synthesized, indent=2, sort_keys=True)
+    )
+
+
 def test_the_stream_writes_the_namespace_through_the_table_buckets_catalog(s3_tables_deployment: Deployment) -> None:
     (stream,) = s3_tables_deployment.resources("MeterlakeDelivery", "AWS::KinesisFirehose::DeliveryStream").values()
     iceberg = s3_tables_deployment.resolve("MeterlakeDelivery", stream["Properties"]["IcebergDestinationConfiguration"])
