@@ -1,9 +1,10 @@
 """Metering a REST API stage that was not made with this CDK app: set its access log through the API Gateway API.
 
 ``attach`` points the stage's access log at the pipeline's delivery stream, in the format rendered from the record
-definition (what :func:`cdk_stacks.metering.meter_stage` does for a stage the app owns); ``detach`` removes it. Both
-refuse what would not work, with one line: an HTTP API (its access logs go to CloudWatch Logs only), a stage or a
-stream that does not exist, a stage logging to some other destination.
+definition (what :func:`cdk_stacks.metering.meter_stage` does for a stage the app owns), replacing any destination it
+had (a REST stage logs to one) and saying which; ``detach`` removes it. Both refuse what would not work, with one
+line: an HTTP API (its access logs go to CloudWatch Logs only), a stage or a stream that does not exist; detach also
+refuses a stage logging to some other destination.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from meterlake.aws.stacks import DELIVERY_STACK
 from meterlake.config import Config
 from meterlake.records import TenantSourceKind
 
-#: The authorizer types that fill each tenant source's ``$context.authorizer`` variables: a Cognito user-pool
-#: authorizer's claims, a Lambda authorizer's (TOKEN or REQUEST) context.
-AUTHORIZER_TYPES: Final[Mapping[TenantSourceKind, frozenset[str]]] = {
-    TenantSourceKind.COGNITO_CLAIM: frozenset({"COGNITO_USER_POOLS"}),
-    TenantSourceKind.AUTHORIZER_CONTEXT: frozenset({"TOKEN", "REQUEST"}),
+#: The method authorization types that fill each tenant source's ``$context.authorizer`` variables: a Cognito
+#: user-pool authorizer's claims, a Lambda (TOKEN or REQUEST) authorizer's context.
+AUTHORIZATION_TYPES: Final[Mapping[TenantSourceKind, str]] = {
+    TenantSourceKind.COGNITO_CLAIM: "COGNITO_USER_POOLS",
+    TenantSourceKind.AUTHORIZER_CONTEXT: "CUSTOM",
 }
 
 
@@ -91,32 +92,72 @@ def stream_arn(firehose: Any, config: Config) -> str:
     return arn
 
 
+#: How many of the methods that would log no tenant a warning names.
+SHOWN_METHODS: Final = 5
+
+
+def _methods(apigateway: Any, rest_api_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """Every method of the API: (HTTP method, resource path, method settings), all pages."""
+    methods = []
+    for page in apigateway.get_paginator("get_resources").paginate(restApiId=rest_api_id, embed=["methods"]):
+        for resource in page.get("items", []):
+            for verb, method in (resource.get("resourceMethods") or {}).items():
+                methods.append((verb, str(resource.get("path", "")), method))
+    return methods
+
+
+def _covered_by_usage_plan(apigateway: Any, rest_api_id: str, stage: str) -> bool:
+    """Whether a usage plan (any page of them) covers the stage: only then does API Gateway check API keys on it."""
+    return any(
+        (api_stage.get("apiId"), api_stage.get("stage")) == (rest_api_id, stage)
+        for page in apigateway.get_paginator("get_usage_plans").paginate()
+        for plan in page.get("items", [])
+        for api_stage in plan.get("apiStages", [])
+    )
+
+
 def tenant_warnings(apigateway: Any, rest_api_id: str, stage: str, config: Config) -> list[str]:
-    """Why requests to the stage may carry no tenant: nothing there yields one from the configured tenant source."""
+    """Why requests to the stage may carry no tenant: methods that do not yield one from the configured source.
+
+    A Cognito claim needs methods authorized by a Cognito user pool; a Lambda authorizer's context needs methods with
+    a CUSTOM (Lambda) authorizer; an API key id needs methods that require a key, on a stage a usage plan covers.
+    Methods the config does not meter (``unmetered_http_methods``) are left out.
+    """
     source = config.meterlake.tenant_source
-    if source.kind == TenantSourceKind.API_KEY.value:
-        plans = apigateway.get_usage_plans()
-        covered = any(
-            (api_stage.get("apiId"), api_stage.get("stage")) == (rest_api_id, stage)
-            for plan in plans.get("items", [])
-            for api_stage in plan.get("apiStages", [])
-        )
-        if covered:
-            return []
-        return [
-            f"no usage plan covers {rest_api_id}/{stage}: API Gateway identifies no API key on its requests, so they "
-            "would be metered with no tenant, never billed (tenant_source is 'api_key')"
-        ]
-    wanted = AUTHORIZER_TYPES[TenantSourceKind(source.kind)]
-    authorizers = apigateway.get_authorizers(restApiId=rest_api_id).get("items", [])
-    if any(authorizer.get("type") in wanted for authorizer in authorizers):
-        return []
-    kinds = ", ".join(sorted({str(a.get("type")) for a in authorizers})) or "none"
-    variable = "$" + source.source().tenant_variable
-    return [
-        f"REST API {rest_api_id} has no {' or '.join(sorted(wanted))} authorizer (authorizers: {kinds}): the access "
-        f"log takes the tenant from {variable}, so its requests would be metered with no tenant, never billed"
+    kind = TenantSourceKind(source.kind)
+    unmetered = set(config.meterlake.unmetered_http_methods)
+    metered = [
+        (verb, path, method) for verb, path, method in _methods(apigateway, rest_api_id) if verb not in unmetered
     ]
+    variable = "$" + source.source().tenant_variable
+    if kind is TenantSourceKind.API_KEY:
+        yields = [m for m in metered if m[2].get("apiKeyRequired")]
+        requirement = "require an API key"
+    else:
+        wanted = AUTHORIZATION_TYPES[kind]
+        yields = [m for m in metered if m[2].get("authorizationType") == wanted]
+        requirement = f"use a {wanted} authorizer"
+    warnings = []
+    if metered and not yields:
+        warnings.append(
+            f"no method of REST API {rest_api_id} would log a tenant: none {requirement}, and the access log takes "
+            f"the tenant from {variable}, so its requests would be metered with no tenant, never billed"
+        )
+    elif len(yields) < len(metered):
+        missing = [f"{verb} {path}" for verb, path, method in metered if (verb, path, method) not in yields]
+        shown = ", ".join(missing[:SHOWN_METHODS]) + (
+            f" and {len(missing) - SHOWN_METHODS} more" if len(missing) > SHOWN_METHODS else ""
+        )
+        warnings.append(
+            f"{len(missing)} of {len(metered)} methods of REST API {rest_api_id} do not {requirement} ({shown}): "
+            f"their requests would log no tenant ({variable}), never billed"
+        )
+    if kind is TenantSourceKind.API_KEY and not _covered_by_usage_plan(apigateway, rest_api_id, stage):
+        warnings.append(
+            f"no usage plan covers {rest_api_id}/{stage}: API Gateway checks no API key there, so its requests "
+            f"would log no key id ({variable}) and be metered with no tenant, never billed"
+        )
+    return warnings
 
 
 def attach_stage(
@@ -128,7 +169,7 @@ def attach_stage(
         AttachError: an HTTP API, a missing API, stage or stream, or an update API Gateway refused.
     """
     api = _rest_api(apigateway, apigatewayv2, rest_api_id)
-    _stage(apigateway, rest_api_id, stage)
+    previous = (_stage(apigateway, rest_api_id, stage).get("accessLogSettings") or {}).get("destinationArn")
     arn = stream_arn(firehose, config)
     operations = [
         {"op": "replace", "path": "/accessLogSettings/destinationArn", "value": arn},
@@ -147,7 +188,10 @@ def attach_stage(
         api_name=str(api.get("name", "")),
         stage=stage,
         stream_arn=arn,
-        warnings=tenant_warnings(apigateway, rest_api_id, stage, config),
+        warnings=[
+            *([f"replaced the stage's access-log destination {previous}"] if previous not in (None, arn) else []),
+            *tenant_warnings(apigateway, rest_api_id, stage, config),
+        ],
     )
 
 

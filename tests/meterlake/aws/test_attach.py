@@ -39,25 +39,32 @@ def deploy_stream(clients: dict[str, Any]) -> str:
     return arn
 
 
-def rest_api(clients: dict[str, Any], *, cognito: bool = False, authorizer: str | None = None) -> str:
-    """A REST API with a deployed stage 'v1' and, if asked, an authorizer of that type ('COGNITO_USER_POOLS',
-    'TOKEN', 'REQUEST') or, with 'USAGE_PLAN', a usage plan covering the stage (so API Gateway identifies keys)."""
+#: The method authorization type each kind of authorizer gives the methods it guards.
+AUTHORIZATION_TYPE = {"COGNITO_USER_POOLS": "COGNITO_USER_POOLS", "TOKEN": "CUSTOM", "REQUEST": "CUSTOM"}
+
+
+def rest_api(
+    clients: dict[str, Any], *, cognito: bool = False, authorizer: str | None = None, unguarded: int = 0
+) -> str:
+    """A REST API with a deployed stage 'v1' whose GET / is guarded by an authorizer of that type
+    ('COGNITO_USER_POOLS', 'TOKEN', 'REQUEST') or, with 'USAGE_PLAN', requires an API key on a stage a usage plan
+    covers; plus ``unguarded`` GET methods that are not, and an OPTIONS method (not metered by default)."""
     apigateway = clients["apigateway"]
     api_id: str = apigateway.create_rest_api(name="orders")["id"]
     root = apigateway.get_resources(restApiId=api_id)["items"][0]["id"]
-    apigateway.put_method(restApiId=api_id, resourceId=root, httpMethod="GET", authorizationType="NONE")
-    apigateway.put_integration(restApiId=api_id, resourceId=root, httpMethod="GET", type="MOCK")
     authorizer = "COGNITO_USER_POOLS" if cognito else authorizer
+    method: dict[str, Any] = {"authorizationType": "NONE"}
     if authorizer == "COGNITO_USER_POOLS":
-        apigateway.create_authorizer(
+        created = apigateway.create_authorizer(
             restApiId=api_id,
             name="users",
             type="COGNITO_USER_POOLS",
             providerARNs=["arn:aws:cognito-idp:us-east-1:123456789012:userpool/us-east-1_abc"],
             identitySource="method.request.header.Authorization",
         )
+        method = {"authorizationType": "COGNITO_USER_POOLS", "authorizerId": created["id"]}
     elif authorizer in ("TOKEN", "REQUEST"):
-        apigateway.create_authorizer(
+        created = apigateway.create_authorizer(
             restApiId=api_id,
             name="tenants",
             type=authorizer,
@@ -67,6 +74,15 @@ def rest_api(clients: dict[str, Any], *, cognito: bool = False, authorizer: str 
             ),
             identitySource="method.request.header.Authorization",
         )
+        method = {"authorizationType": "CUSTOM", "authorizerId": created["id"]}
+    elif authorizer == "USAGE_PLAN":
+        method = {"authorizationType": "NONE", "apiKeyRequired": True}
+    apigateway.put_method(restApiId=api_id, resourceId=root, httpMethod="GET", **method)
+    apigateway.put_integration(restApiId=api_id, resourceId=root, httpMethod="GET", type="MOCK")
+    apigateway.put_method(restApiId=api_id, resourceId=root, httpMethod="OPTIONS", authorizationType="NONE")
+    for i in range(unguarded):
+        resource = apigateway.create_resource(restApiId=api_id, parentId=root, pathPart=f"open{i}")["id"]
+        apigateway.put_method(restApiId=api_id, resourceId=resource, httpMethod="GET", authorizationType="NONE")
     apigateway.create_deployment(restApiId=api_id, stageName="v1")
     if authorizer == "USAGE_PLAN":
         apigateway.create_usage_plan(name="tenants", apiStages=[{"apiId": api_id, "stage": "v1"}])
@@ -105,10 +121,10 @@ SOURCES: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize(
     ("kind", "yields", "other", "expected"),
     [
-        ("cognito_claim", "COGNITO_USER_POOLS", "TOKEN", "no COGNITO_USER_POOLS authorizer (authorizers: TOKEN)"),
-        ("authorizer_context", "TOKEN", "COGNITO_USER_POOLS", "no REQUEST or TOKEN authorizer"),
-        ("authorizer_context", "REQUEST", None, "no REQUEST or TOKEN authorizer (authorizers: none)"),
-        ("api_key", "USAGE_PLAN", "COGNITO_USER_POOLS", "no usage plan covers"),
+        ("cognito_claim", "COGNITO_USER_POOLS", "TOKEN", "none use a COGNITO_USER_POOLS authorizer"),
+        ("authorizer_context", "TOKEN", "COGNITO_USER_POOLS", "none use a CUSTOM authorizer"),
+        ("authorizer_context", "REQUEST", None, "none use a CUSTOM authorizer"),
+        ("api_key", "USAGE_PLAN", "COGNITO_USER_POOLS", "none require an API key"),
     ],
 )
 def test_the_format_and_the_tenant_warning_follow_the_configured_tenant_source(
@@ -134,11 +150,54 @@ def test_the_format_and_the_tenant_warning_follow_the_configured_tenant_source(
             "format": render_access_log_format(config.meterlake.tenant_source.source()),
         }
     assert changes[yields].warnings == []
-    (warning,) = changes[other].warnings
+    warning, *more = changes[other].warnings
     assert expected in warning
     assert "never billed" in warning
-    if kind != "api_key":
-        assert "$" + config.meterlake.tenant_source.source().tenant_variable in warning
+    assert "$" + config.meterlake.tenant_source.source().tenant_variable in warning
+    # With API keys, a stage no usage plan covers is said too: API Gateway checks no key there.
+    assert [("no usage plan covers" in w) for w in more] == ([True] if kind == "api_key" else [])
+
+
+def test_methods_that_would_log_no_tenant_are_named(clients: dict[str, Any]) -> None:
+    deploy_stream(clients)
+    api_id = rest_api(clients, cognito=True, unguarded=7)
+    change = attach_stage(
+        CONFIG,
+        apigateway=clients["apigateway"],
+        apigatewayv2=clients["apigatewayv2"],
+        firehose=clients["firehose"],
+        rest_api_id=api_id,
+        stage="v1",
+    )
+    (warning,) = change.warnings
+    assert warning.startswith(f"7 of 8 methods of REST API {api_id} do not use a COGNITO_USER_POOLS authorizer (")
+    assert "GET /open0" in warning
+    assert "and 2 more" in warning
+    assert "OPTIONS" not in warning  # not metered
+
+
+def test_attach_says_which_destination_it_replaced(clients: dict[str, Any]) -> None:
+    arn = deploy_stream(clients)
+    api_id = rest_api(clients, cognito=True)
+    other = "arn:aws:logs:us-east-1:123456789012:log-group:api-logs"
+    clients["apigateway"].update_stage(
+        restApiId=api_id,
+        stageName="v1",
+        patchOperations=[
+            {"op": "replace", "path": "/accessLogSettings/destinationArn", "value": other},
+            {"op": "replace", "path": "/accessLogSettings/format", "value": "$context.requestId"},
+        ],
+    )
+    change = attach_stage(
+        CONFIG,
+        apigateway=clients["apigateway"],
+        apigatewayv2=clients["apigatewayv2"],
+        firehose=clients["firehose"],
+        rest_api_id=api_id,
+        stage="v1",
+    )
+    assert change.warnings == [f"replaced the stage's access-log destination {other}"]
+    assert change.stream_arn == arn
 
 
 @pytest.mark.parametrize(
@@ -184,7 +243,7 @@ def test_the_commands_print_one_line_each(
     assert done.value.code in (0, None)
     out, err = capsys.readouterr()
     assert out.startswith(f"metered: orders ({api_id}) stage v1 logs every request to arn:aws:firehose:")
-    assert err.startswith("warning: REST API")
+    assert err.startswith("warning: no method of REST API")
     http_api = clients["apigatewayv2"].create_api(Name="events", ProtocolType="HTTP")["ApiId"]
     monkeypatch.setattr(sys, "argv", ["meterlake", "aws", "detach", "--rest-api-id", http_api, "--stage", "v1"])
     with pytest.raises(SystemExit) as refused:
