@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from meterlake.config import Config
-from meterlake.local.auth import InvalidToken, LocalApiKeys, UserPool
+from meterlake.local.auth import IdTokenClaims, InvalidToken, LocalApiKeys, UserPool
 from meterlake.records import API_KEY_HEADER, TenantSourceKind
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,17 @@ def _refused(answer: tuple[int, str, str], reason: str) -> Refused:
     return Refused(status=status, message=message, error_type=error_type, reason=reason)
 
 
+def _verified_token(pool: UserPool, headers: Mapping[str, str]) -> IdTokenClaims:
+    """The pool's verified ID token from ``Authorization``; API Gateway's 401 when it is missing or refused."""
+    token = _bearer_token(headers.get("authorization"))
+    if token is None:
+        raise _refused(UNAUTHORIZED, "no Authorization header")
+    try:
+        return pool.verify_id_token(token)
+    except InvalidToken as exc:
+        raise _refused(UNAUTHORIZED, exc.reason) from None
+
+
 class CognitoAuthorizer:
     """A Cognito user-pool authorizer: a valid ID token in ``Authorization`` (raw or ``Bearer``), or 401."""
 
@@ -82,13 +93,7 @@ class CognitoAuthorizer:
 
     def authorize(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         """Every string claim of the verified token, under both of API Gateway's spellings."""
-        token = _bearer_token(headers.get("authorization"))
-        if token is None:
-            raise _refused(UNAUTHORIZED, "no Authorization header")
-        try:
-            verified = self._pool.verify_id_token(token)
-        except InvalidToken as exc:
-            raise _refused(UNAUTHORIZED, exc.reason) from None
+        verified = _verified_token(self._pool, headers)
         variables: dict[str, str] = {}
         for name, value in verified.claims.items():
             if not isinstance(value, str | int):
@@ -112,13 +117,7 @@ class LambdaTokenAuthorizer:
 
     def authorize(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         """``principalId`` and the context key, as ``$context.authorizer.<name>``."""
-        token = _bearer_token(headers.get("authorization"))
-        if token is None:
-            raise _refused(UNAUTHORIZED, "no Authorization header")
-        try:
-            verified = self._pool.verify_id_token(token)
-        except InvalidToken as exc:
-            raise _refused(UNAUTHORIZED, exc.reason) from None
+        verified = _verified_token(self._pool, headers)
         context = {} if verified.tenant_id is None else {self._context_key: verified.tenant_id}
         return {"context.authorizer.principalId": verified.user} | {
             f"context.authorizer.{key}": value for key, value in context.items()

@@ -8,7 +8,7 @@ from typing import Any
 import boto3  # type: ignore[import-untyped]
 import pytest
 
-from meterlake.aws.attach import AttachError, attach_stage, detach_stage
+from meterlake.aws.attach import AttachError, StageChange, attach_stage, detach_stage
 from meterlake.cli import main
 from meterlake.config import Config, parse_config
 from meterlake.records import render_access_log_format
@@ -89,17 +89,22 @@ def rest_api(
     return api_id
 
 
-def test_attach_sets_the_stage_access_log_and_detach_removes_it(clients: dict[str, Any]) -> None:
-    arn = deploy_stream(clients)
-    api_id = rest_api(clients, cognito=True)
-    change = attach_stage(
-        CONFIG,
+def attach(clients: dict[str, Any], api_id: str, config: Config = CONFIG, stage: str = "v1") -> StageChange:
+    """``meterlake aws attach`` of the stage, with the test's clients."""
+    return attach_stage(
+        config,
         apigateway=clients["apigateway"],
         apigatewayv2=clients["apigatewayv2"],
         firehose=clients["firehose"],
         rest_api_id=api_id,
-        stage="v1",
+        stage=stage,
     )
+
+
+def test_attach_sets_the_stage_access_log_and_detach_removes_it(clients: dict[str, Any]) -> None:
+    arn = deploy_stream(clients)
+    api_id = rest_api(clients, cognito=True)
+    change = attach(clients, api_id)
     assert (change.api_name, change.stream_arn, change.warnings) == ("orders", arn, [])
     stage = clients["apigateway"].get_stage(restApiId=api_id, stageName="v1")
     assert stage["accessLogSettings"] == {"destinationArn": arn, "format": render_access_log_format()}
@@ -136,14 +141,7 @@ def test_the_format_and_the_tenant_warning_follow_the_configured_tenant_source(
     changes = {}
     for authorizer in (yields, other):
         api_id = rest_api(clients, authorizer=authorizer)
-        changes[authorizer] = attach_stage(
-            config,
-            apigateway=clients["apigateway"],
-            apigatewayv2=clients["apigatewayv2"],
-            firehose=clients["firehose"],
-            rest_api_id=api_id,
-            stage="v1",
-        )
+        changes[authorizer] = attach(clients, api_id, config)
         stage = clients["apigateway"].get_stage(restApiId=api_id, stageName="v1")
         assert stage["accessLogSettings"] == {
             "destinationArn": arn,
@@ -161,14 +159,7 @@ def test_the_format_and_the_tenant_warning_follow_the_configured_tenant_source(
 def test_methods_that_would_log_no_tenant_are_named(clients: dict[str, Any]) -> None:
     deploy_stream(clients)
     api_id = rest_api(clients, cognito=True, unguarded=7)
-    change = attach_stage(
-        CONFIG,
-        apigateway=clients["apigateway"],
-        apigatewayv2=clients["apigatewayv2"],
-        firehose=clients["firehose"],
-        rest_api_id=api_id,
-        stage="v1",
-    )
+    change = attach(clients, api_id)
     (warning,) = change.warnings
     assert warning.startswith(f"7 of 8 methods of REST API {api_id} do not use a COGNITO_USER_POOLS authorizer (")
     assert "GET /open0" in warning
@@ -188,14 +179,7 @@ def test_attach_says_which_destination_it_replaced(clients: dict[str, Any]) -> N
             {"op": "replace", "path": "/accessLogSettings/format", "value": "$context.requestId"},
         ],
     )
-    change = attach_stage(
-        CONFIG,
-        apigateway=clients["apigateway"],
-        apigatewayv2=clients["apigatewayv2"],
-        firehose=clients["firehose"],
-        rest_api_id=api_id,
-        stage="v1",
-    )
+    change = attach(clients, api_id)
     assert change.warnings == [f"replaced the stage's access-log destination {other}"]
     assert change.stream_arn == arn
 
@@ -222,14 +206,7 @@ def test_what_cannot_be_metered_is_refused_and_nothing_changes(
     elif setup == "no_api":
         api_id = "nope"
     with pytest.raises(AttachError, match=message):
-        attach_stage(
-            CONFIG,
-            apigateway=clients["apigateway"],
-            apigatewayv2=clients["apigatewayv2"],
-            firehose=clients["firehose"],
-            rest_api_id=api_id,
-            stage=stage,
-        )
+        attach(clients, api_id, stage=stage)
 
 
 def test_the_commands_print_one_line_each(
