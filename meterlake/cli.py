@@ -148,17 +148,34 @@ def token(
     ] = None,
     user: Annotated[str, typer.Option(help="cognito:username claim.")] = "demo-user",
     ttl: Annotated[int | None, typer.Option(help="Lifetime in seconds (default: config token_ttl_seconds).")] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(help="For the gateway on this port (default: the one `meterlake up` serves, else the config's)."),
+    ] = None,
 ) -> None:
     """Issue an ID token from the local user pool, for the gateway `meterlake up` serves."""
     from meterlake.local.auth import for_config
+    from meterlake.local.running import serving_gateway
 
     if not user:
         raise UsageError("--user must not be empty")
     if ttl is not None and ttl < 1:
         raise UsageError(f"--ttl must be at least 1, got {ttl}")
+    _check_port(port)
     c = _context(ctx)
-    pool = for_config(c.config(), c.data_dir().ensure())
+    data_dir = c.data_dir().ensure()
+    if port is None:
+        # The token must carry the issuer of the gateway actually serving: its port may not be the configured one.
+        serving = serving_gateway(data_dir)
+        port = serving.port if serving is not None else None
+    pool = for_config(c.config(), data_dir, port=port)
     print(pool.issue_id_token(user=user, tenant_id=tenant, ttl_seconds=ttl))
+
+
+def _check_port(port: int | None) -> None:
+    """Refuse a port number TCP does not have (0 asks for any free port)."""
+    if port is not None and not 0 <= port <= _MAX_PORT:
+        raise UsageError(f"--port must be 0-{_MAX_PORT}, got {port}")
 
 
 @app.command("api-key")
@@ -186,12 +203,13 @@ def up(
     port: Annotated[int | None, typer.Option(help="Gateway port (default: config meterlake.local.port).")] = None,
 ) -> None:
     """Run the local pipeline until Ctrl-C or SIGTERM; on the way out everything acknowledged is flushed."""
+    from meterlake.local.running import recorded_as_serving
     from meterlake.local.stack import LocalStack
 
-    if port is not None and not 0 <= port <= _MAX_PORT:
-        raise UsageError(f"--port must be 0-{_MAX_PORT}, got {port}")
+    _check_port(port)
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
+    _log_to_stderr()
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -199,7 +217,12 @@ def up(
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with LocalStack(config=config, data_dir=data_dir, port=port) as stack:
+        with (
+            LocalStack(config=config, data_dir=data_dir, port=port) as stack,
+            recorded_as_serving(
+                data_dir, port=stack.gateway.port, issuer=stack.gateway.issuer, invoke_url=stack.gateway.invoke_url
+            ),
+        ):
             console.print(f"RestApiEndpoint {stack.gateway.invoke_url}", highlight=False)
             console.print(
                 f"data dir {_shown(data_dir.root)}; get a token: meterlake token --tenant acme --user alice; "
@@ -215,6 +238,13 @@ def up(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _log_to_stderr() -> None:
+    """Show the pipeline's WARNING and ERROR log lines (refused requests, dry-run forwarding, ...) on stderr."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
@@ -301,7 +331,7 @@ def load_test(
         raise UsageError("--username only applies with --cognito-client-id")
     if tenants:
         c = _context(ctx)
-        callers += _local_callers(c.config(), c.data_dir().ensure(), tenants)
+        callers += _local_callers(c.config(), c.data_dir().ensure(), tenants, port=_loopback_port(url))
     if not callers:
         if unauthenticated_share < 1.0:
             raise UsageError(
@@ -312,7 +342,7 @@ def load_test(
     plan = LoadTestPlan(
         invoke_url=url,
         callers=tuple(callers),
-        total=None if duration is not None and max_count is None else (max_count or 10),
+        total=None if duration is not None and max_count is None else (10 if max_count is None else max_count),
         duration_s=duration,
         concurrency=concurrency,
         unauthenticated_share=unauthenticated_share,
@@ -335,13 +365,32 @@ def load_test(
         report = run_load_test(plan, on_progress=lambda n: progress.advance(task, n))
     for line in summary_lines(report):
         console.print(_shown(line), highlight=False)
+    if report.interrupted:
+        raise UsageError(f"interrupted after {report.answered} answered requests")
+    failure = report.failure()
+    if failure is not None:
+        raise LoadTestError(failure)
 
 
-def _local_callers(config: Config, data_dir: DataDir, tenants: int) -> list[Caller]:
-    """``tenants`` callers of the local gateway, with the credentials its tenant source takes."""
+def _loopback_port(url: str) -> int | None:
+    """The port of an http URL on loopback (the local gateway's), so tokens carry that gateway's issuer."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        return None
+    try:
+        return parts.port or 80
+    except ValueError:
+        return None
+
+
+def _local_callers(config: Config, data_dir: DataDir, tenants: int, *, port: int | None) -> list[Caller]:
+    """``tenants`` callers of the local gateway on ``port`` (None: the configured one), with the credentials its
+    tenant source takes."""
     from meterlake.local.auth import LocalApiKeys, for_config
 
-    pool = for_config(config, data_dir)
+    pool = for_config(config, data_dir, port=port)
     source = config.meterlake.tenant_source
     if source.kind != TenantSourceKind.API_KEY.value:
         return [

@@ -27,6 +27,9 @@ ROUTE = "/random/strings"
 #: Answers below this status (with a tenant) are billable: the usage queries' and the shipped api-calls meter's rule.
 BILLABLE_BELOW_STATUS = 500
 NOT_FOUND_ROUTE = "/random/nothing-here"
+#: Statuses from here on are failures: the client's (4xx) or the server's (5xx).
+_FIRST_ERROR_STATUS = 400
+_UNAUTHORIZED = 401
 _CHARS = ("", "lowercase", "uppercase", "letters", "digits")
 
 
@@ -96,6 +99,8 @@ class LoadTestReport:
     latencies_ms: list[float] = field(default_factory=list)
     transport_errors: Counter[str] = field(default_factory=Counter)
     request_ids: list[str] = field(default_factory=list)
+    #: The run was cut short (Ctrl-C): the report covers what was answered until then.
+    interrupted: bool = False
 
     @property
     def answered(self) -> int:
@@ -106,6 +111,28 @@ class LoadTestReport:
     def requests_per_s(self) -> float:
         """Answered requests per second over the whole run."""
         return self.answered / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def succeeded(self) -> int:
+        """Requests answered with a success (status below 400)."""
+        return sum(n for status, n in self.status_counts.items() if status < _FIRST_ERROR_STATUS)
+
+    def failure(self) -> str | None:
+        """Why the run as a whole failed: every request that was sent failed; None when any succeeded.
+
+        A run of only 401s is the classic symptom of a token for another gateway (issuer) or an expired one.
+        """
+        sent = self.answered + sum(self.transport_errors.values())
+        if sent == 0 or self.succeeded:
+            return None
+        statuses = ", ".join(f"{code} x{n}" for code, n in sorted(self.status_counts.items())) or "no answer"
+        hint = ""
+        if self.status_counts.get(_UNAUTHORIZED):
+            hint = (
+                "; a 401 means the authorizer refused the token (expired, or issued for another gateway: the local "
+                "gateway's log says why)"
+            )
+        return f"none of the {sent} requests succeeded ({statuses}){hint}"
 
     def latency_percentile(self, q: float) -> float:
         """Nearest-rank latency percentile in ms (0 when nothing was answered)."""
@@ -215,6 +242,9 @@ async def _run(plan: LoadTestPlan, on_progress: Callable[[int], None] | None) ->
     started = time.perf_counter()
     try:
         await asyncio.gather(*(worker(client) for client in clients))
+    except asyncio.CancelledError:
+        # Ctrl-C: asyncio.run cancels this task; what was answered so far is still the caller's to report.
+        report.interrupted = True
     finally:
         await asyncio.gather(*(client.aclose() for client in clients))
     report.duration_s = time.perf_counter() - started
@@ -226,6 +256,8 @@ async def _run(plan: LoadTestPlan, on_progress: Callable[[int], None] | None) ->
 
 def run_load_test(plan: LoadTestPlan, *, on_progress: Callable[[int], None] | None = None) -> LoadTestReport:
     """Send the plan's requests with ``plan.concurrency`` connections and report what was answered.
+
+    Ctrl-C (SIGINT, in the main thread) stops sending and returns the report so far, marked ``interrupted``.
 
     Raises:
         LoadTestError: nothing could be sent at all (every request failed at the transport level).
@@ -240,6 +272,8 @@ def summary_lines(report: LoadTestReport) -> Sequence[str]:
         "latency ms: " + ", ".join(f"p{int(q * 100)} {report.latency_percentile(q):.1f}" for q in (0.5, 0.95, 0.99)),
         "status: " + ", ".join(f"{code} x{n}" for code, n in sorted(report.status_counts.items())),
     ]
+    if report.interrupted:
+        lines.append("interrupted: the figures above cover the requests answered before Ctrl-C")
     if report.transport_errors:
         lines.append("not answered: " + ", ".join(f"{k} x{v}" for k, v in report.transport_errors.items()))
     return lines

@@ -63,6 +63,11 @@ class DataDir:
         return self.root / "errors"
 
     @property
+    def serving_gateway(self) -> Path:
+        """The record of the gateway `meterlake up` is serving from this data dir (its port and issuer)."""
+        return self.root / "gateway.json"
+
+    @property
     def keys(self) -> Path:
         """The local user pool's RSA signing key."""
         return self.root / "keys"

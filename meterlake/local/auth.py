@@ -258,6 +258,10 @@ class UserPool:
                 leeway=LEEWAY_SECONDS,
                 options={"require": _REQUIRED_CLAIMS},
             )
+        except jwt.InvalidIssuerError:
+            # The usual cause locally: a token issued for another port than the gateway serving (the issuer names it).
+            issued_by = jwt.decode(token, options={"verify_signature": False}).get("iss")
+            raise InvalidToken(f"InvalidIssuerError: token issuer {issued_by!r} is not {self.issuer!r}") from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(f"{type(exc).__name__}: {exc}") from None
         token_use = claims["token_use"]

@@ -73,6 +73,8 @@ def run_demo(
             report = run_load_test(plan, on_progress=lambda n: progress.advance(task, n))
         for summary in summary_lines(report):
             console.print(summary, markup=False)
+        if report.interrupted:
+            console.print("interrupted: committing and reconciling the requests answered so far", markup=False)
         settled = stack.settle()
         window_end = datetime.now(UTC) + timedelta(milliseconds=1)
         with httpx.Client() as client:
@@ -114,4 +116,4 @@ def run_demo(
         f"\nData kept in {escape(printable(str(data_dir.root)))}; try: meterlake query usage_per_tenant_hour "
         f"--param start={params['start']} --param end={params['end']}"
     )
-    return reconciliation.ok
+    return reconciliation.ok and not report.interrupted

@@ -85,6 +85,8 @@ _SHUTDOWN_TIMEOUT_SECONDS = 10.0
 _GRACEFUL_SHUTDOWN_SECONDS = 5
 #: Retry backoff of the writer for lines nobody waits for, after a failed put: doubling from the first to the last.
 _RETRY_BACKOFF_SECONDS = (0.05, 2.0)
+#: How many distinct refusal reasons the server log explains at WARNING; past that, refusals are logged at DEBUG.
+_EXPLAINED_REFUSALS_MAX = 100
 #: Lines nobody waits for (answers already made unsuccessful, requests never answered) kept for retry at most; on a
 #: long outage the oldest are dropped (counted and logged) rather than growing without bound.
 _MAX_BACKLOG_LINES = 100_000
@@ -719,12 +721,26 @@ def _authorized(
 ) -> Callable[[Request], Awaitable[Response]]:
     """Wrap an integration in the stage's authorizer: what it fills joins the request's ``$context``, or it refuses."""
 
+    explained: set[str] = set()
+
     async def authorized(request: Request) -> Response:
         exchange: _Exchange = request.scope[_EXCHANGE]
         try:
             exchange.context = authorizer.authorize(request.headers)
         except Refused as refused:
-            logger.debug("%d: %s", refused.status, refused.reason)
+            # The operator learns why (a token for another gateway's issuer, an expired one, ...) from the server log,
+            # once per reason so a flood of refusals cannot flood the log; the client only gets API Gateway's answer.
+            first = refused.reason not in explained and len(explained) < _EXPLAINED_REFUSALS_MAX
+            if first:
+                explained.add(refused.reason)
+            logger.log(
+                logging.WARNING if first else logging.DEBUG,
+                "request %s answered %d: %s%s",
+                exchange.request_id,
+                refused.status,
+                refused.reason,
+                " (further requests refused for this reason are logged at DEBUG)" if first else "",
+            )
             return _json_response(
                 refused.status, {"message": refused.message}, headers={ERROR_TYPE_HEADER: refused.error_type}
             )
