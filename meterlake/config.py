@@ -25,6 +25,7 @@ from meterlake.records import (
     TenantSourceKind,
     render_access_log_format,
 )
+from meterlake.service.settings import ServiceSettings
 from meterlake.structs import ConfigSection
 
 #: Firehose requires this prefix on a delivery stream that receives API Gateway access logs.
@@ -250,6 +251,8 @@ class MeterlakeSettings(ConfigSection, frozen=True):
     local: LocalRuntime = msgspec.field(default_factory=LocalRuntime)
     aws: AwsDeployment = msgspec.field(default_factory=AwsDeployment)
     tenant_source: TenantSourceSettings = msgspec.field(default_factory=TenantSourceSettings)
+    #: The metering service (``meterlake serve``): where it listens, what ingest accepts, who administers it.
+    service: ServiceSettings = msgspec.field(default_factory=ServiceSettings)
 
 
 #: S3 Tables namespace and table names (docs.aws.amazon.com/AmazonS3/latest/userguide/s3-tables-buckets-naming.html):

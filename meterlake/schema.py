@@ -14,9 +14,11 @@ from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.transforms import DayTransform
 from pyiceberg.types import (
+    DoubleType,
     IcebergType,
     IntegerType,
     LongType,
+    MapType,
     NestedField,
     StringType,
     TimestamptzType,
@@ -86,4 +88,55 @@ TABLE_PROPERTIES: Mapping[str, str] = MappingProxyType(
 def metering_event_arrow_schema() -> pa.Schema:
     """The Arrow schema rows must have to be appended to the table (timestamps in UTC microseconds)."""
     schema: pa.Schema = METERING_EVENT_SCHEMA.as_arrow()
+    return schema
+
+
+# -- the meter-events table: usage the application reports (LLM tokens, GPU seconds, ...) through the service --------
+
+#: The table ingested usage events land in, in the metering table's database.
+METER_EVENTS_TABLE = "meter_events"
+#: When the usage happened: the event's own time (the partition source).
+METER_TIME_COLUMN = "meter_time"
+#: When the service accepted the event; cancellation rules select events by it.
+METER_INGESTED_AT_COLUMN = "ingested_at"
+#: What makes an event the same event, as Amberflo deduplicates: its meter and its uniqueId. The local delivery
+#: stream drops a row whose key was committed before.
+METER_EVENT_KEY_COLUMNS = ("meter_api_name", "unique_id")
+
+METER_EVENT_SCHEMA: Schema = Schema(
+    NestedField(
+        1, "unique_id", StringType(), required=True, doc="The sender's uniqueId, or one derived from the content"
+    ),
+    NestedField(2, "meter_api_name", StringType(), required=True, doc="The event meter it counts for"),
+    NestedField(3, "customer_id", StringType(), required=True, doc="Whose usage it is (the tenant)"),
+    NestedField(4, "meter_value", DoubleType(), required=True, doc="How much usage (a finite number)"),
+    NestedField(5, METER_TIME_COLUMN, TimestamptzType(), required=True, doc="When the usage happened"),
+    NestedField(
+        6,
+        "dimensions",
+        MapType(key_id=9, key_type=StringType(), value_id=10, value_type=StringType(), value_required=True),
+        required=False,
+        doc="Dimension name -> value, as sent",
+    ),
+    NestedField(
+        7, METER_INGESTED_AT_COLUMN, TimestamptzType(), required=True, doc="When the service accepted the event"
+    ),
+    NestedField(8, "source", StringType(), required=True, doc="How it arrived: ingest (POST /ingest) or event"),
+    # The time is part of the key for the reason IDENTIFIER_COLUMNS gives; uniqueness is the meter's and uniqueId's.
+    identifier_field_ids=[2, 1, 5],
+)
+
+METER_EVENT_PARTITION_SPEC: PartitionSpec = PartitionSpec(
+    PartitionField(
+        source_id=METER_EVENT_SCHEMA.find_field(METER_TIME_COLUMN).field_id,
+        field_id=PARTITION_FIELD_ID_START,
+        transform=DayTransform(),
+        name=f"{METER_TIME_COLUMN}_day",
+    )
+)
+
+
+def meter_event_arrow_schema() -> pa.Schema:
+    """The Arrow schema rows must have to be appended to the meter-events table (timestamps in UTC microseconds)."""
+    schema: pa.Schema = METER_EVENT_SCHEMA.as_arrow()
     return schema

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
-import gzip
 import random
 import threading
 import time
@@ -46,31 +44,27 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from meterlake.amberflo.api import (
+    CANCEL_DIMENSION,
+    Aggregation,
+    GroupUsage,
+    RequestError,
+    UsageQuery,
+    bucket_start,
+    parse_ingest_body,
+    parse_usage_query,
+    validate_meter,
+)
+from meterlake.amberflo.api import usage_report as build_usage_report
 from meterlake.local.serving import BackgroundServer, ServingError, abort_connection, bind_listening_socket
 
 FaultKind = Literal["429", "500", "503", "slow", "reset"]
 #: Every transient fault kind, in the order ``FaultPlan.kinds`` defaults to.
 FAULT_KINDS: Final[tuple[FaultKind, ...]] = get_args(FaultKind)
 
-#: The dimension that turns a record into the cancellation of the matching earlier event.
-CANCEL_DIMENSION: Final = "aflo.cancel_previous_resource_event"
-#: Longest meterApiName a meter may have.
-MAX_METER_API_NAME_LENGTH: Final = 50
-METER_TYPES: Final = frozenset(
-    {"sum_of_all_usage", "max_usage", "unique_count", "event_duration", "running_total", "active_users"}
-)
-LOCKING_STATUSES: Final = frozenset({"open", "close_to_changes", "close_to_deletion", "deprecated"})
-
-Aggregation = Literal["SUM", "COUNT", "MIN", "MAX"]
-TimeGroupingInterval = Literal["HOUR", "DAY", "WEEK", "MONTH"]
-
 _HOST: Final = "127.0.0.1"
 _JSON: Final = "application/json"
-_MAX_BUCKETS: Final = 100_000
 _GRACEFUL_SHUTDOWN_SECONDS: Final = 1.0
-_FIXED_SECONDS: Final[Mapping[str, int]] = {"HOUR": 3600, "DAY": 86400, "WEEK": 7 * 86400}
-# 1970-01-01 was a Thursday: day number + 3 is the ISO weekday offset (0 = Monday), so weeks start on Monday.
-_EPOCH_WEEKDAY: Final = 3
 
 
 @dataclass(frozen=True)
@@ -155,16 +149,6 @@ class ServerStats:
     events_cancelled: int = 0
     permanent_rejections: int = 0
     faults_injected: Mapping[str, int] = field(default_factory=dict)
-
-
-class RequestError(Exception):
-    """A request the server refuses: answered with ``status`` (a 4xx) and ``{"message": ...}``, nothing stored."""
-
-    def __init__(self, message: str, *, status: int = 400, extra: Mapping[str, object] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.extra = dict(extra or {})
 
 
 _NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -446,41 +430,7 @@ class AmberfloState:
                 raise RequestError(f"a meter with meterApiName {name!r} already exists: {meter['id']}", status=409)
 
 
-# Ingest bodies
-
-
-def parse_ingest_body(body: bytes, content_encoding: str | None) -> list[object]:
-    """The records of an ingest body: gzip or plain; one JSON object, a JSON array, or NDJSON.
-
-    Raises:
-        RequestError: undecodable body (415 for an unsupported Content-Encoding).
-    """
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding in ("gzip", "x-gzip"):
-        try:
-            body = gzip.decompress(body)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise RequestError(f"body is not valid gzip: {exc}") from None
-    elif encoding != "identity":
-        raise RequestError(f"unsupported Content-Encoding {content_encoding!r}", status=415)
-    if not body.strip():
-        raise RequestError("body is empty")
-    try:
-        document = msgspec.json.decode(body)
-    except msgspec.DecodeError as whole_error:
-        lines = [line for line in body.splitlines() if line.strip()]
-        if len(lines) < 2:
-            raise RequestError(f"body is not JSON: {whole_error}") from None
-        records: list[object] = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                records.append(msgspec.json.decode(line))
-            except msgspec.DecodeError as exc:
-                raise RequestError(f"NDJSON line {number} is not JSON: {exc}") from None
-        return records
-    if isinstance(document, list):
-        return document
-    return [document]
+# Ingest records
 
 
 def validate_record(index: int, item: object) -> IngestedRecord:
@@ -531,125 +481,6 @@ def validate_record(index: int, item: object) -> IngestedRecord:
 # Usage queries
 
 
-@dataclass(frozen=True)
-class UsageQuery:
-    """A validated usage query, in either accepted request shape."""
-
-    meter_api_name: str
-    aggregation: Aggregation
-    interval: TimeGroupingInterval
-    start_s: int
-    end_s: int
-    group_by: tuple[str, ...]
-    filters: Mapping[str, frozenset[str]]
-    take_limit: int | None
-    take_ascending: bool
-
-
-def _enum(name: str, value: object, allowed: Iterable[str]) -> str:
-    options = list(allowed)
-    if isinstance(value, str) and value.upper() in options:
-        return value.upper()
-    raise RequestError(f"{name} must be one of {options} (any case), got {value!r}")
-
-
-def _epoch_seconds(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RequestError(f"{name} must be a non-negative integer (epoch seconds), got {value!r}")
-    return value
-
-
-def _string_list(name: str, value: object) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise RequestError(f"{name} must be a list of strings, got {value!r}")
-    return list(value)
-
-
-def parse_usage_query(body: object, *, now_s: int) -> UsageQuery:
-    """Validate a usage query: ``timeRange``/``filter`` (the SDKs' shape) or top-level ``startTimeInSeconds``/
-    ``endTimeInSeconds``/``customerFilter`` (the workflow fixture's shape).
-
-    Raises:
-        RequestError: naming the offending field.
-    """
-    if not isinstance(body, dict):
-        raise RequestError(f"a usage query must be a JSON object, got {type(body).__name__}")
-    name = body.get("meterApiName")
-    if not isinstance(name, str) or not name:
-        raise RequestError(f"meterApiName must be a non-empty string, got {name!r}")
-    aggregation: Aggregation = _enum("aggregation", body.get("aggregation"), get_args(Aggregation))  # type: ignore[assignment]
-    interval: TimeGroupingInterval = _enum(  # type: ignore[assignment]
-        "timeGroupingInterval", body.get("timeGroupingInterval"), get_args(TimeGroupingInterval)
-    )
-    time_range = body.get("timeRange")
-    if time_range is None:
-        time_range = {k: body[k] for k in ("startTimeInSeconds", "endTimeInSeconds") if k in body}
-    elif not isinstance(time_range, dict):
-        raise RequestError(f"timeRange must be an object, got {time_range!r}")
-    if "startTimeInSeconds" not in time_range:
-        raise RequestError("timeRange.startTimeInSeconds (or top-level startTimeInSeconds) is required")
-    start_s = _epoch_seconds("startTimeInSeconds", time_range["startTimeInSeconds"])
-    end_value = time_range.get("endTimeInSeconds")
-    end_s = now_s if end_value is None else _epoch_seconds("endTimeInSeconds", end_value)
-    if end_s <= start_s:
-        raise RequestError(f"endTimeInSeconds ({end_s}) must be after startTimeInSeconds ({start_s})")
-
-    group_by_value = body.get("groupBy")
-    if group_by_value is None:
-        group_by: list[str] = []
-    elif isinstance(group_by_value, str):
-        group_by = [group_by_value]
-    else:
-        group_by = _string_list("groupBy", group_by_value)
-
-    filter_value = body.get("filter")
-    if filter_value is None:
-        filter_value = {}
-    if not isinstance(filter_value, dict):
-        raise RequestError(f"filter must be an object of string lists, got {filter_value!r}")
-    filters = {key: frozenset(_string_list(f"filter.{key}", values)) for key, values in filter_value.items()}
-    customer_filter = body.get("customerFilter")
-    if customer_filter is not None:
-        if "customerId" in filters:
-            raise RequestError("give the customer filter once: filter.customerId or customerFilter, not both")
-        filters["customerId"] = frozenset(_string_list("customerFilter", customer_filter))
-
-    take = body.get("take")
-    take_limit: int | None = None
-    take_ascending = False
-    if take is not None:
-        if not isinstance(take, dict):
-            raise RequestError(f"take must be an object, got {take!r}")
-        limit = take.get("limit")
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise RequestError(f"take.limit must be a positive integer, got {limit!r}")
-        ascending = take.get("isAscending", False)
-        if not isinstance(ascending, bool):
-            raise RequestError(f"take.isAscending must be a boolean, got {ascending!r}")
-        take_limit, take_ascending = limit, ascending
-    return UsageQuery(name, aggregation, interval, start_s, end_s, tuple(group_by), filters, take_limit, take_ascending)
-
-
-def bucket_start(epoch_s: int, interval: TimeGroupingInterval) -> int:
-    """The UTC start of the ``interval`` bucket holding ``epoch_s`` (weeks start on Monday)."""
-    if interval == "MONTH":
-        moment = dt.datetime.fromtimestamp(epoch_s, dt.UTC)
-        return int(dt.datetime(moment.year, moment.month, 1, tzinfo=dt.UTC).timestamp())
-    if interval == "WEEK":
-        day = epoch_s // 86400
-        return (day - (day + _EPOCH_WEEKDAY) % 7) * 86400
-    size = _FIXED_SECONDS[interval]
-    return epoch_s - epoch_s % size
-
-
-def _next_bucket(start_s: int, interval: TimeGroupingInterval) -> int:
-    if interval == "MONTH":
-        moment = dt.datetime.fromtimestamp(start_s, dt.UTC)
-        year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
-        return int(dt.datetime(year, month, 1, tzinfo=dt.UTC).timestamp())
-    return start_s + _FIXED_SECONDS[interval]
-
-
 def _aggregate(aggregation: Aggregation, events: Sequence[IngestedRecord]) -> float:
     """COUNT counts events; SUM/MIN/MAX use the events that carry a meterValue (0 when none do)."""
     if aggregation == "COUNT":
@@ -662,133 +493,36 @@ def _aggregate(aggregation: Aggregation, events: Sequence[IngestedRecord]) -> fl
     return float(min(values) if aggregation == "MIN" else max(values))
 
 
-def percentage_from_previous(previous: float, current: float) -> float:
-    """``(cur - prev) / prev * 100`` rounded to 2 places; with prev = 0: 100 if cur > 0, -100 if cur < 0, else 0."""
-    if previous == 0:
-        return 100.0 if current > 0 else -100.0 if current < 0 else 0.0
-    return round((current - previous) / previous * 100, 2)
-
-
 def _group_value(record: IngestedRecord, key: str) -> str | None:
     return record.customer_id if key == "customerId" else record.dimensions.get(key)
 
 
 def usage_report(query: UsageQuery, events: Iterable[IngestedRecord], *, zero_fill: bool) -> dict[str, Any]:
-    """Amberflo's usage report for ``query`` over ``events`` (all of the query's meter).
+    """Amberflo's usage report for ``query`` over ``events`` (all of the query's meter), aggregated in Python.
 
-    Events count when ``startTimeInSeconds <= meterTimeInMillis / 1000 < endTimeInSeconds``. Groups are those with
-    at least one such event (without groupBy: exactly one, possibly all zero); without ``take`` they are ordered by
-    their group values. Sparse reports (``zero_fill=False``) leave out empty buckets from ``values``; their
-    percentageFromPrevious still compares with the preceding bucket of the grid.
+    Events count when ``startTimeInSeconds <= meterTimeInMillis / 1000 < endTimeInSeconds`` and pass the filters;
+    the report's shape is :func:`meterlake.amberflo.api.usage_report`'s.
 
     Raises:
         RequestError: the range spans too many buckets.
     """
-    intervals: list[int] = []
-    boundary = bucket_start(query.start_s, query.interval)
-    while boundary < query.end_s:
-        intervals.append(boundary)
-        if len(intervals) > _MAX_BUCKETS:
-            raise RequestError(f"the time range spans more than {_MAX_BUCKETS} {query.interval} buckets")
-        boundary = _next_bucket(boundary, query.interval)
-
+    aggregation = query.aggregation or "SUM"
     start_ms, end_ms = query.start_s * 1000, query.end_s * 1000
-    groups: dict[tuple[str | None, ...], list[IngestedRecord]] = {}
-    if not query.group_by:
-        groups[()] = []
+    grouped: dict[tuple[str | None, ...], list[IngestedRecord]] = {}
     for event in events:
         if not start_ms <= event.meter_time_in_millis < end_ms:
             continue
         if any(_group_value(event, key) not in allowed for key, allowed in query.filters.items()):
             continue
-        groups.setdefault(tuple(_group_value(event, key) for key in query.group_by), []).append(event)
-
-    meters: list[tuple[tuple[str | None, ...], float, dict[str, Any]]] = []
-    for group_key, group_events in groups.items():
+        grouped.setdefault(tuple(_group_value(event, key) for key in query.group_by), []).append(event)
+    groups = []
+    for group_key, group_events in grouped.items():
         by_bucket: dict[int, list[IngestedRecord]] = {}
         for event in group_events:
             by_bucket.setdefault(bucket_start(event.meter_time_in_millis // 1000, query.interval), []).append(event)
-        values: list[dict[str, Any]] = []
-        previous = 0.0
-        for bucket in intervals:
-            bucket_events = by_bucket.get(bucket, [])
-            value = _aggregate(query.aggregation, bucket_events)
-            if bucket_events or zero_fill:
-                values.append(
-                    {
-                        "secondsSinceEpochUtc": bucket,
-                        "value": value,
-                        "percentageFromPrevious": percentage_from_previous(previous, value),
-                    }
-                )
-            previous = value
-        group_value = _aggregate(query.aggregation, group_events)
-        meter: dict[str, Any] = {"groupValue": group_value, "values": values}
-        if query.group_by:
-            meter = {"group": {"groupInfo": dict(zip(query.group_by, group_key, strict=True))}, **meter}
-        meters.append((group_key, group_value, meter))
-
-    def by_group(item: tuple[tuple[str | None, ...], float, dict[str, Any]]) -> tuple[str, ...]:
-        return tuple("" if part is None else part for part in item[0])
-
-    meters.sort(key=by_group)
-    if query.take_limit is not None:
-        meters.sort(key=lambda item: item[1], reverse=not query.take_ascending)
-        meters = meters[: query.take_limit]
-
-    return {
-        "metadata": {
-            "meterApiName": query.meter_api_name,
-            "aggregation": query.aggregation,
-            "timeGroupingInterval": query.interval,
-            "timeRange": {"startTimeInSeconds": query.start_s, "endTimeInSeconds": query.end_s},
-            "filter": {key: sorted(values) for key, values in query.filters.items()},
-            "groupBy": list(query.group_by) if query.group_by else None,
-            "take": None
-            if query.take_limit is None
-            else {"limit": query.take_limit, "isAscending": query.take_ascending},
-        },
-        "secondsSinceEpochIntervals": intervals,
-        "clientMeters": [meter for _, _, meter in meters],
-    }
-
-
-# Meters
-
-
-def validate_meter(body: object) -> dict[str, Any]:
-    """The stored fields of a meter from a create/update body (``id`` and times are the server's).
-
-    Raises:
-        RequestError: a required field is missing or a field is invalid.
-    """
-    if not isinstance(body, dict):
-        raise RequestError(f"a meter must be a JSON object, got {type(body).__name__}")
-    for required in ("label", "meterApiName", "meterType"):
-        value = body.get(required)
-        if not isinstance(value, str) or not value:
-            raise RequestError(f"{required} is required (a non-empty string), got {value!r}")
-    name: str = body["meterApiName"]
-    if len(name) > MAX_METER_API_NAME_LENGTH:
-        raise RequestError(f"meterApiName must be at most {MAX_METER_API_NAME_LENGTH} characters, got {len(name)}")
-    meter_type = body["meterType"].lower()
-    if meter_type not in METER_TYPES:
-        raise RequestError(f"meterType must be one of {sorted(METER_TYPES)}, got {body['meterType']!r}")
-    description = body.get("description") or ""
-    if not isinstance(description, str):
-        raise RequestError(f"description must be a string, got {description!r}")
-    locking = body.get("lockingStatus") or "open"
-    if not isinstance(locking, str) or locking.lower() not in LOCKING_STATUSES:
-        raise RequestError(f"lockingStatus must be one of {sorted(LOCKING_STATUSES)}, got {locking!r}")
-    return {
-        "label": body["label"],
-        "meterApiName": name,
-        "meterType": meter_type,
-        "description": description,
-        "dimensions": _string_list("dimensions", body.get("dimensions") or []),
-        "aggregationDimensions": _string_list("aggregationDimensions", body.get("aggregationDimensions") or []),
-        "lockingStatus": locking.lower(),
-    }
+        buckets = {bucket: _aggregate(aggregation, members) for bucket, members in by_bucket.items()}
+        groups.append(GroupUsage(group_key, _aggregate(aggregation, group_events), buckets))
+    return build_usage_report(query, groups, aggregation=aggregation, zero_fill=zero_fill)
 
 
 # The app

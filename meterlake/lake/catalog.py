@@ -18,7 +18,14 @@ from sqlalchemy.exc import OperationalError
 
 from meterlake.config import Config
 from meterlake.lake.home import DataDir
-from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA, TABLE_PROPERTIES
+from meterlake.schema import (
+    METER_EVENT_PARTITION_SPEC,
+    METER_EVENT_SCHEMA,
+    METER_EVENTS_TABLE,
+    METERING_EVENT_PARTITION_SPEC,
+    METERING_EVENT_SCHEMA,
+    TABLE_PROPERTIES,
+)
 
 CATALOG_NAME = "meterlake"
 
@@ -58,6 +65,27 @@ def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:
             schema=METERING_EVENT_SCHEMA,
             partition_spec=METERING_EVENT_PARTITION_SPEC,
             # A copy: pyiceberg pops format-version out of the mapping it is given.
+            properties=dict(TABLE_PROPERTIES),
+        )
+    except TableAlreadyExistsError:
+        return catalog.load_table(identifier)
+
+
+def ensure_meter_events_table(catalog: SqlCatalog, config: Config) -> Table:
+    """Return the meter-events table (``meter_events`` beside the metering table), creating it on first use.
+
+    Loads first and tolerates a racing creator, as :func:`ensure_metering_table` does.
+    """
+    identifier = (config.database_name, METER_EVENTS_TABLE)
+    with contextlib.suppress(NoSuchTableError, NoSuchNamespaceError):
+        return catalog.load_table(identifier)
+    with contextlib.suppress(NamespaceAlreadyExistsError):
+        catalog.create_namespace(config.database_name)
+    try:
+        return catalog.create_table(
+            identifier,
+            schema=METER_EVENT_SCHEMA,
+            partition_spec=METER_EVENT_PARTITION_SPEC,
             properties=dict(TABLE_PROPERTIES),
         )
     except TableAlreadyExistsError:

@@ -24,15 +24,8 @@ from metering.usage import (  # type: ignore[import-untyped]
     create_usage_query,
 )
 
-from meterlake.amberflo.server import (
-    CANCEL_DIMENSION,
-    FaultPlan,
-    IngestedRecord,
-    LocalAmberflo,
-    bucket_start,
-    main,
-    percentage_from_previous,
-)
+from meterlake.amberflo.api import CANCEL_DIMENSION, bucket_start, percentage_from_previous
+from meterlake.amberflo.server import FaultPlan, IngestedRecord, LocalAmberflo, main
 from meterlake.local.serving import PortInUseError
 
 KEY = "test-key"
