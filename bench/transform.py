@@ -1,8 +1,11 @@
 """Firehose transform throughput: meterlake's handler against the AWS sample's approach, on one full-size batch.
 
 Both run side by side, interleaved, on the same ~6 MB event (Firehose's Lambda request limit) of realistic
-access-log lines, and are timed as Lambda bills them: the handler call plus ``json.dumps`` of its answer (the
-runtime serialises the answer inside the billed duration). Target: at least 2x the sample's records/s.
+access-log lines, and are timed as Lambda bills them: the AWS entry point's work plus the runtime's marshalling of
+what it returns (inside the billed duration). Lambda's Python runtime sends bytes unchanged and JSON-encodes anything
+else (simplejson, non-ASCII as UTF-8 on python3.12+; stdlib json stands in here): meterlake's entry point returns its
+answer encoded (``encode_answer``), the sample returns a dict. Target: at least 3x the sample's records/s, best and
+median.
 """
 
 from __future__ import annotations
@@ -23,9 +26,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meterlake.records import render_access_log_line
-from transform_lambda.handler import TransformSettings, make_handler
+from transform_lambda.handler import Handler, TransformSettings, encode_answer, make_handler
 
-TARGET_SPEEDUP = 2.0
+TARGET_SPEEDUP = 3.0
 #: Base64 payload bytes in the benchmark event: Firehose's Lambda invocations are capped at 6 MB.
 BATCH_BASE64_BYTES = 6_000_000
 DATABASE = "metering"
@@ -139,13 +142,20 @@ def sample_transform(event: dict[str, Any], _context: object = None) -> dict[str
     return {"records": answers}
 
 
-def _billed_seconds(handler: Callable[[dict[str, Any], Any], dict[str, Any]], event: dict[str, Any]) -> float:
+def _billed_seconds(handler: Callable[[dict[str, Any], Any], dict[str, Any] | bytes], event: dict[str, Any]) -> float:
     gc.collect()
     # Powertools prints its metrics (EMF) on stdout, as on AWS; keep them out of the report.
     with contextlib.redirect_stdout(io.StringIO()):
         start = time.perf_counter()
-        json.dumps(handler(event, None))
+        answer = handler(event, None)
+        if not isinstance(answer, bytes):  # as the runtime marshals a handler's answer
+            json.dumps(answer, ensure_ascii=False)
         return time.perf_counter() - start
+
+
+def _aws_entry_point(handler: Handler) -> Callable[[dict[str, Any], Any], bytes]:
+    """What ``transform_lambda.handler.lambda_handler`` does with a handler, without reading the environment."""
+    return lambda event, context: encode_answer(handler(event, context))
 
 
 def run(quick: bool = False) -> dict[str, object]:
@@ -159,15 +169,17 @@ def run(quick: bool = False) -> dict[str, object]:
     if results != {"Ok", "Dropped"}:
         raise RuntimeError(f"the benchmark batch should be all Ok or Dropped, got {sorted(results)}")
     repetitions = 3 if quick else 11
+    entry_point = _aws_entry_point(handler)
     ours: list[float] = []
     sample: list[float] = []
     for _ in range(repetitions):
         sample.append(_billed_seconds(sample_transform, event))
-        ours.append(_billed_seconds(handler, event))
+        ours.append(_billed_seconds(entry_point, event))
     ours_rate, sample_rate = records / min(ours), records / min(sample)
     speedup = ours_rate / sample_rate
     median_speedup = statistics.median(sample) / statistics.median(ours)
-    verdict = "PASS" if speedup >= TARGET_SPEEDUP else "FAIL"
+    met = speedup >= TARGET_SPEEDUP and median_speedup >= TARGET_SPEEDUP
+    verdict = "PASS" if met else "FAIL"
     print(f"transform batch: {records} records, {batch_mb:.2f} MB base64, {repetitions} interleaved repetitions")
     print(
         f"  meterlake transform: best {ours_rate:,.0f} records/s, median {records / statistics.median(ours):,.0f}"
@@ -177,12 +189,15 @@ def run(quick: bool = False) -> dict[str, object]:
         f"  sample approach:     best {sample_rate:,.0f} records/s, median {records / statistics.median(sample):,.0f}"
         f" ({min(sample) * 1e3:.1f} / {statistics.median(sample) * 1e3:.1f} ms per batch)"
     )
-    print(f"  speedup (best): {speedup:.2f}x (median {median_speedup:.2f}x), target >= {TARGET_SPEEDUP}x: {verdict}")
+    print(
+        f"  speedup: best {speedup:.2f}x, median {median_speedup:.2f}x, target >= {TARGET_SPEEDUP}x for both: {verdict}"
+    )
     return {
         "transform_records_per_s": round(ours_rate),
         "sample_records_per_s": round(sample_rate),
         "transform_speedup": round(speedup, 2),
         "transform_speedup_median": round(median_speedup, 2),
+        "transform_speedup_met": met,
         "batch_records": records,
         "batch_mb": round(batch_mb, 2),
     }

@@ -36,6 +36,7 @@ from meterlake.records import (
     FIELDS_BY_NAME,
     INGESTED_AT,
     MISSING,
+    NO_TENANT_PATTERN_PYTHON,
     TENANT_FIELD,
     AccessLogField,
     FieldType,
@@ -173,11 +174,10 @@ _MeteringEvent: Any = msgspec.defstruct(
 _SENTINEL_VALUE: Final = re.compile(re.escape(b'":"' + MISSING.encode() + b'"'))
 _NULLED: Final = b'":null'
 # A blank tenant, or "-" among blanks, is no tenant (records.NO_TENANT_PATTERN): stored as null, so every reader's
-# "has a tenant" is IS NOT NULL. In msgspec's output RE2's whitespace [\t\n\f\r ] is " " or an escape; the key
-# can only be the real key, by the argument above.
-_BLANK = rb"(?: |\\[tnfr])*"
-_BLANK_TENANT: Final = re.compile(rb'"' + TENANT_FIELD.encode() + rb'":"' + _BLANK + rb"(?:-" + _BLANK + rb')?"')
-_NO_TENANT: Final = b'"' + TENANT_FIELD.encode() + b'":null'
+# "has a tenant" is IS NOT NULL. A batch holds a handful of distinct tenants, so they are matched once each, on the
+# decoded values; a lone "-" is left to the sentinel replacement above.
+_is_no_tenant: Final = re.compile(NO_TENANT_PATTERN_PYTHON).match
+_tenant_of: Final = attrgetter(TENANT_FIELD)
 
 # Batch framing: [[N,line0],[N,line1],...] decoded as list[tuple[Literal[N], event]]. N is secret and random, so
 # only the framing can supply it; n elements that each start with N must then be exactly the n frames, i.e. each
@@ -221,7 +221,12 @@ def transform_records(
     if tenants_by_api_key is not None:
         tenant_of_key = tenants_by_api_key.get
         for event in events:
-            setattr(event, TENANT_FIELD, tenant_of_key(getattr(event, TENANT_FIELD)))
+            setattr(event, TENANT_FIELD, tenant_of_key(_tenant_of(event)))
+    no_tenant = {tenant for tenant in set(map(_tenant_of, events)) - {None, MISSING} if _is_no_tenant(tenant)}
+    if no_tenant:
+        for event in events:
+            if _tenant_of(event) in no_tenant:
+                setattr(event, TENANT_FIELD, None)
     for name in _EPOCH_MILLIS_FIELDS:
         for event in events:
             millis = getattr(event, name)
@@ -231,18 +236,16 @@ def transform_records(
         event.ingested_at = ingested_at
     # JSON output holds no raw newline, so encode_lines splits back into one document per event; to_builtins
     # base64-encodes a list of bytes in one C call.
-    encoded = _BLANK_TENANT.sub(_NO_TENANT, _SENTINEL_VALUE.sub(_NULLED, _ENCODER.encode_lines(events)))
-    documents = encoded.split(b"\n")
+    documents = _SENTINEL_VALUE.sub(_NULLED, _ENCODER.encode_lines(events)).split(b"\n")
     documents.pop()
     outcomes: list[Any] = msgspec.to_builtins(documents)
     if not all_valid:
         remaining = iter(outcomes)
         outcomes = [event if type(event) is Rejection else next(remaining) for event in decoded]
-    if unmetered_http_methods:
-        methods = map(_http_method_of, events)
+    if unmetered_http_methods and not unmetered_http_methods.isdisjoint(map(_http_method_of, events)):
         positions = range(len(decoded)) if all_valid else [i for i, e in enumerate(decoded) if type(e) is not Rejection]
-        for index, method in zip(positions, methods, strict=True):
-            if method in unmetered_http_methods:
+        for index, event in zip(positions, events, strict=True):
+            if _http_method_of(event) in unmetered_http_methods:
                 outcomes[index] = Unmetered.DROPPED
     return outcomes
 

@@ -508,7 +508,7 @@ def test_the_transform_and_the_demo_api_call_no_aws_api(
         answer = transform.lambda_handler(event, FakeContext("transform"))
     finally:
         transform._aws_handler.cache_clear()
-    assert [r["result"] for r in answer["records"]] == ["Ok"]
+    assert [r["result"] for r in json.loads(answer)["records"]] == ["Ok"]
 
     _, demo = _function(deployment, "MeterlakeApi", DEMO_HANDLER)
     _run_with_environment(monkeypatch, deployment, "MeterlakeApi", demo)

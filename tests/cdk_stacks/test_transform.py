@@ -28,7 +28,9 @@ module, _, name = sys.argv[3].rpartition(".")
 handler = getattr(__import__(module, fromlist=[name]), name)
 context = types.SimpleNamespace(function_name="transform", memory_limit_in_mb=1024, aws_request_id="req-1",
     invoked_function_arn="arn:aws:lambda:eu-west-1:111122223333:function:transform")
-print(json.dumps(handler(json.load(sys.stdin), context)))
+answer = handler(json.load(sys.stdin), context)
+# As Lambda's Python runtime marshals an answer: bytes are sent unchanged, anything else JSON-encoded.
+print(answer.decode() if isinstance(answer, bytes) else json.dumps(answer))
 """
 
 

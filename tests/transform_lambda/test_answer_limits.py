@@ -100,7 +100,8 @@ def _firehose_event(lines: list[bytes]) -> dict[str, Any]:
 
 
 def _as_lambda_sends(document: object) -> int:
-    """Bytes of a handler's answer as Lambda's Python runtime marshals it (simplejson, default separators)."""
+    """Bytes of a handler's answer as Lambda's Python runtime marshals it (simplejson, default separators): what the
+    local stream counts, and an upper bound of what the AWS entry point sends (encode_answer, tested as such)."""
     return len(json.dumps(document, ensure_ascii=False).encode())
 
 

@@ -28,6 +28,7 @@ from transform_lambda.handler import (
     InvalidSettingError,
     MissingSettingError,
     TransformSettings,
+    encode_answer,
     lambda_handler,
     make_handler,
 )
@@ -77,6 +78,31 @@ def test_ok_record_renders_as_powertools_record_would() -> None:
     routing = IcebergRoutingMetadata(destination_database_name="metering", destination_table_name="metering_events")
     powertools = KinesisFirehoseDataTransformationRecord(record_id=ok["recordId"], data=ok["data"], metadata=routing)
     assert ok == powertools.asdict()
+
+
+def test_dropped_and_failed_records_render_as_powertools_records_would() -> None:
+    event = firehose_event([line(0, http_method="OPTIONS"), b"not json"])
+    dropped, failed = make_handler(SETTINGS, emit_metrics=False)(event, None)["records"]
+    first, second = event["records"]
+    expected = [
+        KinesisFirehoseDataTransformationRecord(record_id=first["recordId"], result="Dropped", data=first["data"]),
+        KinesisFirehoseDataTransformationRecord(
+            record_id=second["recordId"], result="ProcessingFailed", data=second["data"]
+        ),
+    ]
+    assert [dropped, failed] == [record.asdict() for record in expected]
+
+
+def test_the_encoded_answer_is_the_answers_json_and_no_larger_than_the_runtimes() -> None:
+    """Lambda's Python runtime sends a handler's bytes unchanged (the AWS entry point returns encode_answer's): they
+    must be the answer's JSON, and no larger than the runtime's own encoding of it (simplejson, default separators,
+    non-ASCII as UTF-8), which the answer-size limits were set by."""
+    event = firehose_event([line(0, user_agent='curl/8 \u00e9\u2603 "q"'), line(1, http_method="OPTIONS"), b"{"])
+    answer = make_handler(SETTINGS, emit_metrics=False)(event, None)
+    sent = encode_answer(answer)
+    assert isinstance(sent, bytes)
+    assert json.loads(sent) == answer
+    assert len(sent) <= len(json.dumps(answer, ensure_ascii=False).encode())
 
 
 def test_operation_setting_reaches_the_metadata() -> None:
@@ -198,10 +224,10 @@ def test_lambda_handler_reads_settings_from_environment_once(monkeypatch: pytest
         lambda_handler(firehose_event([line(0)]), CONTEXT)
     monkeypatch.setenv("METERING_DATABASE", "metering")
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "true")
-    (ok,) = lambda_handler(firehose_event([line(0)]), CONTEXT)["records"]
+    (ok,) = json.loads(lambda_handler(firehose_event([line(0)]), CONTEXT))["records"]
     assert ok["metadata"]["otfMetadata"]["destinationTableName"] == "events"
     monkeypatch.setenv("METERING_TABLE", "changed")
-    (again,) = lambda_handler(firehose_event([line(0)]), CONTEXT)["records"]
+    (again,) = json.loads(lambda_handler(firehose_event([line(0)]), CONTEXT))["records"]
     assert again["metadata"]["otfMetadata"]["destinationTableName"] == "events"
     handler_module._aws_handler.cache_clear()
 
