@@ -296,10 +296,13 @@ def load_test(
     region_name: Annotated[
         str | None,
         typer.Option(
+            "--region",
             "--region-name",
-            help="Region, with --execution-id (default us-east-1) or --cognito-client-id ($AWS_REGION).",
+            help="AWS region, with --execution-id (default us-east-1) or --cognito-client-id (default: $AWS_REGION, "
+            "the profile's).",
         ),
     ] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="AWS profile, with --cognito-client-id.")] = None,
     execution_id: Annotated[str | None, typer.Option("--execution-id", help="REST API id, instead of a URL.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed, for a repeatable request mix.")] = None,
     cognito_client_id: Annotated[
@@ -308,7 +311,9 @@ def load_test(
             "--cognito-client-id", help="Sign in to this Cognito app client (USER_PASSWORD_AUTH) for a token."
         ),
     ] = None,
-    username: Annotated[str | None, typer.Option("--username", help="Cognito user, with --cognito-client-id.")] = None,
+    username: Annotated[
+        str | None, typer.Option("--user", "--username", help="Cognito user, with --cognito-client-id.")
+    ] = None,
     password: Annotated[
         str | None,
         typer.Option(
@@ -326,9 +331,11 @@ def load_test(
     callers = [Caller(tenant_id=None, token=t) for t in auth_token or []]
     callers += [Caller(tenant_id=None, token=None, api_key=key) for key in api_key_value or []]
     if cognito_client_id:
-        callers.append(_cognito_caller(cognito_client_id, username, password, region_name))
+        callers.append(_cognito_caller(cognito_client_id, username, password, region_name, profile))
     elif username is not None:
-        raise UsageError("--username only applies with --cognito-client-id")
+        raise UsageError("--user only applies with --cognito-client-id")
+    elif profile is not None:
+        raise UsageError("--profile only applies with --cognito-client-id")
     if tenants:
         c = _context(ctx)
         callers += _local_callers(c.config(), c.data_dir().ensure(), tenants, port=_loopback_port(url))
@@ -407,27 +414,25 @@ def _local_callers(config: Config, data_dir: DataDir, tenants: int, *, port: int
     return [Caller(tenant_id=tenant, token=None, api_key=keys.value(key_id)) for key_id, tenant in mapped[:tenants]]
 
 
-def _aws_client(service: str, region: str | None, *, region_option: str) -> Any:
-    """A boto3 client for ``service`` in the region the option, $AWS_REGION or $AWS_DEFAULT_REGION names."""
-    import boto3  # type: ignore[import-untyped]
-    from botocore.exceptions import BotoCoreError  # type: ignore[import-untyped]
+def _aws(profile: str | None, region: str | None, *, service: str) -> Any:
+    """The AWS session of a command (profile, credentials, region as the AWS CLI resolves them); says on stderr
+    which region, from where, and which profile it uses."""
+    from meterlake.aws import aws_session
 
-    from meterlake.aws import AwsClientSetupError, resolve_region
-
-    region = resolve_region(region, option=region_option)
-    try:
-        return boto3.client(service, region_name=region)
-    except BotoCoreError as exc:
-        raise AwsClientSetupError(service, str(exc)) from exc
+    session = aws_session(profile=profile, region=region, option="--region", service=service)
+    err_console.print(_shown(session.describe()), highlight=False, soft_wrap=True)
+    return session
 
 
-def _cognito_caller(client_id: str, username: str | None, password: str | None, region: str | None) -> Caller:
+def _cognito_caller(
+    client_id: str, username: str | None, password: str | None, region: str | None, profile: str | None
+) -> Caller:
     """Sign in to Cognito for an ID token; the caller's tenant label is the token's custom:tenant_id."""
     from meterlake.aws.cognito import fetch_id_token, tenant_of
 
     if not username:
         raise UsageError("--cognito-client-id needs --username")
-    client = _aws_client("cognito-idp", region, region_option="--region-name")
+    client = _aws(profile, region, service="cognito-idp").client("cognito-idp")
     if password is None:
         password = typer.prompt(f"Cognito password for {username}", hide_input=True)
     token = fetch_id_token(
@@ -452,8 +457,10 @@ def query(
         str, typer.Option("--workgroup", envvar="METERLAKE_ATHENA_WORKGROUP", help="Athena workgroup, with --athena.")
     ] = ATHENA_WORKGROUP,
     region: Annotated[
-        str | None, typer.Option("--region", help="AWS region, with --athena (default: $AWS_REGION).")
+        str | None,
+        typer.Option("--region", help="AWS region, with --athena (default: $AWS_REGION, the profile's)."),
     ] = None,
+    profile: Annotated[str | None, typer.Option("--profile", help="AWS profile, with --athena.")] = None,
     output_location: Annotated[
         str | None,
         typer.Option("--output-location", help="s3:// prefix for Athena's results (default: the workgroup's)."),
@@ -479,8 +486,8 @@ def query(
     output: Literal["table", "csv", "json"] = fmt  # type: ignore[assignment]
     c = _context(ctx)
     if not athena:
-        if region is not None or output_location is not None or table_bucket is not None:
-            raise UsageError("--region, --output-location and --table-bucket only apply with --athena")
+        if region is not None or output_location is not None or table_bucket is not None or profile is not None:
+            raise UsageError("--region, --profile, --output-location and --table-bucket only apply with --athena")
         result = run_local_query(
             load_query(name), parse_param_args(param or []), config=c.config(), data_dir=c.data_dir()
         )
@@ -488,15 +495,14 @@ def query(
         from meterlake.aws.athena import deployed_table_bucket, run_athena_query
 
         config = c.config()
+        aws = _aws(profile, region, service="athena")
         if config.s3_tables is not None and table_bucket is None:
-            table_bucket = config.s3_tables.table_bucket_name or deployed_table_bucket(
-                _aws_client("cloudformation", region, region_option="--region")
-            )
+            table_bucket = config.s3_tables.table_bucket_name or deployed_table_bucket(aws.client("cloudformation"))
         result = run_athena_query(
             load_query(name),
             parse_param_args(param or []),
             config=config,
-            athena_client=_aws_client("athena", region, region_option="--region"),
+            athena_client=aws.client("athena"),
             workgroup=workgroup,
             output_location=output_location,
             table_bucket=table_bucket,
@@ -606,7 +612,10 @@ def aws_preflight(
 
     config = _context(ctx).config()
     account = connect(profile=profile, region=region)
-    console.print(f"account {_shown(account.account_id)}, region {_shown(account.region)}", highlight=False)
+    console.print(
+        f"account {_shown(account.account_id)}, region {_shown(account.region)} (from {_shown(account.region_source)})",
+        highlight=False,
+    )
     checks = preflight(config, account)
     for check in checks:
         console.print(
@@ -697,7 +706,10 @@ def aws_check(
 
     config = _context(ctx).config()
     account = connect(profile=profile, region=region)
-    console.print(f"account {_shown(account.account_id)}, region {_shown(account.region)}", highlight=False)
+    console.print(
+        f"account {_shown(account.account_id)}, region {_shown(account.region)} (from {_shown(account.region_source)})",
+        highlight=False,
+    )
     report = run_check(
         config,
         account,

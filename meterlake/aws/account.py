@@ -8,7 +8,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError  # type: ignore[import-untyped]
 
-from meterlake.aws import AwsError
+from meterlake.aws import AwsClientSetupError, AwsError, MissingRegionError, aws_session
 from meterlake.aws.stacks import CDK_QUALIFIER
 
 
@@ -19,6 +19,8 @@ class Account:
     account_id: str
     region: str
     client: Callable[[str], Any]
+    #: Where the region came from (``--region``, ``$AWS_REGION``, a profile's config file), for the user.
+    region_source: str = "--region"
 
     @property
     def cdk_execution_role(self) -> str:
@@ -31,30 +33,31 @@ class AccountUnreachableError(AwsError):
 
 
 def connect(*, profile: str | None, region: str | None) -> Account:
-    """The account and region the AWS CLI would use (``--profile``/``AWS_PROFILE``, the config files, the
-    environment), as boto3 resolves them.
+    """The account and region the AWS CLI would use (``--profile``/``AWS_PROFILE``, ``$AWS_REGION``, the config
+    files), as :func:`meterlake.aws.aws_session` resolves them.
 
     Raises:
         AccountUnreachableError: no region is configured, no credentials are found, or the profile is unknown.
     """
-    import boto3  # type: ignore[import-untyped]
     from botocore.exceptions import BotoCoreError
 
     try:
-        session = boto3.Session(profile_name=profile, region_name=region)
-    except BotoCoreError as exc:
+        aws = aws_session(profile=profile, region=region, option="--region", service="sts")
+    except AwsClientSetupError as exc:
+        raise AccountUnreachableError(exc.detail) from None
+    except MissingRegionError as exc:
         raise AccountUnreachableError(str(exc)) from None
-    if not session.region_name:
-        raise AccountUnreachableError("no AWS region: give --region, set AWS_REGION, or set one in the profile")
     try:
-        identity = session.client("sts").get_caller_identity()
-    except (BotoCoreError, ClientError) as exc:
+        identity = aws.client("sts").get_caller_identity()
+    except (BotoCoreError, ClientError, AwsClientSetupError) as exc:
         raise AccountUnreachableError(f"cannot identify the caller: {exc}") from None
     clients: dict[str, Any] = {}
 
     def client(service: str) -> Any:
         if service not in clients:
-            clients[service] = session.client(service)
+            clients[service] = aws.client(service)
         return clients[service]
 
-    return Account(account_id=identity["Account"], region=session.region_name, client=client)
+    return Account(
+        account_id=identity["Account"], region=aws.region.name, client=client, region_source=aws.region.source
+    )

@@ -127,8 +127,9 @@ def test_load_test_wrong_password_is_one_error_line(
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [
+        "AWS region us-east-1 (from --region), the default credentials",
         "error: Cognito sign-in of 'alice': NotAuthorizedException: Incorrect username or password. "
-        "(wrong password, disabled user, or a client that needs a secret)"
+        "(wrong password, disabled user, or a client that needs a secret)",
     ]
     assert api.requests == []
 
@@ -202,7 +203,10 @@ def meterlake(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["query", "usage_per_tenant_day", "--athena"], "error: no AWS region: give --region or set AWS_REGION"),
+        (
+            ["query", "usage_per_tenant_day", "--athena"],
+            "error: no AWS region: give --region, set AWS_REGION or AWS_DEFAULT_REGION, or set region in the profile",
+        ),
         (
             [
                 "load-test",
@@ -213,15 +217,15 @@ def meterlake(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
                 "--username",
                 "u",
             ],
-            "error: no AWS region: give --region-name or set AWS_REGION",
+            "error: no AWS region: give --region, set AWS_REGION or AWS_DEFAULT_REGION",
         ),
         (
             ["query", "usage_per_tenant_day", "--region", "us-east-1"],
-            "error: --region, --output-location and --table-bucket only apply with --athena",
+            "error: --region, --profile, --output-location and --table-bucket only apply with --athena",
         ),
         (
             ["load-test", "--apigw-invoke-url", "http://127.0.0.1:9/prod", "--auth-token", "x", "--username", "u"],
-            "error: --username only applies with --cognito-client-id",
+            "error: --user only applies with --cognito-client-id",
         ),
     ],
 )
