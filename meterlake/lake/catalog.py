@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import (
     NamespaceAlreadyExistsError,
@@ -71,7 +72,7 @@ def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:
         return catalog.load_table(identifier)
 
 
-def ensure_meter_events_table(catalog: SqlCatalog, config: Config) -> Table:
+def ensure_meter_events_table(catalog: Catalog, config: Config) -> Table:
     """Return the meter-events table (``meter_events`` beside the metering table), creating it on first use.
 
     Loads first and tolerates a racing creator, as :func:`ensure_metering_table` does.

@@ -214,6 +214,44 @@ class UserPool:
             claims["email"] = email
         return jwt.encode(claims, self._private_key, algorithm=ALGORITHM, headers={"kid": self.kid})
 
+    def issue_access_token(
+        self,
+        *,
+        user: str,
+        groups: Iterable[str] = (),
+        ttl_seconds: int | None = None,
+        scope: str = "aws.cognito.signin.user.admin",
+    ) -> str:
+        """Sign an access token for ``user`` in ``groups`` (``cognito:groups``), as Cognito's InitiateAuth returns it
+        beside the ID token: ``token_use`` access, the app client in ``client_id`` (no ``aud``). Control planes, such
+        as the SaaS Builder Toolkit's, authorize callers with it.
+
+        Raises:
+            InvalidClaimError: ``user`` is empty, ``-`` or not valid Unicode.
+            ValueError: ``ttl_seconds`` is not positive.
+        """
+        _check_claim_value(_USER_CLAIM, user)
+        ttl = self.token_ttl_seconds if ttl_seconds is None else ttl_seconds
+        if ttl < 1:
+            raise ValueError(f"ttl_seconds must be at least 1, got {ttl}")
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "sub": str(uuid.uuid5(_SUBJECT_NAMESPACE, user)),
+            "iss": self.issuer,
+            "client_id": self.client_id,
+            "token_use": "access",
+            "scope": scope,
+            "auth_time": now,
+            "iat": now,
+            "exp": now + ttl,
+            "jti": str(uuid.uuid4()),
+            "username": user,
+        }
+        group_list = list(groups)
+        if group_list:
+            claims["cognito:groups"] = group_list
+        return jwt.encode(claims, self._private_key, algorithm=ALGORITHM, headers={"kid": self.kid})
+
     def verify_id_token(self, token: str) -> IdTokenClaims:
         """Check signature, algorithm, key id, lifetime, issuer, audience and token use; return the claims.
 

@@ -17,6 +17,10 @@ checkpoint written after the fact. On open the stream resumes from the larger of
 so the same access-log line can be put twice: rows whose ``request_id`` was already committed are dropped before the
 commit, using an on-disk index (DuckDB) that is a cache of the table and is brought up to date from it on open; a
 damaged index is moved aside and rebuilt from the table.
+
+One stream delivers one kind of record. The access-log stream is the default; :class:`StreamTarget` names another
+(its own spool directory, transform, destination table and dedup key), e.g. the metering service's meter events:
+each stream keeps its own spool, checkpoint and index, and is exactly once on its own.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -260,6 +265,29 @@ class _Buffer:
     destinations: dict[tuple[str, str], _Sink] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class StreamTarget:
+    """A delivery stream other than the access-log one: what it is called, where it spools, where it delivers.
+
+    Attributes:
+        name: the stream's name (snapshot summaries and error files carry it).
+        spool_dir: its own spool directory (segments, checkpoint, dedup index).
+        destination: the (database, table) Ok records go to unless their metadata routes them elsewhere.
+        ensure_table: opens (creating on first use) the destination table.
+        key_columns: the columns whose values identify a row: a row whose key was committed is dropped.
+        size_in_mbs: flush once this much is buffered.
+        interval_in_seconds: flush once the oldest buffered record is this old.
+    """
+
+    name: str
+    spool_dir: Path
+    destination: tuple[str, str]
+    ensure_table: Callable[[Catalog], Table]
+    key_columns: tuple[str, ...]
+    size_in_mbs: int
+    interval_in_seconds: int
+
+
 # -- error output ---------------------------------------------------------------------------------------------------
 
 _JAVA_DATE_TOKENS = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
@@ -308,11 +336,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 # -- the request_id index -------------------------------------------------------------------------------------------
 
-#: 16-byte key of a request_id: the UUID itself when it is a canonical (lower-case) UUID, else its MD5.
-_KEY_SQL = (
-    "CASE WHEN regexp_full_match(request_id, '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}') "
-    "THEN request_id::UUID ELSE md5(request_id)::UUID END"
-)
+
+def _key_sql(columns: Sequence[str]) -> str:
+    """The 16-byte key of a row, as DuckDB SQL over our own column names.
+
+    One column (the access log's request_id): the value itself when it is a canonical (lower-case) UUID, else its
+    MD5. Several columns: the MD5 of their values joined by the unit separator (U+001F), which the key's leading
+    columns never hold (meter names are letters, digits, '_' and '-'), so the joined text names one key.
+    """
+    quoted = [f'"{column}"' for column in columns]
+    if len(quoted) == 1:
+        (column,) = quoted
+        return (
+            f"CASE WHEN regexp_full_match({column}, '[0-9a-f]{{8}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-[0-9a-f]{{4}}-"
+            f"[0-9a-f]{{12}}') THEN {column}::UUID ELSE md5({column})::UUID END"
+        )
+    return f"md5({' || chr(31) || '.join(quoted)})::UUID"
 
 
 def _wal(path: Path) -> Path:
@@ -321,15 +360,20 @@ def _wal(path: Path) -> Path:
 
 
 class RequestIdIndex:
-    """The request_ids committed to each table, as 16-byte keys in a DuckDB file: a cache derivable from the table.
+    """The keys (request_ids, unless ``key_columns`` names others) committed to each table, as 16-byte keys in a
+    DuckDB file: a cache derivable from the table.
 
     Each table's entry records the last snapshot it covers; :meth:`catch_up` indexes newer snapshots' data files, so
     a crash between an Iceberg commit and the index update costs a re-read, never a missed duplicate. Hash joins of a
     flush's keys against the whole key set measured ~0.4 us/key at 5M keys, ~20x faster than a SQLite B-tree.
     """
 
-    def __init__(self, path: Path, *, memory_limit_mb: int = 64) -> None:
+    def __init__(
+        self, path: Path, *, memory_limit_mb: int = 64, key_columns: Sequence[str] = (REQUEST_ID_COLUMN,)
+    ) -> None:
         self.path = path
+        self.key_columns = tuple(key_columns)
+        self._key = _key_sql(self.key_columns)
         self._config: dict[str, str | bool | int | float | list[str]] = {
             "memory_limit": f"{memory_limit_mb}MB",
             "threads": 2,
@@ -419,7 +463,7 @@ class RequestIdIndex:
         if snapshot is None:
             # The covered snapshot is not an ancestor (table replaced or expired): rebuild from the live files.
             self._exec(f"DELETE FROM seen_{table_id}")  # noqa: S608 (table ids are our own integers)
-            scan = table.scan(selected_fields=(REQUEST_ID_COLUMN,))
+            scan = table.scan(selected_fields=self.key_columns)
             paths = [str(task.file.file_path) for task in scan.plan_files()]
         else:
             for snap in newer:
@@ -436,10 +480,10 @@ class RequestIdIndex:
         self._exec("BEGIN")
         for path in paths:
             with table.io.new_input(path).open() as handle:
-                ids = pq.read_table(handle, columns=[REQUEST_ID_COLUMN])
+                ids = pq.read_table(handle, columns=list(self.key_columns))
             self._db.register("indexed", ids)
             self._exec(
-                f"INSERT INTO seen_{table_id} SELECT DISTINCT k FROM (SELECT {_KEY_SQL} AS k FROM indexed) "  # noqa: S608
+                f"INSERT INTO seen_{table_id} SELECT DISTINCT k FROM (SELECT {self._key} AS k FROM indexed) "  # noqa: S608
                 f"WHERE k NOT IN (SELECT k FROM seen_{table_id})"
             )
             self._db.unregister("indexed")
@@ -447,18 +491,19 @@ class RequestIdIndex:
         self._exec("COMMIT")
         return len(paths)
 
-    def stage_unseen(self, name: str, request_ids: pa.ChunkedArray | pa.Array) -> pa.Array:
-        """Positions of the rows to commit: each request_id's first occurrence, unless already committed.
+    def stage_unseen(self, name: str, keys: pa.Table) -> pa.Array:
+        """Positions of the rows to commit: each key's first occurrence, unless already committed. ``keys`` holds the
+        key columns of the rows.
 
         Their keys are staged until :meth:`commit_staged` (after the Iceberg commit) or :meth:`discard_staged`.
         """
         table_id = self._table_id(name)
-        batch = pa.table({"i": pa.array(range(len(request_ids)), pa.int64()), REQUEST_ID_COLUMN: request_ids})
+        batch = keys.select(list(self.key_columns)).append_column("i", pa.array(range(keys.num_rows), pa.int64()))
         self._db.register("batch", batch)
         staged = f"staged_{table_id}"
         self._exec(
             f"CREATE OR REPLACE TEMP TABLE {staged} AS "  # noqa: S608
-            f"WITH keyed AS (SELECT i, {_KEY_SQL} AS k FROM batch), "
+            f"WITH keyed AS (SELECT i, {self._key} AS k FROM batch), "
             f"firsts AS (SELECT k, min(i) AS i FROM keyed GROUP BY k) "
             f"SELECT f.i, f.k FROM firsts f ANTI JOIN seen_{table_id} s ON f.k = s.k"
         )
@@ -495,17 +540,35 @@ def _json_parse_schema(target: pa.Schema) -> pa.Schema:
 
 
 def _rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
-    """Parse JSON object lines into ``target``'s types (raises pyarrow/ValueError errors on a bad row)."""
+    """Parse JSON object lines into ``target``'s types (raises pyarrow/ValueError errors on a bad row).
+
+    Arrow's JSON reader cannot build a map column (a JSON object with any keys), so map columns are decoded apart,
+    by msgspec in one call, and the reader then lets their members pass.
+    """
+    maps = [f for f in target if pa.types.is_map(f.type)]
+    flat = pa.schema([f for f in target if not pa.types.is_map(f.type)])
     body = b"\n".join(lines)
     longest = max(len(line) for line in lines)
     table = pa_json.read_json(
         io.BytesIO(body),
         read_options=pa_json.ReadOptions(block_size=max(4 * _MIB, 2 * longest + 2)),
         parse_options=pa_json.ParseOptions(
-            explicit_schema=_json_parse_schema(target), unexpected_field_behavior="error"
+            explicit_schema=_json_parse_schema(flat), unexpected_field_behavior="ignore" if maps else "error"
         ),
     )
+    if maps:
+        rows = _map_decoder(tuple(f.name for f in maps)).decode(b"[" + b",".join(lines) + b"]")
+        for f in maps:
+            values = [getattr(row, f.name) for row in rows]
+            table = table.append_column(f.name, pa.array(values, type=f.type))
     return table.select(target.names).cast(target)
+
+
+@functools.cache
+def _map_decoder(names: tuple[str, ...]) -> msgspec.json.Decoder[list[Any]]:
+    """Decodes a JSON array of rows into just their map members (objects of strings, or null)."""
+    row = msgspec.defstruct("MapMembers", [(name, dict[str, str] | None, None) for name in names])
+    return msgspec.json.Decoder(list[row])  # type: ignore[valid-type]
 
 
 def _decode_rows(encoded: list[str], target: pa.Schema) -> tuple[pa.Table, list[tuple[int, str]]]:
@@ -541,6 +604,9 @@ class DeliveryStream:
     ``recover=True`` repairs a damaged spool on open: each damaged segment is moved to the spool's quarantine (its
     damaged ranges noted) and every readable record in it is delivered; ``recovered`` lists what was skipped.
 
+    ``target`` None delivers access-log lines (the config's stream, spool, transform and table, deduplicated on
+    request_id); a :class:`StreamTarget` delivers another kind of record, with its own ``handler``.
+
     Raises (from the constructor):
         StreamInUseError: another process holds the spool.
         SpoolDamagedError: a spool segment is damaged (``recover=False``); nothing was changed.
@@ -556,17 +622,23 @@ class DeliveryStream:
         handler: Handler | None = None,
         on_commit: Callable[[int], None] | None = None,
         recover: bool = False,
+        target: StreamTarget | None = None,
     ) -> None:
+        if target is not None and handler is None:
+            raise ValueError(f"the delivery stream {target.name} needs the handler that transforms its records")
         self.config = config
         #: Told each new snapshot id right after its commit (e.g. to wake the forwarder); it must not block.
         self.on_commit = on_commit
         self.data_dir = data_dir.ensure()
         firehose = config.data_firehose_configuration
-        self.name = firehose.delivery_stream_name
-        self._arn = f"arn:aws:firehose:local:000000000000:deliverystream/{self.name}"
         hints = firehose.buffering_hints
-        self._size_bytes = hints.size_in_mbs * _MIB
-        self._interval_s = float(hints.interval_in_seconds)
+        self.name = firehose.delivery_stream_name if target is None else target.name
+        #: Where this stream spools (the data dir's spool for access logs).
+        self.spool_dir = self.data_dir.spool if target is None else target.spool_dir
+        self._arn = f"arn:aws:firehose:local:000000000000:deliverystream/{self.name}"
+        self._size_bytes = (hints.size_in_mbs if target is None else target.size_in_mbs) * _MIB
+        self._interval_s = float(hints.interval_in_seconds if target is None else target.interval_in_seconds)
+        self._key_columns: tuple[str, ...] = (REQUEST_ID_COLUMN,) if target is None else target.key_columns
         processing = firehose.transform_records_with_aws_lambda
         # Firehose's processor buffer counts raw record bytes (their base64 makes the request ~4/3 of it); the
         # buffer is read and transformed one event's worth at a time.
@@ -584,32 +656,34 @@ class DeliveryStream:
             )
             handler = make_handler(settings, emit_metrics=False)
         self._handler = handler
-        self._default_destination = (config.database_name, config.table_name)
+        self._default_destination = (config.database_name, config.table_name) if target is None else target.destination
 
         self._catalog: Catalog = open_catalog(self.data_dir)
-        table = ensure_metering_table(self._catalog, config)
+        table = ensure_metering_table(self._catalog, config) if target is None else target.ensure_table(self._catalog)
+        if target is not None:
+            self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         for orphan in remove_orphan_metadata(table):
             logger.info("removed orphan table metadata %s", orphan)
         self._tables: dict[tuple[str, str], Table] = {self._default_destination: table}
         checkpoint = self._read_checkpoint()
         committed = max(checkpoint, self._table_offset(table))
         try:
-            self._spool = Spool(self.data_dir.spool, initial_offset=committed, repair=recover)
+            self._spool = Spool(self.spool_dir, initial_offset=committed, repair=recover)
         except SpoolInUseError as exc:
             raise StreamInUseError(exc.directory, exc.pid) from None
         except SegmentsDamagedError as exc:
-            raise SpoolDamagedError(self.data_dir.spool, exc) from None
+            raise SpoolDamagedError(self.spool_dir, exc) from None
         except SpoolError as exc:  # overlapping segments, or damage too short to pad: no repair possible
-            raise SpoolUnusableError(self.data_dir.spool, str(exc)) from None
+            raise SpoolUnusableError(self.spool_dir, str(exc)) from None
         #: The spool segments ``recover=True`` repaired, with the ranges each skipped.
         self.recovered: tuple[SpoolRepair, ...] = tuple(self._spool.repairs)
         try:
             if not self._spool.start <= committed <= self._spool.end:
                 raise SpoolUnusableError(
-                    self.data_dir.spool,
+                    self.spool_dir,
                     f"it holds offsets [{self._spool.start}, {self._spool.end}] but delivery resumes at {committed}",
                 )
-            self._index = RequestIdIndex(self.data_dir.spool / REQUEST_ID_INDEX_FILE)
+            self._index = RequestIdIndex(self.spool_dir / REQUEST_ID_INDEX_FILE, key_columns=self._key_columns)
             try:
                 self._catch_up_indexes()
             except duckdb.Error as exc:
@@ -777,13 +851,13 @@ class DeliveryStream:
             try:
                 report = self._deliver(buffer)
             except SpoolCorruptError as exc:
-                raise SpoolDamagedError(self.data_dir.spool, exc) from None
+                raise SpoolDamagedError(self.spool_dir, exc) from None
             except SpoolError as exc:
-                raise SpoolUnusableError(self.data_dir.spool, str(exc)) from None
+                raise SpoolUnusableError(self.spool_dir, str(exc)) from None
             if buffer.end == buffer.start:
                 return report
             _atomic_write(
-                self.data_dir.spool / CHECKPOINT_FILE,
+                self.spool_dir / CHECKPOINT_FILE,
                 json.dumps({"offset": buffer.end, "delivery_stream": self.name}).encode(),
             )
             with self._cond:
@@ -825,7 +899,7 @@ class DeliveryStream:
             label = ".".join(destination)
             arrow = pa.concat_tables(sink.chunks)
             sink.chunks.clear()
-            keep = self._index.stage_unseen(label, arrow.column(REQUEST_ID_COLUMN))
+            keep = self._index.stage_unseen(label, arrow.select(list(self._key_columns)))
             buffer.duplicates += arrow.num_rows - len(keep)
             appends.append((label, sink.table, arrow, keep))
 
@@ -1054,16 +1128,16 @@ class DeliveryStream:
     # -- recovery ----------------------------------------------------------------------------------------------------
 
     def _read_checkpoint(self) -> int:
-        path = self.data_dir.spool / CHECKPOINT_FILE
+        path = self.spool_dir / CHECKPOINT_FILE
         try:
             raw = json.loads(path.read_bytes())
         except FileNotFoundError:
             return 0
         except (OSError, ValueError) as exc:
-            raise SpoolUnusableError(self.data_dir.spool, f"checkpoint {path} is unreadable: {exc}") from None
+            raise SpoolUnusableError(self.spool_dir, f"checkpoint {path} is unreadable: {exc}") from None
         offset = raw.get("offset") if isinstance(raw, dict) else None
         if not isinstance(offset, int) or offset < 0:
-            raise SpoolUnusableError(self.data_dir.spool, f"checkpoint {path} holds no offset: {raw!r}")
+            raise SpoolUnusableError(self.spool_dir, f"checkpoint {path} holds no offset: {raw!r}")
         return offset
 
     def _table_offset(self, table: Table) -> int:

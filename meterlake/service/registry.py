@@ -134,6 +134,9 @@ class MeterRegistry:
     ) -> None:
         self._store = store
         self._on_change = on_change
+        # Every change goes through this object (the service is the registry's one writer), so a cached list is
+        # exact; ingest reads it on every request.
+        self._cache: list[RegisteredMeter] | None = None
         self._sync_config(config_meters)
 
     def _sync_config(self, config_meters: Sequence[Meter]) -> None:
@@ -175,10 +178,13 @@ class MeterRegistry:
 
     def meters(self) -> list[RegisteredMeter]:
         """Every meter, request meters first, then event meters in creation order."""
-        rows = self._store.query(
-            f"SELECT {_COLUMNS} FROM meters ORDER BY kind = 'event', create_time_ms, meter_api_name"  # noqa: S608
-        )
-        return [_meter(row) for row in rows]
+        cached = self._cache
+        if cached is None:
+            rows = self._store.query(
+                f"SELECT {_COLUMNS} FROM meters ORDER BY kind = 'event', create_time_ms, meter_api_name"  # noqa: S608
+            )
+            cached = self._cache = [_meter(row) for row in rows]
+        return list(cached)
 
     def get(self, meter_id: str) -> RegisteredMeter:
         """The meter with this id.
@@ -202,6 +208,10 @@ class MeterRegistry:
     def event_meters(self) -> Mapping[str, RegisteredMeter]:
         """Event meters by meterApiName (what ingest checks records against)."""
         return {meter.meter_api_name: meter for meter in self.meters() if meter.kind == "event"}
+
+    def request_meter_names(self) -> frozenset[str]:
+        """The names of the request meters (the config's)."""
+        return frozenset(meter.meter_api_name for meter in self.meters() if meter.kind == "request")
 
     # -- changing ----------------------------------------------------------------------------------------------------
 
@@ -293,6 +303,7 @@ class MeterRegistry:
     # -- internals ---------------------------------------------------------------------------------------------------
 
     def _changed(self, action: str, meter: RegisteredMeter) -> None:
+        self._cache = None
         if self._on_change is not None:
             self._on_change(action, meter)
 

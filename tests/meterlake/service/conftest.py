@@ -1,0 +1,93 @@
+"""What the service tests share: a data dir with the service's registry and meter-event stream, wired as served."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+
+from meterlake.config import Config
+from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
+from meterlake.lake.home import DataDir
+from meterlake.local.stream import DeliveryStream
+from meterlake.service.auth import Principal
+from meterlake.service.durable import GroupCommitSink
+from meterlake.service.events import EventSource
+from meterlake.service.ingest import Ingestor, IngestOutcome
+from meterlake.service.local import open_meter_event_stream
+from meterlake.service.registry import MeterRegistry
+from meterlake.service.store import ServiceStore
+
+ADMIN = Principal("admin", None, "test-admin", "api_key")
+NOW_MS = int(time.time() * 1000)
+
+
+def tenant(customer_id: str) -> Principal:
+    """A tenant-scoped caller."""
+    return Principal("tenant", customer_id, f"key-of-{customer_id}", "api_key")
+
+
+@dataclass
+class Harness:
+    """The service's domain over a real data dir: registry, meter-event stream (not started), ingest."""
+
+    config: Config
+    data_dir: DataDir
+    store: ServiceStore
+    registry: MeterRegistry
+    stream: DeliveryStream
+    sink: GroupCommitSink
+    ingestor: Ingestor
+
+    def ingest(
+        self,
+        items: Sequence[object],
+        *,
+        principal: Principal = ADMIN,
+        source: EventSource = "ingest",
+        partial: bool = False,
+    ) -> IngestOutcome:
+        """Ingest decoded JSON objects as the app does."""
+        return asyncio.run(self.ingestor.ingest(principal, items, source=source, partial=partial))
+
+    def committed_rows(self) -> list[dict[str, Any]]:
+        """Flush the stream and read every row of meter_events."""
+        self.stream.flush()
+        table = ensure_meter_events_table(open_catalog(self.data_dir), self.config)
+        arrow: pa.Table = table.scan().to_arrow()
+        return sorted(arrow.to_pylist(), key=lambda row: (row["meter_time"], row["unique_id"]))
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    config = Config()
+    data_dir = DataDir(tmp_path / "home").ensure()
+    store = ServiceStore.in_data_dir(data_dir)
+    registry = MeterRegistry(store, config.meters)
+    registry.create({"label": "LLM tokens", "meterApiName": "llm-tokens", "meterType": "sum_of_all_usage"})
+    stream = open_meter_event_stream(config, data_dir)
+    sink = GroupCommitSink(stream)
+    ingestor = Ingestor(registry=registry, settings=config.meterlake.service, sink=sink)
+    try:
+        yield Harness(config, data_dir, store, registry, stream, sink, ingestor)
+    finally:
+        sink.close()
+        stream.close()
+        store.close()
+
+
+def record(**overrides: Any) -> dict[str, Any]:
+    """A valid ingest record for llm-tokens (customer acme, now)."""
+    return {
+        "customerId": "acme",
+        "meterApiName": "llm-tokens",
+        "meterValue": 12,
+        "meterTimeInMillis": NOW_MS,
+        **overrides,
+    }
