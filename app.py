@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """CDK app entry point: load the one config, build meterlake's stacks (checked by cdk-nag), synthesize to cdk.out.
 
-A bad config value fails synthesis with one message naming its key and a non-zero exit.
+A bad config value fails synthesis with one message naming its key and a non-zero exit; so does a Lambda asset
+that cannot be bundled (pip cannot reach the package index, a lock that does not match).
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ def main() -> int:
         print(f"note: {note}", file=sys.stderr)
     # Imported after the config check: a bad value should fail fast, before jsii starts node.
     from cdk_stacks.app import build_app
+    from cdk_stacks.bundling import BUNDLING_FAILURES
 
     # The cdk CLI tells the app where to write; run directly, it writes ./cdk.out.
-    build_app(config, outdir=os.environ.get("CDK_OUTDIR", "cdk.out")).app.synth()
+    try:
+        build_app(config, outdir=os.environ.get("CDK_OUTDIR", "cdk.out")).app.synth()
+    except Exception:
+        if not BUNDLING_FAILURES:
+            raise
+        # A Lambda asset could not be built (e.g. no package index): its cause, not jsii's 60-line trace.
+        print(f"error: {BUNDLING_FAILURES[-1]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -161,8 +161,7 @@ class PythonBundle:
         ]
         result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
         if result.returncode != 0:
-            tail = " | ".join(result.stderr.strip().splitlines()[-3:])
-            raise BundlingError(f"pip could not install {list(requirements)} for {self.target.describe()}: {tail}")
+            raise BundlingError(_pip_failure(result.stderr, what=list(requirements), target=self.target.describe()))
 
     def _files(self) -> Iterator[tuple[Path, str]]:
         """Every file to copy, as (source file, path inside the bundle), in a stable order."""
@@ -177,6 +176,30 @@ class PythonBundle:
                         yield file, f"{destination}/{relative.as_posix()}"
             else:
                 raise BundlingError(f"{path}: no such file or directory to bundle")
+
+
+#: What pip's log says when it could not reach the package index at all (no network, a proxy, a wrong index URL).
+_UNREACHABLE_INDEX = re.compile(
+    r"NewConnectionError|Connection refused|Temporary failure in name resolution|Name or service not known|"
+    r"ConnectTimeoutError|Network is unreachable|ProxyError|SSLError"
+)
+
+
+def _pip_failure(stderr: str, *, what: list[str], target: str) -> str:
+    """One line saying why pip failed: the index unreachable (and how to point pip elsewhere), else pip's errors."""
+    errors = [line.strip() for line in stderr.splitlines() if line.startswith("ERROR:")]
+    detail = " | ".join(errors[-2:] or stderr.strip().splitlines()[-2:])
+    if _UNREACHABLE_INDEX.search(stderr):
+        return (
+            f"pip cannot reach the package index to fetch the Lambda wheels for {target} ({detail}); synthesis "
+            "installs each asset's locked wheels, so it needs PyPI, or PIP_INDEX_URL / PIP_FIND_LINKS offering them"
+        )
+    return f"pip could not install {what} for {target}: {detail}"
+
+
+#: The bundling failures of this process, newest last: CDK reports a failed local bundling as a JavaScript error
+#: wrapped in jsii's traceback, so app.py reads the cause from here to print it as one line.
+BUNDLING_FAILURES: list[BundlingError] = []
 
 
 def _lock_text(lock: Path) -> str:
@@ -195,7 +218,11 @@ class _LocalPythonBundling:
 
     def try_bundle(self, output_dir: str, *, image: DockerImage, **_options: Any) -> bool:
         """Build the bundle into CDK's output directory; True tells CDK no Docker is needed."""
-        self._bundle.build(Path(output_dir))
+        try:
+            self._bundle.build(Path(output_dir))
+        except BundlingError as exc:
+            BUNDLING_FAILURES.append(exc)
+            raise
         return True
 
 

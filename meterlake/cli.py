@@ -26,6 +26,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer._click.exceptions import NoArgsIsHelpError
+from typer._click.exceptions import UsageError as CommandLineError
 
 from meterlake.aws.athena import WORKGROUP as ATHENA_WORKGROUP
 from meterlake.config import Config, ConfigError, load_config
@@ -48,6 +50,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 # Piped output (make demo in CI, | less) gets a fixed width instead of rich's 80-column default.
 # No emoji codes: a value such as ":smile:" is printed as it is.
@@ -57,6 +60,8 @@ err_console = Console(stderr=True, emoji=False)
 
 #: The highest TCP port.
 _MAX_PORT = 65535
+#: The exit code typer gives a command that Ctrl-C interrupted (128 + SIGINT).
+_INTERRUPTED_EXIT = 130
 
 
 class UsageError(Exception):
@@ -94,9 +99,22 @@ def _shown(value: object) -> str:
     return escape(printable(str(value)))
 
 
+def _print_version(value: bool) -> None:
+    """``--version``: print the installed version and stop."""
+    if value:
+        from meterlake import __version__
+
+        print(f"meterlake {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _options(
     ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
     config: Annotated[
         Path | None, typer.Option("--config", help="Config file (default: $METERLAKE_CONFIG or ./cdk.context.json).")
     ] = None,
@@ -947,7 +965,17 @@ def main() -> None:
     from meterlake.local.stream import StreamError
 
     try:
-        app()
+        code = app(prog_name="meterlake", standalone_mode=False)
+    except NoArgsIsHelpError as exc:
+        # `meterlake` (or a group) alone: its help, as click prints it, and click's exit code for it.
+        print(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+        raise SystemExit(exc.exit_code) from None
+    except CommandLineError as exc:
+        # A mistyped option or a bad value: one line naming it, never click's framed box.
+        where = exc.ctx.command_path if exc.ctx is not None else "meterlake"
+        _fail(f"{where}: {' '.join(exc.format_message().split())} (see {where} --help)")
+    except typer.Abort:
+        _fail("aborted")
     except (
         ConfigError,
         QueryError,
@@ -971,3 +999,8 @@ def main() -> None:
         _fail(_os_error(exc))
     except KeyboardInterrupt:
         _fail("interrupted")
+    if code == _INTERRUPTED_EXIT:
+        # typer turns Ctrl-C into this exit code, silently: say what happened.
+        _fail("interrupted")
+    # As click's standalone mode ends: always by SystemExit, 0 unless the command said otherwise.
+    raise SystemExit(code if isinstance(code, int) else 0)
