@@ -170,7 +170,7 @@ class ApiKeys:
     def list_keys(self) -> list[ApiKeyInfo]:
         """Every key ever made, oldest first (revoked ones say when)."""
         rows = self._store.query(
-            "SELECT id, role, customer_id, label, created_ms, revoked_ms FROM api_keys ORDER BY created_ms, id"
+            "SELECT id, role, customer_id, label, created_ms, revoked_ms FROM api_keys ORDER BY rowid"
         )
         return [
             ApiKeyInfo(str(i), "admin" if r == "admin" else "tenant", c, str(lbl), int(made), rev)
