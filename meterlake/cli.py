@@ -468,6 +468,10 @@ def query(
     ctx: typer.Context,
     name: Annotated[str | None, typer.Argument(help="A query name from sql/ (see --list) or a .sql file.")] = None,
     param: Annotated[list[str] | None, typer.Option("--param", "-p", help="Parameter as k=v (repeatable).")] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Window start, ISO-8601 (UTC if no zone): the start parameter.")
+    ] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Window end, exclusive: the end parameter.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     list_: Annotated[bool, typer.Option("--list", help="List the queries in sql/ and their parameters.")] = False,
     athena: Annotated[bool, typer.Option("--athena", help="Run on Amazon Athena instead of locally.")] = False,
@@ -502,13 +506,18 @@ def query(
     if fmt not in ("table", "csv", "json"):
         raise UsageError(f"--format must be table, csv or json, got {fmt!r}")
     output: Literal["table", "csv", "json"] = fmt  # type: ignore[assignment]
+    raw_params = parse_param_args(param or [])
+    # --from/--to spell a window as `reconcile` does; they are the queries' start/end parameters.
+    for option, bound, value in (("--from", "start", from_), ("--to", "end", to)):
+        if value is not None:
+            if bound in raw_params:
+                raise UsageError(f"give {option} or --param {bound}=..., not both")
+            raw_params[bound] = value
     c = _context(ctx)
     if not athena:
         if region is not None or output_location is not None or table_bucket is not None or profile is not None:
             raise UsageError("--region, --profile, --output-location and --table-bucket only apply with --athena")
-        result = run_local_query(
-            load_query(name), parse_param_args(param or []), config=c.config(), data_dir=c.data_dir()
-        )
+        result = run_local_query(load_query(name), raw_params, config=c.config(), data_dir=c.data_dir())
     else:
         from meterlake.aws.athena import deployed_table_bucket, run_athena_query
 
@@ -518,7 +527,7 @@ def query(
             table_bucket = config.s3_tables.table_bucket_name or deployed_table_bucket(aws.client("cloudformation"))
         result = run_athena_query(
             load_query(name),
-            parse_param_args(param or []),
+            raw_params,
             config=config,
             athena_client=aws.client("athena"),
             workgroup=workgroup,
@@ -907,11 +916,12 @@ def reconcile(
 
 
 def _timestamp(option: str, value: str) -> datetime:
+    from meterlake.window import WindowError, parse_instant
+
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise UsageError(f"{option} {value!r} is not an ISO-8601 timestamp") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return parse_instant(value, name=option)
+    except WindowError as exc:
+        raise UsageError(str(exc)) from None
 
 
 @amberflo_app.command("serve")

@@ -5,7 +5,7 @@
 --
 -- @param start timestamp  Start of the window, inclusive (default: 1970-01-01T00:00:00Z)
 -- @param end timestamp  End of the window, exclusive (default: now)
--- @param limit integer  Routes kept per tenant (default: 10)
+-- @param limit integer  Routes kept per tenant (min: 1) (default: 10)
 WITH route_usage AS (
     SELECT
         tenant_id,

@@ -27,6 +27,7 @@ from meterlake.lake.home import DataDir
 from meterlake.lake.query import printable, sandboxed_duckdb
 from meterlake.meters import Meter, UsageKey, lake_usage_query, meter_records
 from meterlake.schema import metering_event_arrow_schema
+from meterlake.window import WindowError, require_ordered
 
 HOUR_S = 3600
 
@@ -44,9 +45,15 @@ class Window:
 
     @classmethod
     def covering(cls, start: datetime, end: datetime) -> Window:
-        """The whole hours covering ``[start, end)``."""
-        if end <= start:
-            raise ReconcileError(f"--to {end.isoformat()} is not after --from {start.isoformat()}")
+        """The whole hours covering ``[start, end)``.
+
+        Raises:
+            ReconcileError: ``end`` is not after ``start`` (:func:`meterlake.window.require_ordered`).
+        """
+        try:
+            require_ordered(start, end, start_name="--from", end_name="--to")
+        except WindowError as exc:
+            raise ReconcileError(str(exc)) from None
         low = math.floor(start.timestamp() / HOUR_S) * HOUR_S
         high = math.ceil(end.timestamp() / HOUR_S) * HOUR_S
         return cls(low, high)

@@ -75,6 +75,7 @@ from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.schema import METERING_EVENT_SCHEMA, metering_event_arrow_schema
+from meterlake.window import WindowError, parse_instant, require_ordered
 
 #: The directory of the project's queries.
 SQL_DIR = Path(__file__).parents[2] / "sql"
@@ -88,7 +89,10 @@ SOURCE_DIALECT = "trino"
 _PARAM_LINE = re.compile(r"^--\s*@param\b(?P<rest>.*)$")
 _PARAM_DECL = re.compile(r"^\s+(?P<name>[A-Za-z_]\w*)\s+(?P<type>\w+)\s+(?P<doc>.*?)\s*$")
 _DEFAULT = re.compile(r"\((?:default:\s*(?P<default>[^)]*?)|(?P<optional>optional))\s*\)$")
-_NOW = "now"
+#: An integer parameter's lower bound, declared in its description: ``(min: 1)``.
+_MINIMUM = re.compile(r"\(min:\s*(?P<minimum>-?\d+)\s*\)")
+#: The timestamp parameters that bound a query's window: ``end`` must be after ``start`` (meterlake.window).
+WINDOW_PARAMS = ("start", "end")
 _ATHENA_NULL = "NULL"
 _EMPTY_RELATION = "empty_metering_events"
 #: Marks each placeholder while rendering so their textual order can be read back from the tokens.
@@ -162,6 +166,8 @@ class QueryParam:
     description: str
     default: str | None
     optional: bool
+    #: The smallest value an integer parameter takes (``(min: N)`` in its declaration); None: any integer.
+    minimum: int | None = None
 
     @property
     def required(self) -> bool:
@@ -272,6 +278,14 @@ def bind_params(query: QueryFile, raw: Mapping[str, str], *, now: datetime | Non
             bound[param.name] = None
         else:
             raise QueryParamError(param.name, f"required by {query.name!r} ({param.type.value}: {param.description})")
+    start, end = (bound.get(name) for name in WINDOW_PARAMS)
+    if isinstance(start, str) and isinstance(end, str):
+        try:
+            require_ordered(
+                parse_instant(start, name="start"), parse_instant(end, name="end"), start_name="start", end_name="end"
+            )
+        except WindowError as exc:
+            raise QueryParamError("end", str(exc)) from None
     return bound
 
 
@@ -740,12 +754,14 @@ def _parse_param_line(path: Path, rest: str) -> QueryParam:
         raise QueryDefinitionError(path, f"@param {match.group('name')}: type must be one of {types}") from None
     doc = match.group("doc")
     default = _DEFAULT.search(doc)
+    minimum = _MINIMUM.search(doc)
     param = QueryParam(
         name=match.group("name"),
         type=kind,
         description=doc,
         default=default.group("default") if default else None,
         optional=bool(default and default.group("optional")),
+        minimum=int(minimum.group("minimum")) if minimum else None,
     )
     if param.default is not None:
         try:
@@ -760,21 +776,18 @@ def _convert(param: QueryParam, text: str, now: datetime | None) -> BoundValue:
     value = text.strip()
     if param.type is ParamType.INTEGER:
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
             raise QueryParamError(param.name, f"{text!r} is not an integer") from None
+        if param.minimum is not None and number < param.minimum:
+            raise QueryParamError(param.name, f"{number} is below its minimum, {param.minimum}")
+        return number
     if param.type is ParamType.STRING:
         return text
-    if value.lower() == _NOW:
-        moment = now or datetime.now(UTC)
-    else:
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            raise QueryParamError(param.name, f"{text!r} is not an ISO-8601 timestamp") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    utc = moment.astimezone(UTC)
+    try:
+        utc = parse_instant(text, name=repr(text), now=now)
+    except WindowError:
+        raise QueryParamError(param.name, f"{text!r} is not an ISO-8601 timestamp") from None
     return utc.isoformat(timespec="microseconds" if utc.microsecond else "seconds").replace("+00:00", "Z")
 
 

@@ -43,3 +43,30 @@ def test_dash_h_is_help(tmp_path: Path) -> None:
 def test_a_command_line_mistake_is_one_line_not_a_box(tmp_path: Path, args: list[str], expected: str) -> None:
     line = one_error_line(meterlake(*args, cwd=tmp_path))
     assert line.startswith(expected), line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["query", "usage_per_tenant_hour", "--param", "start=2026-11-26T00:00:00Z", "--param", "end=2026-11-25"],
+            "end 2026-11-25T00:00:00Z is not after start 2026-11-26T00:00:00Z",
+        ),
+        (
+            ["query", "usage_per_tenant_hour", "--from", "2026-11-26T00:00:00Z", "--to", "2026-11-26T00:00:00Z"],
+            "is not after start",
+        ),
+        (["query", "top_routes_per_tenant", "--param", "limit=-1"], "parameter 'limit': -1 is below its minimum, 1"),
+        (["query", "top_routes_per_tenant", "--param", "limit=0"], "parameter 'limit': 0 is below its minimum, 1"),
+        (
+            ["reconcile", "--from", "2026-11-26T00:00:00Z", "--to", "2026-11-25T00:00:00Z"],
+            "--to 2026-11-25T00:00:00Z is not after --from 2026-11-26T00:00:00Z",
+        ),
+        (["query", "usage_per_tenant_hour", "--from", "yesterday"], "'yesterday' is not an ISO-8601 timestamp"),
+    ],
+)
+def test_windows_and_ranges_are_validated_once_for_every_command(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    line = one_error_line(meterlake(*args, cwd=tmp_path))
+    assert expected in line, line
