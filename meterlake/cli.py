@@ -949,6 +949,125 @@ def amberflo_serve(
             signal.signal(sig, handler)
 
 
+keys_app = typer.Typer(
+    help="X-API-KEY keys of the metering service: stored as digests, each shown once.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _service_pool(config: Config, data_dir: DataDir) -> Any:
+    """The local user pool whose tokens the service takes: the serving gateway's issuer, else the configured one."""
+    from meterlake.local.auth import for_config
+    from meterlake.local.running import serving_gateway
+
+    serving = serving_gateway(data_dir)
+    return for_config(config, data_dir, port=serving.port if serving is not None else None)
+
+
+@app.command()
+def serve(
+    ctx: typer.Context,
+    port: Annotated[int | None, typer.Option(help="Port (default: config meterlake.service.port; 0: any).")] = None,
+) -> None:
+    """Run the metering service on loopback until Ctrl-C or SIGTERM: meters, ingest, usage and cancellation in the
+    SaaS Builder Toolkit's dialect and Amberflo's, described at /openapi.json."""
+    from meterlake.service.local import LocalMeteringService
+
+    _check_port(port)
+    c = _context(ctx)
+    config, data_dir = c.config(), c.writable_data_dir()
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with LocalMeteringService(
+            config=config,
+            data_dir=data_dir,
+            port=port,
+            user_pool=_service_pool(config, data_dir),
+            amberflo=config.amberflo,
+            amberflo_api_key=_amberflo_key(config),
+        ) as service:
+            console.print(f"MeteringServiceEndpoint {service.url}", highlight=False)
+            console.print(
+                f"API: {service.url}/openapi.json; a key: meterlake keys create --admin (or --tenant acme); "
+                "a control-plane token: meterlake admin-token",
+                highlight=False,
+            )
+            stop.wait()
+            console.print("stopping: committing acknowledged events ...")
+            report = service.settle()
+            console.print(f"committed {report.ok_written} events; stopped cleanly")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@keys_app.command("create")
+def keys_create(
+    ctx: typer.Context,
+    admin: Annotated[bool, typer.Option("--admin", help="A key that may do everything.")] = False,
+    tenant: Annotated[
+        str | None, typer.Option(help="A key bound to this customerId (ingest and read its own).")
+    ] = None,
+    label: Annotated[str, typer.Option(help="A note kept with the key.")] = "",
+) -> None:
+    """Make a key and print it (on stdout, alone): it is shown this once, the service keeps only its digest."""
+    from meterlake.service.auth import ApiKeys
+    from meterlake.service.store import ServiceStore
+
+    if admin == (tenant is not None):
+        raise UsageError("give --admin or --tenant CUSTOMER_ID (one of them)")
+    with ServiceStore.in_data_dir(_context(ctx).writable_data_dir()) as store:
+        try:
+            info, key = ApiKeys(store).create(role="admin" if admin else "tenant", customer_id=tenant, label=label)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    err_console.print(f"key {info.key_id} ({info.role}{'' if tenant is None else ' ' + _shown(tenant)})")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(ctx: typer.Context) -> None:
+    """List the keys: id, role, customer, when made and revoked (never the keys themselves)."""
+    from meterlake.service.auth import ApiKeys
+    from meterlake.service.store import ServiceStore
+
+    with ServiceStore.in_data_dir(_context(ctx).data_dir().ensure()) as store:
+        for info in ApiKeys(store).list_keys():
+            made = datetime.fromtimestamp(info.created_ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            revoked = "" if info.revoked_ms is None else "  revoked"
+            console.print(
+                f"{info.key_id}  {info.role:<6}  {_shown(info.customer_id or '-')}  {made}  "
+                f"{_shown(info.label)}{revoked}",
+                highlight=False,
+            )
+
+
+@keys_app.command("revoke")
+def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="The key's id (keys list).")]) -> None:
+    """Revoke a key: the service refuses it within a second."""
+    from meterlake.service.auth import ApiKeys
+    from meterlake.service.store import ServiceStore
+
+    with ServiceStore.in_data_dir(_context(ctx).writable_data_dir()) as store:
+        if not ApiKeys(store).revoke(key_id):
+            raise UsageError(f"no active key {key_id!r} (see meterlake keys list)")
+    console.print(f"revoked {_shown(key_id)}", highlight=False)
+
+
+@app.command("admin-token")
+def admin_token(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Option(help="The admin's user name.")] = "admin",
+) -> None:
+    """Print a control-plane access token of the admin group (meterlake.service.admin_group) from the local user pool,
+    as the toolkit's control plane sends: Authorization: Bearer <token>."""
+    c = _context(ctx)
+    config = c.config()
+    pool = _service_pool(config, c.data_dir().ensure())
+    print(pool.issue_access_token(user=user, groups=[config.meterlake.service.admin_group]))
+
+
 def _fail(message: str) -> NoReturn:
     # One line, whatever the message carries (a file name, Amberflo's answer): control characters made visible.
     sys.stderr.write(f"error: {printable(message, escape_backslash=False)}\n")
@@ -973,6 +1092,8 @@ def main() -> None:
     from meterlake.local.gateway import GatewayError
     from meterlake.local.serving import ServingError
     from meterlake.local.stream import StreamError
+    from meterlake.service.registry import RegistryConflictError
+    from meterlake.service.store import StoreError
 
     try:
         code = app(prog_name="meterlake", standalone_mode=False)
@@ -1002,6 +1123,8 @@ def main() -> None:
         DataDirError,
         SigningKeyError,
         InvalidClaimError,
+        StoreError,
+        RegistryConflictError,
     ) as exc:
         _fail(str(exc))
     except OSError as exc:

@@ -24,6 +24,10 @@ tries again at growing intervals until then.
 
 Without an API key the drain runs dry: records are staged (and can be reconciled with :meth:`staged_records`),
 nothing is sent.
+
+An outbox follows one table. By default it is the access-log table and its records are the meters'
+(:func:`meterlake.meters.meter_records`); a :class:`RecordSource` names another (the metering service's meter_events,
+whose rows are Amberflo records already): its own outbox file, the same staging, sending and exactly-once argument.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from meterlake.meters import (
     TENANT_COLUMN,
     TIME_COLUMN,
     Meter,
+    MeterBatch,
     check_meters,
     meter_records,
 )
@@ -193,6 +198,26 @@ class DeadLetterEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordSource:
+    """What an outbox stages from its table: the columns it reads (typed by ``schema``) and the records they make."""
+
+    columns: tuple[str, ...]
+    schema: pa.Schema
+    to_records: Callable[[pa.Table], MeterBatch]
+
+
+def meter_source(meters: Sequence[Meter]) -> RecordSource:
+    """The access-log table's source: each event becomes one record per meter it matches."""
+    check_meters(meters)
+    chosen = tuple(meters)
+    return RecordSource(
+        columns=tuple(columns_read(chosen)),
+        schema=metering_event_arrow_schema(),
+        to_records=lambda events: meter_records(events, chosen),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class DrainReport:
     """What one drain did. ``dry_run``: nothing was sent (no API key, or dry_run set). ``dead_batches`` counts the
     dead letters made: a record refused on its own is one. ``paused``: Amberflo refuses the API key."""
@@ -220,11 +245,13 @@ class Outbox:
         *,
         meters: Sequence[Meter] = DEFAULT_METERS,
         settings: AmberfloSettings | None = None,
+        source: RecordSource | None = None,
     ) -> None:
         check_meters(meters)
         self.path = path
         self.meters = tuple(meters)
         self.settings = settings or AmberfloSettings()
+        self._source = source or meter_source(self.meters)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -234,7 +261,6 @@ class Outbox:
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open the outbox {path}: {exc}") from exc
         self._lock = threading.RLock()
-        self._columns = columns_read(self.meters)
 
     @classmethod
     def in_data_dir(
@@ -272,7 +298,9 @@ class Outbox:
         while True:
             checkpoint = self._checkpoint(table_uuid)
             raced = False
-            for committed in committed_since(table, checkpoint, columns=self._columns):
+            for committed in committed_since(
+                table, checkpoint, columns=self._source.columns, schema=self._source.schema
+            ):
                 written = self._stage_snapshot(committed, expected_checkpoint=checkpoint)
                 if written is None:
                     raced = True
@@ -285,7 +313,7 @@ class Outbox:
     def _stage_snapshot(self, committed: CommittedSnapshot, *, expected_checkpoint: int | None) -> int | None:
         """Stage one snapshot's records and advance the checkpoint to it in one transaction; None if raced."""
         snapshot, events = committed.snapshot, committed.events
-        batch = meter_records(events, self.meters)
+        batch = self._source.to_records(events)
         rows = list(self._encode(batch.records(), snapshot))
         now_ms = _now_ms()
         with self._lock:
@@ -763,7 +791,9 @@ class CommittedSnapshot:
 _ADDING_OPERATIONS = frozenset({Operation.APPEND, Operation.OVERWRITE})
 
 
-def committed_since(table: Table, checkpoint: int | None, *, columns: Sequence[str]) -> Iterator[CommittedSnapshot]:
+def committed_since(
+    table: Table, checkpoint: int | None, *, columns: Sequence[str], schema: pa.Schema | None = None
+) -> Iterator[CommittedSnapshot]:
     """Each snapshot committed after ``checkpoint``, oldest first, with the events it appended.
 
     The one way committed events are read for Amberflo (the local outbox and the AWS stager): only the data files a
@@ -772,6 +802,8 @@ def committed_since(table: Table, checkpoint: int | None, *, columns: Sequence[s
     rows), and a redelivered row they re-add carries the same uniqueIds, which Amberflo drops. Compaction's ``replace``
     and ``delete`` only restate or remove rows already read, so they yield no events. Lazy: each snapshot's files are
     read when reached.
+
+    ``schema`` types the columns read (default: the metering-event table's).
 
     Raises:
         LakeHistoryGapError: the checkpoint is not an ancestor of the current snapshot (raised on first iteration).
@@ -784,13 +816,15 @@ def committed_since(table: Table, checkpoint: int | None, *, columns: Sequence[s
             paths = []
             logger.info("snapshot %d is a %s: it adds no new requests, skipped", snapshot.snapshot_id, operation)
         yield CommittedSnapshot(
-            snapshot=snapshot, operation=operation, data_files=len(paths), events=_read_events(table, paths, columns)
+            snapshot=snapshot,
+            operation=operation,
+            data_files=len(paths),
+            events=_read_events(table, paths, columns, schema or metering_event_arrow_schema()),
         )
 
 
-def _read_events(table: Table, paths: Sequence[str], columns: Sequence[str]) -> pa.Table:
-    """The ``columns`` of the given data files, typed as the metering-event schema."""
-    schema = metering_event_arrow_schema()
+def _read_events(table: Table, paths: Sequence[str], columns: Sequence[str], schema: pa.Schema) -> pa.Table:
+    """The ``columns`` of the given data files, typed as ``schema`` has them."""
     target = pa.schema([schema.field(name) for name in columns])
     pieces = []
     for path in paths:

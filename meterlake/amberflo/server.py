@@ -238,6 +238,7 @@ class AmberfloState:
         self._rng = random.Random(self._faults.seed)
         self._events: dict[_DedupKey, _WireRecord] = {}
         self._meters: dict[str, dict[str, Any]] = {}
+        self._rules: dict[str, dict[str, Any]] = {}
         self._counters: dict[str, int] = {}
         self._faults_injected: dict[str, int] = {}
 
@@ -278,6 +279,7 @@ class AmberfloState:
         with self._lock:
             self._events.clear()
             self._meters.clear()
+            self._rules.clear()
             self._counters.clear()
             self._faults_injected.clear()
             self._rng = random.Random(self._faults.seed)
@@ -423,6 +425,26 @@ class AmberfloState:
             if meter is None:
                 raise RequestError(f"meter {meter_id!r} not found", status=404)
             return meter
+
+    # Custom filtering rules (cancellation)
+
+    def put_filtering_rule(self, body: object) -> dict[str, Any]:
+        """Keep a custom filtering rule (create or replace by id). The local Amberflo records rules; its usage does
+        not apply them.
+
+        Raises:
+            RequestError: (400) no id, meterApiName or ingestionTimeRange.
+        """
+        if not isinstance(body, dict) or not all(key in body for key in ("id", "meterApiName", "ingestionTimeRange")):
+            raise RequestError("a filtering rule needs id, meterApiName and ingestionTimeRange")
+        with self._lock:
+            self._rules[str(body["id"])] = dict(body)
+            return dict(body)
+
+    def filtering_rules(self) -> list[dict[str, Any]]:
+        """The rules kept, in the order they were first made."""
+        with self._lock:
+            return [dict(rule) for rule in self._rules.values()]
 
     def _check_unique_name(self, name: str, *, except_id: str | None) -> None:
         for meter in self._meters.values():
@@ -750,6 +772,12 @@ def create_app(state: AmberfloState) -> ASGIApp:
             raise RequestError("id is required: in the body for PUT /meters")
         return _json(state.update_meter(meter_id, validate_meter(body)))
 
+    async def put_rule(request: Request) -> Response:
+        return _json(state.put_filtering_rule(await json_body(request)))
+
+    async def list_rules(_: Request) -> Response:
+        return _json(state.filtering_rules())
+
     async def list_meters(_: Request) -> Response:
         return _json(state.meters())
 
@@ -774,6 +802,8 @@ def create_app(state: AmberfloState) -> ASGIApp:
             Route("/meters/{meter_id}", authorized(update_meter), methods=["PUT"]),
             Route("/meters/{meter_id}", authorized(get_meter), methods=["GET"]),
             Route("/meters/{meter_id}", authorized(delete_meter), methods=["DELETE"]),
+            Route("/ingest-snapshot/custom-filtering-rules", authorized(put_rule), methods=["POST"]),
+            Route("/ingest-snapshot/custom-filtering-rules", authorized(list_rules), methods=["GET"]),
         ]
     )
     return _AmberfloApp(ingest, rest)

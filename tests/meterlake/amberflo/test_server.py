@@ -652,3 +652,15 @@ def test_the_command_line_entry_rejects_a_bad_fault_kind(capsys: pytest.CaptureF
     with pytest.raises(SystemExit):
         main(["--port", str(port), "--kinds", "429,teapot"])
     assert "unknown fault kinds ['teapot']" in capsys.readouterr().err
+
+
+def test_filtering_rules_are_kept_and_listed(client: httpx.Client) -> None:
+    rule = {"id": "r1", "meterApiName": "ApiCalls", "type": "by_property_filter_out",
+            "ingestionTimeRange": {"startTimeInSeconds": T0, "endTimeInSeconds": T0 + 60}}  # fmt: skip
+    assert client.post("/ingest-snapshot/custom-filtering-rules", json=rule).json() == rule
+    assert (
+        client.post("/ingest-snapshot/custom-filtering-rules", json={**rule, "meterApiName": "Other"}).status_code
+        == 200
+    )
+    assert client.get("/ingest-snapshot/custom-filtering-rules").json() == [{**rule, "meterApiName": "Other"}]
+    assert client.post("/ingest-snapshot/custom-filtering-rules", json={"id": "r2"}).status_code == 400

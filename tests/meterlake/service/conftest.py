@@ -9,18 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pyarrow as pa
 import pytest
 
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
 from meterlake.lake.home import DataDir
+from meterlake.local.auth import UserPool, for_config
 from meterlake.local.stream import DeliveryStream
 from meterlake.service.auth import Principal
 from meterlake.service.durable import GroupCommitSink
 from meterlake.service.events import EventSource
 from meterlake.service.ingest import Ingestor, IngestOutcome
-from meterlake.service.local import open_meter_event_stream
+from meterlake.service.local import LocalMeteringService, open_meter_event_stream
 from meterlake.service.registry import MeterRegistry
 from meterlake.service.store import ServiceStore
 
@@ -91,3 +93,44 @@ def record(**overrides: Any) -> dict[str, Any]:
         "meterTimeInMillis": NOW_MS,
         **overrides,
     }
+
+
+@dataclass
+class Served:
+    """A LocalMeteringService on an ephemeral port with an admin key, two tenant keys and the user pool."""
+
+    service: LocalMeteringService
+    pool: UserPool
+    admin_key: str
+    acme_key: str
+    globex_key: str
+
+    @property
+    def url(self) -> str:
+        """The service's base URL."""
+        return self.service.url
+
+    def admin_token(self) -> str:
+        """A control-plane access token of the admin group."""
+        return self.pool.issue_access_token(user="ops", groups=[self.service.config.meterlake.service.admin_group])
+
+    def client(self, *, key: str | None = None, token: str | None = None) -> httpx.Client:
+        """An httpx client calling with ``key`` (X-API-KEY) or ``token`` (Bearer)."""
+        headers = {}
+        if key is not None:
+            headers["X-API-KEY"] = key
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    config = Config()
+    data_dir = DataDir(tmp_path / "served").ensure()
+    pool = for_config(config, data_dir)
+    with LocalMeteringService(config=config, data_dir=data_dir, port=0, user_pool=pool) as service:
+        _, admin_key = service.keys.create(role="admin")
+        _, acme_key = service.keys.create(role="tenant", customer_id="acme")
+        _, globex_key = service.keys.create(role="tenant", customer_id="globex")
+        yield Served(service, pool, admin_key, acme_key, globex_key)

@@ -1,0 +1,81 @@
+"""Ingested events reach Amberflo through the outbox with their own uniqueIds, once; meters and rules are mirrored."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+
+from meterlake.amberflo.server import LocalAmberflo
+from meterlake.amberflo.settings import AmberfloSettings
+from meterlake.config import Config
+from meterlake.lake.home import DataDir
+from meterlake.service.local import LocalMeteringService
+
+from .conftest import NOW_MS, record
+
+KEY = "amberflo-key"
+METER = {"label": "LLM tokens", "meterApiName": "llm-tokens", "meterType": "sum_of_all_usage", "dimensions": ["model"]}
+
+
+def _settings(amberflo: LocalAmberflo) -> AmberfloSettings:
+    return AmberfloSettings(base_url=amberflo.url, min_backoff_s=0.01, max_backoff_s=0.05, poll_interval_s=0.2)
+
+
+def test_ingested_events_are_forwarded_once_with_their_uniqueids(tmp_path: Path) -> None:
+    data_dir = DataDir(tmp_path / "home")
+    with LocalAmberflo(api_key=KEY) as amberflo:
+        for run in range(2):  # the second run re-reads the same lake: nothing is sent twice
+            with LocalMeteringService(
+                config=Config(), data_dir=data_dir, port=0, amberflo=_settings(amberflo), amberflo_api_key=KEY
+            ) as service:
+                _, admin = service.keys.create(role="admin")
+                with httpx.Client(base_url=service.url, headers={"X-API-KEY": admin}) as client:
+                    if run == 0:
+                        assert client.post("/meters", json=METER).status_code == 200
+                        batch = [
+                            record(uniqueId="a", dimensions={"model": "m1"}),
+                            record(uniqueId="b", customerId="globex", meterValue=2.5),
+                            record(meterValue=7),  # no uniqueId: one from its content
+                        ]
+                        assert client.post("/ingest", json=batch).status_code == 200
+                        assert client.post("/ingest", json=batch).status_code == 200  # a retry
+                service.settle()
+                status = service.forwarding.outbox.status() if service.forwarding is not None else None
+        stored = sorted(amberflo.records(), key=lambda r: r.meter_value or 0)
+        assert status is not None
+        assert (status.sent_records, status.pending_records) == (3, 0)
+        assert [(r.customer_id, r.meter_value, r.unique_id) for r in stored[:2]] == [
+            ("globex", 2.5, "b"),
+            ("acme", 7.0, stored[1].unique_id),
+        ]
+        assert stored[1].unique_id is not None
+        assert stored[1].unique_id.startswith("sha256:")
+        assert stored[2].unique_id == "a"
+        assert dict(stored[2].dimensions) == {"model": "m1"}
+        assert stored[2].meter_time_in_millis == NOW_MS
+        assert amberflo.stats().records_received == 3  # the retry never left the lake twice
+
+
+def test_meter_changes_and_rules_are_mirrored_in_amberflo(tmp_path: Path) -> None:
+    with (
+        LocalAmberflo(api_key=KEY) as amberflo,
+        LocalMeteringService(
+            config=Config(), data_dir=DataDir(tmp_path), port=0, amberflo=_settings(amberflo), amberflo_api_key=KEY
+        ) as service,
+    ):
+        _, admin = service.keys.create(role="admin")
+        with httpx.Client(base_url=service.url, headers={"X-API-KEY": admin}) as client:
+            meter = client.post("/meters", json=METER).json()
+            assert [m["meterApiName"] for m in amberflo.state.meters()] == ["llm-tokens"]
+            client.put(f"/meters/{meter['id']}", json={**METER, "meterApiName": "llm-trial", "label": "Trial"})
+            [mirrored] = amberflo.state.meters()
+            assert (mirrored["meterApiName"], mirrored["label"]) == ("llm-trial", "Trial")
+            now = int(time.time())
+            rule = {"id": "r1", "meterApiName": "llm-trial",
+                    "ingestionTimeRange": {"startTimeInSeconds": now - 60, "endTimeInSeconds": now}}  # fmt: skip
+            assert client.post("/ingest-snapshot/custom-filtering-rules", json=rule).status_code == 200
+            assert [r["id"] for r in amberflo.state.filtering_rules()] == ["r1"]
+            client.delete(f"/meters/{meter['id']}")
+            assert amberflo.state.meters() == []
