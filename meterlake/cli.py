@@ -242,6 +242,7 @@ def up(
             ),
         ):
             console.print(f"RestApiEndpoint {stack.gateway.invoke_url}", highlight=False)
+            console.print(f"MeteringServiceEndpoint {stack.service.url}", highlight=False)
             console.print(
                 f"data dir {_shown(data_dir.root)}; get a token: meterlake token --tenant acme --user alice; "
                 f'try: curl -H "Authorization: $TOKEN" {stack.gateway.invoke_url}/random/strings?len=8',
@@ -251,8 +252,11 @@ def up(
             console.print(f"flushing to Iceberg every {hints.interval_in_seconds} s or {hints.size_in_mbs} MB")
             stop.wait()
             console.print("stopping: flushing the delivery stream ...")
-            report = stack.settle().flush
-            console.print(f"flushed {report.ok_written} events; stopped cleanly")
+            settled = stack.settle()
+            console.print(
+                f"flushed {settled.flush.ok_written} events and {settled.meter_events.ok_written} ingested usage "
+                "events; stopped cleanly"
+            )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

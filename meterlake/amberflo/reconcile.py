@@ -251,14 +251,35 @@ def usage_tallies(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> d
     return tallies
 
 
+#: The columns of sql/meter_events/usage.sql an event meter's counts are read from.
+_CUSTOMER_COLUMN, _EVENTS_COLUMN, _UNITS_COLUMN = "customer_id", "event_count", "sum_value"
+
+
+def event_usage_tallies(columns: Sequence[str], rows: Iterable[Sequence[object]]) -> dict[str | None, Tally]:
+    """Events and units (summed, whole) per customer of sql/meter_events/usage.sql's rows (over its buckets)."""
+    rows = list(rows)
+    if not rows:
+        return {}
+    customer_at, events_at, units_at = (columns.index(c) for c in (_CUSTOMER_COLUMN, _EVENTS_COLUMN, _UNITS_COLUMN))
+    tallies: dict[str | None, Tally] = {}
+    for row in rows:
+        customer = str(row[customer_at])
+        before = tallies.get(customer, Tally())
+        units = float(str(row[units_at]))
+        tallies[customer] = Tally(before.requests + int(str(row[events_at])), before.billable + round(units))
+    return tallies
+
+
 def _mark(left: int, right: int) -> str:
     return "==" if left == right else "!="
 
 
 @dataclass(frozen=True, slots=True)
 class TenantReconciliation:
-    """One tenant's line: answered by the API, counted in the lake (``counted_in``), units in Amberflo.
+    """One tenant's line for one meter: answered by the API, counted in the lake (``counted_in``), units in Amberflo.
 
+    For the calls meter (:data:`CALLS_METER`) the tallies are requests answered and billable; for an event meter
+    (usage the metering service ingested) they are events ingested and their units, as acknowledged by the service.
     ``forwarded`` None: Amberflo is not compared, for ``not_forwarded_reason`` (a dry run; requests with no tenant
     are never forwarded).
     """
@@ -269,6 +290,7 @@ class TenantReconciliation:
     forwarded: int | None
     counted_in: str
     not_forwarded_reason: str = "forwarding is a dry run"
+    meter: str = CALLS_METER
 
     @property
     def label(self) -> str:
@@ -280,6 +302,14 @@ class TenantReconciliation:
         """Each comparison that does not hold, naming both sides."""
         a, c, t, where = self.answered, self.counted, self.label, self.counted_in
         found = []
+        if self.meter != CALLS_METER:
+            if a.requests != c.requests:
+                found.append(f"{t} {self.meter}: ingested {a.requests} events, counted in {where} {c.requests}")
+            if a.billable != c.billable:
+                found.append(f"{t} {self.meter}: ingested {a.billable} units, in {where} {c.billable}")
+            if self.forwarded is not None and self.forwarded != a.billable:
+                found.append(f"{t} {self.meter}: ingested {a.billable} units, units in Amberflo {self.forwarded}")
+            return found
         if a.requests != c.requests:
             found.append(f"{t}: answered {a.requests}, counted in {where} {c.requests}")
         if a.billable != c.billable:
@@ -295,6 +325,8 @@ class TenantReconciliation:
 
     def __str__(self) -> str:
         a, c = self.answered, self.counted
+        if self.meter != CALLS_METER:
+            return self._event_line()
         line = (
             f"{self.label:>12}: answered {a.requests:>5} {_mark(a.requests, c.requests)} counted in "
             f"{self.counted_in} {c.requests:>5}  billable {a.billable:>5}"
@@ -305,6 +337,19 @@ class TenantReconciliation:
             line += f"  ({self.not_forwarded_reason})"
         else:
             line += f" {_mark(a.billable, self.forwarded)} {CALLS_METER} units in Amberflo {self.forwarded:>5}"
+        return f"{line}  {'OK' if self.matches else 'MISMATCH'}"
+
+    def _event_line(self) -> str:
+        a, c = self.answered, self.counted
+        same = "==" if (a.requests, a.billable) == (c.requests, c.billable) else "!="
+        line = (
+            f"{self.label:>12} {self.meter}: ingested {a.requests:>5} events {a.billable:>7} units {same} counted "
+            f"in {self.counted_in} {c.requests:>5} / {c.billable:>7}"
+        )
+        if self.forwarded is None:
+            line += f"  ({self.not_forwarded_reason})"
+        else:
+            line += f" {_mark(a.billable, self.forwarded)} units in Amberflo {self.forwarded:>7}"
         return f"{line}  {'OK' if self.matches else 'MISMATCH'}"
 
 
@@ -336,8 +381,10 @@ def reconcile_run(
     *,
     counted_in: str,
     not_forwarded_reason: str = "forwarding is a dry run",
+    meter: str = CALLS_METER,
 ) -> RunReconciliation:
-    """Pair, per tenant seen on any side, what the API answered, what the lake counted and what Amberflo holds.
+    """Pair, per tenant seen on any side, what the API answered, what the lake counted and what Amberflo holds, for
+    ``meter`` (the calls meter's requests, or an event meter's ingested events and units).
 
     ``forwarded`` None: Amberflo is not compared (a dry run), and each line says ``not_forwarded_reason``. Requests
     with no tenant are never forwarded, so their line compares the lake only. A tenant missing from a side counts
@@ -353,6 +400,7 @@ def reconcile_run(
                 None if forwarded is None or tenant is None else forwarded.get(tenant, 0),
                 counted_in,
                 "no tenant: not forwarded" if tenant is None else not_forwarded_reason,
+                meter,
             )
             for tenant in tenants
         )

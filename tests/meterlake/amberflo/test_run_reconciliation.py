@@ -7,7 +7,14 @@ from collections.abc import Mapping
 
 from rich.console import Console
 
-from meterlake.amberflo.reconcile import RunReconciliation, Tally, TenantReconciliation, reconcile_run, usage_tallies
+from meterlake.amberflo.reconcile import (
+    RunReconciliation,
+    Tally,
+    TenantReconciliation,
+    event_usage_tallies,
+    reconcile_run,
+    usage_tallies,
+)
 from meterlake.lake.query import QueryResult
 from tests.meterlake.aws.test_athena import USAGE_COLUMNS
 
@@ -117,3 +124,29 @@ def test_a_reconciliation_line_shows_control_characters_and_markup_as_text() -> 
 def test_an_empty_tenant_is_not_shown_as_no_tenant() -> None:
     line = TenantReconciliation("", Tally(1, 1), Tally(1, 1), 1, counted_in="Iceberg")
     assert str(line).startswith(" " * 12 + ": answered")
+
+
+def test_event_meter_lines_compare_ingested_events_and_units_with_the_lake_and_amberflo() -> None:
+    ingested = {"acme": Tally(12, 3400), "globex": Tally(4, 90)}
+    counted = {"acme": Tally(12, 3400), "globex": Tally(4, 89)}
+    result = reconcile_run(
+        dict[str | None, Tally](ingested),
+        dict[str | None, Tally](counted),
+        {"acme": 3400, "globex": 90},
+        counted_in="Iceberg",
+        meter="llm-tokens",
+    )
+    assert [str(line) for line in result.lines] == [
+        "        acme llm-tokens: ingested    12 events    3400 units == counted in Iceberg    12 /    3400 == units "
+        "in Amberflo    3400  OK",
+        "      globex llm-tokens: ingested     4 events      90 units != counted in Iceberg     4 /      89 == units "
+        "in Amberflo      90  MISMATCH",
+    ]
+    assert result.differences == ["globex llm-tokens: ingested 90 units, in Iceberg 89"]
+
+
+def test_event_usage_tallies_sum_the_sql_files_buckets_per_customer() -> None:
+    columns = ["customer_id", "bucket_epoch_s", "sum_value", "event_count", "min_value", "max_value", "unique_count"]
+    rows = [("acme", 0, 10.0, 2, 4.0, 6.0, 1), ("acme", 86400, 5.0, 1, 5.0, 5.0, 1), ("globex", 0, 1.0, 1, 1, 1, 0)]
+    assert event_usage_tallies(columns, rows) == {"acme": Tally(3, 15), "globex": Tally(1, 1)}
+    assert event_usage_tallies([], []) == {}
