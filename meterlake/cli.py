@@ -30,7 +30,7 @@ from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as CommandLineError
 
 from meterlake.aws.athena import WORKGROUP as ATHENA_WORKGROUP
-from meterlake.config import Config, ConfigError, load_config
+from meterlake.config import Config, ConfigError, config_file, load_config
 from meterlake.lake.home import PRIVATE_UMASK, DataDir, DataDirError
 from meterlake.lake.query import QueryError, printable
 from meterlake.loadtest import (
@@ -39,6 +39,7 @@ from meterlake.loadtest import (
     LoadTestPlan,
     dry_run_commands,
     invoke_url_from_parts,
+    report_document,
     run_load_test,
     summary_lines,
 )
@@ -54,7 +55,8 @@ app = typer.Typer(
 )
 # Piped output (make demo in CI, | less) gets a fixed width instead of rich's 80-column default.
 # No emoji codes: a value such as ":smile:" is printed as it is.
-console = Console(width=None if sys.stdout.isatty() else 140, emoji=False)
+# Soft wrap: a printed command (a hint, a URL) stays on one line, so pasting it runs it.
+console = Console(width=None if sys.stdout.isatty() else 140, emoji=False, soft_wrap=True)
 err_console = Console(stderr=True, emoji=False)
 
 
@@ -92,6 +94,24 @@ class Context:
             DataDirError: it cannot be created or written (a read-only file system, no permission).
         """
         return self.data_dir().ensure().require_writable()
+
+
+#: ``--format`` of the commands that print a report: text for people, JSON for scripts.
+_FORMAT = typer.Option("--format", help="text or json.")
+
+
+def _json_format(fmt: str) -> bool:
+    """Whether ``--format`` asks for JSON; refuses anything but text and json."""
+    if fmt not in ("text", "json"):
+        raise UsageError(f"--format must be text or json, got {fmt!r}")
+    return fmt == "json"
+
+
+def _print_json(document: object) -> None:
+    """One JSON document on stdout, ending with a newline (values from data kept as they are)."""
+    import json
+
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
 
 
 def _shown(value: object) -> str:
@@ -132,9 +152,30 @@ def _context(ctx: typer.Context) -> Context:
 
 
 @app.command("config")
-def show_config(ctx: typer.Context) -> None:
-    """Validate the config and print what the pipeline will use."""
-    config = _context(ctx).config()
+def show_config(ctx: typer.Context, fmt: Annotated[str, _FORMAT] = "text") -> None:
+    """Validate the config and print what the pipeline will use: which file, which data dir, which settings."""
+    as_json = _json_format(fmt)
+    c = _context(ctx)
+    config = c.config()
+    source = config_file(c.config_path)
+    data_dir = c.data_dir().root
+    if as_json:
+        import msgspec
+
+        _print_json(
+            {
+                "config_file": None if source is None else str(source.resolve()),
+                "data_dir": str(data_dir),
+                "delivery_stream_name": config.data_firehose_configuration.delivery_stream_name,
+                "config": msgspec.to_builtins(config),
+            }
+        )
+        return
+    console.print(
+        f"config file      {_shown(source.resolve()) if source is not None else '(none: the defaults)'}",
+        highlight=False,
+    )
+    console.print(f"data dir         {_shown(data_dir)}", highlight=False)
     firehose = config.data_firehose_configuration
     console.print(f"delivery stream  {_shown(firehose.delivery_stream_name)}")
     console.print(f"table            {_shown(config.database_name)}.{_shown(config.table_name)}")
@@ -145,9 +186,9 @@ def show_config(ctx: typer.Context) -> None:
     if processing.buffer_size_note is not None:
         console.print(f"note: {_shown(processing.buffer_size_note)}", soft_wrap=True)
     console.print(f"unmetered        {_shown(', '.join(config.meterlake.unmetered_http_methods) or '(none)')}")
-    source = config.meterlake.tenant_source.source()
-    tenants = f"${source.tenant_variable}"
-    if source.kind is TenantSourceKind.API_KEY:
+    tenant_source = config.meterlake.tenant_source.source()
+    tenants = f"${tenant_source.tenant_variable}"
+    if tenant_source.kind is TenantSourceKind.API_KEY:
         tenants += f", mapped to {len(config.meterlake.tenant_source.tenants_by_api_key)} tenants"
     console.print(f"tenant           {_shown(tenants)}", highlight=False)
 
@@ -327,6 +368,7 @@ def load_test(
     profile: Annotated[str | None, typer.Option("--profile", help="AWS profile, with --cognito-client-id.")] = None,
     execution_id: Annotated[str | None, typer.Option("--execution-id", help="REST API id, instead of a URL.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed, for a repeatable request mix.")] = None,
+    fmt: Annotated[str, _FORMAT] = "text",
     cognito_client_id: Annotated[
         str | None,
         typer.Option(
@@ -347,6 +389,7 @@ def load_test(
     ] = None,
 ) -> None:
     """Drive the API: the local gateway (`meterlake up`) or a real API Gateway stage; run_test.py's flags."""
+    as_json = _json_format(fmt)
     url = apigw_invoke_url or invoke_url_from_parts(
         execution_id=execution_id, region_name=region_name or "us-east-1", api_stage=api_stage
     )
@@ -392,8 +435,11 @@ def load_test(
     ) as progress:
         task = progress.add_task("requests", total=plan.total)
         report = run_load_test(plan, on_progress=lambda n: progress.advance(task, n))
-    for line in summary_lines(report):
-        console.print(_shown(line), highlight=False)
+    if as_json:
+        _print_json(report_document(report))
+    else:
+        for line in summary_lines(report):
+            console.print(_shown(line), highlight=False)
     if report.interrupted:
         raise UsageError(f"interrupted after {report.answered} answered requests")
     failure = report.failure()
@@ -767,14 +813,20 @@ def _amberflo_key(config: Config) -> str | None:
 
 
 @forward_app.command("status")
-def forward_status(ctx: typer.Context) -> None:
-    """Show the outbox: backlog, lag, sent, dead-lettered, events without a tenant."""
+def forward_status(ctx: typer.Context, fmt: Annotated[str, _FORMAT] = "text") -> None:
+    """Show the outbox: backlog, lag, sent, dead-lettered, events without a tenant, and whether it is sending."""
+    import dataclasses
+
     from meterlake.amberflo.outbox import Outbox
 
+    as_json = _json_format(fmt)
     c = _context(ctx)
     config = c.config()
     with Outbox.in_data_dir(c.writable_data_dir(), meters=config.meters, settings=config.amberflo) as outbox:
         status = outbox.status()
+    if as_json:
+        _print_json(dataclasses.asdict(status))
+        return
     if status.paused is not None:
         console.print(
             f"paused: {status.paused.describe()}; the backlog waits, nothing is dead-lettered", highlight=False
@@ -787,8 +839,11 @@ def forward_status(ctx: typer.Context) -> None:
     console.print(f"checkpoint     snapshot {status.checkpoint_snapshot_id} ({status.staged_snapshots} staged)")
     if status.last_error:
         console.print(f"last error     {_shown(status.last_error)}", highlight=False)
-    if _amberflo_key(config) is None:
-        console.print(f"(dry run: ${config.amberflo.api_key_env} is not set; records are staged, nothing is sent)")
+    # Whoever drains (an `up` holding the key, `forward run`) says how; this shell's environment does not tell.
+    if status.last_drain is None:
+        console.print("forwarding     not drained yet (`meterlake up` or `meterlake forward run` drains)")
+    else:
+        console.print(f"forwarding     {_shown(status.last_drain.describe())}", highlight=False)
 
 
 @forward_app.command("retry-dead")
@@ -843,7 +898,13 @@ def meters_list(ctx: typer.Context) -> None:
     """Show the meters of the config: what counts, what each event contributes, which dimensions."""
     config = _context(ctx).config()
     for meter in config.meters:
-        conditions = " and ".join(f"{c.column} {c.op} {c.value!r}" for c in meter.filter) or "every event"
+        conditions = (
+            " and ".join(
+                f"{c.column} {c.op.replace('_', ' ')}" + ("" if c.value is None else f" {c.value!r}")
+                for c in meter.filter
+            )
+            or "every event"
+        )
         console.print(
             f"[bold]{_shown(meter.meter_api_name)}[/bold] ({_shown(meter.meter_type)}): {_shown(meter.label)}; "
             f"counts {_shown(conditions)}; value {_shown(repr(meter.value))}; "
@@ -879,6 +940,7 @@ def reconcile(
     repair: Annotated[
         bool, typer.Option(help="Re-send the lake's records of every bucket Amberflo is short of.")
     ] = False,
+    fmt: Annotated[str, _FORMAT] = "text",
 ) -> None:
     """Compare usage per customer, meter and hour: the lake against Amberflo (or, dry, against what was staged)."""
     import httpx
@@ -887,6 +949,7 @@ def reconcile(
     from meterlake.amberflo.reconcile import Window, amberflo_usage, compare, lake_usage, staged_usage
     from meterlake.amberflo.reconcile import repair as repair_usage
 
+    as_json = _json_format(fmt)
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
     window = Window.covering(_timestamp("--from", from_), _timestamp("--to", to))
@@ -901,6 +964,28 @@ def reconcile(
                     client, base_url=config.amberflo.base_url, api_key=key, meters=config.meters, window=window
                 )
             report = compare(lake, other, against=f"Amberflo at {config.amberflo.base_url}")
+        queued = (
+            repair_usage(report, config=config, data_dir=data_dir, outbox=outbox) if repair and report.missing else None
+        )
+    if as_json:
+        _print_json(
+            {
+                "against": report.against,
+                "buckets": report.buckets,
+                "differences": [
+                    {
+                        "customer_id": d.customer_id,
+                        "meter_api_name": d.meter_api_name,
+                        "hour": datetime.fromtimestamp(d.hour_s, UTC).strftime("%Y-%m-%dT%H:00:00Z"),
+                        "lake": d.lake,
+                        "other": d.other,
+                    }
+                    for d in report.differences
+                ],
+                "repaired_records": queued,
+            }
+        )
+    else:
         console.print(
             f"{report.buckets} customer/meter/hour buckets compared against {_shown(report.against)}; "
             f"{len(report.differences)} differ",
@@ -912,8 +997,7 @@ def reconcile(
                 f"  {_shown(d.customer_id)} {_shown(d.meter_api_name)} {hour}: lake {d.lake:g}, other {d.other:g}",
                 highlight=False,
             )
-        if repair and report.missing:
-            queued = repair_usage(report, config=config, data_dir=data_dir, outbox=outbox)
+        if queued is not None:
             console.print(f"repair: {queued} records queued again (same uniqueIds); `meterlake forward run` sends them")
     if report.differences and not repair:
         raise typer.Exit(1)

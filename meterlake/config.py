@@ -7,6 +7,7 @@ value Firehose would refuse fails here, with one message naming the key.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -247,7 +248,8 @@ class MeterlakeSettings(ConfigSection, frozen=True):
     """meterlake's own settings, beside the sample's keys."""
 
     unmetered_http_methods: tuple[Annotated[str, Meta(pattern=r"^[A-Z]+$")], ...] = ("OPTIONS",)
-    api_stage: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_]+$")] = "prod"
+    #: API Gateway's rule for stage names: letters, digits, hyphens and underscores, at most 128.
+    api_stage: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]+$", max_length=128)] = "prod"
     local: LocalRuntime = msgspec.field(default_factory=LocalRuntime)
     aws: AwsDeployment = msgspec.field(default_factory=AwsDeployment)
     tenant_source: TenantSourceSettings = msgspec.field(default_factory=TenantSourceSettings)
@@ -320,16 +322,47 @@ class Config(Struct, kw_only=True, frozen=True):
         return self.data_firehose_configuration.destination_iceberg_table_configuration.table_name
 
 
+#: Top-level keys of a cdk.context.json that the CDK itself writes: feature flags (``@aws-cdk/...``), cached
+#: lookups (``availability-zones:account=...``, ``ssm:...``: always with a colon) and acknowledged notices.
+CDK_CONTEXT_KEYS = frozenset({"acknowledged-issue-numbers"})
+
+
+def _is_cdk_key(key: str) -> bool:
+    return key.startswith("@") or ":" in key or key in CDK_CONTEXT_KEYS
+
+
 def parse_config(raw: Any, *, source: str = DEFAULT_CONFIG_FILE) -> Config:
     """Validate an already-decoded context mapping into a :class:`Config`.
+
+    A top-level key that is neither a section of the config nor one the CDK writes is a typo, and is refused (a
+    misspelt section would otherwise be ignored and its defaults used).
 
     Raises:
         ConfigError: naming the offending key, e.g. ``data_firehose_configuration.buffering_hints.size_in_mbs``.
     """
+    if isinstance(raw, dict):
+        sections = Config.__struct_fields__
+        for key in raw:
+            if isinstance(key, str) and key not in sections and not _is_cdk_key(key):
+                near = difflib.get_close_matches(key, sections, n=1)
+                hint = f" (did you mean {near[0]!r}?)" if near else f" (sections: {', '.join(sections)})"
+                raise ConfigError(f"{source}: {key}: not a meterlake setting nor a CDK context key{hint}")
     try:
         return msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(_describe(exc, raw, source)) from None
+
+
+def config_file(path: Path | str | None = None) -> Path | None:
+    """The file :func:`load_config` reads: ``path``, else ``$METERLAKE_CONFIG``, else ./cdk.context.json if it
+    exists; None: there is none, and the defaults are used."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
 
 
 def load_config(path: Path | str | None = None) -> Config:
@@ -338,12 +371,9 @@ def load_config(path: Path | str | None = None) -> Config:
     Raises:
         ConfigError: the file cannot be read, is not JSON, or holds a bad value.
     """
+    path = config_file(path)
     if path is None:
-        env = os.environ.get(CONFIG_ENV)
-        path = Path(env) if env else Path(DEFAULT_CONFIG_FILE)
-        if not env and not path.exists():
-            return Config()
-    path = Path(path)
+        return Config()
     try:
         text = path.read_bytes()
     except OSError as exc:

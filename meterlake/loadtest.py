@@ -277,3 +277,20 @@ def summary_lines(report: LoadTestReport) -> Sequence[str]:
     if report.transport_errors:
         lines.append("not answered: " + ", ".join(f"{k} x{v}" for k, v in report.transport_errors.items()))
     return lines
+
+
+def report_document(report: LoadTestReport) -> dict[str, object]:
+    """The report as one JSON-ready document (``meterlake load-test --format json``): the summary's figures, and
+    what was answered and billable per tenant (``null`` keys the requests without one)."""
+    return {
+        "answered": report.answered,
+        "succeeded": report.succeeded,
+        "duration_s": round(report.duration_s, 3),
+        "requests_per_s": round(report.requests_per_s, 1),
+        "latency_ms": {f"p{int(q * 100)}": round(report.latency_percentile(q), 2) for q in (0.5, 0.95, 0.99)},
+        "status": {str(code): n for code, n in sorted(report.status_counts.items())},
+        "not_answered": dict(report.transport_errors),
+        "answered_by_tenant": {str(t) if t is not None else "null": n for t, n in report.answered_by_tenant.items()},
+        "billable_by_tenant": {str(t) if t is not None else "null": n for t, n in report.billable_by_tenant.items()},
+        "interrupted": report.interrupted,
+    }

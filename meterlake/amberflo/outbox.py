@@ -86,6 +86,8 @@ _DRAIN_PAGE = 256
 _PENDING, _SENT, _DEAD = "pending", "sent", "dead"
 #: The meta key holding the pause (JSON of :class:`ForwardingPause`'s fields) while Amberflo refuses the API key.
 _PAUSE_KEY = "key_refused"
+#: Meta key of the last drain's mode: whether it sent or ran dry, when, and why dry.
+_LAST_DRAIN_KEY = "last_drain"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -167,6 +169,26 @@ class ForwardingPause:
 
 
 @dataclass(frozen=True, slots=True)
+class LastDrain:
+    """How the outbox was last drained, by whichever process (`up`, `forward run`): sending, or a dry run and why.
+
+    A command reporting the outbox reads this instead of its own environment: `up` may hold the API key that the
+    shell running `meterlake forward status` does not.
+    """
+
+    sending: bool
+    at_ms: int
+    why_dry: str | None = None
+
+    def describe(self) -> str:
+        """``sending to Amberflo (last drain 2025-11-24 16:00:00 UTC)`` or ``dry run (...): nothing is sent``."""
+        at = datetime.fromtimestamp(self.at_ms / 1000, UTC)
+        if self.sending:
+            return f"sending to Amberflo (last drain {at:%Y-%m-%d %H:%M:%S} UTC)"
+        return f"dry run ({self.why_dry}; last drain {at:%Y-%m-%d %H:%M:%S} UTC): records are staged, nothing is sent"
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxStatus:
     """The outbox at a glance. ``lag_seconds`` is the age of the oldest pending record's commit (0 if none);
     ``paused`` is set while Amberflo refuses the API key."""
@@ -183,6 +205,8 @@ class OutboxStatus:
     lag_seconds: float
     last_error: str | None
     paused: ForwardingPause | None = None
+    #: None: never drained.
+    last_drain: LastDrain | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -388,8 +412,10 @@ class Outbox:
         if api_key is None or self.settings.dry_run:
             pending = self.status().pending_batches
             why = "dry_run is set" if self.settings.dry_run else f"${self.settings.api_key_env} is not set"
+            self._note_drain(LastDrain(sending=False, at_ms=_now_ms(), why_dry=why))
             logger.info("Amberflo forwarding is a dry run (%s): %d batches stay staged, nothing sent", why, pending)
             return DrainReport(dry_run=True, pending_batches=pending)
+        self._note_drain(LastDrain(sending=True, at_ms=_now_ms()))
         counts = {"sent": 0, "sent_records": 0, "dead": 0, "dead_records": 0, "gave_up": 0}
 
         def on_outcome(batch_id: int, batch: EncodedBatch, outcome: SendOutcome) -> None:
@@ -538,6 +564,7 @@ class Outbox:
             checkpoint = self._meta("checkpoint")
             last_error = self._meta("last_error")
             pause = self._meta(_PAUSE_KEY)
+            last_drain = self._meta(_LAST_DRAIN_KEY)
         lag = max(0.0, time.time() - oldest / 1000) if oldest is not None else 0.0
         return OutboxStatus(
             pending_batches=by_state.get(_PENDING, (0, 0))[0],
@@ -552,6 +579,7 @@ class Outbox:
             lag_seconds=lag,
             last_error=last_error,
             paused=None if pause is None else ForwardingPause(**json.loads(pause)),
+            last_drain=None if last_drain is None else LastDrain(**json.loads(last_drain)),
         )
 
     def dead_letters(self) -> list[DeadLetterEntry]:
@@ -639,6 +667,13 @@ class Outbox:
     def _meta(self, key: str) -> str | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else str(row[0])
+
+    def _note_drain(self, drain: LastDrain) -> None:
+        """Remember how this drain runs, for `forward status` in another process."""
+        with self._lock:
+            self._set_meta(
+                _LAST_DRAIN_KEY, json.dumps({"sending": drain.sending, "at_ms": drain.at_ms, "why_dry": drain.why_dry})
+            )
 
     def _set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))

@@ -642,7 +642,7 @@ def format_result(result: QueryResult, fmt: Literal["table", "csv", "json"]) -> 
             {column: _json_value(value) for column, value in zip(result.columns, row, strict=True)}
             for row in result.rows
         ]
-        return json.dumps(objects, indent=2)
+        return json.dumps(objects, indent=2) + "\n"
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")

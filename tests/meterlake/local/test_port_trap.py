@@ -6,6 +6,7 @@ response body), and a load test whose every request failed must say so and exit 
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -37,6 +38,9 @@ def running_up(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
         assert process.stdout is not None
         first = process.stdout.readline().split()
         assert first[:1] == ["RestApiEndpoint"], (first, process.stderr.read() if process.stderr else "")
+        hint = process.stdout.readline()
+        # The printed command stays on one line whatever the width, so pasting it runs it (defect 6).
+        assert f"{first[1]}/random/strings?len=8\n" in hint, hint
         yield first[1], process
     finally:
         if process.poll() is None:
@@ -60,6 +64,14 @@ def test_load_test_tenants_follow_the_url(tmp_path: Path, running_up: tuple[str,
     result = meterlake("load-test", "--apigw-invoke-url", url, "--tenants", "2", "--max-count", "6", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "200 x6" in result.stdout
+    as_json = meterlake(
+        *("load-test", "--apigw-invoke-url", url, "--tenants", "2", "--max-count", "4", "--format", "json"),
+        cwd=tmp_path,
+    )
+    assert as_json.returncode == 0, as_json.stderr
+    document = json.loads(as_json.stdout)
+    assert (document["answered"], document["status"]) == (4, {"200": 4})
+    assert sum(document["billable_by_tenant"].values()) == 4
 
 
 def test_a_refused_token_is_explained_in_the_server_log_only(
@@ -116,7 +128,7 @@ def test_ctrl_c_during_a_load_test_prints_what_was_answered(
         text=True,
     )
     try:
-        _wait_for_requests(url, token)
+        _wait_for_requests(tmp_path / "home")
         process.send_signal(signal.SIGINT)
         out, err = process.communicate(timeout=30)
     finally:
@@ -130,7 +142,14 @@ def test_ctrl_c_during_a_load_test_prints_what_was_answered(
     assert "Traceback" not in err
 
 
-def _wait_for_requests(url: str, token: str) -> None:
-    """Give the load test a moment to be under way: one request of our own through the same gateway."""
-    assert httpx.get(f"{url}/random/strings", headers={"Authorization": token}, timeout=10).status_code == 200
-    time.sleep(1.5)
+def _spooled_bytes(home: Path) -> int:
+    return sum(segment.stat().st_size for segment in (home / "spool").glob("*.seg"))
+
+
+def _wait_for_requests(home: Path) -> None:
+    """Wait until the load test is under way: the gateway's spool grows with its requests' access-log lines."""
+    before = _spooled_bytes(home)
+    deadline = time.monotonic() + 60
+    while _spooled_bytes(home) <= before:
+        assert time.monotonic() < deadline, "the load test sent nothing"
+        time.sleep(0.05)
