@@ -34,7 +34,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -838,7 +838,7 @@ def _athena_literal(value: BoundValue) -> str:
     return exp.Literal.string(value).sql(dialect=SOURCE_DIALECT)
 
 
-def _current_data_files(tasks: Sequence[FileScanTask]) -> list[str]:
+def _current_data_files(tasks: Iterable[FileScanTask]) -> list[str]:
     """Local paths of the snapshot's data files; refuses delete files, which read_parquet would ignore."""
     paths: list[str] = []
     for task in tasks:

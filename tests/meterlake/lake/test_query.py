@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlglot
+from pyiceberg.table import FileScanTask
 from sqlglot import exp
 
 from meterlake.config import Config
@@ -343,10 +344,10 @@ def test_delete_files_are_refused() -> None:
         file=SimpleNamespace(file_path="file:///w/data.parquet"),
     )
     with pytest.raises(UnsupportedTableStateError, match=r"/w/deletes\.parquet: the table has delete files"):
-        _current_data_files([task])
+        _current_data_files([cast("FileScanTask", task)])
     remote = SimpleNamespace(delete_files=[], file=SimpleNamespace(file_path="s3://bucket/data.parquet"))
     with pytest.raises(UnsupportedTableStateError, match="not a local file"):
-        _current_data_files([remote])
+        _current_data_files([cast("FileScanTask", remote)])
 
 
 def test_parse_param_args() -> None:
