@@ -120,9 +120,7 @@ class MeteringService:
 
     def parse_query(self, body: object) -> UsageQuery:
         """A usage query body (either accepted shape); aggregation defaults to the meter's own."""
-        return parse_usage_query(
-            body, now_s=int(time.time()), aggregations=ALL_AGGREGATIONS, aggregation_required=False
-        )
+        return parse_usage_query(body, now_s=_now_s(), aggregations=ALL_AGGREGATIONS, aggregation_required=False)
 
     def usage(self, principal: Principal, query: UsageQuery, *, zero_fill: bool) -> dict[str, Any]:
         """Amberflo's usage report (a tenant's narrowed to its own customerId)."""
@@ -140,7 +138,7 @@ class MeteringService:
         name = _one(params, "meterApiName") or meter.meter_api_name
         if name != meter.meter_api_name:
             raise RequestError(f"meterApiName {name!r} is not the name of meter {meter_id} ({meter.meter_api_name!r})")
-        now_s = int(time.time())
+        now_s = _now_s()
         body: dict[str, object] = {
             "meterApiName": name,
             "timeGroupingInterval": _one(params, "timeGroupingInterval") or "DAY",
@@ -194,6 +192,11 @@ class MeteringService:
         """Remove a rule (admins only): its events count again."""
         require_admin(principal, "removing cancellation rules")
         return self.rules.remove(rule_id)
+
+
+def _now_s() -> int:
+    """ "Now" as a range's default end: the end of the current second, so an event of this very second counts."""
+    return int(time.time()) + 1
 
 
 def _one(params: dict[str, list[str]], name: str) -> str | None:
