@@ -659,6 +659,41 @@ def flush(
     console.print(f"committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}")
 
 
+@app.command()
+def compact(ctx: typer.Context) -> None:
+    """Rewrite the small files of closed days into large sorted ones (one replace commit), then expire old snapshots.
+
+    What `meterlake up` also does on a schedule, and Glue's optimizers on AWS. Snapshots the forwarding outbox has
+    not staged yet are kept.
+    """
+    from meterlake.amberflo.outbox import Outbox
+    from meterlake.lake.catalog import ensure_metering_table, open_catalog
+    from meterlake.lake.compact import Retention, maintain
+
+    c = _context(ctx)
+    config, data_dir = c.config(), c.writable_data_dir()
+    table = ensure_metering_table(open_catalog(data_dir), config)
+    with Outbox.in_data_dir(data_dir, meters=config.meters, settings=config.amberflo) as outbox:
+        report = maintain(
+            data_dir,
+            table,
+            retention=Retention.from_config(config),
+            readers=lambda: [outbox.status().checkpoint_snapshot_id],
+        )
+    done, expiry = report.compaction, report.expiry
+    if done.snapshot_id is None:
+        console.print("nothing to compact: no closed day holds two small files")
+    else:
+        console.print(
+            f"compacted {done.partitions} day(s): {done.files_replaced} files -> {done.files_written}, "
+            f"{done.rows} rows unchanged (replace snapshot {done.snapshot_id})"
+        )
+    console.print(
+        f"expired {expiry.expired_snapshots} snapshot(s), kept {expiry.retained_snapshots}; "
+        f"deleted {expiry.deleted_files} unreferenced file(s) ({expiry.deleted_bytes / 1e6:.1f} MB)"
+    )
+
+
 forward_app = typer.Typer(help="Forwarding of committed usage to Amberflo (the local outbox).", no_args_is_help=True)
 meters_app = typer.Typer(help="The meters declared in the config, and their Amberflo twins.", no_args_is_help=True)
 amberflo_app = typer.Typer(
@@ -1176,6 +1211,7 @@ def main() -> None:
     from meterlake.amberflo.reconcile import ReconcileError
     from meterlake.amberflo.sync import MeterSyncError
     from meterlake.aws import AwsError
+    from meterlake.lake.compact import MaintenanceError
     from meterlake.local.auth import InvalidClaimError, InvalidToken, SigningKeyError
     from meterlake.local.gateway import GatewayError
     from meterlake.local.serving import ServingError
@@ -1211,6 +1247,7 @@ def main() -> None:
         DataDirError,
         SigningKeyError,
         InvalidClaimError,
+        MaintenanceError,
         StoreError,
         RegistryConflictError,
     ) as exc:

@@ -153,7 +153,8 @@ LOG_RETENTION_DAYS: frozenset[int] = frozenset(
 
 
 class AwsDeployment(ConfigSection, frozen=True):
-    """Settings only the CDK app uses: retention, cost guards, throttling, Lambda sizing, table maintenance."""
+    """Settings the CDK app uses: retention, cost guards, throttling, Lambda sizing, table maintenance (whose
+    retention the local runtime's maintenance uses too)."""
 
     #: CloudWatch Logs retention of every log group the app creates.
     log_retention_days: int = 30
@@ -169,11 +170,12 @@ class AwsDeployment(ConfigSection, frozen=True):
     lambda_architecture: Literal["arm64", "x86_64"] = "arm64"
     #: Memory of the transform Lambda; CPU scales with it, and decoding a 6 MB batch is CPU-bound.
     transform_memory_mb: Annotated[int, Meta(ge=128, le=10240)] = 1024
-    #: Snapshots younger than this are kept by the Glue retention optimizer (time travel, in-flight readers).
+    #: Snapshots younger than this are kept by the Glue retention optimizer (time travel, in-flight readers), and
+    #: locally by ``meterlake compact`` and the running stack's maintenance (meterlake.lake.compact).
     snapshot_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 5
-    #: Snapshots always kept by the Glue retention optimizer, whatever their age.
+    #: Snapshots always kept by the Glue retention optimizer (and locally), whatever their age.
     snapshots_to_retain: Annotated[int, Meta(ge=1, le=1000)] = 1
-    #: Files no snapshot references are deleted by the Glue orphan-file optimizer after this many days.
+    #: Files no snapshot references are deleted by the Glue orphan-file optimizer (and locally) after this many days.
     orphan_file_retention_days: Annotated[int, Meta(ge=1, le=3650)] = 3
     #: Where the forwarding alarms' SNS topic sends e-mail (the address confirms the subscription); None: no e-mail.
     alarm_email: Annotated[str, Meta(pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")] | None = None

@@ -1,0 +1,568 @@
+"""Table maintenance, as Glue's optimizers do it on AWS: compaction and snapshot expiry.
+
+The delivery stream commits one or more small files per flush (a month at the one-minute interval is over 43,000),
+and every query plan and forwarding pass pays for each. :func:`compact` rewrites the small files of each closed
+partition (a UTC day that ended at least :data:`CLOSE_AFTER` ago, so no flush still writes there) into large files
+sorted by request time, and commits all partitions' swaps in ONE Iceberg ``replace`` snapshot. It reads and writes
+through pyiceberg and checks that the rows it wrote are the rows it read, so no usage number changes.
+
+Why ``replace``: that operation says "the same rows, in other files". The forwarding outbox
+(``meterlake.amberflo.outbox.committed_since``) stages what ``append`` and ``overwrite`` snapshots added and skips
+every other operation, so a compaction is never forwarded, and the request-id index finds only keys it already holds.
+pyiceberg 0.12 has no public rewrite (Java's ``RewriteFiles``), so :class:`_ReplaceFiles` is its overwrite producer
+with the ``replace`` operation and a rewrite's conflict rules.
+
+Never blocking ingest: compaction reads committed files and writes new ones without any lock the stream takes. When
+the stream commits meanwhile, pyiceberg retries the replace on the new head; a rewrite conflicts only with a commit
+that removed one of the files it replaces (Iceberg's rule for ``replace``), never with an append. The stream's own
+append retries the same way if compaction commits first.
+
+:func:`expire_snapshots` then drops snapshots older than the retention (``meterlake.aws.snapshot_retention_days``,
+keeping at least ``snapshots_to_retain``: the settings of Glue's retention optimizer) and deletes the files only
+expired snapshots referenced (Glue's ``clean_expired_files``); files no snapshot references at all are deleted once
+older than ``orphan_file_retention_days`` (Glue's orphan-file optimizer). An incremental reader's checkpoint (the
+forwarding outbox's) protects it and every snapshot after it: a snapshot it has not staged is never expired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import logging
+import os
+import threading
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final
+
+from pyiceberg.exceptions import CommitFailedException, ValidationException
+from pyiceberg.expressions import AlwaysTrue
+from pyiceberg.io.pyarrow import ArrowScan, PyArrowFileIO, _dataframe_to_data_files
+from pyiceberg.manifest import DataFile, ManifestEntryStatus, ManifestFile
+from pyiceberg.table import FileScanTask, Table, TableProperties
+from pyiceberg.table.snapshots import Operation, Snapshot, Summary
+from pyiceberg.table.update.snapshot import _OverwriteFiles
+from pyiceberg.table.update.validate import _validate_data_files_exist, _validate_no_new_deletes_for_data_files
+from pyiceberg.typedef import EMPTY_DICT
+from pyiceberg.utils.properties import property_as_bool, property_as_int
+
+from meterlake.config import Config
+from meterlake.lake.home import DataDir
+from meterlake.schema import PARTITION_SOURCE_COLUMN
+
+logger = logging.getLogger(__name__)
+
+#: A UTC day's partition is closed this long after the day ended: past the stream's longest buffering interval
+#: (900 s) and its retries, so no flush still commits into it.
+CLOSE_AFTER: Final = timedelta(hours=1)
+#: A file under this share of the table's target file size (``write.target-file-size-bytes``) is small, as Glue's
+#: binpack compaction counts it.
+SMALL_FILE_SHARE: Final = 0.75
+#: The column compacted files are sorted by, so a time window reads few row groups of a day's file.
+SORT_COLUMN: Final = PARTITION_SOURCE_COLUMN
+#: How often the running local stack maintains the table.
+MAINTENANCE_INTERVAL_S: Final = 900.0
+#: Attempts at committing an expiry the stream's commits keep racing.
+_EXPIRE_ATTEMPTS: Final = 5
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_LOCK_FILE: Final = "maintenance.lock"
+
+
+class MaintenanceError(Exception):
+    """Base of the failures of table maintenance; the message is one line naming the problem."""
+
+
+class MaintenanceBusyError(MaintenanceError):
+    """Another process (``meterlake up``'s schedule, or ``meterlake compact``) is maintaining the table."""
+
+    def __init__(self, lock: Path) -> None:
+        super().__init__(f"another process is compacting this table (it holds {lock}); try again when it is done")
+        self.lock = lock
+
+
+class CompactionConflictError(MaintenanceError):
+    """A concurrent commit removed files the compaction was replacing; nothing was changed, the next run retries."""
+
+
+class CompactionMismatchError(MaintenanceError):
+    """The rewritten files would not hold exactly the rows of the files they replace; nothing was committed."""
+
+
+@dataclass(frozen=True, slots=True)
+class CompactionReport:
+    """What :func:`compact` did: partitions rewritten, files and bytes replaced and written, rows moved."""
+
+    partitions: int = 0
+    files_replaced: int = 0
+    files_written: int = 0
+    bytes_replaced: int = 0
+    bytes_written: int = 0
+    rows: int = 0
+    #: The replace snapshot, or None when nothing needed compacting.
+    snapshot_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiryReport:
+    """What :func:`expire_snapshots` did: snapshots expired and kept, files deleted (expired ones and orphans)."""
+
+    expired_snapshots: int = 0
+    retained_snapshots: int = 0
+    deleted_files: int = 0
+    deleted_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MaintenanceReport:
+    """One maintenance run: the compaction, then the expiry."""
+
+    compaction: CompactionReport
+    expiry: ExpiryReport
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """How long snapshots and unreferenced files are kept (the settings of Glue's retention and orphan optimizers).
+
+    Args:
+        snapshots: snapshots younger than this are kept.
+        min_snapshots: the newest this many snapshots are kept, whatever their age.
+        orphan_files: a file no snapshot references is deleted once older than this (it may belong to a commit in
+            flight until then).
+    """
+
+    snapshots: timedelta
+    min_snapshots: int = 1
+    orphan_files: timedelta = timedelta(days=3)
+
+    @classmethod
+    def from_config(cls, config: Config) -> Retention:
+        """The retention the config gives Glue's optimizers on AWS (``meterlake.aws``), so both behave alike."""
+        aws = config.meterlake.aws
+        return cls(
+            snapshots=timedelta(days=aws.snapshot_retention_days),
+            min_snapshots=aws.snapshots_to_retain,
+            orphan_files=timedelta(days=aws.orphan_file_retention_days),
+        )
+
+
+def maintain(
+    data_dir: DataDir,
+    table: Table,
+    *,
+    retention: Retention,
+    readers: Callable[[], Sequence[int | None]] = tuple,
+    now: datetime | None = None,
+) -> MaintenanceReport:
+    """Compact the table's closed partitions, then expire its old snapshots, holding the data dir's maintenance lock.
+
+    Args:
+        data_dir: whose lock serialises maintenance between processes.
+        table: the table to maintain.
+        retention: what to keep.
+        readers: the checkpoints of the table's incremental readers (each the last snapshot it consumed; None: it has
+            consumed nothing yet), read after compacting; every snapshot after a checkpoint is kept.
+        now: the time the run takes as now (default: the clock).
+
+    Raises:
+        MaintenanceBusyError: another process holds the lock.
+        CompactionConflictError: a concurrent commit removed files being compacted.
+        CompactionMismatchError: the rewrite would change the rows (nothing committed).
+    """
+    moment = now or datetime.now(UTC)
+    with maintenance_lock(data_dir):
+        compaction = compact(table, now=moment)
+        table.refresh()
+        expiry = expire_snapshots(table, retention=retention, readers=readers(), now=moment)
+    return MaintenanceReport(compaction=compaction, expiry=expiry)
+
+
+@contextlib.contextmanager
+def maintenance_lock(data_dir: DataDir) -> Iterator[None]:
+    """Hold the data dir's maintenance lock (an advisory file lock, released if the process dies).
+
+    Raises:
+        MaintenanceBusyError: another process holds it.
+    """
+    path = data_dir.root / _LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MaintenanceBusyError(path) from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def compact(table: Table, *, now: datetime | None = None, close_after: timedelta = CLOSE_AFTER) -> CompactionReport:
+    """Rewrite the small files of every closed day partition into large files sorted by request time, in one
+    ``replace`` commit.
+
+    A partition is rewritten when it holds at least two small files (see :data:`SMALL_FILE_SHARE`) and no delete
+    files; its large files are left as they are. Files are rewritten partition by partition (one day in memory at a
+    time) and swapped in one commit. If the commit cannot land, the files it wrote are deleted.
+
+    Raises:
+        CompactionConflictError: a concurrent commit removed files being compacted.
+        CompactionMismatchError: the files written would not hold exactly the rows read.
+    """
+    moment = now or datetime.now(UTC)
+    target = property_as_int(
+        table.metadata.properties,
+        TableProperties.WRITE_TARGET_FILE_SIZE_BYTES,
+        TableProperties.WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT,
+    )
+    assert target is not None  # the default is not None
+    small = SMALL_FILE_SHARE * target
+    closed_before = _partition_day(moment - close_after)
+    by_partition: dict[int, list[DataFile]] = defaultdict(list)
+    tainted: set[int] = set()
+    for task in table.scan().plan_files():
+        day = _day_of(task.file)
+        if day is None or day >= closed_before:
+            continue
+        if task.delete_files:
+            tainted.add(day)
+        elif task.file.file_size_in_bytes < small:
+            by_partition[day].append(task.file)
+    days = sorted(day for day, files in by_partition.items() if len(files) >= 2 and day not in tainted)
+    if not days:
+        return CompactionReport()
+
+    replaced: list[DataFile] = []
+    written: list[DataFile] = []
+    rows = 0
+    write_uuid, counter = uuid.uuid4(), itertools.count()
+    scan = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue())
+    try:
+        for day in days:
+            files = by_partition[day]
+            events = scan.to_table(tasks=[FileScanTask(data_file) for data_file in files])
+            expected = sum(f.record_count for f in files)
+            if events.num_rows != expected:
+                raise CompactionMismatchError(f"day {_day_text(day)}: read {events.num_rows} rows of {expected}")
+            sorted_events = events.sort_by([(SORT_COLUMN, "ascending")])
+            del events
+            new_files = list(
+                _dataframe_to_data_files(
+                    table_metadata=table.metadata, df=sorted_events, io=table.io, write_uuid=write_uuid, counter=counter
+                )
+            )
+            written.extend(new_files)
+            if sum(f.record_count for f in new_files) != expected:
+                raise CompactionMismatchError(f"day {_day_text(day)}: wrote a different number of rows than read")
+            replaced.extend(files)
+            rows += expected
+        with table.transaction() as transaction:
+            swap = _ReplaceFiles(operation=Operation.OVERWRITE, transaction=transaction, io=table.io)
+            for data_file in replaced:
+                swap.delete_data_file(data_file)
+            for data_file in written:
+                swap.append_data_file(data_file)
+            swap.commit()
+    except BaseException as exc:
+        for data_file in written:
+            with contextlib.suppress(OSError):
+                table.io.delete(data_file.file_path)
+        if isinstance(exc, ValidationException | CommitFailedException):
+            raise CompactionConflictError(f"compaction not committed: {exc}") from exc
+        raise
+    snapshot = table.current_snapshot()
+    report = CompactionReport(
+        partitions=len(days),
+        files_replaced=len(replaced),
+        files_written=len(written),
+        bytes_replaced=sum(f.file_size_in_bytes for f in replaced),
+        bytes_written=sum(f.file_size_in_bytes for f in written),
+        rows=rows,
+        snapshot_id=None if snapshot is None else snapshot.snapshot_id,
+    )
+    logger.info(
+        "compacted %d day(s): %d files -> %d, %d rows (replace snapshot %s)",
+        report.partitions,
+        report.files_replaced,
+        report.files_written,
+        report.rows,
+        report.snapshot_id,
+    )
+    return report
+
+
+def expire_snapshots(
+    table: Table, *, retention: Retention, readers: Sequence[int | None] = (), now: datetime | None = None
+) -> ExpiryReport:
+    """Expire the snapshots the retention no longer keeps and delete the files nothing retained references.
+
+    Kept: the current snapshot and its newest ``retention.min_snapshots`` ancestors, every snapshot younger than
+    ``retention.snapshots``, and each reader's checkpoint with every ancestor after it (all of them if a checkpoint
+    is None or not an ancestor: that reader's next read must find them). Kept snapshots are always the newest
+    stretch of the history, so a walk from the current snapshot back to any of them finds every one in between.
+
+    Files: each expired snapshot's manifest list, and the manifests and data files only expired snapshots
+    referenced, are deleted at once; any other file under the table's location that no kept snapshot references
+    (what a failed commit left) is deleted once older than ``retention.orphan_files``.
+    """
+    moment = now or datetime.now(UTC)
+    for attempt in range(_EXPIRE_ATTEMPTS):
+        current = table.current_snapshot()
+        if current is None:
+            return ExpiryReport()
+        chain = _ancestors(table, current)
+        kept = _kept_depth(chain, retention=retention, readers=readers, now=moment)
+        kept_ids = {snapshot.snapshot_id for snapshot in chain[:kept]}
+        chain_ids = {snapshot.snapshot_id for snapshot in chain}
+        off_chain = [snapshot for snapshot in table.metadata.snapshots if snapshot.snapshot_id not in chain_ids]
+        expired = chain[kept:] + off_chain  # newest first, then those a rollback left off the history
+        if not expired:
+            return ExpiryReport(retained_snapshots=len(kept_ids))
+        try:
+            table.maintenance.expire_snapshots().by_ids([snapshot.snapshot_id for snapshot in expired]).commit()
+        except CommitFailedException:
+            if attempt == _EXPIRE_ATTEMPTS - 1:
+                raise
+            table.refresh()
+            continue
+        break
+    deleted, deleted_bytes = _delete_unreferenced(
+        table,
+        retained=chain[:kept],
+        expired=chain[kept:],
+        off_chain=off_chain,
+        orphans_before=moment - retention.orphan_files,
+    )
+    logger.info(
+        "expired %d snapshot(s), kept %d; deleted %d unreferenced file(s)", len(expired), len(kept_ids), deleted
+    )
+    return ExpiryReport(
+        expired_snapshots=len(expired),
+        retained_snapshots=len(kept_ids),
+        deleted_files=deleted,
+        deleted_bytes=deleted_bytes,
+    )
+
+
+class MaintenanceWorker:
+    """Maintains a table every ``interval_s`` in its own thread (the running local stack's schedule).
+
+    A failed run is logged and retried at the next interval; compaction never holds up the stream's commits.
+    """
+
+    def __init__(
+        self,
+        data_dir: DataDir,
+        *,
+        load_table: Callable[[], Table],
+        retention: Retention,
+        readers: Callable[[], Sequence[int | None]] = tuple,
+        interval_s: float = MAINTENANCE_INTERVAL_S,
+    ) -> None:
+        self.data_dir = data_dir
+        self._load_table = load_table
+        self._retention = retention
+        self._readers = readers
+        self.interval_s = interval_s
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meterlake-maintenance", daemon=True)
+        #: The last run's report, or the error it ended with.
+        self.last: MaintenanceReport | Exception | None = None
+
+    def start(self) -> None:
+        """Start the schedule (the first run comes after one interval)."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the schedule, waiting for a run in progress to finish."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            try:
+                self.last = maintain(
+                    self.data_dir, self._load_table(), retention=self._retention, readers=self._readers
+                )
+            except MaintenanceError as exc:
+                logger.warning("table maintenance skipped: %s", exc)
+                self.last = exc
+            except Exception as exc:  # the schedule outlives a failed run; the next one retries
+                logger.exception("table maintenance failed; retrying at the next interval")
+                self.last = exc
+
+
+# -- the rewrite ----------------------------------------------------------------------------------------------------
+
+
+class _ReplaceFiles(_OverwriteFiles):
+    """pyiceberg's overwrite producer, committing a ``replace`` snapshot with the conflict rules of a rewrite.
+
+    Its summary is the overwrite's (pyiceberg computes totals only for append, overwrite and delete) under the
+    ``replace`` operation. A concurrent append does not conflict with a rewrite (the appended rows are kept, as
+    existing files); only a commit that removed a replaced file, or added deletes against one, does.
+    """
+
+    def _summary(self, snapshot_properties: dict[str, str] = EMPTY_DICT) -> Summary:
+        overwrite = super()._summary(snapshot_properties)
+        return Summary(Operation.REPLACE, **overwrite.additional_properties)
+
+    def _validate_concurrency(self) -> None:
+        window = self._commit_window
+        if window is None or window.is_empty() or window.head is None:
+            return
+        table = self._transaction._table
+        _validate_data_files_exist(table, window.head, self._deleted_data_files, window.base)
+        _validate_no_new_deletes_for_data_files(table, window.head, None, self._deleted_data_files, window.base)
+
+
+def _partition_day(moment: datetime) -> int:
+    """The day partition value (days since the epoch, UTC) holding ``moment``."""
+    return (moment.astimezone(UTC) - _EPOCH) // timedelta(days=1)
+
+
+def _day_of(data_file: DataFile) -> int | None:
+    """The day partition of a data file of the table's day-partitioned spec, or None for another layout."""
+    partition = data_file.partition
+    if len(partition) != 1 or type(partition[0]) is not int:
+        return None
+    return int(partition[0])
+
+
+def _day_text(day: int) -> str:
+    return (_EPOCH + timedelta(days=day)).date().isoformat()
+
+
+# -- expiry ---------------------------------------------------------------------------------------------------------
+
+
+def _ancestors(table: Table, current: Snapshot) -> list[Snapshot]:
+    """The current snapshot and its retained ancestors, newest first."""
+    chain = [current]
+    while chain[-1].parent_snapshot_id is not None:
+        parent = table.snapshot_by_id(chain[-1].parent_snapshot_id)
+        if parent is None:
+            break
+        chain.append(parent)
+    return chain
+
+
+def _kept_depth(
+    chain: Sequence[Snapshot], *, retention: Retention, readers: Sequence[int | None], now: datetime
+) -> int:
+    """How many of ``chain`` (newest first) are kept: the newest stretch covering every reason to keep one."""
+    kept = max(1, retention.min_snapshots)
+    cutoff_ms = (now - retention.snapshots - _EPOCH) // timedelta(milliseconds=1)
+    for depth, snapshot in enumerate(chain, start=1):
+        if snapshot.timestamp_ms >= cutoff_ms:
+            kept = max(kept, depth)
+    # A reader finds where it stopped by its checkpoint's id as the next snapshot's parent, and expiring a snapshot
+    # clears the parent id of its child in pyiceberg's metadata: so the checkpoint itself is kept too.
+    depths = {snapshot.snapshot_id: depth for depth, snapshot in enumerate(chain, start=1)}
+    for checkpoint in readers:
+        kept = max(kept, depths.get(checkpoint, len(chain)) if checkpoint is not None else len(chain))
+    return min(kept, len(chain))
+
+
+def _delete_unreferenced(
+    table: Table,
+    *,
+    retained: Sequence[Snapshot],
+    expired: Sequence[Snapshot],
+    off_chain: Sequence[Snapshot],
+    orphans_before: datetime,
+) -> tuple[int, int]:
+    """Delete the files only expired snapshots referenced, and old orphans; returns (files, bytes) deleted.
+
+    ``retained`` and ``expired`` are the history's kept and expired stretches (newest first), ``off_chain`` expired
+    snapshots outside it. A data file no kept snapshot holds was removed by a ``replace``, ``overwrite`` or
+    ``delete`` snapshot no later than the oldest kept one, whose own manifests list it as deleted.
+    """
+    kept_manifests = _manifests(table, retained)
+    keep = {_local_path(path) for path in kept_manifests}
+    keep.update(_local_path(snapshot.manifest_list) for snapshot in retained)
+    keep.update(
+        _local_path(entry.data_file.file_path)
+        for manifest in kept_manifests.values()
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=True)
+    )
+    gone = [*expired, *off_chain]
+    doomed = {_local_path(snapshot.manifest_list) for snapshot in gone}
+    doomed.update(_local_path(path) for path in _manifests(table, expired))
+    for snapshot in off_chain:
+        doomed.update(_local_path(path) for path in _manifests(table, [snapshot]))
+    for snapshot in [*gone, retained[-1]]:
+        doomed.update(_local_path(path) for path in _removed_data_files(table, snapshot))
+    doomed -= keep
+    orphan_cutoff = orphans_before.timestamp()
+    root = Path(_local_path(table.location()))
+    deleted = deleted_bytes = 0
+    for path in [*(root / "data").rglob("*.parquet"), *(root / "metadata").glob("*.avro")]:
+        name = str(path)
+        if name in keep:
+            continue
+        try:
+            info = path.stat()
+            if name not in doomed and info.st_mtime >= orphan_cutoff:
+                continue
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        deleted += 1
+        deleted_bytes += info.st_size
+    return deleted, deleted_bytes
+
+
+def _manifests(table: Table, stretch: Sequence[Snapshot]) -> dict[str, ManifestFile]:
+    """Every manifest a stretch of one linear history (newest first) references, by path.
+
+    A fast append's manifest list is its parent's plus one new manifest, so not every list is read: those of the
+    stretch's newest and oldest snapshots, of every snapshot of another operation and of its parent hold them all
+    (a merged append rewrites manifests, so with manifest merging on every list is read).
+    """
+    if not stretch:
+        return {}
+    merging = property_as_bool(
+        table.metadata.properties,
+        TableProperties.MANIFEST_MERGE_ENABLED,
+        TableProperties.MANIFEST_MERGE_ENABLED_DEFAULT,
+    )
+    by_id = {snapshot.snapshot_id: snapshot for snapshot in stretch}
+    read = {stretch[0].snapshot_id, stretch[-1].snapshot_id}
+    for snapshot in stretch:
+        if merging or _operation(snapshot) != Operation.APPEND:
+            read.add(snapshot.snapshot_id)
+            if snapshot.parent_snapshot_id in by_id:
+                read.add(snapshot.parent_snapshot_id)
+    return {
+        manifest.manifest_path: manifest for snapshot_id in read for manifest in by_id[snapshot_id].manifests(table.io)
+    }
+
+
+def _removed_data_files(table: Table, snapshot: Snapshot) -> list[str]:
+    """The data files ``snapshot`` itself removed (none for an append)."""
+    if _operation(snapshot) == Operation.APPEND:
+        return []
+    return [
+        entry.data_file.file_path
+        for manifest in snapshot.manifests(table.io)
+        if manifest.added_snapshot_id == snapshot.snapshot_id
+        for entry in manifest.fetch_manifest_entry(table.io, discard_deleted=False)
+        if entry.status == ManifestEntryStatus.DELETED
+    ]
+
+
+def _operation(snapshot: Snapshot) -> Operation:
+    return snapshot.summary.operation if snapshot.summary is not None else Operation.APPEND
+
+
+def _local_path(location: str) -> str:
+    scheme, _, path = PyArrowFileIO.parse_location(location)
+    if scheme != "file":
+        raise MaintenanceError(f"{location}: not a local file; local maintenance works on file:// tables")
+    return str(Path(path))

@@ -1,0 +1,263 @@
+"""Compaction and snapshot expiry: fewer files, the same rows and usage numbers, nothing forwarded twice.
+
+The table is committed the way the delivery stream commits it (one small append per flush, with the stream's
+snapshot properties), over three UTC days plus today, so two closed days get compacted and today's stays open.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from pyiceberg.io.pyarrow import _dataframe_to_data_files as write_data_files
+from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Operation
+
+from meterlake.amberflo.outbox import Outbox
+from meterlake.config import Config
+from meterlake.lake import compact as compact_module
+from meterlake.lake.compact import (
+    CompactionConflictError,
+    MaintenanceBusyError,
+    MaintenanceWorker,
+    Retention,
+    compact,
+    expire_snapshots,
+    maintain,
+    maintenance_lock,
+)
+from meterlake.lake.home import DataDir
+from meterlake.lake.query import list_queries, run_local_query
+from meterlake.meters import DEFAULT_METERS, meter_records
+from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
+
+CONFIG = Config()
+DAY_MS = 86_400_000
+#: Today, as the tests' clock says: the last of the four days the table holds.
+FIRST_DAY = datetime(2025, 11, 24, tzinfo=UTC)
+NOW = FIRST_DAY + timedelta(days=3, hours=12)
+FLUSHES_PER_DAY = 6
+EVENTS_PER_FLUSH = 40
+KEEP_NOTHING = Retention(snapshots=timedelta(0), min_snapshots=1, orphan_files=timedelta(days=3))
+
+
+def _events(day: int, flush: int) -> pa.Table:
+    """The events of day ``day``'s flush number ``flush``: EVENTS_PER_FLUSH, numbered uniquely, at that day's times."""
+    first = (day * FLUSHES_PER_DAY + flush) * EVENTS_PER_FLUSH
+    events = make_events(first, EVENTS_PER_FLUSH)
+    shift_us = ((FIRST_DAY - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)) + day * DAY_MS * 1000
+    base_us = pc.min(events.column("request_time").cast(pa.int64())).as_py()
+    for name in ("request_time", "ingested_at"):
+        column = events.column(name)
+        moved = pc.add(pc.subtract(column.cast(pa.int64()), base_us), shift_us + flush * 3_600_000_000)
+        events = events.set_column(
+            events.schema.get_field_index(name), events.schema.field(name), moved.cast(column.type)
+        )
+    return events
+
+
+def _flush(table: Table, day: int, flush: int, *, offset: int) -> None:
+    """One small commit, as the stream makes it."""
+    commit_events(table, _events(day, flush), offset=offset)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> DataDir:
+    data = DataDir.resolve(tmp_path / "home")
+    table = metering_table(data.root)
+    offset = 0
+    for day in range(4):
+        for flush in range(FLUSHES_PER_DAY):
+            offset += 1
+            _flush(table, day, flush, offset=offset)
+    return data
+
+
+def _table(data: DataDir) -> Table:
+    return metering_table(data.root)
+
+
+def _live_files(table: Table) -> list[str]:
+    table.refresh()
+    return [task.file.file_path for task in table.scan().plan_files()]
+
+
+def _usage(data: DataDir) -> dict[str, list[tuple[object, ...]]]:
+    return {q.name: run_local_query(q, {}, config=CONFIG, data_dir=data).rows for q in list_queries()}
+
+
+def _rows(table: Table) -> list[tuple[object, ...]]:
+    table.refresh()
+    arrow = table.scan().to_arrow().sort_by("request_id")
+    return list(zip(*(column.to_pylist() for column in arrow.columns), strict=True))
+
+
+def test_closed_days_become_one_sorted_file_each_in_one_replace_commit(data_dir: DataDir) -> None:
+    table = _table(data_dir)
+    usage, rows, snapshots = _usage(data_dir), _rows(table), len(table.snapshots())
+    assert len(_live_files(table)) == 4 * FLUSHES_PER_DAY
+
+    report = compact(table, now=NOW)
+
+    # Days 0..2 are closed (day 2 ended 12 h before NOW); today's flushes stay as they are.
+    assert (report.partitions, report.files_replaced, report.files_written) == (3, 18, 3)
+    assert report.rows == 3 * FLUSHES_PER_DAY * EVENTS_PER_FLUSH
+    assert len(_live_files(table)) == 3 + FLUSHES_PER_DAY
+    assert len(table.snapshots()) == snapshots + 1
+    current = table.current_snapshot()
+    assert current is not None
+    assert current.summary is not None
+    assert current.summary.operation == Operation.REPLACE
+    assert current.summary["total-records"] == str(4 * FLUSHES_PER_DAY * EVENTS_PER_FLUSH)
+    assert _rows(table) == rows
+    assert _usage(data_dir) == usage
+    for task in table.scan().plan_files():
+        if task.file.record_count > EVENTS_PER_FLUSH:  # a compacted file
+            times = pa.parquet.read_table(task.file.file_path.removeprefix("file://")).column("request_time")
+            assert pc.all(pc.greater_equal(times[1:], times[:-1].combine_chunks())).as_py()
+
+    assert compact(table, now=NOW).snapshot_id is None  # nothing left to compact: no new snapshot
+    assert len(table.snapshots()) == snapshots + 1
+
+
+def test_the_forwarding_outbox_never_stages_a_compaction(data_dir: DataDir, tmp_path: Path) -> None:
+    """Staged before compaction, nothing is staged again; staged only after it (checkpoint behind the replace), every
+    event is staged exactly once, from the appends that committed it."""
+    table = _table(data_dir)
+    expected = Counter(meter_records(table.scan().to_arrow(), DEFAULT_METERS).unique_ids())
+    assert set(expected.values()) == {1}
+    with Outbox(tmp_path / "before.db") as before, Outbox(tmp_path / "after.db") as after:
+        before.stage_committed(table)
+        compact(table, now=NOW)
+        table.refresh()
+        assert before.stage_committed(table) == 0
+        assert after.stage_committed(table) == sum(expected.values())
+        for outbox in (before, after):
+            assert Counter(record["uniqueId"] for record in outbox.staged_records()) == expected
+        assert before.status().checkpoint_snapshot_id == table.current_snapshot().snapshot_id  # type: ignore[union-attr]
+
+
+def test_an_append_during_compaction_is_kept_and_neither_waits(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream commits while compaction writes: the replace lands on the new head, the appended rows stay."""
+    table, stream_table = _table(data_dir), _table(data_dir)
+    write = write_data_files
+    appended: list[int] = []
+
+    def write_then_append(**kwargs: object) -> object:
+        if not appended:
+            _flush(stream_table, 3, FLUSHES_PER_DAY, offset=1000)  # today's next flush, on its own Table object
+            appended.append(1)
+        return write(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compact_module, "_dataframe_to_data_files", write_then_append)
+    report = compact(table, now=NOW)
+    assert report.partitions == 3
+    assert len(_live_files(table)) == 3 + FLUSHES_PER_DAY + 1
+    assert len(_rows(table)) == (4 * FLUSHES_PER_DAY + 1) * EVENTS_PER_FLUSH
+    _flush(stream_table, 3, FLUSHES_PER_DAY + 1, offset=1001)  # the stream's stale Table object still commits
+    assert len(_rows(table)) == (4 * FLUSHES_PER_DAY + 2) * EVENTS_PER_FLUSH
+
+
+def test_a_compaction_racing_another_one_commits_nothing_and_leaves_no_files(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table, other = _table(data_dir), _table(data_dir)
+    write = write_data_files
+    written: list[str] = []
+
+    def write_after_the_other_compacted(**kwargs: object) -> object:
+        if not written:
+            monkeypatch.setattr(compact_module, "_dataframe_to_data_files", write)
+            compact(other, now=NOW)
+        files = list(write(**kwargs))  # type: ignore[arg-type]
+        written.extend(f.file_path.removeprefix("file://") for f in files)
+        return files
+
+    monkeypatch.setattr(compact_module, "_dataframe_to_data_files", write_after_the_other_compacted)
+    rows = _rows(table)
+    with pytest.raises(CompactionConflictError, match="concurrently deleted"):
+        compact(table, now=NOW)
+    assert written
+    assert not any(Path(path).exists() for path in written)
+    assert _rows(table) == rows
+
+
+def test_expiry_keeps_what_readers_need_and_deletes_what_nothing_references(data_dir: DataDir) -> None:
+    table = _table(data_dir)
+    closed_days_files = {path for path in _live_files(table) if "2025-11-27" not in path}
+    with Outbox(data_dir.root / "outbox.db") as outbox:
+        outbox.stage_committed(table)
+        checkpoint = outbox.status().checkpoint_snapshot_id
+    _flush(table, 3, FLUSHES_PER_DAY, offset=1000)  # committed after the outbox's checkpoint
+    compact(table, now=NOW)
+    table.refresh()
+    usage = _usage(data_dir)
+    later = datetime.now(UTC) + timedelta(days=1)
+
+    # A reader that has staged nothing keeps every snapshot.
+    assert expire_snapshots(table, retention=KEEP_NOTHING, readers=[None], now=later).expired_snapshots == 0
+    # The outbox's checkpoint keeps itself and the snapshots after it: the append it has not staged, the replace.
+    report = expire_snapshots(table, retention=KEEP_NOTHING, readers=[checkpoint], now=later)
+    assert (report.retained_snapshots, report.expired_snapshots) == (3, 4 * FLUSHES_PER_DAY - 1)
+    with Outbox(data_dir.root / "outbox.db") as outbox:
+        staged = outbox.stage_committed(table)
+    assert staged == len(meter_records(_events(3, FLUSHES_PER_DAY), DEFAULT_METERS))
+    # The compacted files are still live in the kept append: nothing of them is deleted yet.
+    assert all(Path(path.removeprefix("file://")).exists() for path in closed_days_files)
+    assert _usage(data_dir) == usage
+
+    report = expire_snapshots(table, retention=KEEP_NOTHING, now=later)
+    assert (report.retained_snapshots, report.expired_snapshots) == (1, 2)
+    assert not any(Path(path.removeprefix("file://")).exists() for path in closed_days_files)
+    assert _usage(data_dir) == usage
+    current = table.current_snapshot()
+    assert current is not None
+    metadata = {path.name for path in Path(table.location().removeprefix("file://"), "metadata").glob("*.avro")}
+    assert metadata == {Path(current.manifest_list).name} | {
+        Path(manifest.manifest_path).name for manifest in current.manifests(table.io)
+    }
+    data = {path.name for path in Path(table.location().removeprefix("file://"), "data").rglob("*.parquet")}
+    assert data == {Path(path).name for path in _live_files(table)}
+
+
+def test_retention_keeps_young_snapshots_and_the_newest_few(data_dir: DataDir) -> None:
+    table = _table(data_dir)
+    snapshots = len(table.snapshots())
+    young = Retention(snapshots=timedelta(days=1))
+    assert expire_snapshots(table, retention=young, now=datetime.now(UTC)).expired_snapshots == 0
+    few = Retention(snapshots=timedelta(0), min_snapshots=5)
+    report = expire_snapshots(table, retention=few, now=datetime.now(UTC) + timedelta(days=1))
+    assert (report.retained_snapshots, report.expired_snapshots) == (5, snapshots - 5)
+    assert len(_rows(table)) == 4 * FLUSHES_PER_DAY * EVENTS_PER_FLUSH
+
+
+def test_one_maintenance_at_a_time(data_dir: DataDir) -> None:
+    table = _table(data_dir)
+    with maintenance_lock(data_dir), pytest.raises(MaintenanceBusyError, match="another process is compacting"):
+        maintain(data_dir, table, retention=KEEP_NOTHING, now=NOW)
+    report = maintain(data_dir, table, retention=KEEP_NOTHING, now=NOW)
+    assert report.compaction.partitions == 3
+
+
+def test_the_schedule_maintains_the_table(data_dir: DataDir) -> None:
+    worker = MaintenanceWorker(
+        data_dir, load_table=lambda: _table(data_dir), retention=Retention(snapshots=timedelta(days=1)), interval_s=0.05
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 30
+        while worker.last is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert not isinstance(worker.last, Exception), worker.last
+    assert worker.last is not None
+    # The real clock: every one of the table's days (in 2025) is closed.
+    assert worker.last.compaction.partitions == 4

@@ -1,0 +1,38 @@
+"""`meterlake compact`: closed days compacted in one replace commit; a busy table or nothing to do said in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from meterlake.lake.compact import maintenance_lock
+from meterlake.lake.home import DataDir
+from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
+from tests.meterlake.test_cli import meterlake
+
+
+def test_compact_rewrites_closed_days_and_says_what_it_did(tmp_path: Path) -> None:
+    table = metering_table(tmp_path / "home")  # make_events' times: 2025-11-24, long closed
+    for flush in range(5):
+        commit_events(table, make_events(flush * 20, 20), offset=flush + 1)
+
+    result = meterlake("compact", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "compacted 1 day(s): 5 files -> 1, 100 rows unchanged (replace snapshot" in result.stdout
+    # The forwarding outbox has staged nothing yet: every snapshot stays for it.
+    assert "expired 0 snapshot(s), kept 6" in result.stdout
+    table.refresh()
+    assert len(list(table.scan().plan_files())) == 1
+
+    again = meterlake("compact", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to compact" in again.stdout
+
+
+def test_compact_while_another_maintains_the_table_is_one_error_line(tmp_path: Path) -> None:
+    metering_table(tmp_path / "home")
+    with maintenance_lock(DataDir.resolve(tmp_path / "home")):
+        result = meterlake("compact", cwd=tmp_path)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: another process is compacting this table")
