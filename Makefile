@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# make demo needs only the local pipeline (no AWS SDK, no CDK toolchain): a lighter install than make test's.
+LOCAL_STAMP := $(VENV)/.installed-local
 
 export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
@@ -10,11 +12,17 @@ export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(LOCAL_STAMP)
+
+$(LOCAL_STAMP): pyproject.toml setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(LOCAL_STAMP)
 
 lint: install
 	$(BIN)/ruff format --check .
@@ -28,7 +36,7 @@ format: install
 test: lint
 	$(BIN)/pytest -q
 
-demo: install
+demo: $(LOCAL_STAMP)
 	$(BIN)/meterlake demo
 
 bench: install

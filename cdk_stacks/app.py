@@ -24,10 +24,14 @@ from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config
 from meterlake.records import DEFAULT_TENANT_SOURCE
 
+#: The CDK CLI's cdk.json: beside this package in an installed wheel (setup.py ships it), else the checkout's root.
+CDK_JSON: Final = next(
+    path
+    for path in (Path(__file__).resolve().parent / "cdk.json", Path(__file__).resolve().parents[1] / "cdk.json")
+    if path.is_file()
+)
 #: CDK feature flags the stacks rely on, from cdk.json (the cdk CLI passes them too; `python app.py` reads them here).
-FEATURE_FLAGS: Final[dict[str, object]] = json.loads((Path(__file__).resolve().parents[1] / "cdk.json").read_text())[
-    "context"
-]
+FEATURE_FLAGS: Final[dict[str, object]] = json.loads(CDK_JSON.read_text())["context"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ covers the copied sources, the lock, the requirements and the target, so CDK ski
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -256,8 +257,16 @@ def project_requirements(names: Sequence[str], *, pyproject: Path = PROJECT_ROOT
 
 
 def project_dependencies(*, pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> dict[str, str]:
-    """pyproject.toml's ``[project].dependencies``: each specifier by its package's canonical name."""
-    dependencies: list[str] = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    """pyproject.toml's ``[project].dependencies``: each specifier by its package's canonical name.
+
+    An installed wheel has no pyproject.toml: there the installed distribution's metadata says the same (its
+    requirements without an extra).
+    """
+    if pyproject.is_file():
+        dependencies: list[str] = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    else:
+        requires = importlib.metadata.requires("meterlake") or []
+        dependencies = [requirement for requirement in requires if "extra ==" not in requirement]
     by_name: dict[str, str] = {}
     for specifier in dependencies:
         match = _REQUIREMENT_NAME.match(specifier)

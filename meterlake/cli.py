@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from typer._click.exceptions import NoArgsIsHelpError
 from typer._click.exceptions import UsageError as CommandLineError
 
-from meterlake.aws.athena import WORKGROUP as ATHENA_WORKGROUP
+from meterlake.aws.stacks import ATHENA_WORKGROUP
 from meterlake.config import Config, ConfigError, config_file, load_config
 from meterlake.lake.home import PRIVATE_UMASK, DataDir, DataDirError
 from meterlake.lake.query import QueryError, printable
@@ -191,6 +191,32 @@ def show_config(ctx: typer.Context, fmt: Annotated[str, _FORMAT] = "text") -> No
     if tenant_source.kind is TenantSourceKind.API_KEY:
         tenants += f", mapped to {len(config.meterlake.tenant_source.tenants_by_api_key)} tenants"
     console.print(f"tenant           {_shown(tenants)}", highlight=False)
+
+
+@app.command()
+def init(
+    ctx: typer.Context,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a starting cdk.context.json (or the --config file): every setting at its default, ready to edit."""
+    import json
+
+    import msgspec
+
+    from meterlake.config import DEFAULT_CONFIG_FILE
+
+    path = _context(ctx).config_path or Path(DEFAULT_CONFIG_FILE)
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists; edit it, or give --force to replace it with the defaults")
+    document = json.dumps(msgspec.to_builtins(Config()), indent=2) + "\n"
+    try:
+        path.write_text(document, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot write ({exc.strerror})") from None
+    console.print(
+        f"wrote {_shown(path)}: every setting at its default; `meterlake config` checks it, `meterlake demo` runs it",
+        highlight=False,
+    )
 
 
 @app.command("access-log-format")

@@ -19,12 +19,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 
 from meterlake.aws import AwsError
-from meterlake.aws.stacks import STORAGE_STACK
+from meterlake.aws.stacks import ATHENA_WORKGROUP, STORAGE_STACK
 from meterlake.config import Config
 from meterlake.lake.query import QueryFile, QueryResult, athena_catalog, athena_table, bind_params, prepare
 
 #: The workgroup the Analytics stack creates and `meterlake query --athena` uses by default.
-WORKGROUP = "meterlake"
+WORKGROUP = ATHENA_WORKGROUP
 #: Each poll waits this much longer than the one before, up to :data:`MAX_POLL_INTERVAL_S`.
 POLL_BACKOFF = 1.5
 MAX_POLL_INTERVAL_S = 5.0

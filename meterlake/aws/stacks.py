@@ -23,3 +23,5 @@ CDK_QUALIFIER: Final = "hnb659fds"
 S3_TABLES_CATALOG: Final = "s3tablescatalog"
 #: Glue's own catalog, as Athena names it.
 ATHENA_DEFAULT_CATALOG: Final = "AwsDataCatalog"
+#: The workgroup the Analytics stack creates and `meterlake query --athena` uses by default.
+ATHENA_WORKGROUP: Final = "meterlake"

@@ -78,7 +78,12 @@ from meterlake.schema import METERING_EVENT_SCHEMA, metering_event_arrow_schema
 from meterlake.window import WindowError, parse_instant, require_ordered
 
 #: The directory of the project's queries.
-SQL_DIR = Path(__file__).parents[2] / "sql"
+SQL_DIR = (
+    # An installed wheel carries the repository's sql/ as meterlake/sql (setup.py); a checkout reads it in place.
+    Path(__file__).parents[1] / "sql"
+    if (Path(__file__).parents[1] / "sql").is_dir()
+    else Path(__file__).parents[2] / "sql"
+)
 
 #: The table name the SQL files are written against; :func:`prepare` replaces it.
 TABLE_PLACEHOLDER = "metering_events"
