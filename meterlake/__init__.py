@@ -1,8 +1,5 @@
-"""meterlake: API traffic into billable, per-tenant usage (local pipeline, AWS CDK app, forwarding to Amberflo)."""
+"""meterlake: API traffic into billable, per-tenant usage (local pipeline, AWS CDK app, forwarding to Amberflo).
 
-from __future__ import annotations
-
-import importlib.metadata
-
-#: The installed distribution's version: pyproject.toml's ``[project].version`` is its one definition.
-__version__ = importlib.metadata.version("meterlake")
+The version is pyproject.toml's ``[project].version``, read from the installed distribution where it is needed
+(``meterlake --version``): the Lambda bundles carry these modules without any distribution metadata.
+"""

@@ -122,9 +122,9 @@ def _shown(value: object) -> str:
 def _print_version(value: bool) -> None:
     """``--version``: print the installed version and stop."""
     if value:
-        from meterlake import __version__
+        import importlib.metadata
 
-        print(f"meterlake {__version__}")
+        print(f"meterlake {importlib.metadata.version('meterlake')}")
         raise typer.Exit()
 
 

@@ -8,6 +8,7 @@ the AWS SDK nor the CDK, and `meterlake demo` reconciles exactly from any direct
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import signal
 import subprocess
@@ -17,8 +18,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-from meterlake import __version__
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +59,7 @@ def test_the_wheel_installed_elsewhere_runs_demo_query_and_up(tmp_path: Path) ->
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    assert _run(meterlake, "--version", cwd=work).stdout == f"meterlake {__version__}\n"
+    assert _run(meterlake, "--version", cwd=work).stdout == f"meterlake {importlib.metadata.version('meterlake')}\n"
     _run(meterlake, "init", cwd=work)
     demo = _run(meterlake, "demo", "--requests", "300", "--concurrency", "8", cwd=work)
     reconciliation = demo.stdout.split("reconciliation", 1)[1]
