@@ -501,21 +501,28 @@ def _delete_unreferenced(
     doomed -= keep
     orphan_cutoff = orphans_before.timestamp()
     root = Path(_local_path(table.location()))
+    old_orphans = [
+        path
+        for path in [*(root / "data").rglob("*.parquet"), *(root / "metadata").glob("*.avro")]
+        if str(path) not in keep and str(path) not in doomed and _modified_before(path, orphan_cutoff)
+    ]
     deleted = deleted_bytes = 0
-    for path in [*(root / "data").rglob("*.parquet"), *(root / "metadata").glob("*.avro")]:
-        name = str(path)
-        if name in keep:
-            continue
+    for path in [*map(Path, sorted(doomed)), *old_orphans]:
         try:
-            info = path.stat()
-            if name not in doomed and info.st_mtime >= orphan_cutoff:
-                continue
+            size = path.stat().st_size
             path.unlink()
         except FileNotFoundError:
             continue
         deleted += 1
-        deleted_bytes += info.st_size
+        deleted_bytes += size
     return deleted, deleted_bytes
+
+
+def _modified_before(path: Path, cutoff: float) -> bool:
+    try:
+        return path.stat().st_mtime < cutoff
+    except FileNotFoundError:
+        return False
 
 
 def _manifests(table: Table, stretch: Sequence[Snapshot]) -> dict[str, ManifestFile]:

@@ -61,7 +61,7 @@ from pyiceberg.expressions import (
 )
 from pyiceberg.io.pyarrow import PyArrowFileIO
 from pyiceberg.schema import Schema
-from pyiceberg.table import FileScanTask
+from pyiceberg.table import FileScanTask, ManifestGroupPlanner, Table
 from pyiceberg.types import IcebergType, IntegerType, LongType, StringType, TimestampType, TimestamptzType
 from rich.cells import cell_len
 from rich.console import Console
@@ -399,7 +399,7 @@ def run_local_query(
     except NoSuchTableError:
         table = ensure_metering_table(catalog, config)
     row_filter = scan_filter(query.sql, bound) if prune else AlwaysTrue()
-    tasks = list(table.scan(row_filter=row_filter).plan_files())
+    tasks = plan_data_files(table, row_filter)
     files = _current_data_files(tasks)
     con = sandboxed_duckdb(files)
     try:
@@ -424,6 +424,18 @@ def run_local_query(
     rows = list(zip(*(column.to_pylist() for column in arrow.columns), strict=True)) if arrow.num_rows else []
     bytes_read = sum(task.file.file_size_in_bytes for task in tasks)
     return QueryResult(columns=columns, rows=rows, arrow=arrow, files_read=len(files), bytes_read=bytes_read)
+
+
+def plan_data_files(table: Table, row_filter: BooleanExpression) -> list[FileScanTask]:
+    """The current snapshot's data files ``row_filter`` can match, planned as pyiceberg plans a scan, except that a
+    manifest listing no live file (only files a commit removed) is not read, as Java's scans skip it
+    (``ignoreDeleted``): a compaction's replace snapshot keeps one listing every file it replaced, and reading it
+    would cost each query as much as the small files it removed."""
+    snapshot = table.current_snapshot()
+    if snapshot is None:
+        return []
+    manifests = [m for m in snapshot.manifests(table.io) if m.has_added_files() or m.has_existing_files()]
+    return list(ManifestGroupPlanner(table.metadata, table.io, row_filter).plan_files(manifests))
 
 
 def scan_filter(sql: str, params: Mapping[str, BoundValue]) -> BooleanExpression:

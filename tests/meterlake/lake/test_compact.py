@@ -14,7 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from pyiceberg.io import FileIO
 from pyiceberg.io.pyarrow import _dataframe_to_data_files as write_data_files
+from pyiceberg.manifest import ManifestEntry, ManifestFile
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 
@@ -123,6 +125,33 @@ def test_closed_days_become_one_sorted_file_each_in_one_replace_commit(data_dir:
 
     assert compact(table, now=NOW).snapshot_id is None  # nothing left to compact: no new snapshot
     assert len(table.snapshots()) == snapshots + 1
+
+
+def test_queries_skip_the_manifest_listing_only_the_files_a_compaction_replaced(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replace snapshot keeps a manifest of the files it removed; planning a query must not read it (it costs
+    as much as the small files did), as Java's scans skip such manifests."""
+    table = _table(data_dir)
+    usage = _usage(data_dir)
+    compact(table, now=NOW)
+    current = table.current_snapshot()
+    assert current is not None
+    removed_only = [
+        m.manifest_path for m in current.manifests(table.io) if not (m.has_added_files() or m.has_existing_files())
+    ]
+    assert len(removed_only) == 1
+    read: list[str] = []
+    fetch = ManifestFile.fetch_manifest_entry
+
+    def recording(self: ManifestFile, io: FileIO, discard_deleted: bool = True) -> list[ManifestEntry]:
+        read.append(self.manifest_path)
+        return fetch(self, io, discard_deleted)
+
+    monkeypatch.setattr(ManifestFile, "fetch_manifest_entry", recording)
+    assert _usage(data_dir) == usage
+    assert read
+    assert removed_only[0] not in read
 
 
 def test_the_forwarding_outbox_never_stages_a_compaction(data_dir: DataDir, tmp_path: Path) -> None:
