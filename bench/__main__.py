@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("transform", "ingest", "freshness", "gateway", "query", "forward")
+BENCHMARKS = ("transform", "ingest", "freshness", "gateway", "query", "forward", "service")
 RESULTS = Path(__file__).with_name("results.json")
 
 

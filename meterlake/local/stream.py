@@ -354,6 +354,10 @@ def _key_sql(columns: Sequence[str]) -> str:
     return f"md5({' || chr(31) || '.join(quoted)})::UUID"
 
 
+#: Rows of a data file indexed at a time when the index catches up with a table.
+_INDEX_BATCH_ROWS = 131_072
+
+
 def _wal(path: Path) -> Path:
     """DuckDB's write-ahead log beside a database file."""
     return path.with_name(path.name + ".wal")
@@ -480,13 +484,14 @@ class RequestIdIndex:
         self._exec("BEGIN")
         for path in paths:
             with table.io.new_input(path).open() as handle:
-                ids = pq.read_table(handle, columns=list(self.key_columns))
-            self._db.register("indexed", ids)
-            self._exec(
-                f"INSERT INTO seen_{table_id} SELECT DISTINCT k FROM (SELECT {self._key} AS k FROM indexed) "  # noqa: S608
-                f"WHERE k NOT IN (SELECT k FROM seen_{table_id})"
-            )
-            self._db.unregister("indexed")
+                # A batch at a time: a whole large file's keys at once outgrow the index's memory limit.
+                for batch in pq.ParquetFile(handle).iter_batches(_INDEX_BATCH_ROWS, columns=list(self.key_columns)):
+                    self._db.register("indexed", pa.Table.from_batches([batch]))
+                    self._exec(
+                        f"INSERT INTO seen_{table_id} SELECT DISTINCT k FROM (SELECT {self._key} AS k FROM indexed) "  # noqa: S608
+                        f"WHERE k NOT IN (SELECT k FROM seen_{table_id})"
+                    )
+                    self._db.unregister("indexed")
         self._exec("UPDATE tables SET snapshot_id = ? WHERE name = ?", [current.snapshot_id, name])
         self._exec("COMMIT")
         return len(paths)
@@ -543,7 +548,8 @@ def _rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
     """Parse JSON object lines into ``target``'s types (raises pyarrow/ValueError errors on a bad row).
 
     Arrow's JSON reader cannot build a map column (a JSON object with any keys), so map columns are decoded apart,
-    by msgspec in one call, and the reader then lets their members pass.
+    by msgspec in one call, and the reader then lets their members pass. A line may hold several rows, one a line
+    (the metering service puts a request's rows as one record).
     """
     maps = [f for f in target if pa.types.is_map(f.type)]
     flat = pa.schema([f for f in target if not pa.types.is_map(f.type)])
@@ -557,7 +563,7 @@ def _rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
         ),
     )
     if maps:
-        rows = _map_decoder(tuple(f.name for f in maps)).decode(b"[" + b",".join(lines) + b"]")
+        rows = _map_decoder(tuple(f.name for f in maps)).decode(b"[" + body.replace(b"\n", b",") + b"]")
         for f in maps:
             values = [getattr(row, f.name) for row in rows]
             table = table.append_column(f.name, pa.array(values, type=f.type))

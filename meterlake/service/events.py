@@ -11,8 +11,8 @@ A record without a uniqueId gets a deterministic one from its content (:func:`co
 request is the same event; two events that differ in nothing are one event, as in Amberflo.
 
 Each accepted record becomes one :class:`MeterEventRow`, whose fields are the meter_events table's columns; the
-rows travel as JSON lines through the meter-event delivery stream, whose transform (:func:`make_passthrough_handler`)
-hands them to the table unchanged.
+rows travel as JSON lines through the meter-event delivery stream (a request's rows as one record), whose transform
+(:func:`make_passthrough_handler`) hands them to the table unchanged.
 """
 
 from __future__ import annotations
@@ -237,9 +237,14 @@ def event_rows(records: Sequence[IngestRecord], *, ingested_at_us: int, source: 
     ]
 
 
-def encode_rows(rows: Sequence[MeterEventRow]) -> list[bytes]:
-    """Each row as the JSON line the delivery stream carries."""
-    return [_ROW_ENCODER.encode(row) for row in rows]
+def encode_rows(rows: Sequence[MeterEventRow]) -> bytes:
+    """A request's rows as the one record the delivery stream carries for it: their JSON lines, newline-separated.
+
+    One spool frame (one length, one checksum) per request rather than per row: framing each row cost ~1.5 us of
+    Python, holding the GIL, on the path every acknowledgement waits for. The stream's decoding reads a record's
+    lines as rows; a request's rows are checked before they are made durable, so none is refused there.
+    """
+    return _ROW_ENCODER.encode_lines(rows).rstrip(b"\n")
 
 
 # -- the toolkit's event --------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ class Ingestor:
             [record for _, record in checked.accepted], ingested_at_us=int(now * 1_000_000), source=source
         )
         if rows:
-            await self._sink.commit(encode_rows(rows))
+            await self._sink.commit([encode_rows(rows)])
         return IngestOutcome(len(rows), checked.errors)
 
 

@@ -8,15 +8,16 @@
 
 Both bucket by UTC HOUR, DAY, WEEK (Monday) or MONTH and aggregate with SUM, COUNT, MIN, MAX or UNIQUE_COUNT
 (distinct values of the meter's first dimension), the meter's own unless the query names one, per group and bucket
-and over the whole range in one pass (GROUPING SETS). Events inside the window only, those matching an active
+and over the whole range. Events inside the window only, those matching an active
 cancellation rule excluded. Duplicates never reach the tables (the delivery streams drop them before commit), so
 nothing is deduplicated here, as in every sql/ query. Every value of the query is bound, never pasted into the SQL:
 what the SQL text holds are this module's own column names and the config meters' definitions.
 
 Locally it runs in the local queries' DuckDB sandbox over the tables' current Parquet files (files are chosen by
-Iceberg's partition and column statistics for the window), with timestamps read as naive UTC (see
-``meterlake.lake.query``: no ICU work per row). ``sql/meter_events/usage.sql`` is the same aggregate for event
-meters in Athena's dialect.
+Iceberg's partition and column statistics for the window): the window and the rules compare stored instants with
+bound ones, and only the bucket reads the time as a naive UTC timestamp (see ``meterlake.lake.query``: no ICU work per
+row). SUM, COUNT, MIN and MAX over the whole range are their buckets' combined; UNIQUE_COUNT's is a grouping set of its
+own. ``sql/meter_events/usage.sql`` is the same aggregate for event meters in Athena's dialect.
 """
 
 from __future__ import annotations
@@ -141,40 +142,43 @@ class UsageEngine:
         if not files:
             return []
         params["files"] = files
-        params["start"] = start.replace(tzinfo=None)
-        params["end"] = end.replace(tzinfo=None)
+        params["start"] = start
+        params["end"] = end
         params["unit"] = _TRUNCATE[query.interval]
 
         def key_sql(key: str) -> str:
             return source.customer if key == CUSTOMER_KEY else source.dimension(key, params)
 
+        # The window and the rules compare the stored TIMESTAMPTZ with bound aware instants (no ICU work per row,
+        # and Parquet statistics can skip row groups); only the bucket reads the time as a naive UTC TIMESTAMP.
         conditions = [source.predicate, f"{source.time_column} >= $start", f"{source.time_column} < $end"]
         for key, values in sorted(query.filters.items()):
             conditions.append(f"{key_sql(key)} IN ({_bind_list(params, values)})")
         for rule in self._rules.rules(meter_api_name=meter.meter_api_name):
             conditions.append(f"NOT ({_rule_sql(rule, params, key_sql)})")
         groups = [key_sql(key) for key in query.group_by]
-        bucket = f"date_trunc($unit, {source.time_column})"
-        naive = ", ".join(
-            f"make_timestamp(epoch_us({column})) AS {column}"
-            for column in (source.time_column, METER_INGESTED_AT_COLUMN)
-        )
+        bucket = f"date_trunc($unit, make_timestamp(epoch_us({source.time_column})))"
         selected = [f"{sql} AS g{i}" for i, sql in enumerate(groups)]
-        selected += [f"{bucket} AS bucket", "grouping(bucket) AS whole", f"{measure} AS value"]
         grouped = ", ".join([*(f"g{i}" for i in range(len(groups))), "bucket"])
-        whole = ", ".join(f"g{i}" for i in range(len(groups)))
+        if aggregation == "UNIQUE_COUNT":
+            # Distinct counts do not add up over buckets: the whole range is its own grouping set.
+            whole = ", ".join(f"g{i}" for i in range(len(groups)))
+            selected += [f"{bucket} AS bucket", "grouping(bucket) AS whole", f"{measure} AS value"]
+            grouping = f"GROUPING SETS (({grouped}), ({whole}))"
+        else:
+            selected += [f"{bucket} AS bucket", "0 AS whole", f"{measure} AS value"]
+            grouping = grouped
         where = " AND ".join(f"({condition})" for condition in conditions)
         sql = (
             f"SELECT {', '.join(selected)} "  # noqa: S608 (our own column names; every value is a $parameter)
-            f"FROM (SELECT * REPLACE ({naive}) FROM read_parquet($files, hive_partitioning = false)) "
-            f"WHERE {where} GROUP BY GROUPING SETS (({grouped}), ({whole}))"
+            f"FROM read_parquet($files, hive_partitioning = false) WHERE {where} GROUP BY {grouping}"
         )
         con = sandboxed_duckdb(files)
         try:
             rows = con.execute(sql, params).fetchall()
         finally:
             con.close()
-        return _assemble(rows, len(groups))
+        return _assemble(rows, len(groups), aggregation)
 
     def _source(self, meter: RegisteredMeter, catalog: Any, params: dict[str, object]) -> _Source:
         if meter.kind == "event":
@@ -235,8 +239,8 @@ def _aggregate_sql(aggregation: Aggregation, meter: RegisteredMeter, source: _So
 
 
 def _rule_sql(rule: CancellationRule, params: dict[str, object], key_sql: Callable[[str], str]) -> str:
-    start = _bind(params, datetime.fromtimestamp(rule.start_s, UTC).replace(tzinfo=None))
-    end = _bind(params, datetime.fromtimestamp(rule.end_s, UTC).replace(tzinfo=None))
+    start = _bind(params, datetime.fromtimestamp(rule.start_s, UTC))
+    end = _bind(params, datetime.fromtimestamp(rule.end_s, UTC))
     terms = [f"{METER_INGESTED_AT_COLUMN} >= {start}", f"{METER_INGESTED_AT_COLUMN} < {end}"]
     for key, values in sorted(rule.filters.items()):
         terms.append(f"coalesce({key_sql(key)} IN ({_bind_list(params, values)}), false)")
@@ -274,8 +278,9 @@ def _data_files(table: Table, row_filter: BooleanExpression) -> list[str]:
     return paths
 
 
-def _assemble(rows: Sequence[Sequence[Any]], width: int) -> list[GroupUsage]:
-    """GroupUsage per group from GROUPING SETS rows: (g0..gN, bucket, whole, value)."""
+def _assemble(rows: Sequence[Sequence[Any]], width: int, aggregation: Aggregation) -> list[GroupUsage]:
+    """GroupUsage per group from rows (g0..gN, bucket, whole, value). A group's value over the range is its own row
+    (``whole``) for UNIQUE_COUNT, else the buckets' sum (SUM, COUNT), least (MIN) or greatest (MAX)."""
     totals: dict[tuple[str | None, ...], float] = {}
     buckets: dict[tuple[str | None, ...], dict[int, float]] = {}
     for row in rows:
@@ -287,6 +292,9 @@ def _assemble(rows: Sequence[Sequence[Any]], width: int) -> list[GroupUsage]:
         else:
             moment = bucket.replace(tzinfo=UTC) if bucket.tzinfo is None else bucket
             buckets.setdefault(key, {})[int(moment.timestamp())] = number
+    if aggregation != "UNIQUE_COUNT":
+        combine = {"MIN": min, "MAX": max}.get(aggregation, sum)
+        totals = {key: float(combine(values.values())) for key, values in buckets.items()}
     return [GroupUsage(key, totals.get(key, 0.0), buckets.get(key, {})) for key in totals]
 
 
