@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tomllib
@@ -32,8 +34,15 @@ LAMBDA_LOCK_DIR = PROJECT_ROOT / "cdk_stacks" / "lambda-requirements"
 #: How a lock file names each target its hashes were resolved for: one such comment line per target.
 LOCK_TARGET_COMMENT = "# target: "
 #: Bump when the way bundles are built changes, so cached assets are rebuilt.
-_BUNDLER_VERSION = "2"
+_BUNDLER_VERSION = "3"
 _IGNORED_PARTS = frozenset({"__pycache__"})
+#: Left out of every bundle: pip's console scripts, whose shebang names the synthesizing machine's Python (so two
+#: machines would build different assets) and which Lambda never runs.
+_ALWAYS_PRUNED = ("bin",)
+#: Every file and directory of a bundle gets these modes and this mtime (1980-01-01, the earliest a zip can hold),
+#: whatever the umask and clock of the synth: the asset's bytes, modes and times depend on its inputs only.
+_FILE_MODE, _EXECUTABLE_MODE, _DIR_MODE = 0o644, 0o755, 0o755
+_FIXED_MTIME = 315_532_800
 #: Lambda's architectures (the config's names) and the machine names of their manylinux platform tags.
 _MACHINES = {"arm64": "aarch64", "x86_64": "x86_64"}
 LAMBDA_ARCHITECTURES = tuple(_MACHINES)
@@ -118,7 +127,7 @@ class PythonBundle:
             self._pip_install(output_dir, "--require-hashes", "--requirement", str(self.lock))
         elif self.requirements:
             self._pip_install(output_dir, *self.requirements)
-        for pattern in self.prune:
+        for pattern in (*self.prune, *_ALWAYS_PRUNED):
             for path in sorted(output_dir.glob(pattern)):
                 if path.is_dir():
                     shutil.rmtree(path)
@@ -128,6 +137,7 @@ class PythonBundle:
             path = output_dir / destination
             path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, path)
+        _normalize(output_dir)
 
     def _check_lock_target(self, lock: Path) -> None:
         """The lock's hashes are those of the wheels pip picked for the targets it names: any other target fails."""
@@ -201,6 +211,23 @@ def _pip_failure(stderr: str, *, what: list[str], target: str) -> str:
 #: The bundling failures of this process, newest last: CDK reports a failed local bundling as a JavaScript error
 #: wrapped in jsii's traceback, so app.py reads the cause from here to print it as one line.
 BUNDLING_FAILURES: list[BundlingError] = []
+
+
+def _normalize(output_dir: Path) -> None:
+    """Give every file and directory under ``output_dir`` the fixed modes and mtime (see :data:`_FIXED_MTIME`).
+
+    CDK zips an asset with each file's mode; pip and the copies above create them under the synth's umask, so two
+    synths (two users, a CI runner) would zip different bytes. Files executable by their owner stay executable.
+    """
+    for path in sorted(output_dir.rglob("*"), reverse=True):  # children before their directory
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            path.chmod(_DIR_MODE)
+        else:
+            path.chmod(_EXECUTABLE_MODE if path.stat().st_mode & stat.S_IXUSR else _FILE_MODE)
+        os.utime(path, (_FIXED_MTIME, _FIXED_MTIME), follow_symlinks=False)
+    output_dir.chmod(_DIR_MODE)
 
 
 def _lock_text(lock: Path) -> str:
