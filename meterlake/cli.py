@@ -1003,12 +1003,14 @@ def reconcile(
     ] = False,
     fmt: Annotated[str, _FORMAT] = "text",
 ) -> None:
-    """Compare usage per customer, meter and hour: the lake against Amberflo (or, dry, against what was staged)."""
+    """Compare usage per customer, meter and hour: the lake against Amberflo (or, dry, against what was staged), for
+    the config's meters and the metering service's event meters."""
     import httpx
 
     from meterlake.amberflo.outbox import Outbox
     from meterlake.amberflo.reconcile import Window, amberflo_usage, compare, lake_usage, staged_usage
     from meterlake.amberflo.reconcile import repair as repair_usage
+    from meterlake.service.forwarding import event_meter_usage, staged_event_usage
 
     as_json = _json_format(fmt)
     c = _context(ctx)
@@ -1016,13 +1018,22 @@ def reconcile(
     window = Window.covering(_timestamp("--from", from_), _timestamp("--to", to))
     key = _amberflo_key(config)
     lake = lake_usage(config, data_dir, window)
+    # Event meters: rules leave Amberflo's numbers as they leave the lake's, not what was staged before them.
+    events, event_meters = event_meter_usage(config, data_dir, window, apply_rules=key is not None)
+    lake.update(events)
     with Outbox.in_data_dir(data_dir, meters=config.meters, settings=config.amberflo) as outbox:
         if key is None:
-            report = compare(lake, staged_usage(outbox, config.meters, window), against="staged records (dry run)")
+            staged = staged_usage(outbox, config.meters, window)
+            staged.update(staged_event_usage(data_dir, config.amberflo, event_meters, window))
+            report = compare(lake, staged, against="staged records (dry run)")
         else:
             with httpx.Client() as client:
                 other = amberflo_usage(
-                    client, base_url=config.amberflo.base_url, api_key=key, meters=config.meters, window=window
+                    client,
+                    base_url=config.amberflo.base_url,
+                    api_key=key,
+                    meters=[*config.meters, *event_meters],
+                    window=window,
                 )
             report = compare(lake, other, against=f"Amberflo at {config.amberflo.base_url}")
         queued = (

@@ -18,13 +18,29 @@ import httpx
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from meterlake.amberflo.api import Aggregation, UsageQuery
 from meterlake.amberflo.outbox import OUTBOX_DIR, Outbox, RecordSource
+from meterlake.amberflo.reconcile import Window, staged_usage
 from meterlake.amberflo.settings import AmberfloSettings
+from meterlake.config import Config
 from meterlake.lake.home import DataDir
-from meterlake.meters import CUSTOMER_ID, DIMENSIONS, METER_TIME, METER_VALUE, UNIQUE_ID, MeterBatch, MeterRecords
+from meterlake.meters import (
+    CUSTOMER_ID,
+    DIMENSIONS,
+    METER_TIME,
+    METER_VALUE,
+    UNIQUE_ID,
+    Meter,
+    MeterBatch,
+    MeterRecords,
+    MeterType,
+    UsageKey,
+)
 from meterlake.schema import meter_event_arrow_schema
-from meterlake.service.cancellation import CancellationRule
-from meterlake.service.registry import RegisteredMeter
+from meterlake.service.cancellation import CancellationRule, CancellationRules
+from meterlake.service.registry import MeterRegistry, RegisteredMeter
+from meterlake.service.store import ServiceStore
+from meterlake.service.usage import UsageEngine
 
 logger = logging.getLogger(__name__)
 
@@ -120,3 +136,54 @@ class MirrorError(Exception):
 def _amberflo_meter(meter: RegisteredMeter) -> dict[str, Any]:
     fields = meter.fields()
     return {key: fields[key] for key in ("label", "meterApiName", "meterType", "description", "dimensions")}
+
+
+# -- meterlake reconcile --------------------------------------------------------------------------------------------
+
+
+def event_meter_usage(
+    config: Config, data_dir: DataDir, window: Window, *, apply_rules: bool
+) -> tuple[dict[UsageKey, float], list[Meter]]:
+    """Every event meter's usage per customer, meter and UTC hour in ``window``, from meter_events (SUM, or MAX for
+    max_usage meters, as Amberflo reports them), and the meters as reconciliation names them. ``apply_rules``: leave
+    out what cancellation rules match (Amberflo has the rules too); a dry run compares with the staged records, which
+    hold every forwarded event."""
+    with ServiceStore.in_data_dir(data_dir) as store:
+        registry = MeterRegistry(store, config.meters)
+        engine = UsageEngine(
+            config=config,
+            data_dir=data_dir,
+            registry=registry,
+            rules=CancellationRules(store) if apply_rules else None,
+        )
+        usage: dict[UsageKey, float] = {}
+        meters: list[Meter] = []
+        for meter in registry.event_meters().values():
+            aggregation: Aggregation = "MAX" if meter.meter_type == "max_usage" else "SUM"
+            # As reconciliation names a meter: its name and how Amberflo aggregates it (a sum, or a max).
+            meter_type: MeterType = "max_usage" if aggregation == "MAX" else "sum_of_all_usage"
+            meters.append(Meter(meter_api_name=meter.meter_api_name, label=meter.label, meter_type=meter_type))
+            query = UsageQuery(
+                meter.meter_api_name,
+                aggregation,
+                "HOUR",
+                window.start_s,
+                window.end_s,
+                ("customerId",),
+                {},
+                None,
+                False,
+            )
+            for group in engine.groups(meter, query, aggregation):
+                for hour, value in group.buckets.items():
+                    if value:
+                        usage[(str(group.key[0]), meter.meter_api_name, hour)] = value
+    return usage, meters
+
+
+def staged_event_usage(
+    data_dir: DataDir, settings: AmberfloSettings, meters: list[Meter], window: Window
+) -> dict[UsageKey, float]:
+    """Usage per (customer, meter, hour) of the event records staged in the meter-event outbox (a dry run's side)."""
+    with meter_events_outbox(data_dir, settings) as outbox:
+        return staged_usage(outbox, meters, window)

@@ -79,7 +79,10 @@ class _Source:
 
 
 class UsageEngine:
-    """Answers usage queries from the lake; ``before_read`` runs first (e.g. committing what ingest acknowledged)."""
+    """Answers usage queries from the lake; ``before_read`` runs first (e.g. committing what ingest acknowledged).
+
+    ``rules`` None counts every event (what was forwarded before any rule, for a dry run's reconciliation).
+    """
 
     def __init__(
         self,
@@ -87,7 +90,7 @@ class UsageEngine:
         config: Config,
         data_dir: DataDir,
         registry: MeterRegistry,
-        rules: CancellationRules,
+        rules: CancellationRules | None,
         before_read: Callable[[], object] | None = None,
     ) -> None:
         self._config = config
@@ -154,7 +157,7 @@ class UsageEngine:
         conditions = [source.predicate, f"{source.time_column} >= $start", f"{source.time_column} < $end"]
         for key, values in sorted(query.filters.items()):
             conditions.append(f"{key_sql(key)} IN ({_bind_list(params, values)})")
-        for rule in self._rules.rules(meter_api_name=meter.meter_api_name):
+        for rule in [] if self._rules is None else self._rules.rules(meter_api_name=meter.meter_api_name):
             conditions.append(f"NOT ({_rule_sql(rule, params, key_sql)})")
         groups = [key_sql(key) for key in query.group_by]
         bucket = f"date_trunc($unit, make_timestamp(epoch_us({source.time_column})))"

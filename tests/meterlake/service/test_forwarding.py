@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 
+from meterlake.amberflo.reconcile import Window, amberflo_usage, compare
 from meterlake.amberflo.server import LocalAmberflo
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.config import Config
 from meterlake.lake.home import DataDir
+from meterlake.service.forwarding import event_meter_usage, staged_event_usage
 from meterlake.service.local import LocalMeteringService
 
 from .conftest import NOW_MS, record
@@ -79,3 +82,31 @@ def test_meter_changes_and_rules_are_mirrored_in_amberflo(tmp_path: Path) -> Non
             assert [r["id"] for r in amberflo.state.filtering_rules()] == ["r1"]
             client.delete(f"/meters/{meter['id']}")
             assert amberflo.state.meters() == []
+
+
+def test_reconcile_compares_event_meters_with_amberflo_and_with_what_was_staged(tmp_path: Path) -> None:
+    data_dir = DataDir(tmp_path / "home")
+    config = Config()
+    with LocalAmberflo(api_key=KEY) as amberflo:
+        settings = _settings(amberflo)
+        with LocalMeteringService(
+            config=config, data_dir=data_dir, port=0, amberflo=settings, amberflo_api_key=KEY
+        ) as service:
+            _, admin = service.keys.create(role="admin")
+            with httpx.Client(base_url=service.url, headers={"X-API-KEY": admin}) as client:
+                client.post("/meters", json=METER)
+                client.post("/ingest", json=[record(uniqueId=f"r{i}", meterValue=i) for i in range(1, 6)])
+                service.settle()
+        window = Window.covering(datetime.now(UTC) - timedelta(hours=1), datetime.now(UTC) + timedelta(hours=1))
+        lake, meters = event_meter_usage(config, data_dir, window, apply_rules=True)
+        assert sum(lake.values()) == 15.0
+        with httpx.Client() as client:
+            other = amberflo_usage(client, base_url=amberflo.url, api_key=KEY, meters=meters, window=window)
+        assert compare(lake, other, against="Amberflo").differences == []
+        staged = staged_event_usage(data_dir, settings, meters, window)
+        assert compare(lake, staged, against="staged").differences == []
+        amberflo.reset()  # Amberflo lost them: reconciliation says so, per customer, meter and hour
+        with httpx.Client() as client:
+            emptied = amberflo_usage(client, base_url=amberflo.url, api_key=KEY, meters=meters, window=window)
+        [difference] = compare(lake, emptied, against="Amberflo").differences
+        assert (difference.customer_id, difference.meter_api_name, difference.lake) == ("acme", "llm-tokens", 15.0)
