@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-BENCHMARKS = ("transform", "ingest", "freshness", "gateway", "query", "forward", "service")
+BENCHMARKS = ("transform", "ingest", "freshness", "gateway", "query", "pruning", "compaction", "forward", "service")
 RESULTS = Path(__file__).with_name("results.json")
 
 

@@ -10,11 +10,12 @@ import os
 import shutil
 import statistics
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 
+from bench.events import events_connection, generate_events
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
@@ -24,41 +25,12 @@ DATA_ROOT = Path(__file__).parent / "data"
 FULL_EVENTS = 10_000_000
 QUICK_EVENTS = 1_000_000
 CHUNK_EVENTS = 1_000_000
-TENANTS = 50
 SPAN_HOURS = 36
+SPAN_START = datetime(2026, 11, 1, tzinfo=UTC)
 TARGET_QUERY_S = 1.0
 TARGET_RATIO = 1.5
 WINDOW_START = "2026-11-01T00:00:00Z"
 WINDOW_END = "2026-11-03T00:00:00Z"
-
-#: One chunk of synthetic events, rows $first .. $first + $count - 1, in time order over SPAN_HOURS.
-_GENERATE_CHUNK = f"""
-WITH ids AS (SELECT range AS i FROM range($first, $first + $count)),
-draws AS (SELECT i, hash(i, 'tenant') % 1000 AS t, hash(i, 'route') % 20 AS r, hash(i, 'status') % 1000 AS s,
-                 hash(i, 'length') AS l, hash(i, 'latency') % 1000 AS q FROM ids)
-SELECT
-    CAST(CAST(md5(CAST(i AS VARCHAR)) AS UUID) AS VARCHAR) AS request_id,
-    'a1b2c3d4e5' AS api_id,
-    'prod' AS stage,
-    CASE WHEN t < 20 THEN NULL ELSE 'tenant-' || lpad(CAST(t % {TENANTS} AS VARCHAR), 2, '0') END AS tenant_id,
-    'user-' || CAST(t AS VARCHAR) AS "user",
-    'client-1' AS client_id,
-    '203.0.113.' || CAST(t % 250 AS VARCHAR) AS ip,
-    'bench/1.0' AS user_agent,
-    TIMESTAMPTZ '2026-11-01 00:00:00+00'
-        + to_microseconds(CAST(i * ({SPAN_HOURS} * 3600000000 // $total) AS BIGINT)) AS request_time,
-    ['GET', 'GET', 'GET', 'POST', 'PUT'][CAST(r % 5 AS INTEGER) + 1] AS http_method,
-    '/v1/resource' || CAST(r AS VARCHAR) AS resource_path,
-    '/v1/resource' || CAST(r AS VARCHAR) || '/' || CAST(i % 1000 AS VARCHAR) AS path,
-    CAST(CASE WHEN s < 850 THEN 200 WHEN s < 900 THEN 201 WHEN s < 930 THEN 304 WHEN s < 970 THEN 404
-              WHEN s < 985 THEN 429 WHEN s < 995 THEN 500 ELSE 503 END AS INTEGER) AS status,
-    'HTTP/1.1' AS protocol,
-    CAST(l % 20000 AS BIGINT) AS response_length,
-    CAST(CASE WHEN q < 950 THEN 5 + q // 10 ELSE 100 + (q - 950) * 20 END AS INTEGER) AS response_latency_ms,
-    CAST(CASE WHEN q < 950 THEN 2 + q // 12 ELSE 80 + (q - 950) * 19 END AS INTEGER) AS integration_latency_ms,
-    TIMESTAMPTZ '2026-11-03 00:00:00+00' AS ingested_at
-FROM draws
-"""
 
 #: The hand-written DuckDB equivalent of sql/usage_per_tenant_day.sql (the baseline), written the fast way a DuckDB
 #: user would: timestamps as naive UTC (no ICU per row) and the exact nearest-rank quantile.
@@ -99,13 +71,15 @@ def _dataset(events: int) -> DataDir:
     started = time.perf_counter()
     table = ensure_metering_table(open_catalog(data), config)
     arrow_schema = table.schema().as_arrow()
-    con = duckdb.connect()
-    con.execute("SET enable_progress_bar = false")
-    con.execute("SET TimeZone='UTC'")
+    con = events_connection()
+    step_us = SPAN_HOURS * 3_600_000_000 // events
     for first in range(0, events, CHUNK_EVENTS):
         count = min(CHUNK_EVENTS, events - first)
-        chunk = con.sql(_GENERATE_CHUNK, params={"first": first, "count": count, "total": events}).to_arrow_table()
-        table.append(pa.Table.from_batches(chunk.to_batches(), schema=chunk.schema).cast(arrow_schema))
+        table.append(
+            generate_events(
+                con, first=first, count=count, start=SPAN_START, step_us=step_us, origin=0, schema=arrow_schema
+            )
+        )
     con.close()
     print(f"  generated {events:,} events in {time.perf_counter() - started:.1f} s under {data.root}")
     return data
