@@ -17,6 +17,8 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bench.events import events_connection, generate_events
@@ -38,14 +40,15 @@ TARGET_QUERY_RATIO = 1.2
 _DAY_US = 86_400_000_000
 
 
-def _day_events(con: object, day: int, schema: object) -> object:
+def _day_events(con: duckdb.DuckDBPyConnection, day: int, schema: pa.Schema) -> pa.Table:
+    """One UTC day of the month's synthetic events."""
     return generate_events(
-        con,  # type: ignore[arg-type]
+        con,
         first=day * EVENTS_PER_DAY,
         count=EVENTS_PER_DAY,
         start=FIRST_DAY + timedelta(days=day),
         step_us=_DAY_US // EVENTS_PER_DAY,
-        schema=schema,  # type: ignore[arg-type]
+        schema=schema,
     )
 
 
@@ -55,15 +58,15 @@ def fresh_table() -> DataDir:
     config = Config()
     if data.catalog_db.exists():
         snapshot = ensure_metering_table(open_catalog(data), config).current_snapshot()
-        if snapshot is not None and snapshot.summary is not None:
-            if snapshot.summary.get("total-records") == str(DAYS * EVENTS_PER_DAY):
-                return data
+        summary = snapshot.summary if snapshot is not None else None
+        if summary is not None and summary.get("total-records") == str(DAYS * EVENTS_PER_DAY):
+            return data
         shutil.rmtree(data.root)
     table = ensure_metering_table(open_catalog(data), config)
     schema = table.schema().as_arrow()
     con = events_connection()
     for day in range(DAYS):
-        table.append(_day_events(con, day, schema))  # type: ignore[arg-type]
+        table.append(_day_events(con, day, schema))
     con.close()
     return data
 
@@ -83,7 +86,7 @@ def small_files_table(root: Path, flushes_per_day: int) -> DataDir:
         paths = []
         for flush in range(flushes_per_day):
             path = folder / f"{flush:05d}.parquet"
-            pq.write_table(events.slice(flush * per_flush, per_flush), path, compression="zstd")  # type: ignore[attr-defined]
+            pq.write_table(events.slice(flush * per_flush, per_flush), path, compression="zstd")
             paths.append(str(path))
         table.add_files(paths)
     con.close()
