@@ -288,6 +288,8 @@ def up(
     port: Annotated[int | None, typer.Option(help="Gateway port (default: config meterlake.local.port).")] = None,
 ) -> None:
     """Run the local pipeline until Ctrl-C or SIGTERM; on the way out everything acknowledged is flushed."""
+    import logging
+
     from meterlake.local.running import recorded_as_serving
     from meterlake.local.stack import LocalStack
 
@@ -295,6 +297,8 @@ def up(
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
     _log_to_stderr()
+    # Each flush, as it happens: events committed to which table, rejected (and where), dropped.
+    logging.getLogger("meterlake.local.stream").setLevel(logging.INFO)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -594,6 +598,7 @@ def query(
         if region is not None or output_location is not None or table_bucket is not None or profile is not None:
             raise UsageError("--region, --profile, --output-location and --table-bucket only apply with --athena")
         result = run_local_query(load_query(name), raw_params, config=c.config(), data_dir=c.data_dir())
+        _say_what_is_not_committed_yet(c)
     else:
         from meterlake.aws.athena import deployed_table_bucket, run_athena_query
 
@@ -611,6 +616,25 @@ def query(
             table_bucket=table_bucket,
         )
     sys.stdout.write(format_result(result, output))
+
+
+def _say_what_is_not_committed_yet(c: Context) -> None:
+    """On stderr: whether the delivery stream holds acknowledged lines the table (and so the query) does not have."""
+    from meterlake.lake.catalog import ensure_metering_table, open_catalog
+    from meterlake.local.running import uncommitted_spool_bytes
+
+    data_dir, config = c.data_dir(), c.config()
+    if not data_dir.catalog_db.exists():
+        return
+    pending = uncommitted_spool_bytes(data_dir, ensure_metering_table(open_catalog(data_dir), config))
+    if pending:
+        interval = config.data_firehose_configuration.buffering_hints.interval_in_seconds
+        err_console.print(
+            f"note: the delivery stream holds {pending} bytes of access-log lines not committed yet, so not in "
+            f"this result: the next flush (within {interval} s while `meterlake up` runs) or `meterlake flush` "
+            "commits them",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -660,6 +684,17 @@ def ingest(
         f"acknowledged {count} lines; committed {report.ok_written}, rejected {report.failed}, "
         f"dropped {report.dropped}, duplicates skipped {report.duplicates_skipped}"
     )
+    _say_where_rejects_went(report.failed, data_dir)
+
+
+def _say_where_rejects_went(rejected: int, data_dir: DataDir) -> None:
+    """After a flush that rejected records: where Firehose's error output (each line and its reason) went."""
+    if rejected:
+        console.print(
+            f"{rejected} rejected records are kept, each with its reason, under {_shown(data_dir.errors)} "
+            "(Firehose's error output prefix)",
+            highlight=False,
+        )
 
 
 @app.command()
@@ -683,6 +718,7 @@ def flush(
             console.print(f"recovered {_shown(repair.describe())}", highlight=False, soft_wrap=True)
         report = stream.flush()
     console.print(f"committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}")
+    _say_where_rejects_went(report.failed, data_dir)
 
 
 @app.command()

@@ -1,4 +1,5 @@
-"""Which local gateway is serving from a data dir: `meterlake up` records it, `meterlake token` follows it.
+"""What the local pipeline running from a data dir is doing: which gateway serves (`meterlake up` records it,
+`meterlake token` follows it), and what is spooled but not yet committed.
 
 A token is accepted only by a gateway whose user pool issued it for its own issuer, and the issuer carries the
 gateway's real port (``meterlake up --port 8870`` or ``--port 0``). So `up` writes the port and issuer it serves on to
@@ -13,6 +14,7 @@ import os
 from collections.abc import Iterator
 
 import msgspec
+from pyiceberg.table import Table
 
 from meterlake.lake.home import DataDir
 
@@ -63,3 +65,26 @@ def recorded_as_serving(data_dir: DataDir, *, port: int, issuer: str, invoke_url
         current = serving_gateway(data_dir)
         if current is not None and current.pid == record.pid:
             path.unlink(missing_ok=True)
+
+
+def uncommitted_spool_bytes(data_dir: DataDir, table: Table) -> int:
+    """Bytes the delivery stream has spooled (acknowledged) but not yet committed to ``table``.
+
+    Read from the files alone, without opening the stream (a running `up` holds it): the spool's end is the last
+    segment's start plus its size, and the table's snapshots record the spool offset each commit covers. Nonzero
+    means a query does not see everything answered yet: the next flush (the buffering interval, or `meterlake
+    flush`) commits it.
+    """
+    from meterlake.local.stream import SPOOL_OFFSET_PROPERTY
+
+    end = 0
+    for segment in data_dir.spool.glob("*.seg"):
+        if segment.stem.isdigit():
+            with contextlib.suppress(OSError):
+                end = max(end, int(segment.stem) + segment.stat().st_size)
+    committed = 0
+    for snapshot in table.snapshots():
+        offset = snapshot.summary.get(SPOOL_OFFSET_PROPERTY) if snapshot.summary is not None else None
+        if offset is not None and offset.isdigit():
+            committed = max(committed, int(offset))
+    return max(0, end - committed)

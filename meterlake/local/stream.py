@@ -938,6 +938,20 @@ class DeliveryStream:
                 self._index.discard_staged(label)
             # Give the buffer's Arrow memory back to the system rather than keep it for the next buffer.
             pa.default_memory_pool().release_unused()
+        if buffer.records_read:
+            # What `meterlake up` shows of each flush (its log at INFO): what landed where, and what did not.
+            logger.info(
+                "%s: flushed %d records: %d events committed to %s, %d rejected (kept under %s), %d dropped, "
+                "%d duplicates skipped",
+                self.name,
+                buffer.records_read,
+                ok_written,
+                ", ".join(label for label, *_ in appends) or "no table",
+                len(buffer.rejected),
+                self.data_dir.errors,
+                buffer.dropped,
+                buffer.duplicates,
+            )
         return FlushReport(
             records_read=buffer.records_read,
             ok_written=ok_written,

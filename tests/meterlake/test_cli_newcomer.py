@@ -131,3 +131,11 @@ def test_reconcile_as_json(tmp_path: Path) -> None:
 
 def test_format_takes_text_or_json_only(tmp_path: Path) -> None:
     assert "--format must be text or json" in one_error_line(meterlake("config", "--format", "yaml", cwd=tmp_path))
+
+
+def test_ingest_says_where_rejected_lines_went(tmp_path: Path) -> None:
+    (tmp_path / "lines.txt").write_text('{"not": "an access-log line"}\n')
+    result = meterlake("ingest", "lines.txt", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rejected 1" in result.stdout
+    assert f"kept, each with its reason, under {tmp_path / 'home' / 'errors'}" in result.stdout

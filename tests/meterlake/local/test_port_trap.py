@@ -38,9 +38,11 @@ def running_up(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
         assert process.stdout is not None
         first = process.stdout.readline().split()
         assert first[:1] == ["RestApiEndpoint"], (first, process.stderr.read() if process.stderr else "")
-        hint = process.stdout.readline()
+        banner: list[str] = []  # up's banner ends with the buffering line
+        while not banner or (not banner[-1].startswith(("flushing to Iceberg", "Traceback")) and banner[-1]):
+            banner.append(process.stdout.readline())
         # The printed command stays on one line whatever the width, so pasting it runs it (defect 6).
-        assert f"{first[1]}/random/strings?len=8\n" in hint, hint
+        assert any(line.endswith(f"{first[1]}/random/strings?len=8\n") for line in banner), banner
         yield first[1], process
     finally:
         if process.poll() is None:
@@ -153,3 +155,20 @@ def _wait_for_requests(home: Path) -> None:
     while _spooled_bytes(home) <= before:
         assert time.monotonic() < deadline, "the load test sent nothing"
         time.sleep(0.05)
+
+
+def test_feedback_while_data_is_in_flight(tmp_path: Path, running_up: tuple[str, subprocess.Popen[str]]) -> None:
+    url, process = running_up
+    token = meterlake("token", "--tenant", "acme", cwd=tmp_path).stdout.strip()
+    assert httpx.get(f"{url}/random/strings", headers={"Authorization": token}, timeout=10).status_code == 200
+    # Answered means spooled; the 60 s buffering interval has not committed it: the query says so.
+    query = meterlake("query", "usage_per_tenant_day", "--format", "csv", cwd=tmp_path)
+    assert query.returncode == 0, query.stderr
+    assert "not committed yet" in query.stderr
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    # `up` shows each flush: what was committed to which table.
+    assert "flushed 1 records: 1 events committed to restapi_access_log_iceberg_db.restapi_access_log_iceberg" in err
+    after = meterlake("query", "usage_per_tenant_day", "--format", "csv", cwd=tmp_path)
+    assert "not committed yet" not in after.stderr
+    assert "acme" in after.stdout
