@@ -1,4 +1,9 @@
-"""The local Iceberg catalog: pyiceberg's SqlCatalog on SQLite with a filesystem warehouse in the data dir."""
+"""The local Iceberg catalog: pyiceberg's SqlCatalog on SQLite with a filesystem warehouse in the data dir.
+
+Opening a table evolves it to the schema the code defines: a field added to the record (``meterlake.records``) or to
+the meter-events schema becomes a new optional column of an existing table, whose older rows read it as null. Only
+additions are applied; any other difference is refused (:class:`IncompatibleSchemaError`).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,15 @@ from urllib.parse import urlparse
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import (
+    CommitFailedException,
     NamespaceAlreadyExistsError,
     NoSuchNamespaceError,
     NoSuchTableError,
     TableAlreadyExistsError,
 )
+from pyiceberg.schema import Schema
 from pyiceberg.table import Table
+from pyiceberg.types import NestedField
 from sqlalchemy.exc import OperationalError
 
 from meterlake.config import Config
@@ -29,6 +37,14 @@ from meterlake.schema import (
 )
 
 CATALOG_NAME = "meterlake"
+
+#: How many times a schema update is retried after another writer committed first.
+_EVOLVE_ATTEMPTS = 3
+
+
+class IncompatibleSchemaError(Exception):
+    """An existing table's schema differs from the code's in a way that is not an added optional column (a changed
+    type, a changed required flag, other identifier fields, or an added required column)."""
 
 
 def open_catalog(data: DataDir) -> SqlCatalog:
@@ -57,7 +73,7 @@ def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:
     """
     identifier = (config.database_name, config.table_name)
     with contextlib.suppress(NoSuchTableError, NoSuchNamespaceError):
-        return catalog.load_table(identifier)
+        return evolve_table(catalog.load_table(identifier), METERING_EVENT_SCHEMA)
     with contextlib.suppress(NamespaceAlreadyExistsError):
         catalog.create_namespace(config.database_name)
     try:
@@ -69,7 +85,7 @@ def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:
             properties=dict(TABLE_PROPERTIES),
         )
     except TableAlreadyExistsError:
-        return catalog.load_table(identifier)
+        return evolve_table(catalog.load_table(identifier), METERING_EVENT_SCHEMA)
 
 
 def ensure_meter_events_table(catalog: Catalog, config: Config) -> Table:
@@ -79,7 +95,7 @@ def ensure_meter_events_table(catalog: Catalog, config: Config) -> Table:
     """
     identifier = (config.database_name, METER_EVENTS_TABLE)
     with contextlib.suppress(NoSuchTableError, NoSuchNamespaceError):
-        return catalog.load_table(identifier)
+        return evolve_table(catalog.load_table(identifier), METER_EVENT_SCHEMA)
     with contextlib.suppress(NamespaceAlreadyExistsError):
         catalog.create_namespace(config.database_name)
     try:
@@ -90,7 +106,70 @@ def ensure_meter_events_table(catalog: Catalog, config: Config) -> Table:
             properties=dict(TABLE_PROPERTIES),
         )
     except TableAlreadyExistsError:
-        return catalog.load_table(identifier)
+        return evolve_table(catalog.load_table(identifier), METER_EVENT_SCHEMA)
+
+
+def added_fields(current: Schema, wanted: Schema) -> list[NestedField]:
+    """The top-level fields of ``wanted`` that ``current`` lacks (by name), in ``wanted``'s order.
+
+    A field of ``current`` that ``wanted`` does not name is left alone: a newer meterlake may have added it.
+
+    Raises:
+        IncompatibleSchemaError: a field both have differs in type or required flag, the identifier fields differ,
+            or an added field is required (the rows already written have no value for it).
+    """
+    problems: list[str] = []
+    added: list[NestedField] = []
+    for field in wanted.fields:
+        try:
+            existing = current.find_field(field.name)
+        except ValueError:
+            if field.required:
+                problems.append(f"{field.name}: a column added to a table that holds rows must be optional")
+            added.append(field)
+            continue
+        if str(existing.field_type) != str(field.field_type):
+            problems.append(f"{field.name}: the table has {existing.field_type}, the code {field.field_type}")
+        if existing.required != field.required:
+            has, wants = ("required" if f.required else "optional" for f in (existing, field))
+            problems.append(f"{field.name}: the table has it {has}, the code {wants}")
+    if current.identifier_field_names() != wanted.identifier_field_names():
+        problems.append(
+            f"identifier fields: the table has {sorted(current.identifier_field_names())}, "
+            f"the code {sorted(wanted.identifier_field_names())}"
+        )
+    if problems:
+        raise IncompatibleSchemaError(
+            "only added optional columns evolve a table automatically; " + "; ".join(problems)
+        )
+    return added
+
+
+def evolve_table(table: Table, schema: Schema) -> Table:
+    """Add the columns of ``schema`` that ``table`` lacks, in one Iceberg schema update, and return the table.
+
+    Nothing is rewritten: data files written before keep their columns, and readers (which map columns by field
+    id) read an added column of their rows as null. A concurrent writer's commit is retried over.
+
+    Raises:
+        IncompatibleSchemaError: the difference is not only added optional columns (see :func:`added_fields`),
+            naming the table and each offending column.
+    """
+    for attempt in range(_EVOLVE_ATTEMPTS):
+        try:
+            added = added_fields(table.schema(), schema)
+        except IncompatibleSchemaError as exc:
+            raise IncompatibleSchemaError(f"table {'.'.join(table.name())}: {exc}") from None
+        if not added:
+            return table
+        try:
+            with table.update_schema() as update:
+                update.union_by_name(Schema(*added))
+        except CommitFailedException:
+            if attempt == _EVOLVE_ATTEMPTS - 1:
+                raise
+            table = table.refresh()
+    return table
 
 
 def remove_orphan_metadata(table: Table) -> list[Path]:

@@ -74,12 +74,12 @@ from meterlake.aws.stacks import ATHENA_DEFAULT_CATALOG, S3_TABLES_CATALOG
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
-from meterlake.schema import METERING_EVENT_SCHEMA, metering_event_arrow_schema
+from meterlake.schema import METERING_EVENT_SCHEMA
 from meterlake.window import WindowError, parse_instant, require_ordered
 
 #: The directory of the project's queries.
 SQL_DIR = (
-    # An installed wheel carries the repository's sql/ as meterlake/sql (setup.py); a checkout reads it in place.
+    # An installed wheel carries the repository's sql/ as meterlake/sql (pyproject.toml); a checkout reads it in place.
     Path(__file__).parents[1] / "sql"
     if (Path(__file__).parents[1] / "sql").is_dir()
     else Path(__file__).parents[2] / "sql"
@@ -404,16 +404,13 @@ def run_local_query(
     con = sandboxed_duckdb(files)
     try:
         if files:
-            source: exp.Expr = exp.func(
-                "read_parquet",
-                exp.array(*(exp.Literal.string(path) for path in files)),
-                exp.EQ(this=exp.var("hive_partitioning"), expression=exp.false()),
-            )
+            source: exp.Expr = read_table_files(files, table.schema())
         else:
             # An empty relation that still has the table's columns and types.
-            con.register(_EMPTY_RELATION, metering_event_arrow_schema().empty_table())
+            con.register(_EMPTY_RELATION, table.schema().as_arrow().empty_table())
             source = exp.to_table(_EMPTY_RELATION)
-        prepared = prepare(query.sql, dialect="duckdb", table=_naive_utc_relation(source), params=bound)
+        relation = _naive_utc_relation(source, table.schema().as_arrow())
+        prepared = prepare(query.sql, dialect="duckdb", table=relation, params=bound)
         try:
             arrow = _engine_types_to_table_types(con.sql(prepared.sql, params=prepared.parameters).to_arrow_table())
         except duckdb.Error as exc:
@@ -424,6 +421,52 @@ def run_local_query(
     rows = list(zip(*(column.to_pylist() for column in arrow.columns), strict=True)) if arrow.num_rows else []
     bytes_read = sum(task.file.file_size_in_bytes for task in tasks)
     return QueryResult(columns=columns, rows=rows, arrow=arrow, files_read=len(files), bytes_read=bytes_read)
+
+
+#: Iceberg primitive types -> the DuckDB types read_parquet reads them as.
+_DUCKDB_TYPES: Final[dict[str, str]] = {
+    "boolean": "BOOLEAN",
+    "int": "INTEGER",
+    "long": "BIGINT",
+    "float": "FLOAT",
+    "double": "DOUBLE",
+    "date": "DATE",
+    "time": "TIME",
+    "timestamp": "TIMESTAMP",
+    "timestamptz": "TIMESTAMPTZ",
+    "string": "VARCHAR",
+    "uuid": "UUID",
+    "binary": "BLOB",
+}
+
+
+def read_table_files(files: Sequence[str], schema: Schema) -> exp.Expr:
+    """DuckDB's ``read_parquet`` over data files of a table whose schema is ``schema``, its columns mapped by Iceberg
+    field id, as Iceberg readers map them: a column added to the table after a file was written reads as null from
+    that file (DuckDB's default, by name from the first file, drops it or fails on the older files).
+
+    Raises:
+        UnsupportedTableStateError: a column has a nested type (the metering table has none).
+    """
+    columns = []
+    for field in schema.fields:
+        duckdb_type = _DUCKDB_TYPES.get(str(field.field_type))
+        if duckdb_type is None:
+            raise UnsupportedTableStateError(field.name, f"the local runner reads no {field.field_type} column")
+        column = exp.Struct(
+            expressions=[
+                exp.PropertyEQ(this=exp.to_identifier("name"), expression=exp.Literal.string(field.name)),
+                exp.PropertyEQ(this=exp.to_identifier("type"), expression=exp.Literal.string(duckdb_type)),
+                exp.PropertyEQ(this=exp.to_identifier("default_value"), expression=exp.null()),
+            ]
+        )
+        columns.append(exp.PropertyEQ(this=exp.Literal.number(field.field_id), expression=column))
+    return exp.func(
+        "read_parquet",
+        exp.array(*(exp.Literal.string(path) for path in files)),
+        exp.EQ(this=exp.var("hive_partitioning"), expression=exp.false()),
+        exp.EQ(this=exp.var("schema"), expression=exp.ToMap(this=exp.Struct(expressions=columns))),
+    )
 
 
 def plan_data_files(table: Table, row_filter: BooleanExpression) -> list[FileScanTask]:
@@ -869,9 +912,9 @@ def _current_data_files(tasks: Iterable[FileScanTask]) -> list[str]:
     return paths
 
 
-def _naive_utc_relation(source: exp.Expr) -> exp.Select:
+def _naive_utc_relation(source: exp.Expr, schema: pa.Schema) -> exp.Select:
     """``SELECT * REPLACE (<each timestamptz column> as a naive UTC TIMESTAMP) FROM source``: no ICU per row."""
-    timestamptz = [f.name for f in metering_event_arrow_schema() if pa.types.is_timestamp(f.type) and f.type.tz]
+    timestamptz = [f.name for f in schema if pa.types.is_timestamp(f.type) and f.type.tz]
     naive = [
         exp.alias_(exp.func("make_timestamp", exp.func("epoch_us", exp.column(name))), name) for name in timestamptz
     ]
