@@ -24,7 +24,7 @@ from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config
 from meterlake.records import DEFAULT_TENANT_SOURCE
 
-#: The CDK CLI's cdk.json: beside this package in an installed wheel (setup.py ships it), else the checkout's root.
+#: The CDK CLI's cdk.json: beside this package in an installed wheel (pyproject.toml ships it), else at the root.
 CDK_JSON: Final = next(
     path
     for path in (Path(__file__).resolve().parent / "cdk.json", Path(__file__).resolve().parents[1] / "cdk.json")
