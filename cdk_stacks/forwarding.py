@@ -49,6 +49,12 @@ from meterlake.aws.forwarding import (
     METRICS_NAMESPACE,
     render_amberflo_settings,
 )
+from meterlake.aws.stacks import (
+    FORWARDER_BATCH_SIZE,
+    FORWARDER_MEMORY_MB,
+    STAGER_MEMORY_MB,
+    STAGER_SCHEDULE_MINUTES,
+)
 from meterlake.aws.staging import (
     CHECKPOINT_KEY,
     ENV_BATCH_SIZE,
@@ -137,15 +143,9 @@ STAGER_PRUNE: Final = (
 STAGER_HANDLER: Final = "meterlake.aws.staging.stager_handler"
 FORWARDER_HANDLER: Final = "meterlake.aws.forwarding.forwarder_handler"
 
-#: The stager reads whole snapshots' data files into Arrow: memory is its limit, CPU scales with it.
-STAGER_MEMORY_MB: Final = 2048
 STAGER_TIMEOUT: Final = Duration.seconds(STAGER_TIMEOUT_S)
-STAGER_SCHEDULE: Final = Duration.minutes(1)
-#: The forwarder waits on Amberflo; its CPU work per batch (an HTTPS request) is small.
-FORWARDER_MEMORY_MB: Final = 256
+STAGER_SCHEDULE: Final = Duration.minutes(STAGER_SCHEDULE_MINUTES)
 FORWARDER_TIMEOUT: Final = Duration.minutes(3)
-#: Messages per forwarder invocation: five batches of <= 100 records, each with its own retry budget.
-FORWARDER_BATCH_SIZE: Final = 5
 #: Transient failures of one batch are retried this long per delivery (past Amberflo's advised 20 s); five
 #: budgets plus request timeouts fit the timeout, and the handler stops retrying before the timeout anyway.
 FORWARDER_RETRY_BUDGET_S: Final = 25.0

@@ -903,6 +903,38 @@ def aws_check(
         raise CheckFailed(report.problems)
 
 
+@aws_app.command("cost")
+def aws_cost(
+    ctx: typer.Context,
+    requests_per_month: Annotated[
+        int, typer.Option("--requests-per-month", min=1, help="Metered requests a month.")
+    ] = 1_000_000,
+    record_bytes: Annotated[
+        int | None,
+        typer.Option("--record-bytes", min=1, help="Access-log record size (default: the format, typical values)."),
+    ] = None,
+    athena_queries: Annotated[
+        int, typer.Option("--athena-queries-per-month", min=0, help="Athena queries, each of one day of events.")
+    ] = 30,
+    fmt: Annotated[str, _FORMAT] = "text",
+) -> None:
+    """Estimate what the AWS pipeline costs a month and per million requests, from the config and us-east-1 list
+    prices (dated in meterlake/aws/cost.py, with every assumption)."""
+    from meterlake.aws.cost import Assumptions, estimate_cost, format_estimate
+
+    as_json = _json_format(fmt)
+    estimate = estimate_cost(
+        _context(ctx).config(),
+        requests_per_month=requests_per_month,
+        record_bytes=record_bytes,
+        assumptions=Assumptions(athena_queries_per_month=athena_queries),
+    )
+    if as_json:
+        _print_json(estimate.as_json())
+        return
+    sys.stdout.write(format_estimate(estimate))
+
+
 def _amberflo_key(config: Config) -> str | None:
     import os
 

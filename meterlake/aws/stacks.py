@@ -25,3 +25,14 @@ S3_TABLES_CATALOG: Final = "s3tablescatalog"
 ATHENA_DEFAULT_CATALOG: Final = "AwsDataCatalog"
 #: The workgroup the Analytics stack creates and `meterlake query --athena` uses by default.
 ATHENA_WORKGROUP: Final = "meterlake"
+
+# -- the forwarding Lambdas' sizing: deployed by cdk_stacks.forwarding, priced by meterlake.aws.cost -----------------
+
+#: The stager reads whole snapshots' data files into Arrow: memory is its limit, CPU scales with it.
+STAGER_MEMORY_MB: Final = 2048
+#: How often the stager runs (an EventBridge schedule), in minutes.
+STAGER_SCHEDULE_MINUTES: Final = 1
+#: The forwarder waits on Amberflo; its CPU work per batch (an HTTPS request) is small.
+FORWARDER_MEMORY_MB: Final = 256
+#: Messages per forwarder invocation: five batches of <= 100 records, each with its own retry budget.
+FORWARDER_BATCH_SIZE: Final = 5
