@@ -42,6 +42,9 @@ CUSTOMER_KEY: Final = "customerId"
 
 #: A usage report spans at most this many buckets.
 MAX_BUCKETS: Final = 100_000
+#: The latest instant (epoch seconds) a request may name: 9999-01-01T00:00:00Z. Every bucket of a range that ends by
+#: then, and the next one, is a date Python, DuckDB and Iceberg can hold (year 10000 is none of them).
+MAX_EPOCH_SECONDS: Final = 253_370_764_800
 _FIXED_SECONDS: Final[Mapping[str, int]] = {"HOUR": 3600, "DAY": 86400, "WEEK": 7 * 86400}
 # 1970-01-01 was a Thursday: day number + 3 is the ISO weekday offset (0 = Monday), so weeks start on Monday.
 _EPOCH_WEEKDAY: Final = 3
@@ -146,10 +149,12 @@ def epoch_seconds(name: str, value: object) -> int:
     """``value`` as epoch seconds.
 
     Raises:
-        RequestError: not a non-negative integer.
+        RequestError: not an integer from 0 to :data:`MAX_EPOCH_SECONDS` (9999-01-01).
     """
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise RequestError(f"{name} must be a non-negative integer (epoch seconds), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_EPOCH_SECONDS:
+        raise RequestError(
+            f"{name} must be an integer of epoch seconds from 0 to {MAX_EPOCH_SECONDS} (9999-01-01), got {value!r}"
+        )
     return value
 
 

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
+from meterlake.amberflo.api import MAX_EPOCH_SECONDS
 from meterlake.service.openapi import OPERATIONS
 
 from .conftest import NOW_MS, Served, record
@@ -218,3 +219,69 @@ def test_cancellation_routes(served: Served, spec: dict[str, Any]) -> None:
         again = admin.post("/ingest-snapshot/custom-filtering-rules", json=rule)
         assert again.status_code == 200
         assert admin.delete("/ingest-snapshot/custom-filtering-rules/nope").status_code == 404
+
+
+def test_instants_past_9999_are_refused_naming_the_field_and_store_no_rule(served: Served) -> None:
+    far, farther = 10**13, 10**15
+    with served.client(key=served.admin_key) as admin, served.client(token=served.admin_token()) as toolkit:
+        meter_id = admin.post("/meters", json=METER).json()["id"]
+        admin.post("/ingest", json=record(uniqueId="b1"))
+        now = NOW_MS // 1000
+        refused = [
+            (
+                admin.post(
+                    "/usage",
+                    json=usage_body(timeRange={"startTimeInSeconds": farther, "endTimeInSeconds": farther + 60}),
+                ),
+                "startTimeInSeconds",
+            ),
+            (
+                admin.post(
+                    "/usage/sparse", json=usage_body(timeRange={"startTimeInSeconds": 0, "endTimeInSeconds": far})
+                ),
+                "endTimeInSeconds",
+            ),
+            (
+                admin.post("/usage/batch", json=[usage_body(), usage_body(timeRange={"startTimeInSeconds": -1})]),
+                "startTimeInSeconds",
+            ),
+            (toolkit.get(f"/usage/{meter_id}", params={"startTimeInSeconds": farther}), "startTimeInSeconds"),
+            (
+                admin.get(
+                    "/usage/all",
+                    params={"startTimeInSeconds": 0, "endTimeInSeconds": far, "timeGroupingInterval": "DAY"},
+                ),
+                "endTimeInSeconds",
+            ),
+        ]
+        for start, end in ((now, farther), (farther, farther + 60)):
+            rule = {"id": f"r{start}", "meterApiName": "llm-tokens",
+                    "ingestionTimeRange": {"startTimeInSeconds": start, "endTimeInSeconds": end}}  # fmt: skip
+            field = "ingestionTimeRange." + ("endTimeInSeconds" if start == now else "startTimeInSeconds")
+            refused.append((toolkit.request("DELETE", "/usage", json=rule), field))
+            refused.append((admin.post("/ingest-snapshot/custom-filtering-rules", json=rule), field))
+        for answer, field in refused:
+            assert answer.status_code == 400, (field, answer.text)
+            message = answer.json()["message"]
+            assert field in message, message
+            assert "9999" in message, message
+        assert admin.get("/ingest-snapshot/custom-filtering-rules", params={"includeRemoved": "true"}).json() == []
+        assert admin.post("/usage", json=usage_body()).json()["clientMeters"][0]["groupValue"] == 12.0
+
+        # The latest instant accepted works everywhere: a rule reaching it, and a window ending at it.
+        latest = MAX_EPOCH_SECONDS
+        rule = {"id": "to-the-end", "meterApiName": "llm-tokens",
+                "ingestionTimeRange": {"startTimeInSeconds": now + 3600, "endTimeInSeconds": latest}}  # fmt: skip
+        assert toolkit.request("DELETE", "/usage", json=rule).status_code == 200
+        assert admin.post("/usage", json=usage_body()).json()["clientMeters"][0]["groupValue"] == 12.0
+        edge = admin.post("/usage", json=usage_body(timeRange={"startTimeInSeconds": latest - 3 * DAY_S,
+                                                              "endTimeInSeconds": latest}))  # fmt: skip
+        assert edge.status_code == 200, edge.text
+        assert edge.json()["secondsSinceEpochIntervals"][-1] == latest - DAY_S
+        monthly = usage_body(timeGroupingInterval="MONTH", timeRange={"startTimeInSeconds": latest - 40 * DAY_S})
+        assert (
+            admin.post(
+                "/usage", json={**monthly, "timeRange": {**monthly["timeRange"], "endTimeInSeconds": latest}}
+            ).status_code
+            == 200
+        )
