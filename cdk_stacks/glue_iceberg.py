@@ -2,7 +2,10 @@
 (an Iceberg table in a general-purpose bucket) and S3 Tables' ``IcebergMetadata`` (a table in a table bucket).
 
 CloudFormation creates the table from these, so the table on AWS has the columns, field ids, identifier fields and
-partition spec the local catalog creates: there is no DDL to run by hand.
+partition spec the local catalog creates: there is no DDL to run by hand. They are the table as created
+(``METERING_EVENT_CREATION_SCHEMA``), and never change under a deployed stack: CloudFormation's update of a Glue
+Iceberg table drops its Iceberg parameters (aws-cloudformation/cloudformation-coverage-roadmap#1919, #2495), and an S3
+table's ``IcebergMetadata`` is create-only. Fields added to the record later are added by ``meterlake aws evolve``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from pyiceberg.types import (
     UUIDType,
 )
 
-from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA, TABLE_PROPERTIES
+from meterlake.schema import METERING_EVENT_CREATION_SCHEMA, METERING_EVENT_PARTITION_SPEC, TABLE_PROPERTIES
 
 #: Iceberg primitive types -> the type names of the Iceberg spec, which Glue's Iceberg API takes.
 _PRIMITIVE_TYPE_NAMES: Final[dict[type[IcebergType], str]] = {
@@ -77,7 +80,7 @@ def glue_iceberg_type(field_type: IcebergType) -> str:
     return name
 
 
-def iceberg_schema(schema: Schema = METERING_EVENT_SCHEMA) -> glue.CfnTable.IcebergSchemaProperty:
+def iceberg_schema(schema: Schema = METERING_EVENT_CREATION_SCHEMA) -> glue.CfnTable.IcebergSchemaProperty:
     """Columns (id, name, type, required, doc) and identifier field ids of ``schema``."""
     return glue.CfnTable.IcebergSchemaProperty(
         fields=[
@@ -127,7 +130,7 @@ def open_table_format_input(location: str) -> glue.CfnTable.OpenTableFormatInput
 
 
 def s3_tables_iceberg_metadata(
-    schema: Schema = METERING_EVENT_SCHEMA, spec: PartitionSpec = METERING_EVENT_PARTITION_SPEC
+    schema: Schema = METERING_EVENT_CREATION_SCHEMA, spec: PartitionSpec = METERING_EVENT_PARTITION_SPEC
 ) -> s3tables.CfnTable.IcebergMetadataProperty:
     """The S3 table's schema (field ids and identifier fields included), partition spec and properties."""
     return s3tables.CfnTable.IcebergMetadataProperty(

@@ -935,6 +935,34 @@ def aws_cost(
     sys.stdout.write(format_estimate(estimate))
 
 
+@aws_app.command("evolve")
+def aws_evolve(
+    ctx: typer.Context,
+    table_bucket: Annotated[
+        str | None, typer.Option("--table-bucket", help="With s3_tables: the table bucket (Storage output).")
+    ] = None,
+    fmt: Annotated[str, _FORMAT] = "text",
+) -> None:
+    """Print the Athena DDL that adds to the deployed table the fields the record gained since it was created (run
+    it in Athena before deploying the transform that writes them)."""
+    import dataclasses
+
+    from meterlake.aws.evolve import AthenaTypeError, evolution
+    from meterlake.lake.catalog import IncompatibleSchemaError
+
+    as_json = _json_format(fmt)
+    try:
+        plan = evolution(_context(ctx).config(), table_bucket=table_bucket)
+    except (AthenaTypeError, IncompatibleSchemaError) as exc:
+        raise UsageError(str(exc)) from None
+    if as_json:
+        _print_json(dataclasses.asdict(plan))
+    elif plan.statement is None:
+        sys.stdout.write("the table as created has every field of the record: nothing to add\n")
+    else:
+        sys.stdout.write(f"-- in Athena, catalog {plan.catalog}; adds {', '.join(plan.columns)}\n{plan.statement};\n")
+
+
 def _amberflo_key(config: Config) -> str | None:
     import os
 

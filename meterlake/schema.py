@@ -37,19 +37,35 @@ _ICEBERG_TYPES: dict[FieldType, IcebergType] = {
 PARTITION_FIELD_ID_START = 1000
 
 
+#: ``ingested_at``'s field id: the one it had when the record had its first 17 fields.
+INGESTED_AT_FIELD_ID = 18
+#: The last field id of the table as deployed tables were created (the record's first 17 fields, then
+#: ``ingested_at``). A field id is forever: Iceberg maps data files' columns by id, and CloudFormation created tables
+#: on AWS with these. So the record only grows at its end, and a field appended to it takes the next id after this
+#: (19, 20, ...), never a position's.
+CREATION_LAST_FIELD_ID = INGESTED_AT_FIELD_ID
+
+
+def _access_log_field_ids() -> list[int]:
+    """1, 2, ... for the record's fields in order, skipping ``ingested_at``'s id."""
+    ids = [i for i in range(1, len(ACCESS_LOG_FIELDS) + 2) if i != INGESTED_AT_FIELD_ID]
+    return ids[: len(ACCESS_LOG_FIELDS)]
+
+
 def _build_schema() -> Schema:
     fields = [
         NestedField(field_id=i, name=f.name, field_type=_ICEBERG_TYPES[f.type], required=f.required, doc=f.doc)
-        for i, f in enumerate(ACCESS_LOG_FIELDS, start=1)
+        for i, f in zip(_access_log_field_ids(), ACCESS_LOG_FIELDS, strict=True)
     ]
-    fields.append(
+    fields.insert(
+        INGESTED_AT_FIELD_ID - 1,
         NestedField(
-            field_id=len(fields) + 1,
+            field_id=INGESTED_AT_FIELD_ID,
             name=INGESTED_AT,
             field_type=TimestamptzType(),
             required=True,
             doc="When the pipeline processed the event",
-        )
+        ),
     )
     by_name = {f.name: f for f in fields}
     identifiers = [by_name[name].field_id for name in IDENTIFIER_COLUMNS]
@@ -65,6 +81,21 @@ PARTITION_SOURCE_COLUMN = "request_time"
 IDENTIFIER_COLUMNS = ("request_id", PARTITION_SOURCE_COLUMN)
 
 METERING_EVENT_SCHEMA: Schema = _build_schema()
+
+
+#: The table as deployed tables were created: the fields up to :data:`CREATION_LAST_FIELD_ID`. CloudFormation
+#: creates the AWS table from this schema, never from :data:`METERING_EVENT_SCHEMA`: a changed Glue Iceberg table
+#: resource is updated in a way that drops its Iceberg parameters, and a changed S3 table resource is replaced. Fields
+#: the record gains later reach deployed tables by schema evolution (README, "Schema evolution").
+def creation_schema(schema: Schema) -> Schema:
+    """``schema``'s fields up to :data:`CREATION_LAST_FIELD_ID`: the table as deployed tables were created."""
+    return Schema(
+        *(f for f in schema.fields if f.field_id <= CREATION_LAST_FIELD_ID),
+        identifier_field_ids=schema.identifier_field_ids,
+    )
+
+
+METERING_EVENT_CREATION_SCHEMA: Schema = creation_schema(METERING_EVENT_SCHEMA)
 
 METERING_EVENT_PARTITION_SPEC: PartitionSpec = PartitionSpec(
     PartitionField(

@@ -20,7 +20,7 @@ from cdk_stacks.storage import MeteringTable
 from meterlake.aws import staging
 from meterlake.aws.stacks import STACK_NAMES
 from meterlake.config import Config, parse_config
-from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA
+from meterlake.schema import METERING_EVENT_CREATION_SCHEMA, METERING_EVENT_PARTITION_SPEC
 from tests.cdk_stacks.conftest import SAMPLE_V3_CONTEXT
 from tests.cdk_stacks.iam_evaluation import ACCOUNT, PARTITION, REGION, AwsCall, Deployment
 from tests.cdk_stacks.test_app import CFN_LINT
@@ -52,9 +52,9 @@ def test_the_table_is_the_schema_in_a_kept_table_bucket(s3_tables_deployment: De
     metadata = table["Properties"]["IcebergMetadata"]
     schema = metadata["IcebergSchemaV2"]
     assert [(f["Id"], f["Name"], f["Type"], f["Required"]) for f in schema["SchemaV2FieldList"]] == [
-        (f.field_id, f.name, str(f.field_type), f.required) for f in METERING_EVENT_SCHEMA.fields
+        (f.field_id, f.name, str(f.field_type), f.required) for f in METERING_EVENT_CREATION_SCHEMA.fields
     ]
-    assert schema["IdentifierFieldIds"] == list(METERING_EVENT_SCHEMA.identifier_field_ids)
+    assert schema["IdentifierFieldIds"] == list(METERING_EVENT_CREATION_SCHEMA.identifier_field_ids)
     assert metadata["IcebergPartitionSpec"]["Fields"] == [
         {"Name": f.name, "SourceId": f.source_id, "Transform": "day", "FieldId": f.field_id}
         for f in METERING_EVENT_PARTITION_SPEC.fields
@@ -73,7 +73,7 @@ def test_the_s3_tables_metadata_never_changes_under_a_deployed_table(s3_tables_d
     """AWS::S3Tables::Table's IcebergMetadata is create-only: any change (a field, a doc string) makes CloudFormation
     replace the table, and the replacement fails on the name of the retained one. So the template keeps the metadata
     tables were created with, and a changed record reaches deployed tables by schema evolution (README: "Schema
-    evolution"), never through this property."""
+    evolution", `meterlake aws evolve`), never through this property."""
     (table,) = s3_tables_deployment.resources(STORAGE, "AWS::S3Tables::Table").values()
     deployed = json.loads(DEPLOYED_METADATA.read_text())
     synthesized = table["Properties"]["IcebergMetadata"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +13,7 @@ from pyiceberg.types import DecimalType, FixedType, ListType, StringType
 from cdk_stacks.glue_iceberg import UnsupportedIcebergTypeError, glue_iceberg_type
 from cdk_stacks.storage import ATHENA_RESULTS_PREFIX, StaticPrefixError, static_prefix
 from meterlake.config import Config, parse_config
-from meterlake.schema import METERING_EVENT_PARTITION_SPEC, METERING_EVENT_SCHEMA, TABLE_PROPERTIES
+from meterlake.schema import METERING_EVENT_CREATION_SCHEMA, METERING_EVENT_PARTITION_SPEC, TABLE_PROPERTIES
 from tests.cdk_stacks.conftest import TEST_CONTEXT, lake_bucket, only_resource, resources_of
 from tests.cdk_stacks.iam_evaluation import Deployment
 
@@ -25,15 +27,33 @@ def _iceberg_table_input(templates: dict[str, Template]) -> dict[str, Any]:
     return table_input
 
 
-def test_table_columns_are_the_schema(templates: dict[str, Template]) -> None:
+def test_table_columns_are_the_schema_as_created(templates: dict[str, Template]) -> None:
     schema = _iceberg_table_input(templates)["Schema"]
     expected = [
         {"Id": f.field_id, "Name": f.name, "Type": str(f.field_type), "Required": f.required}
-        for f in METERING_EVENT_SCHEMA.fields
+        for f in METERING_EVENT_CREATION_SCHEMA.fields
     ]
     actual = [{key: column[key] for key in ("Id", "Name", "Type", "Required")} for column in schema["Fields"]]
     assert actual == expected
-    assert schema["IdentifierFieldIds"] == list(METERING_EVENT_SCHEMA.identifier_field_ids)
+    assert schema["IdentifierFieldIds"] == list(METERING_EVENT_CREATION_SCHEMA.identifier_field_ids)
+
+
+#: The Glue table's schema, partition spec and properties as deployed tables were created with them.
+DEPLOYED_TABLE_INPUT = Path(__file__).parent / "fixtures" / "glue-iceberg-table-input.json"
+
+
+def test_the_glue_table_input_never_changes_under_a_deployed_table(templates: dict[str, Template]) -> None:
+    """CloudFormation updates a changed AWS::Glue::Table through Glue's UpdateTable, which drops the table's Iceberg
+    parameters (table_type, metadata_location): Athena and Firehose then no longer see an Iceberg table
+    (aws-cloudformation/cloudformation-coverage-roadmap#1919 and #2495, both open). So the template keeps the input
+    tables were created with, and a field added to the record reaches deployed tables by `meterlake aws evolve`."""
+    table_input = _iceberg_table_input(templates)
+    synthesized = {key: table_input[key] for key in ("Schema", "PartitionSpec", "Properties")}
+    assert synthesized == json.loads(DEPLOYED_TABLE_INPUT.read_text()), (
+        "the Glue table's Iceberg input changed: a deployed stack's update would break its table. Keep the created "
+        f"input ({DEPLOYED_TABLE_INPUT.name}) and evolve deployed tables instead; synthesized:\n"
+        + json.dumps(synthesized, indent=2, sort_keys=True)
+    )
 
 
 def test_table_partition_spec_is_the_schema_spec(templates: dict[str, Template]) -> None:
