@@ -1023,23 +1023,36 @@ def forward_retry_dead(ctx: typer.Context) -> None:
 
 @forward_app.command("run")
 def forward_run(ctx: typer.Context) -> None:
-    """Stage what Iceberg committed since the last run and send the backlog once (what `up` does continuously)."""
+    """Stage what Iceberg committed since the last run and send the backlog once (what `up` does continuously): the
+    access-log meters' records, then the metering service's ingested events (its own outbox)."""
     from meterlake.amberflo.forwarder import Forwarder
     from meterlake.amberflo.outbox import Outbox
-    from meterlake.lake.catalog import ensure_metering_table, open_catalog
+    from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
+    from meterlake.service.forwarding import meter_events_outbox
 
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
-    table = ensure_metering_table(open_catalog(data_dir), config)
+    catalog = open_catalog(data_dir)
+    table = ensure_metering_table(catalog, config)
+    events_table = ensure_meter_events_table(catalog, config)
+    key = _amberflo_key(config)
     with (
         Outbox.in_data_dir(data_dir, meters=config.meters, settings=config.amberflo) as outbox,
+        meter_events_outbox(data_dir, config.amberflo) as events_outbox,
         Forwarder(config.amberflo) as forwarder,
     ):
         staged = outbox.stage_committed(table)
-        report = outbox.drain(forwarder, api_key=_amberflo_key(config))
+        report = outbox.drain(forwarder, api_key=key)
+        events_staged = events_outbox.stage_committed(events_table)
+        events_report = events_outbox.drain(forwarder, api_key=key)
     console.print(
         f"staged {staged} records; sent {report.sent_records} records in {report.sent_batches} batches; "
         f"dead-lettered {report.dead_batches} batches; still pending {report.pending_batches} batches"
+    )
+    console.print(
+        f"meter events: staged {events_staged} records; sent {events_report.sent_records} records in "
+        f"{events_report.sent_batches} batches; dead-lettered {events_report.dead_batches} batches; still pending "
+        f"{events_report.pending_batches} batches"
     )
     if report.dry_run:
         console.print(f"dry run: ${config.amberflo.api_key_env} is not set (or amberflo.dry_run); nothing was sent")
@@ -1106,7 +1119,7 @@ def reconcile(
     from meterlake.amberflo.outbox import Outbox
     from meterlake.amberflo.reconcile import Window, amberflo_usage, compare, lake_usage, staged_usage
     from meterlake.amberflo.reconcile import repair as repair_usage
-    from meterlake.service.forwarding import event_meter_usage, staged_event_usage
+    from meterlake.service.forwarding import event_meter_usage, meter_events_outbox, staged_event_usage
 
     as_json = _json_format(fmt)
     c = _context(ctx)
@@ -1132,9 +1145,12 @@ def reconcile(
                     window=window,
                 )
             report = compare(lake, other, against=f"Amberflo at {config.amberflo.base_url}")
-        queued = (
-            repair_usage(report, config=config, data_dir=data_dir, outbox=outbox) if repair and report.missing else None
-        )
+        queued = None
+        if repair and report.missing:
+            with meter_events_outbox(data_dir, config.amberflo) as event_outbox:
+                queued = repair_usage(
+                    report, config=config, data_dir=data_dir, outbox=outbox, event_outbox=event_outbox
+                )
     if as_json:
         _print_json(
             {

@@ -4,7 +4,7 @@ The lake side is computed by DuckDB from the Iceberg table's current files with 
 (:func:`aggregate_lake`, in the local queries' DuckDB sandbox); the other side is Amberflo's ``/usage`` (SUM, or MAX
 for max_usage meters, per HOUR, grouped by customerId) or, on a dry run, the records staged in the outbox. Repair
 re-stages the lake's records of every bucket Amberflo is short of: they carry their original uniqueIds, so nothing can
-be counted twice.
+be counted twice; the metering service's event meters are re-staged from the meter-event outbox the same way.
 """
 
 from __future__ import annotations
@@ -196,22 +196,48 @@ def compare(lake: Mapping[UsageKey, float], other: Mapping[UsageKey, float], *, 
     return ReconcileReport(against=against, buckets=len(keys), differences=differences)
 
 
-def repair(report: ReconcileReport, *, config: Config, data_dir: DataDir, outbox: Outbox) -> int:
-    """Re-stage the lake's records of every bucket the other side is short of; returns the records queued."""
+def repair(
+    report: ReconcileReport, *, config: Config, data_dir: DataDir, outbox: Outbox, event_outbox: Outbox | None = None
+) -> int:
+    """Re-stage the records of every bucket the other side is short of; returns the records queued.
+
+    A config meter's records are made again from the lake and queued in ``outbox``; an event meter's (the metering
+    service's: any other meter) are the records ``event_outbox`` staged for the bucket, queued there again. Either way
+    they carry their original uniqueIds.
+    """
+    config_meters = {meter.meter_api_name for meter in config.meters}
     wanted = {(d.customer_id, d.meter_api_name, d.hour_s) for d in report.missing}
-    if not wanted:
-        return 0
-    pieces = [pq.read_table(path) for path in _lake_files(config, data_dir)]
-    target = metering_event_arrow_schema()
-    events = pa.concat_tables([p.select(target.names).cast(target) for p in pieces]) if pieces else target.empty_table()
-    records = [
-        record
-        for record in meter_records(events, config.meters).records()
-        if (record["customerId"], record["meterApiName"], record["meterTimeInMillis"] // 1000 // HOUR_S * HOUR_S)
-        in wanted
-    ]
-    outbox.restage(records)
-    return len(records)
+    lake_wanted = {key for key in wanted if key[1] in config_meters}
+    event_wanted = wanted - lake_wanted
+    queued = 0
+    if lake_wanted:
+        pieces = [pq.read_table(path) for path in _lake_files(config, data_dir)]
+        target = metering_event_arrow_schema()
+        events = (
+            pa.concat_tables([p.select(target.names).cast(target) for p in pieces]) if pieces else target.empty_table()
+        )
+        records = [
+            record for record in meter_records(events, config.meters).records() if _bucket(record) in lake_wanted
+        ]
+        outbox.restage(records)
+        queued += len(records)
+    if event_wanted and event_outbox is not None:
+        hours = [hour for _, _, hour in event_wanted]
+        staged = event_outbox.staged_records(min(hours) * 1000, (max(hours) + HOUR_S) * 1000)
+        # An earlier repair's batches are staged records too: each uniqueId is queued once.
+        chosen = {str(r["uniqueId"]): r for r in reversed(staged) if _bucket(r) in event_wanted}
+        event_outbox.restage(list(chosen.values()))
+        queued += len(chosen)
+    return queued
+
+
+def _bucket(record: Mapping[str, Any]) -> UsageKey:
+    """A record's (customer, meter, UTC hour)."""
+    return (
+        str(record["customerId"]),
+        str(record["meterApiName"]),
+        int(record["meterTimeInMillis"]) // 1000 // HOUR_S * HOUR_S,
+    )
 
 
 # --- one run, per tenant: answered == counted == forwarded (make demo, meterlake aws check) -------------------------

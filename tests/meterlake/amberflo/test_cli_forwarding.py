@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from typer.testing import CliRunner, Result
 
 from meterlake.amberflo.server import FaultPlan, LocalAmberflo
 from meterlake.cli import app
+from meterlake.config import Config
+from meterlake.lake.home import DataDir
 from meterlake.meters import DEFAULT_METERS, meter_records
+from meterlake.service.local import LocalMeteringService
 from tests.conftest import FaultReport
-from tests.meterlake.amberflo.conftest import API_KEY
+from tests.meterlake.amberflo.conftest import API_KEY, quick_settings
 from tests.meterlake.amberflo.lake import BASE_TIME_MS, commit_events, make_events, metering_table
 
 WINDOW = ["--from", "2025-11-24T00:00:00Z", "--to", "2025-11-26T00:00:00Z"]
@@ -136,3 +142,54 @@ def test_events_are_forwarded_with_their_own_time(home: Path, server: LocalAmber
     times = {record.meter_time_in_millis for record in server.records()}
     assert min(times) >= BASE_TIME_MS
     assert max(times) < BASE_TIME_MS + 20 * 997
+
+
+def test_reconcile_repair_resends_the_event_meter_buckets_amberflo_lost(home: Path, server: LocalAmberflo) -> None:
+    now_ms = int(time.time() * 1000)
+    batch = [
+        {"customerId": customer, "meterApiName": "llm-tokens", "meterValue": value, "meterTimeInMillis": now_ms,
+         "uniqueId": f"e{value}"}
+        for customer, value in (("acme", 1), ("acme", 2), ("globex", 3))
+    ]  # fmt: skip
+    meter = {"label": "LLM tokens", "meterApiName": "llm-tokens", "meterType": "sum_of_all_usage"}
+    with LocalMeteringService(
+        config=Config(),
+        data_dir=DataDir(home / "data"),
+        port=0,
+        amberflo=quick_settings(server),
+        amberflo_api_key=API_KEY,
+    ) as service:
+        _, admin = service.keys.create(role="admin")
+        with httpx.Client(base_url=service.url, headers={"X-API-KEY": admin}) as client:
+            assert client.post("/meters", json=meter).status_code == 200
+            assert client.post("/ingest", json=batch).status_code == 200
+        service.settle()
+    assert server.accepted_unique_ids() == {"e1", "e2", "e3"}
+    hour = now_ms // 1000 // 3600 * 3600
+    window = [
+        "--from",
+        str(datetime.fromtimestamp(hour - 3600, UTC)),
+        "--to",
+        str(datetime.fromtimestamp(hour + 7200, UTC)),
+    ]
+    assert run(home, "reconcile", *window).exit_code == 0
+
+    server.reset()  # Amberflo lost the events: repair re-stages them from the meter-event outbox, same uniqueIds
+    gaps = run(home, "reconcile", *window)
+    assert gaps.exit_code == 1
+    assert "llm-tokens" in gaps.output
+    repaired = run(home, "reconcile", *window, "--repair")
+    assert repaired.exit_code == 0, repaired.output
+    assert "repair: 3 records queued again" in repaired.output
+    sent = run(home, "forward", "run")
+    assert sent.exit_code == 0, sent.output
+    assert "meter events: staged 0 records; sent 3 records" in sent.output
+    assert server.accepted_unique_ids() == {"e1", "e2", "e3"}
+    clean = run(home, "reconcile", *window)
+    assert clean.exit_code == 0, clean.output
+    assert " 0 differ" in clean.output
+    # A second repair of the same loss queues each uniqueId once, however often it was staged.
+    server.reset()
+    assert "repair: 3 records queued again" in run(home, "reconcile", *window, "--repair").output
+    assert run(home, "forward", "run").exit_code == 0
+    assert len(server.records()) == 3
