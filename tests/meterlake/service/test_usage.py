@@ -401,3 +401,56 @@ def test_request_meter_usage_equals_the_usage_queries_on_every_bucket(harness: H
     assert egress["clientMeters"][0]["groupValue"] == sum(
         r["response_length"] or 0 for r in rows if r["tenant_id"] == "acme" and r["status"] < 500
     )
+
+
+def _request_meter_expected(
+    rows: list[dict[str, Any]], meter: str, aggregation: Aggregation, interval: TimeGroupingInterval
+) -> tuple[dict[tuple[str, int], float], dict[str, float]]:
+    """Per (customer, bucket) and per customer over the range, counted in Python from the config meters' definitions
+    as the docs state them: a tenant, status < 500 (egress-bytes: and a response length); the value 1 or the length;
+    UNIQUE_COUNT counts distinct values of the first dimension (resource_path)."""
+    members: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if row["tenant_id"] is None or row["status"] >= 500:
+            continue
+        if meter == "egress-bytes" and row["response_length"] is None:
+            continue
+        members[(row["tenant_id"], bucket_start(int(row["request_time"].timestamp()), interval))].append(row)
+
+    def aggregate(group: list[dict[str, Any]]) -> float:
+        values = [1.0 if meter == "api-calls" else float(row["response_length"]) for row in group]
+        if aggregation == "UNIQUE_COUNT":
+            return float(len({row["resource_path"] for row in group}))
+        combine = {"SUM": sum, "COUNT": len, "MIN": min, "MAX": max}[aggregation]
+        return float(combine(values))
+
+    per_customer: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for (customer, _), group in members.items():
+        per_customer[customer].extend(group)
+    return (
+        {key: aggregate(group) for key, group in members.items()},
+        {customer: aggregate(group) for customer, group in per_customer.items()},
+    )
+
+
+def test_request_meters_equal_a_python_count_for_every_aggregation_and_interval(
+    harness: Harness, engine: UsageEngine
+) -> None:
+    generated = _access_log_rows(3000, seed=17)
+    ensure_metering_table(open_catalog(harness.data_dir), harness.config).append(generated)
+    rows = generated.to_pylist()
+    start = datetime.fromtimestamp(NOW_MS / 1000, UTC) - timedelta(days=4)
+    span = {"startTimeInSeconds": int(start.timestamp()), "endTimeInSeconds": NOW_MS // 1000 + HOUR_S}
+    for meter in ("api-calls", "egress-bytes"):
+        for interval in INTERVALS:
+            for aggregation in AGGREGATIONS:
+                report = engine.report(
+                    query(meter, timeGroupingInterval=interval, timeRange=span, aggregation=aggregation,
+                          groupBy=["customerId"]),
+                    zero_fill=False,
+                )  # fmt: skip
+                buckets, totals = _request_meter_expected(rows, meter, aggregation, interval)
+                assert by_customer_bucket(report) == buckets, (meter, interval, aggregation)
+                groups = {m["group"]["groupInfo"]["customerId"]: m["groupValue"] for m in report["clientMeters"]}
+                assert groups == totals, (meter, interval, aggregation)
+    assert set(totals) == set(CUSTOMERS)
