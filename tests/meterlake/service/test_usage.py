@@ -421,8 +421,9 @@ def _request_meter_expected(
         values = [1.0 if meter == "api-calls" else float(row["response_length"]) for row in group]
         if aggregation == "UNIQUE_COUNT":
             return float(len({row["resource_path"] for row in group}))
-        combine = {"SUM": sum, "COUNT": len, "MIN": min, "MAX": max}[aggregation]
-        return float(combine(values))
+        if aggregation == "COUNT":
+            return float(len(values))
+        return float({"SUM": sum(values), "MIN": min(values), "MAX": max(values)}[aggregation])
 
     per_customer: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for (customer, _), group in members.items():
