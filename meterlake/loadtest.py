@@ -158,11 +158,11 @@ def random_query_params(rng: random.Random) -> dict[str, int | str]:
     return params
 
 
-def invoke_url_from_parts(*, execution_id: str | None, region_name: str, api_stage: str) -> str:
-    """Build ``https://<execution-id>.execute-api.<region>.amazonaws.com/<stage>`` as run_test.py does."""
-    if not execution_id:
-        raise LoadTestError("give --apigw-invoke-url, or --execution-id (with --region-name and --api-stage)")
-    return f"https://{execution_id}.execute-api.{region_name}.amazonaws.com/{api_stage}"
+def invoke_url_from_parts(*, rest_api_id: str | None, region: str, stage: str) -> str:
+    """Build ``https://<rest-api-id>.execute-api.<region>.amazonaws.com/<stage>`` as run_test.py does."""
+    if not rest_api_id:
+        raise LoadTestError("give --apigw-invoke-url, or --rest-api-id (with --region and --stage)")
+    return f"https://{rest_api_id}.execute-api.{region}.amazonaws.com/{stage}"
 
 
 def dry_run_commands(plan: LoadTestPlan, count: int) -> list[str]:

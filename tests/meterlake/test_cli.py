@@ -32,7 +32,7 @@ def meterlake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["query", "usage_per_tenant_day", "--param", "start=yesterday-ish"], "start"),
         (["load-test", "--apigw-invoke-url", "http://127.0.0.1:9/prod", "--auth-token", "x"], "could not be reached"),
         (["load-test", "--apigw-invoke-url", "ftp://example/prod", "--auth-token", "x"], "not an http"),
-        (["load-test", "--auth-token", "x"], "--execution-id"),
+        (["load-test", "--auth-token", "x"], "--rest-api-id"),
         (["--config", "missing.json", "config"], "cannot read"),
         (["ingest", "nowhere.txt"], "no such file"),
     ],
