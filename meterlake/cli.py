@@ -385,18 +385,21 @@ def load_test(
         float, typer.Option(help="Share of requests sent to a route that does not exist.")
     ] = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the curl commands instead of sending.")] = False,
-    api_stage: Annotated[str, typer.Option("--api-stage", help="Stage, with --execution-id.")] = "prod",
-    region_name: Annotated[
+    rest_api_id: Annotated[
+        str | None, typer.Option("--rest-api-id", help="The REST API's id, instead of a URL (with --stage).")
+    ] = None,
+    stage: Annotated[str | None, typer.Option("--stage", help="Stage, with --rest-api-id (default prod).")] = None,
+    region: Annotated[
         str | None,
         typer.Option(
             "--region",
-            "--region-name",
-            help="AWS region, with --execution-id (default us-east-1) or --cognito-client-id (default: $AWS_REGION, "
+            help="AWS region, with --rest-api-id (default us-east-1) or --cognito-client-id (default: $AWS_REGION, "
             "the profile's).",
         ),
     ] = None,
-    profile: Annotated[str | None, typer.Option("--profile", help="AWS profile, with --cognito-client-id.")] = None,
-    execution_id: Annotated[str | None, typer.Option("--execution-id", help="REST API id, instead of a URL.")] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="AWS profile, with --cognito-client-id (default: $AWS_PROFILE).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed, for a repeatable request mix.")] = None,
     fmt: Annotated[str, _FORMAT] = "text",
     cognito_client_id: Annotated[
@@ -405,9 +408,7 @@ def load_test(
             "--cognito-client-id", help="Sign in to this Cognito app client (USER_PASSWORD_AUTH) for a token."
         ),
     ] = None,
-    username: Annotated[
-        str | None, typer.Option("--user", "--username", help="Cognito user, with --cognito-client-id.")
-    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Cognito user, with --cognito-client-id.")] = None,
     password: Annotated[
         str | None,
         typer.Option(
@@ -417,17 +418,26 @@ def load_test(
             help="Cognito password, with --cognito-client-id (prompted for when not given).",
         ),
     ] = None,
+    # run_test.py's spellings (the AWS sample's load test), accepted as they were documented, not shown.
+    execution_id: Annotated[str | None, typer.Option("--execution-id", hidden=True)] = None,
+    api_stage: Annotated[str | None, typer.Option("--api-stage", hidden=True)] = None,
+    region_name: Annotated[str | None, typer.Option("--region-name", hidden=True)] = None,
+    username: Annotated[str | None, typer.Option("--username", hidden=True)] = None,
 ) -> None:
     """Drive the API: the local gateway (`meterlake up`) or a real API Gateway stage; run_test.py's flags."""
     as_json = _json_format(fmt)
+    rest_api_id = _one_spelling("--rest-api-id", rest_api_id, "--execution-id", execution_id)
+    stage = _one_spelling("--stage", stage, "--api-stage", api_stage)
+    region = _one_spelling("--region", region, "--region-name", region_name)
+    user = _one_spelling("--user", user, "--username", username)
     url = apigw_invoke_url or invoke_url_from_parts(
-        execution_id=execution_id, region_name=region_name or "us-east-1", api_stage=api_stage
+        rest_api_id=rest_api_id, region=region or "us-east-1", stage=stage or "prod"
     )
     callers = [Caller(tenant_id=None, token=t) for t in auth_token or []]
     callers += [Caller(tenant_id=None, token=None, api_key=key) for key in api_key_value or []]
     if cognito_client_id:
-        callers.append(_cognito_caller(cognito_client_id, username, password, region_name, profile))
-    elif username is not None:
+        callers.append(_cognito_caller(cognito_client_id, user, password, region, profile))
+    elif user is not None:
         raise UsageError("--user only applies with --cognito-client-id")
     elif profile is not None:
         raise UsageError("--profile only applies with --cognito-client-id")
@@ -475,6 +485,15 @@ def load_test(
     failure = report.failure()
     if failure is not None:
         raise LoadTestError(failure)
+
+
+def _one_spelling(option: str, value: str | None, alias: str, alias_value: str | None) -> str | None:
+    """The value of an option given under its name or its older alias, refused when given under both."""
+    if alias_value is None:
+        return value
+    if value is not None:
+        raise UsageError(f"{alias} is the old spelling of {option}: give one of them")
+    return alias_value
 
 
 def _loopback_port(url: str) -> int | None:
@@ -529,7 +548,7 @@ def _cognito_caller(
     from meterlake.aws.cognito import fetch_id_token, tenant_of
 
     if not username:
-        raise UsageError("--cognito-client-id needs --username")
+        raise UsageError("--cognito-client-id needs --user")
     client = _aws(profile, region, service="cognito-idp").client("cognito-idp")
     if password is None:
         password = typer.prompt(f"Cognito password for {username}", hide_input=True)
@@ -562,7 +581,9 @@ def query(
         str | None,
         typer.Option("--region", help="AWS region, with --athena (default: $AWS_REGION, the profile's)."),
     ] = None,
-    profile: Annotated[str | None, typer.Option("--profile", help="AWS profile, with --athena.")] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="AWS profile, with --athena (default: $AWS_PROFILE).")
+    ] = None,
     output_location: Annotated[
         str | None,
         typer.Option("--output-location", help="s3:// prefix for Athena's results (default: the workgroup's)."),
