@@ -80,7 +80,8 @@ class MeteringService:
         """Replace an event meter's fields; its id from the path or, for Amberflo's ``PUT /meters``, the body.
 
         Raises:
-            RequestError: (400) no id, or the body's id differs from the path's; and the registry's errors.
+            RequestError: (400) no id, or the body's id differs from the path's, or a new meterApiName for a meter
+                that has events or cancellation rules; and the registry's errors.
         """
         require_admin(principal, "changing meters")
         body_id = body.get("id") if isinstance(body, dict) else None
@@ -90,10 +91,31 @@ class MeteringService:
         if not isinstance(chosen, str) or not chosen:
             raise RequestError("id is required: in the path (PUT /meters/{meterId}) or in the body (PUT /meters)")
         previous = self.registry.get(chosen)
+        name = body.get("meterApiName") if isinstance(body, dict) else None
+        if previous.kind == "event" and isinstance(name, str) and name != previous.meter_api_name:
+            self._refuse_orphaning_rename(previous, name)
         meter = self.registry.update(chosen, body)
         if self._mirror is not None:
             self._mirror.meter_changed("updated", meter, previous)
         return meter
+
+    def _refuse_orphaning_rename(self, meter: RegisteredMeter, name: str) -> None:
+        """Events and rules name their meter by meterApiName: once a meter has either, a new name would leave them
+        counting for no meter (and its billing history with them), so it keeps its name.
+
+        Raises:
+            RequestError: (400) the meter has events or cancellation rules.
+        """
+        held = []
+        if self.usage_engine.has_events(meter):
+            held.append("events")
+        if self.rules.rules(meter_api_name=meter.meter_api_name, include_removed=True):
+            held.append("cancellation rules")
+        if held:
+            raise RequestError(
+                f"meterApiName: meter {meter.meter_api_name!r} has {' and '.join(held)}, which name it; renaming it "
+                f"to {name!r} would orphan them. Create a meter named {name!r} instead"
+            )
 
     def delete_meter(self, principal: Principal, meter_id: str) -> RegisteredMeter:
         """Delete an event meter (admins only); its events stay in the lake."""

@@ -123,6 +123,15 @@ class UsageEngine:
         groups = self.groups(meter, query, aggregation)
         return usage_report(query, groups, aggregation=aggregation, zero_fill=zero_fill)
 
+    def has_events(self, meter: RegisteredMeter) -> bool:
+        """Whether the lake holds any event of an event meter (cancelled or not), what ingest acknowledged included."""
+        if self._before_read is not None:
+            self._before_read()
+        table = ensure_meter_events_table(open_catalog(self._data_dir), self._config)
+        row_filter = _predicate("EqualTo", "meter_api_name", meter.meter_api_name)
+        scan = table.scan(row_filter=row_filter, selected_fields=("meter_api_name",), limit=1)
+        return bool(scan.to_arrow().num_rows)
+
     def groups(self, meter: RegisteredMeter, query: UsageQuery, aggregation: Aggregation) -> list[GroupUsage]:
         """Each group's aggregate over the range and per bucket with events (the lake side of a report)."""
         if self._before_read is not None:

@@ -285,3 +285,33 @@ def test_instants_past_9999_are_refused_naming_the_field_and_store_no_rule(serve
             ).status_code
             == 200
         )
+
+
+def test_a_meter_with_events_or_rules_keeps_its_meterapiname(served: Served) -> None:
+    with served.client(key=served.admin_key) as admin, served.client(token=served.admin_token()) as toolkit:
+        fresh = admin.post("/meters", json=METER).json()
+        renamed = admin.put("/meters", json={**METER, "id": fresh["id"], "meterApiName": "llm-trial"})
+        assert renamed.status_code == 200  # nothing names it yet: a rename is free
+        assert admin.post("/ingest", json=record(meterApiName="llm-trial", uniqueId="t1")).status_code == 200
+        for answer in (
+            admin.put("/meters", json={**METER, "id": fresh["id"], "meterApiName": "llm-tokens"}),
+            toolkit.put(f"/meters/{fresh['id']}", json={**METER, "meterApiName": "llm-renamed"}),
+        ):
+            assert answer.status_code == 400
+            message = answer.json()["message"]
+            assert message.startswith("meterApiName: meter 'llm-trial' has events"), message
+        assert admin.get(f"/meters/{fresh['id']}").json()["meterApiName"] == "llm-trial"
+        relabelled = admin.put("/meters", json={**METER, "id": fresh["id"], "meterApiName": "llm-trial", "label": "X"})
+        assert (relabelled.status_code, relabelled.json()["label"]) == (200, "X")
+        trial = usage_body(meterApiName="llm-trial")
+        assert admin.post("/usage", json=trial).json()["clientMeters"][0]["groupValue"] == 12.0
+
+        ruled = admin.post("/meters", json={**METER, "meterApiName": "gpu-seconds"}).json()
+        now = int(time.time())
+        rule = {"id": "g1", "meterApiName": "gpu-seconds",
+                "ingestionTimeRange": {"startTimeInSeconds": now - 60, "endTimeInSeconds": now}}  # fmt: skip
+        assert admin.post("/ingest-snapshot/custom-filtering-rules", json=rule).status_code == 200
+        assert admin.delete("/ingest-snapshot/custom-filtering-rules/g1").status_code == 200  # removed, still kept
+        refused = admin.put("/meters", json={**METER, "id": ruled["id"], "meterApiName": "gpu-hours"})
+        assert refused.status_code == 400
+        assert "has cancellation rules" in refused.json()["message"]
