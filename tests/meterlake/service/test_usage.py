@@ -455,3 +455,48 @@ def test_request_meters_equal_a_python_count_for_every_aggregation_and_interval(
                 groups = {m["group"]["groupInfo"]["customerId"]: m["groupValue"] for m in report["clientMeters"]}
                 assert groups == totals, (meter, interval, aggregation)
     assert set(totals) == set(CUSTOMERS)
+
+
+def test_the_sql_file_counts_before_rules_so_it_exceeds_usage_by_exactly_the_cancelled_events(
+    harness: Harness, engine: UsageEngine
+) -> None:
+    harness.registry.create(
+        {"label": "GPU", "meterApiName": "gpu-seconds", "meterType": "sum_of_all_usage", "dimensions": ["model"]}
+    )
+    generated = _generated(300, seed=23)
+    harness.ingest(generated)
+    harness.stream.flush()
+    now = int(time.time())
+    rule = {
+        "id": "wrong-model",
+        "meterApiName": "gpu-seconds",
+        "filter": {"customerId": ["acme", "globex"], "model": ["m2"]},
+        "ingestionTimeRange": {"startTimeInSeconds": now - 600, "endTimeInSeconds": now + 600},
+    }
+    CancellationRules(harness.store).put(parse_rule(rule, harness.registry, now_ms=now * 1000))
+    cancelled = [r for r in generated if r["customerId"] in ("acme", "globex") and r["dimensions"]["model"] == "m2"]
+    assert 0 < len(cancelled) < len(generated)
+    window = query()
+    for interval in INTERVALS:
+        sql = run_event_usage_sql(
+            {
+                "meter_api_name": "gpu-seconds",
+                "start": datetime.fromtimestamp(window.start_s, UTC).isoformat(),
+                "end": datetime.fromtimestamp(window.end_s, UTC).isoformat(),
+                "unit": interval.lower(),
+            },
+            config=harness.config,
+            data_dir=harness.data_dir,
+        )
+        for aggregation in ("SUM", "COUNT"):
+            from_sql = {(row[0], int(row[1])): float(row[SQL_COLUMN[aggregation]]) for row in sql.rows}
+            assert from_sql == _expected(generated, aggregation, interval)  # every event: the rule is not applied
+            usage = by_customer_bucket(
+                engine.report(
+                    query(timeGroupingInterval=interval, aggregation=aggregation, groupBy=["customerId"]),
+                    zero_fill=True,
+                )
+            )
+            gone = _expected(cancelled, aggregation, interval)
+            difference = {key: value - usage.get(key, 0.0) for key, value in from_sql.items()}
+            assert {key: value for key, value in difference.items() if value} == gone, (interval, aggregation)
