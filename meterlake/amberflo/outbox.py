@@ -45,7 +45,6 @@ from types import TracebackType
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot
@@ -62,6 +61,7 @@ from meterlake.amberflo.forwarder import (
     encode_batch,
 )
 from meterlake.amberflo.settings import AmberfloSettings
+from meterlake.lake.catalog import read_data_file
 from meterlake.lake.home import DataDir
 from meterlake.meters import (
     DEFAULT_METERS,
@@ -864,7 +864,7 @@ def _read_events(table: Table, paths: Sequence[str], columns: Sequence[str], sch
     pieces = []
     for path in paths:
         with table.io.new_input(path).open() as handle:
-            pieces.append(pq.read_table(handle, columns=list(columns)).select(list(columns)).cast(target))
+            pieces.append(read_data_file(handle, target))
     return pa.concat_tables(pieces) if pieces else target.empty_table()
 
 

@@ -18,11 +18,10 @@ from typing import Any, TypeVar
 
 import httpx
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from meterlake.amberflo.outbox import Outbox
 from meterlake.config import Config
-from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.catalog import ensure_metering_table, open_catalog, read_data_file
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import printable, sandboxed_duckdb
 from meterlake.meters import Meter, UsageKey, lake_usage_query, meter_records
@@ -211,11 +210,9 @@ def repair(
     event_wanted = wanted - lake_wanted
     queued = 0
     if lake_wanted:
-        pieces = [pq.read_table(path) for path in _lake_files(config, data_dir)]
         target = metering_event_arrow_schema()
-        events = (
-            pa.concat_tables([p.select(target.names).cast(target) for p in pieces]) if pieces else target.empty_table()
-        )
+        pieces = [read_data_file(path, target) for path in _lake_files(config, data_dir)]
+        events = pa.concat_tables(pieces) if pieces else target.empty_table()
         records = [
             record for record in meter_records(events, config.meters).records() if _bucket(record) in lake_wanted
         ]

@@ -24,6 +24,7 @@ from meterlake.lake.catalog import (
     ensure_metering_table,
     evolve_table,
     open_catalog,
+    read_data_file,
 )
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import load_query, run_local_query
@@ -184,3 +185,24 @@ def test_a_column_only_the_table_has_is_kept() -> None:
         identifier_field_ids=METERING_EVENT_SCHEMA.identifier_field_ids,
     )
     assert added_fields(newer, METERING_EVENT_SCHEMA) == []
+
+
+def test_data_files_written_before_an_added_column_read_it_as_null(tmp_path: Path) -> None:
+    """What the forwarding outbox and reconcile --repair read files with: every file in the table's columns."""
+    data = DataDir.resolve(tmp_path / "data")
+    older = _older_table(data, _without(METERING_EVENT_SCHEMA, ADDED))
+    day = datetime.fromtimestamp(DAY_MS / 1000, UTC)
+    row = {"request_id": "old-0", "request_time": day, "ingested_at": day, "http_method": "GET", "status": 200}
+    older.append(pa.Table.from_pylist([row], schema=older.schema().as_arrow()))
+    evolved = ensure_metering_table(open_catalog(data), CONFIG)
+    evolved.append(pa.Table.from_pylist([row | {"request_id": "new-0", ADDED: 5}], schema=evolved.schema().as_arrow()))
+    target = evolved.schema().as_arrow()
+    pieces = [
+        read_data_file(task.file.file_path.removeprefix("file://"), target) for task in evolved.scan().plan_files()
+    ]
+    events = pa.concat_tables(pieces).sort_by("request_id")
+    assert events.schema == target
+    assert events.select(["request_id", ADDED]).to_pylist() == [
+        {"request_id": "new-0", ADDED: 5},
+        {"request_id": "old-0", ADDED: None},
+    ]
