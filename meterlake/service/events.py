@@ -3,9 +3,11 @@
 A record is Amberflo's ingest record (``customerId``, ``meterApiName``, ``meterValue``, ``meterTimeInMillis``,
 ``uniqueId``, ``dimensions``). The SaaS Builder Toolkit's application-plane event (EventBridge detail-type
 ``ingestUsage``, detail ``{tenantId, meterApiName, meterValue, ...dimensions}``) is read as one: ``tenantId`` is the
-customer, every other detail member is a dimension, and its time is the detail's ``meterTimeInMillis`` if it has
-one, else the envelope's ``time``, else when the service received it. Its uniqueId is the detail's ``uniqueId``, else
-the EventBridge event id (the same on every redelivery), else derived from its content.
+customer, every other detail member is a dimension (a number or a boolean as its JSON text: ``"tier": 3`` is the
+dimension value ``"3"``, ``true`` is ``"true"``; an object, an array or null is refused), and its time is the
+detail's ``meterTimeInMillis`` if it has one, else the envelope's ``time``, else when the service received it. Its
+uniqueId is the detail's ``uniqueId``, else the EventBridge event id (the same on every redelivery), else derived
+from its content.
 
 A record without a uniqueId gets a deterministic one from its content (:func:`content_unique_id`), so a retried
 request is the same event; two events that differ in nothing are one event, as in Amberflo.
@@ -305,7 +307,7 @@ def _toolkit_record(index: int, event: object, received_ms: int) -> dict[str, An
     for required in ("tenantId", "meterApiName", "meterValue"):
         if required not in detail:
             raise RequestError(f"{where}.detail.{required} is required")
-    dimensions = {key: value for key, value in detail.items() if key not in _TOOLKIT_FIELDS}
+    dimensions = {key: _dimension_value(value) for key, value in detail.items() if key not in _TOOLKIT_FIELDS}
     record: dict[str, Any] = {
         "customerId": detail["tenantId"],
         "meterApiName": detail["meterApiName"],
@@ -318,6 +320,17 @@ def _toolkit_record(index: int, event: object, received_ms: int) -> dict[str, An
     if unique_id is not None:
         record["uniqueId"] = unique_id if "uniqueId" in detail else f"eventbridge:{unique_id}"
     return record
+
+
+def _dimension_value(value: object) -> object:
+    """A detail member as a dimension value: a number or boolean as its JSON text (the toolkit forwards detail members
+    as they are, and a tier or a count is a number there); anything else unchanged, for the record's check to accept
+    (a string) or refuse (an object, an array, null) naming the dimension."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return msgspec.json.encode(value).decode()
+    return value
 
 
 def _event_time_ms(where: str, event: Mapping[str, Any], received_ms: int) -> int:

@@ -141,8 +141,10 @@ def _components() -> dict[str, Any]:
             },
             "ToolkitEvents": {
                 "description": "An EventBridge event (detail-type ingestUsage, detail {tenantId, meterApiName, "
-                "meterValue, ...dimensions}), a list of them, or a PutEvents request {Entries: [...]}. Without "
-                "detail.meterTimeInMillis or time, an event counts at the time the service received it.",
+                "meterValue, ...dimensions}), a list of them, or a PutEvents request {Entries: [...]}. A dimension "
+                'that is a number or a boolean is its JSON text (3 -> "3", true -> "true"); an object, array or null '
+                "is refused. Without detail.meterTimeInMillis or time, an event counts at the time the service "
+                "received it.",
                 "oneOf": [
                     {"$ref": "#/components/schemas/ToolkitEvent"},
                     {"type": "array", "items": {"$ref": "#/components/schemas/ToolkitEvent"}},

@@ -217,3 +217,24 @@ def test_malformed_toolkit_events_are_400_naming_the_member(body: object, messag
     with pytest.raises(RequestError, match=message) as refused:
         toolkit_records(body, received_ms=NOW_MS)
     assert refused.value.status == 400
+
+
+def test_toolkit_detail_numbers_and_booleans_are_dimension_values_objects_and_arrays_are_refused(
+    harness: Harness,
+) -> None:
+    detail = {"tenantId": "acme", "meterApiName": "llm-tokens", "meterValue": 5, "meterTimeInMillis": NOW_MS}
+    event = {"id": "e-1", "detail-type": "ingestUsage", "detail": {**detail, "tier": 3, "ratio": 0.25, "beta": True,
+             "legacy": False, "model": "m1"}}  # fmt: skip
+    outcome = harness.ingest(toolkit_records(event, received_ms=NOW_MS), source="event")
+    assert outcome.ingested == 1
+    [row] = harness.committed_rows()
+    assert dict(row["dimensions"]) == {"tier": "3", "ratio": "0.25", "beta": "true", "legacy": "false", "model": "m1"}
+    for member, value in (("tags", ["a"]), ("meta", {"k": 1}), ("gone", None)):
+        refused_event = {"detail-type": "ingestUsage", "detail": {**detail, member: value}}
+        with pytest.raises(RequestError) as refused:
+            harness.ingest(toolkit_records(refused_event, received_ms=NOW_MS), source="event")
+        assert refused.value.status == 400
+        errors = refused.value.extra["errors"]
+        assert isinstance(errors, list)
+        assert [error["field"] for error in errors] == [f"dimensions.{member}"]
+    assert len(harness.committed_rows()) == 1
