@@ -374,3 +374,40 @@ def test_a_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path, faul
     )
     assert len(acknowledged) == len(set(acknowledged)) >= 400
     assert (len(missing), len(committed) - len(counts)) == (0, 0)
+
+
+# -- keys through the CLI, against the running service --------------------------------------------------------------
+
+
+def test_keys_create_list_and_revoke_through_the_cli_against_a_running_serve(serving: Serving) -> None:
+    created = subprocess.run(
+        [*_CLI, "--home", str(serving.home), "keys", "create", "--tenant", "acme", "--label", "cli-tenant"],
+        cwd=serving.home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    key_id = re.fullmatch(r"key (\w+) \(tenant acme\)", created.stderr.strip())
+    assert key_id is not None, created.stderr
+    assert key.split("_")[1] == key_id.group(1)  # the key names its id; only its digest is stored
+    [listed] = [line for line in _cli(serving.home, "keys", "list").splitlines() if "cli-tenant" in line]
+    assert listed.split()[:3] == [key_id.group(1), "tenant", "acme"]
+    assert "revoked" not in listed
+
+    body = {"meterApiName": "api-calls", "aggregation": "SUM", "timeGroupingInterval": "DAY",
+            "timeRange": {"startTimeInSeconds": int(time.time()) - DAY_S}}  # fmt: skip
+    with httpx.Client(base_url=serving.url, headers={"X-API-KEY": key}, timeout=30) as tenant:
+        answered = tenant.post("/usage", json=body)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["metadata"]["filter"] == {"customerId": ["acme"]}  # its own customer only
+        assert _cli(serving.home, "keys", "revoke", key_id.group(1)) == f"revoked {key_id.group(1)}"
+        deadline = time.monotonic() + 10
+        while (refused := tenant.post("/usage", json=body)).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the service caches a verified key for a second
+        assert refused.status_code == 401
+        assert "revoked" in refused.json()["message"]
+    with ServiceStore.in_data_dir(DataDir.resolve(serving.home)) as store:
+        [revoked] = [info for info in ApiKeys(store).list_keys() if info.key_id == key_id.group(1)]
+    assert revoked.revoked_ms is not None
