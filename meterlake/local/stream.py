@@ -38,8 +38,8 @@ import re
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,10 +57,23 @@ from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
-from meterlake.config import LAMBDA_PAYLOAD_LIMIT_BYTES, LAMBDA_REQUEST_LIMIT_BYTES, Config, load_config
+from meterlake.config import LAMBDA_REQUEST_LIMIT_BYTES, Config, load_config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog, remove_orphan_metadata
 from meterlake.lake.home import DataDir
+from meterlake.local.invoker import (
+    DELIVERY_FAILED,
+    EVENT_JSON_OVERHEAD,
+    PROCESSING_FAILED,
+    RECORD_JSON_OVERHEAD,
+    SUPPORTED_OPERATION,
+    Invocation,
+    Invoker,
+    Transformed,
+    TransformWorker,
+    WorkerStoppedError,
+)
 from meterlake.local.spool import (
+    HEADER_BYTES,
     QUARANTINE_DIR,
     Spool,
     SpoolBatch,
@@ -74,21 +87,16 @@ from meterlake.local.spool import (
 )
 from meterlake.local.spool import SpoolDamagedError as SegmentsDamagedError
 from transform_lambda.handler import TransformSettings, make_handler
-from transform_lambda.normalize import rejection_reason
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 _MIB = 1024 * 1024
-#: JSON around each record in an event ({"recordId": ..., "approximateArrivalTimestamp": ..., "data": ...}) and
-#: around the event itself; generous so the real size stays below the estimate.
-_RECORD_JSON_OVERHEAD = 128
-_EVENT_JSON_OVERHEAD = 1024
 #: The largest record ``put_records`` accepts: one that still fits, base64-encoded, in a Lambda request. Records
 #: above Firehose's 1,000 KiB limit are accepted and reach the transform, which rejects them with a reason, so one
 #: oversized line lands in the error folder instead of blocking the gateway's writer.
-MAX_PUT_RECORD_BYTES = (LAMBDA_REQUEST_LIMIT_BYTES - _EVENT_JSON_OVERHEAD - _RECORD_JSON_OVERHEAD) // 4 * 3
+MAX_PUT_RECORD_BYTES = (LAMBDA_REQUEST_LIMIT_BYTES - EVENT_JSON_OVERHEAD - RECORD_JSON_OVERHEAD) // 4 * 3
 
 #: Snapshot-summary keys: the spool offset a commit covers, and which stream made it.
 SPOOL_OFFSET_PROPERTY = "meterlake.spool-offset"
@@ -97,13 +105,14 @@ CHECKPOINT_FILE = "checkpoint.json"
 REQUEST_ID_INDEX_FILE = "request-ids.duckdb"
 REQUEST_ID_COLUMN = "request_id"
 
-#: Error output types (the value of ``!{firehose:error-output-type}``).
-PROCESSING_FAILED = "processing-failed"
-DELIVERY_FAILED = "iceberg-failed"
-
-_RESULTS = frozenset({"Ok", "Dropped", "ProcessingFailed"})
-_SUPPORTED_OPERATION = "insert"
 _FLUSHER_BACKOFF_SECONDS = 1.0
+#: Spool pieces (one Lambda event's worth each) read ahead and transforming while the stream decodes and commits
+#: earlier ones, when the transform runs in its worker process.
+_PIECES_IN_FLIGHT = 4
+#: Backpressure: ``put_records`` waits while this many buffers (``size_in_mbs`` each) are spooled but not committed.
+BACKLOG_BUFFERS = 2
+#: How long a waiting put sleeps before it looks at the flusher again (commits wake it sooner).
+_BACKPRESSURE_POLL_SECONDS = 1.0
 
 
 class StreamError(Exception):
@@ -263,6 +272,11 @@ class _Buffer:
     invocations: int = 0
     rejected: list[_Rejected] = field(default_factory=list)
     destinations: dict[tuple[str, str], _Sink] = field(default_factory=dict)
+
+
+#: Spool pieces read and sent to the transform, oldest first, each with its outcome (or the worker's future for it;
+#: None for a piece of padding only).
+_InFlight = collections.deque[tuple[SpoolBatch, Transformed | Future[Transformed] | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -573,16 +587,16 @@ def _rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
 @functools.cache
 def _map_decoder(names: tuple[str, ...]) -> msgspec.json.Decoder[list[Any]]:
     """Decodes a JSON array of rows into just their map members (objects of strings, or null)."""
-    row = msgspec.defstruct("MapMembers", [(name, dict[str, str] | None, None) for name in names])
+    # gc=False: the rows hold only dicts of strings (no cycles), and tracking 100k+ of them set off full collections.
+    row = msgspec.defstruct("MapMembers", [(name, dict[str, str] | None, None) for name in names], gc=False)
     return msgspec.json.Decoder(list[row])  # type: ignore[valid-type]
 
 
-def _decode_rows(encoded: list[str], target: pa.Schema) -> tuple[pa.Table, list[tuple[int, str]]]:
-    """Base64 JSON rows -> one Arrow table of ``target``, plus (position, problem) for rows that do not fit.
+def _decode_rows(lines: list[bytes], target: pa.Schema) -> tuple[pa.Table, list[tuple[int, str]]]:
+    """JSON rows -> one Arrow table of ``target``, plus (position, problem) for rows that do not fit.
 
     The whole batch is parsed at once; only if that fails is it parsed row by row to single out the bad rows.
     """
-    lines: list[bytes] = msgspec.convert(encoded, type=list[bytes])
     try:
         return _rows_to_arrow(lines, target), []
     except (pa.ArrowException, ValueError):
@@ -602,6 +616,22 @@ def _decode_rows(encoded: list[str], target: pa.Schema) -> tuple[pa.Table, list[
 
 
 # -- the stream -----------------------------------------------------------------------------------------------------
+
+
+def access_log_settings(config: Config) -> TransformSettings:
+    """The access-log transform's settings, from the config."""
+    return TransformSettings(
+        database=config.database_name,
+        table=config.table_name,
+        operation=SUPPORTED_OPERATION,
+        unmetered_http_methods=frozenset(config.meterlake.unmetered_http_methods),
+        tenants_by_api_key=config.meterlake.tenant_source.api_key_tenants,
+    )
+
+
+def access_log_handler(config: Config) -> Handler:
+    """The transform the access-log stream runs: the Lambda's handler with the config's settings, no EMF metrics."""
+    return make_handler(access_log_settings(config), emit_metrics=False)
 
 
 class DeliveryStream:
@@ -641,7 +671,6 @@ class DeliveryStream:
         self.name = firehose.delivery_stream_name if target is None else target.name
         #: Where this stream spools (the data dir's spool for access logs).
         self.spool_dir = self.data_dir.spool if target is None else target.spool_dir
-        self._arn = f"arn:aws:firehose:local:000000000000:deliverystream/{self.name}"
         self._size_bytes = (hints.size_in_mbs if target is None else target.size_in_mbs) * _MIB
         self._interval_s = float(hints.interval_in_seconds if target is None else target.interval_in_seconds)
         self._key_columns: tuple[str, ...] = (REQUEST_ID_COLUMN,) if target is None else target.key_columns
@@ -649,20 +678,20 @@ class DeliveryStream:
         # Firehose's processor buffer counts raw record bytes (their base64 makes the request ~4/3 of it); the
         # buffer is read and transformed one event's worth at a time.
         self._event_raw_bytes = max(1, int(processing.effective_buffer_size * _MIB))
-        self._attempts = 1 + processing.number_of_retries
         self._error_prefix = firehose.error_output_prefix
         render_error_prefix(self._error_prefix, when_ms=0, output_type=PROCESSING_FAILED)
-        if handler is None:
-            settings = TransformSettings(
-                database=config.database_name,
-                table=config.table_name,
-                operation=_SUPPORTED_OPERATION,
-                unmetered_http_methods=frozenset(config.meterlake.unmetered_http_methods),
-                tenants_by_api_key=config.meterlake.tenant_source.api_key_tenants,
-            )
-            handler = make_handler(settings, emit_metrics=False)
-        self._handler = handler
         self._default_destination = (config.database_name, config.table_name) if target is None else target.destination
+        invocation = Invocation(
+            arn=f"arn:aws:firehose:local:000000000000:deliverystream/{self.name}",
+            attempts=1 + processing.number_of_retries,
+            event_raw_bytes=self._event_raw_bytes,
+            default_destination=self._default_destination,
+        )
+        self._invoker = Invoker(access_log_handler(config) if handler is None else handler, invocation)
+        #: The access-log transform also runs in a worker process, for buffers of more than one event; a handler
+        #: given by the caller always runs in this process.
+        self._worker = TransformWorker(access_log_settings(config), invocation) if handler is None else None
+        self._read_ahead: _InFlight = collections.deque()
 
         self._catalog: Catalog = open_catalog(self.data_dir)
         table = ensure_metering_table(self._catalog, config) if target is None else target.ensure_table(self._catalog)
@@ -748,6 +777,9 @@ class DeliveryStream:
             report = self.flush()
         finally:
             self._closed = True
+            self._discard(self._read_ahead)
+            if self._worker is not None:
+                self._worker.close()
             self._index.close()
             self._spool.close()
         return report
@@ -765,6 +797,11 @@ class DeliveryStream:
     def put_records(self, lines: Sequence[bytes]) -> None:
         """Durably accept ``lines`` (one fsync for the batch); returning is the acknowledgement.
 
+        Backpressure: while the background flusher runs and is healthy, a put that would leave more than
+        ``BACKLOG_BUFFERS`` buffers (``size_in_mbs`` each) spooled but not committed waits until commits make room, so
+        a writer faster than the pipeline is slowed to its pace instead of growing an unbounded backlog. Without a
+        flusher (nothing would make room), or while its deliveries fail, puts never wait: the disk holds the backlog.
+
         Raises:
             RecordTooLargeError: a line cannot fit in a Lambda request (nothing is written).
             StreamFullError: no room on the disk (nothing is written; puts succeed again once there is room).
@@ -778,6 +815,7 @@ class DeliveryStream:
                 raise RecordTooLargeError(index, len(line))
         if not lines:
             return
+        self._wait_for_room(sum(map(len, lines)) + HEADER_BYTES * len(lines))
         arrival_ms = int(time.time() * 1000)
         try:
             end = self._spool.append(lines, arrival_ms=arrival_ms)
@@ -791,6 +829,20 @@ class DeliveryStream:
             self._spooled = max(self._spooled, end)
             self._pending_puts.append((end, arrival_ms))
             self._cond.notify_all()
+
+    def _wait_for_room(self, size: int) -> None:
+        """Wait while a put of ``size`` record bytes would leave more than the allowed backlog (see ``put_records``)."""
+        limit = BACKLOG_BUFFERS * self._size_bytes
+        with self._cond:
+            while (
+                self._flusher is not None
+                and not self._stopping
+                and not self._closed
+                and self._last_error is None
+                and self._spooled > self._committed
+                and self._spooled - self._committed + size > limit
+            ):
+                self._cond.wait(_BACKPRESSURE_POLL_SECONDS)
 
     # -- status ------------------------------------------------------------------------------------------------------
 
@@ -878,22 +930,37 @@ class DeliveryStream:
         """Transform one buffer piece by piece, write its rejects, and commit its Ok rows: one commit per table.
 
         The spool is read one Lambda event's worth at a time and each event's Ok rows are decoded to Arrow at once,
-        so memory holds the buffer's Arrow rows, not its raw lines, base64 copies and transform answers too.
+        so memory holds the buffer's Arrow rows, not its raw lines, base64 copies and transform answers too. When the
+        transform runs in its worker process, up to ``_PIECES_IN_FLIGHT`` pieces are transforming there while this
+        thread decodes earlier ones, and the next buffer's first pieces are read and sent before this buffer commits,
+        so the transform keeps running through the commit.
         """
         with self._cond:
             limit = min(self._spooled, buffer.start + self._size_bytes)
-        while buffer.end < limit:
-            piece = self._spool.read(buffer.end, min(self._event_raw_bytes, limit - buffer.end))
-            if piece.end == buffer.end:
-                break
-            buffer.end = piece.end
-            if not piece.records:
-                continue  # only padding where a damaged range was repaired
-            if buffer.records_read == 0:
-                buffer.first_arrival_ms = piece.arrivals_ms[0]
-            buffer.records_read += len(piece)
-            for event_range in self._event_ranges(piece):
-                self._deliver_event(buffer, piece, event_range)
+        parallel = self._worker is not None and limit - buffer.start > self._event_raw_bytes
+        in_flight, self._read_ahead = self._read_ahead, collections.deque()
+        if in_flight and in_flight[0][0].start != buffer.start:
+            self._discard(in_flight)  # read ahead for a buffer that did not commit: this one starts elsewhere
+        try:
+            read_end = in_flight[-1][0].end if in_flight else buffer.start
+            read_end = self._read_pieces(in_flight, read_end, limit, _PIECES_IN_FLIGHT if parallel else 1)
+            while in_flight:
+                piece, pending = in_flight.popleft()
+                buffer.end = piece.end
+                if piece.records:
+                    if buffer.records_read == 0:
+                        buffer.first_arrival_ms = piece.arrivals_ms[0]
+                    buffer.records_read += len(piece)
+                    self._sort_transformed(buffer, piece, self._transformed(piece, pending))
+                read_end = self._read_pieces(in_flight, read_end, limit, _PIECES_IN_FLIGHT if parallel else 1)
+            if parallel:
+                with self._cond:
+                    next_limit = min(self._spooled, buffer.end + self._size_bytes)
+                self._read_pieces(self._read_ahead, buffer.end, next_limit, _PIECES_IN_FLIGHT)
+        except BaseException:
+            self._discard(in_flight)
+            self._discard(self._read_ahead)
+            raise
 
         # Dedup every table's rows first, so all rejects reach the error folder before any commit.
         appends: list[tuple[str, Table, pa.Table, pa.Array]] = []
@@ -924,6 +991,7 @@ class DeliveryStream:
                     )
                 except Exception as exc:
                     self._tables = {d: t for d, t in self._tables.items() if t is not table}
+                    self._discard(self._read_ahead)
                     raise DeliveryFailedError(label, exc) from exc
                 snapshot = table.current_snapshot()
                 assert snapshot is not None  # an append that returned has made a snapshot
@@ -964,43 +1032,51 @@ class DeliveryStream:
             committed_offset=buffer.end,
         )
 
-    def _deliver_event(self, buffer: _Buffer, piece: SpoolBatch, event_range: range) -> None:
-        """Invoke the transform on one event's records and sort the answers into rows, drops and rejects."""
-        answers, attempts, failure = self._invoke(piece, event_range)
-        buffer.invocations += attempts
-        if failure is not None:
-            code, message = failure
-            buffer.rejected.extend(
-                _Rejected.of(piece, i, code, message, attempts, PROCESSING_FAILED) for i in event_range
-            )
-            return
-        routed_rows: dict[tuple[str, str], tuple[list[int], list[str]]] = {}
-        # The transform usually attaches one shared metadata object to every record: route each object once.
-        routes: dict[int, tuple[str, str] | str] = {}
-        for i, answer in zip(event_range, answers, strict=True):
-            result = answer["result"]
-            if result == "Ok":
-                metadata = answer.get("metadata")
-                routed = routes.get(id(metadata))
-                if routed is None:
-                    routed = routes[id(metadata)] = self._route(metadata)
-                if isinstance(routed, str):
-                    code = "Iceberg.UnsupportedOperation"
-                    buffer.rejected.append(_Rejected.of(piece, i, code, routed, attempts, DELIVERY_FAILED))
-                    continue
-                rows = routed_rows.get(routed)
-                if rows is None:
-                    rows = routed_rows[routed] = ([], [])
-                rows[0].append(i)
-                rows[1].append(answer["data"])
-            elif result == "Dropped":
-                buffer.dropped += 1
-            else:
-                reason = rejection_reason(piece.records[i]) or "the transform rejected the record"
-                code = "Lambda.ProcessingFailed"
-                buffer.rejected.append(_Rejected.of(piece, i, code, reason, attempts, PROCESSING_FAILED))
-        del answers
-        for destination, (indices, encoded) in routed_rows.items():
+    def _read_pieces(self, in_flight: _InFlight, read_end: int, limit: int, depth: int) -> int:
+        """Read pieces from ``read_end`` up to ``limit`` until ``depth`` are in flight, each sent to the transform;
+        returns where reading stopped."""
+        while read_end < limit and len(in_flight) < depth:
+            piece = self._spool.read(read_end, min(self._event_raw_bytes, limit - read_end))
+            if piece.end == read_end:
+                break
+            read_end = piece.end
+            pending: Transformed | Future[Transformed] | None = None
+            if piece.records:  # else only padding where a damaged range was repaired
+                if depth > 1 and self._worker is not None:
+                    pending = self._worker.submit(piece.offsets, piece.arrivals_ms, piece.records)
+                else:
+                    pending = self._invoker.transform(piece.offsets, piece.arrivals_ms, piece.records)
+            in_flight.append((piece, pending))
+        return read_end
+
+    def _transformed(self, piece: SpoolBatch, pending: Transformed | Future[Transformed] | None) -> Transformed:
+        """The transform's outcome for ``piece``, waiting for the worker if it is still transforming it."""
+        if isinstance(pending, Transformed):
+            return pending
+        if pending is not None and self._worker is not None:
+            try:
+                return pending.result()
+            except WorkerStoppedError as exc:
+                logger.warning("%s: %s; transforming the piece in this process", self.name, exc)
+        return self._invoker.transform(piece.offsets, piece.arrivals_ms, piece.records)
+
+    @staticmethod
+    def _discard(in_flight: _InFlight) -> None:
+        """Drop pieces in flight (the worker's results for them are ignored)."""
+        for _, pending in in_flight:
+            if isinstance(pending, Future):
+                pending.cancel()
+        in_flight.clear()
+
+    def _sort_transformed(self, buffer: _Buffer, piece: SpoolBatch, outcome: Transformed) -> None:
+        """Add one piece's transform outcome to the buffer: rejects, drops, and Ok rows decoded to Arrow per table."""
+        buffer.invocations += outcome.invocations
+        buffer.dropped += outcome.dropped
+        buffer.rejected.extend(
+            _Rejected.of(piece, i, code, message, attempts, output_type)
+            for i, code, message, attempts, output_type in outcome.rejected
+        )
+        for destination, (indices, lines) in outcome.rows.items():
             sink = buffer.destinations.get(destination)
             if sink is None:
                 sink = buffer.destinations[destination] = _Sink(self._load_table(destination))
@@ -1010,89 +1086,13 @@ class DeliveryStream:
                     _Rejected.of(piece, i, "Iceberg.NoSuchTable", message, 1, DELIVERY_FAILED) for i in indices
                 )
                 continue
-            arrow, bad = _decode_rows(encoded, sink.schema)
+            arrow, bad = _decode_rows(lines, sink.schema)
             buffer.rejected.extend(
                 _Rejected.of(piece, indices[j], "Iceberg.InvalidRecord", message, 1, DELIVERY_FAILED)
                 for j, message in bad
             )
             if arrow.num_rows:
                 sink.chunks.append(arrow)
-
-    def _event_ranges(self, batch: SpoolBatch) -> Iterator[range]:
-        """Cut the buffer into events of at most the processor buffer's raw bytes, as Firehose does, and whose
-        request stays below Lambda's limit (which only records far shorter than an access-log line could reach)."""
-        start = 0
-        raw = 0
-        size = _EVENT_JSON_OVERHEAD
-        for i, record in enumerate(batch.records):
-            record_size = (len(record) + 2) // 3 * 4 + _RECORD_JSON_OVERHEAD
-            over = raw + len(record) > self._event_raw_bytes or size + record_size > LAMBDA_REQUEST_LIMIT_BYTES
-            if i > start and over:
-                yield range(start, i)
-                start, raw, size = i, 0, _EVENT_JSON_OVERHEAD
-            raw += len(record)
-            size += record_size
-        if start < len(batch.records):
-            yield range(start, len(batch.records))
-
-    def _invoke(
-        self, batch: SpoolBatch, event_range: range
-    ) -> tuple[list[dict[str, Any]], int, tuple[str, str] | None]:
-        """Call the handler, retrying ``number_of_retries`` times: (answers in record order, attempts, failure)."""
-        chosen = slice(event_range.start, event_range.stop)
-        record_ids = list(map(str, batch.offsets[chosen]))
-        # msgspec base64-encodes a whole list of bytes in one C call.
-        encoded: list[str] = msgspec.to_builtins(batch.records[chosen])
-        records = [
-            {"recordId": record_id, "approximateArrivalTimestamp": arrival, "data": data}
-            for record_id, arrival, data in zip(record_ids, batch.arrivals_ms[chosen], encoded, strict=True)
-        ]
-        failure = ("Lambda.FunctionError", "not invoked")
-        for attempt in range(1, self._attempts + 1):
-            event = {
-                "invocationId": str(uuid.uuid4()),
-                "deliveryStreamArn": self._arn,
-                "region": "local",
-                "records": records,
-            }
-            try:
-                request_size = oversized_payload(event, LAMBDA_REQUEST_LIMIT_BYTES, as_sent=True)
-                if request_size is not None:
-                    raise PayloadTooLargeError(
-                        "RequestTooLargeException",
-                        f"Request must be smaller than {LAMBDA_REQUEST_LIMIT_BYTES} bytes for the InvokeFunction "
-                        f"operation ({request_size} bytes)",
-                    )
-                response = self._handler(event, None)
-                response_size = oversized_payload(response, LAMBDA_PAYLOAD_LIMIT_BYTES)
-                if response_size is not None:
-                    raise PayloadTooLargeError(
-                        "Function.ResponseSizeTooLarge",
-                        f"Response payload size ({response_size} bytes) exceeded maximum allowed payload size "
-                        f"({LAMBDA_PAYLOAD_LIMIT_BYTES} bytes).",
-                    )
-            except Exception as exc:  # a Lambda that raises is an invocation error, retried like Firehose does
-                failure = ("Lambda.FunctionError", f"{type(exc).__name__}: {exc}")
-                logger.warning("transform invocation failed (attempt %d/%d): %s", attempt, self._attempts, exc)
-                continue
-            answers = _answers_in_order(response, record_ids)
-            if isinstance(answers, list):
-                return answers, attempt, None
-            failure = ("Lambda.InvalidResponse", answers)
-            logger.warning("transform answer rejected (attempt %d/%d): %s", attempt, self._attempts, answers)
-        return [], self._attempts, failure
-
-    def _route(self, metadata: object) -> tuple[str, str] | str:
-        """The (database, table) an Ok record with this ``metadata`` goes to, or why it cannot go anywhere."""
-        otf = metadata.get("otfMetadata") if isinstance(metadata, dict) else None
-        if not isinstance(otf, dict):
-            return self._default_destination
-        operation = otf.get("operation", _SUPPORTED_OPERATION)
-        if operation != _SUPPORTED_OPERATION:
-            return f"operation {operation!r} is not supported locally (only {_SUPPORTED_OPERATION!r})"
-        database = otf.get("destinationDatabaseName", self._default_destination[0])
-        table = otf.get("destinationTableName", self._default_destination[1])
-        return (str(database), str(table))
 
     def _load_table(self, destination: tuple[str, str]) -> Table | None:
         """The destination table, refreshed so the commit builds on its latest metadata; None if it does not exist."""
@@ -1192,64 +1192,6 @@ class DeliveryStream:
         read = self._index.catch_up(label, table)
         if read:
             logger.info("request_id index caught up with %s: %d data files", label, read)
-
-
-class PayloadTooLargeError(Exception):
-    """Lambda refused an invocation's request or the function's response for its size, as Lambda itself does."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-
-
-def oversized_payload(document: object, limit: int, *, as_sent: bool = False) -> int | None:
-    """The size of ``document`` if its JSON exceeds ``limit`` bytes, else None.
-
-    A response is counted as Lambda's Python runtime sends it (simplejson's default ``", "`` and ``": "``
-    separators, non-ASCII as UTF-8); ``as_sent`` counts compact JSON, as this stream sends its requests. msgspec's
-    compact encoding plus every comma and colon is an upper bound of the runtime's size (only those inside strings
-    are over-counted), so the exact, slower count runs only for documents close to the limit.
-
-    Raises:
-        TypeError: the document is not JSON (the runtime cannot marshal it).
-    """
-    compact = msgspec.json.encode(document)
-    if as_sent:
-        return len(compact) if len(compact) > limit else None
-    if len(compact) > limit:
-        return len(json.dumps(document, ensure_ascii=False).encode())
-    if len(compact) + compact.count(b",") + compact.count(b":") <= limit:
-        return None
-    size = len(json.dumps(document, ensure_ascii=False).encode())
-    return size if size > limit else None
-
-
-def _answers_in_order(response: object, record_ids: list[str]) -> list[dict[str, Any]] | str:
-    """The answer's records in request order, or why the answer does not answer every record exactly once."""
-    records = response.get("records") if isinstance(response, dict) else None
-    if not isinstance(records, list):
-        return "the answer has no records list"
-    if not all(type(item) is dict for item in records):
-        return "an answered record is not an object"
-    answered = [item.get("recordId") for item in records]
-    if answered != record_ids:
-        by_id: dict[object, dict[str, Any]] = {}
-        for record_id, item in zip(answered, records, strict=True):
-            if record_id in by_id:
-                return f"recordId {record_id} is answered twice"
-            by_id[record_id] = item
-        missing = [record_id for record_id in record_ids if record_id not in by_id]
-        if missing or len(by_id) != len(record_ids):
-            unknown = len(by_id) - (len(record_ids) - len(missing))
-            return f"{len(missing)} records unanswered (first {missing[:1]}), {unknown} unknown recordIds"
-        records = [by_id[record_id] for record_id in record_ids]
-    for item in records:
-        result = item.get("result")
-        if result not in _RESULTS:
-            return f"recordId {item['recordId']} has result {result!r}"
-        if result == "Ok" and type(item.get("data")) is not str:
-            return f"recordId {item['recordId']} is Ok without base64 data"
-    return records
 
 
 # -- process entry --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from meterlake.config import (
     TRANSFORM_BUFFER_CAP_MB,
     LambdaProcessing,
 )
-from meterlake.local.stream import oversized_payload
+from meterlake.local.invoker import oversized_payload
 from meterlake.records import render_access_log_line
 from transform_lambda.handler import TransformSettings, make_handler
 

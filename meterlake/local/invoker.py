@@ -1,0 +1,478 @@
+"""Invoking the delivery stream's transform as Firehose invokes its Lambda, in this process or in a worker process.
+
+:class:`Invoker` cuts a piece of the spool into Lambda-sized events, calls the handler (retrying a failed invocation
+``number_of_retries`` times), refuses a request or an answer over Lambda's limits as Lambda does, checks that the
+answer answers every record exactly once, and sorts the answers into :class:`Transformed`: the Ok rows (decoded from
+base64) of each destination table, the dropped count and the rejects.
+
+:class:`TransformWorker` runs the access-log transform in one worker process, so on a machine with two cores the
+transform of one piece overlaps the spool reads, decoding, deduplication and Iceberg commits of the stream's
+process, and its writer's puts: the transform is pure Python and would otherwise share one interpreter lock with
+them. The worker imports only the transform (this module stays free of pyarrow, pyiceberg and DuckDB).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import operator
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from meterlake.config import LAMBDA_PAYLOAD_LIMIT_BYTES, LAMBDA_REQUEST_LIMIT_BYTES
+from transform_lambda.handler import TransformSettings, make_handler
+from transform_lambda.normalize import rejection_reason
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
+
+#: JSON around each record in an event ({"recordId": ..., "approximateArrivalTimestamp": ..., "data": ...}) and
+#: around the event itself; generous so the real size stays below the estimate.
+RECORD_JSON_OVERHEAD = 128
+EVENT_JSON_OVERHEAD = 1024
+
+#: Error output types (the value of ``!{firehose:error-output-type}``).
+PROCESSING_FAILED = "processing-failed"
+DELIVERY_FAILED = "iceberg-failed"
+#: The only OTF operation the local stream applies.
+SUPPORTED_OPERATION = "insert"
+
+_RESULTS = frozenset({"Ok", "Dropped", "ProcessingFailed"})
+_RESULT = operator.itemgetter("result")
+_DATA = operator.itemgetter("data")
+_METADATA = operator.methodcaller("get", "metadata")
+_RECORD_ID = operator.methodcaller("get", "recordId")
+
+
+class PayloadTooLargeError(Exception):
+    """Lambda refused an invocation's request or the function's response for its size, as Lambda itself does."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+
+
+@dataclass(frozen=True, slots=True)
+class Invocation:
+    """How the stream invokes its transform.
+
+    Attributes:
+        arn: the delivery stream's ARN, as events carry it.
+        attempts: invocations per event before its records are rejected (1 + ``number_of_retries``).
+        event_raw_bytes: raw record bytes per event (Firehose's processor buffer).
+        default_destination: the (database, table) of an Ok record whose metadata names none.
+    """
+
+    arn: str
+    attempts: int
+    event_raw_bytes: int
+    default_destination: tuple[str, str]
+
+
+@dataclass(slots=True)
+class Transformed:
+    """What the transform made of one piece of the spool; indices are positions in the piece.
+
+    Attributes:
+        invocations: handler calls, retries included.
+        dropped: records the transform dropped.
+        rejected: (index, error code, message, attempts, error output type) of each record bound for the error folder.
+        rows: per destination (database, table), the indices of its Ok records and their transformed JSON rows.
+    """
+
+    invocations: int = 0
+    dropped: int = 0
+    rejected: list[tuple[int, str, str, int, str]] = field(default_factory=list)
+    rows: dict[tuple[str, str], tuple[list[int], list[bytes]]] = field(default_factory=dict)
+
+
+class Invoker:
+    """Calls ``handler`` on a piece of the spool as Firehose calls the stream's Lambda (see the module docstring)."""
+
+    def __init__(self, handler: Handler, invocation: Invocation) -> None:
+        self._handler = handler
+        self._invocation = invocation
+
+    def transform(self, offsets: Sequence[int], arrivals_ms: Sequence[int], records: Sequence[bytes]) -> Transformed:
+        """Transform one piece (parallel lists, as the spool reads them): every record ends up in exactly one of the
+        outcome's rows, dropped count or rejects."""
+        outcome = Transformed()
+        for event_range in event_ranges(records, self._invocation.event_raw_bytes):
+            self._transform_event(outcome, offsets, arrivals_ms, records, event_range)
+        return outcome
+
+    def _transform_event(
+        self,
+        outcome: Transformed,
+        offsets: Sequence[int],
+        arrivals_ms: Sequence[int],
+        records: Sequence[bytes],
+        event_range: range,
+    ) -> None:
+        answers, attempts, failure = self._invoke(offsets, arrivals_ms, records, event_range)
+        outcome.invocations += attempts
+        if failure is not None:
+            code, message = failure
+            outcome.rejected.extend((i, code, message, attempts, PROCESSING_FAILED) for i in event_range)
+            return
+        # Whole-list passes in C (map, itemgetter, list.count) rather than one Python loop over every answer.
+        results: list[str] = list(map(_RESULT, answers))
+        oks = results.count("Ok")
+        dropped = results.count("Dropped")
+        outcome.dropped += dropped
+        if oks == len(results):
+            ok_indices, ok_answers = list(event_range), answers
+        else:
+            ok_indices = [i for i, result in zip(event_range, results, strict=True) if result == "Ok"]
+            ok_answers = [answer for answer, result in zip(answers, results, strict=True) if result == "Ok"]
+            if oks + dropped < len(results):
+                for i, result in zip(event_range, results, strict=True):
+                    if result == "ProcessingFailed":
+                        reason = rejection_reason(records[i]) or "the transform rejected the record"
+                        outcome.rejected.append((i, "Lambda.ProcessingFailed", reason, attempts, PROCESSING_FAILED))
+        routed_rows: dict[tuple[str, str], tuple[list[int], list[str]]] = {}
+        metadata = list(map(_METADATA, ok_answers))
+        # The transform usually attaches one shared metadata object to every record: route each object once.
+        routes = {id(item): self._route(item) for item in {id(item): item for item in metadata}.values()}
+        if len(routes) == 1:
+            (routed,) = routes.values()
+            if isinstance(routed, str):
+                code = "Iceberg.UnsupportedOperation"
+                outcome.rejected.extend((i, code, routed, attempts, DELIVERY_FAILED) for i in ok_indices)
+            elif ok_indices:
+                routed_rows[routed] = (ok_indices, list(map(_DATA, ok_answers)))
+        else:
+            for i, item, answer in zip(ok_indices, metadata, ok_answers, strict=True):
+                routed = routes[id(item)]
+                if isinstance(routed, str):
+                    outcome.rejected.append((i, "Iceberg.UnsupportedOperation", routed, attempts, DELIVERY_FAILED))
+                    continue
+                rows = routed_rows.get(routed)
+                if rows is None:
+                    rows = routed_rows[routed] = ([], [])
+                rows[0].append(i)
+                rows[1].append(answer["data"])
+        for destination, (indices, encoded) in routed_rows.items():
+            # msgspec base64-decodes a whole list of strings in one C call.
+            lines: list[bytes] = msgspec.convert(encoded, type=list[bytes])
+            kept = outcome.rows.get(destination)
+            if kept is None:
+                outcome.rows[destination] = (indices, lines)
+            else:
+                kept[0].extend(indices)
+                kept[1].extend(lines)
+
+    def _invoke(
+        self, offsets: Sequence[int], arrivals_ms: Sequence[int], records: Sequence[bytes], event_range: range
+    ) -> tuple[list[dict[str, Any]], int, tuple[str, str] | None]:
+        """Call the handler, retrying ``attempts - 1`` times: (answers in record order, attempts, failure)."""
+        chosen = slice(event_range.start, event_range.stop)
+        record_ids = list(map(str, offsets[chosen]))
+        # msgspec base64-encodes a whole list of bytes in one C call.
+        encoded: list[str] = msgspec.to_builtins(records[chosen])
+        event_records = [
+            {"recordId": record_id, "approximateArrivalTimestamp": arrival, "data": data}
+            for record_id, arrival, data in zip(record_ids, arrivals_ms[chosen], encoded, strict=True)
+        ]
+        # The request is measured exactly only when its upper bound (what cut the event) could exceed the limit.
+        bound = EVENT_JSON_OVERHEAD + sum(map(len, encoded)) + RECORD_JSON_OVERHEAD * len(encoded)
+        attempts = self._invocation.attempts
+        failure = ("Lambda.FunctionError", "not invoked")
+        for attempt in range(1, attempts + 1):
+            event = {
+                "invocationId": str(uuid.uuid4()),
+                "deliveryStreamArn": self._invocation.arn,
+                "region": "local",
+                "records": event_records,
+            }
+            try:
+                request_size = (
+                    oversized_payload(event, LAMBDA_REQUEST_LIMIT_BYTES, as_sent=True)
+                    if bound > LAMBDA_REQUEST_LIMIT_BYTES
+                    else None
+                )
+                if request_size is not None:
+                    raise PayloadTooLargeError(
+                        "RequestTooLargeException",
+                        f"Request must be smaller than {LAMBDA_REQUEST_LIMIT_BYTES} bytes for the InvokeFunction "
+                        f"operation ({request_size} bytes)",
+                    )
+                response = self._handler(event, None)
+                response_size = oversized_payload(response, LAMBDA_PAYLOAD_LIMIT_BYTES)
+                if response_size is not None:
+                    raise PayloadTooLargeError(
+                        "Function.ResponseSizeTooLarge",
+                        f"Response payload size ({response_size} bytes) exceeded maximum allowed payload size "
+                        f"({LAMBDA_PAYLOAD_LIMIT_BYTES} bytes).",
+                    )
+            except Exception as exc:  # a Lambda that raises is an invocation error, retried like Firehose does
+                failure = ("Lambda.FunctionError", f"{type(exc).__name__}: {exc}")
+                logger.warning("transform invocation failed (attempt %d/%d): %s", attempt, attempts, exc)
+                continue
+            answers = _answers_in_order(response, record_ids)
+            if isinstance(answers, list):
+                return answers, attempt, None
+            failure = ("Lambda.InvalidResponse", answers)
+            logger.warning("transform answer rejected (attempt %d/%d): %s", attempt, attempts, answers)
+        return [], attempts, failure
+
+    def _route(self, metadata: object) -> tuple[str, str] | str:
+        """The (database, table) an Ok record with this ``metadata`` goes to, or why it cannot go anywhere."""
+        default = self._invocation.default_destination
+        otf = metadata.get("otfMetadata") if isinstance(metadata, dict) else None
+        if not isinstance(otf, dict):
+            return default
+        operation = otf.get("operation", SUPPORTED_OPERATION)
+        if operation != SUPPORTED_OPERATION:
+            return f"operation {operation!r} is not supported locally (only {SUPPORTED_OPERATION!r})"
+        database = otf.get("destinationDatabaseName", default[0])
+        table = otf.get("destinationTableName", default[1])
+        return (str(database), str(table))
+
+
+def event_ranges(records: Sequence[bytes], event_raw_bytes: int) -> Iterator[range]:
+    """Cut records into events of at most ``event_raw_bytes`` raw bytes (the processor buffer), as Firehose does, and
+    whose request stays below Lambda's limit (which only records far shorter than an access-log line could reach).
+
+    An event holds at least one record. Cuts are found by bisection over running sums, not a loop over records: a
+    record's base64 is at most (4 * length + 8) / 3 bytes, so the request of ``records[a:b]`` is at most
+    ``_request_bound(raw bytes, b - a)``.
+    """
+    raw_sums = [0, *itertools.accumulate(map(len, records))]
+    count = len(records)
+    start = 0
+    while start < count:
+        base = raw_sums[start]
+        stop = bisect.bisect_right(raw_sums, base + event_raw_bytes, lo=start + 1) - 1
+        if _request_bound(raw_sums[stop] - base, stop - start) > LAMBDA_REQUEST_LIMIT_BYTES:
+            low, high = start, stop  # the request bound grows with stop: bisect for the last stop that fits
+            while low < high:
+                middle = (low + high + 1) // 2
+                if _request_bound(raw_sums[middle] - base, middle - start) <= LAMBDA_REQUEST_LIMIT_BYTES:
+                    low = middle
+                else:
+                    high = middle - 1
+            stop = low
+        stop = max(stop, start + 1)
+        yield range(start, stop)
+        start = stop
+
+
+def _request_bound(raw_bytes: int, records: int) -> int:
+    """An upper bound of the request carrying ``records`` records of ``raw_bytes`` bytes in all."""
+    return EVENT_JSON_OVERHEAD + (4 * raw_bytes + 8 * records) // 3 + RECORD_JSON_OVERHEAD * records
+
+
+def oversized_payload(document: object, limit: int, *, as_sent: bool = False) -> int | None:
+    """The size of ``document`` if its JSON exceeds ``limit`` bytes, else None.
+
+    A response is counted as Lambda's Python runtime sends it (simplejson's default ``", "`` and ``": "``
+    separators, non-ASCII as UTF-8); ``as_sent`` counts compact JSON, as this stream sends its requests. msgspec's
+    compact encoding plus every comma and colon is an upper bound of the runtime's size (only those inside strings
+    are over-counted), so the exact, slower count runs only for documents close to the limit.
+
+    Raises:
+        TypeError: the document is not JSON (the runtime cannot marshal it).
+    """
+    compact = msgspec.json.encode(document)
+    if as_sent:
+        return len(compact) if len(compact) > limit else None
+    if len(compact) > limit:
+        return len(json.dumps(document, ensure_ascii=False).encode())
+    if len(compact) + compact.count(b",") + compact.count(b":") <= limit:
+        return None
+    size = len(json.dumps(document, ensure_ascii=False).encode())
+    return size if size > limit else None
+
+
+def _answers_in_order(response: object, record_ids: list[str]) -> list[dict[str, Any]] | str:
+    """The answer's records in request order, or why the answer does not answer every record exactly once."""
+    records = response.get("records") if isinstance(response, dict) else None
+    if not isinstance(records, list):
+        return "the answer has no records list"
+    if any(kind is not dict for kind in set(map(type, records))):
+        return "an answered record is not an object"
+    answered = list(map(_RECORD_ID, records))
+    if answered != record_ids:
+        by_id: dict[object, dict[str, Any]] = {}
+        for record_id, item in zip(answered, records, strict=True):
+            if record_id in by_id:
+                return f"recordId {record_id} is answered twice"
+            by_id[record_id] = item
+        missing = [record_id for record_id in record_ids if record_id not in by_id]
+        if missing or len(by_id) != len(record_ids):
+            unknown = len(by_id) - (len(record_ids) - len(missing))
+            return f"{len(missing)} records unanswered (first {missing[:1]}), {unknown} unknown recordIds"
+        records = [by_id[record_id] for record_id in record_ids]
+    results = list(map(operator.methodcaller("get", "result"), records))
+    unknown_results = set(results) - _RESULTS
+    data_types = {type(item.get("data")) for item, result in zip(records, results, strict=True) if result == "Ok"}
+    if not unknown_results and data_types <= {str}:
+        return records
+    for item, result in zip(records, results, strict=True):
+        if result not in _RESULTS:
+            return f"recordId {item['recordId']} has result {result!r}"
+        if result == "Ok" and type(item.get("data")) is not str:
+            return f"recordId {item['recordId']} is Ok without base64 data"
+    raise AssertionError("unreachable: a bad result or data was found above")
+
+
+# -- the worker process ---------------------------------------------------------------------------------------------
+
+
+class WorkerStoppedError(Exception):
+    """The transform worker process ended before it answered a piece (the caller transforms the piece itself)."""
+
+
+class _Connection:
+    """One worker process and the two threads that talk to it over its stdin and stdout (pickled frames).
+
+    A sender writes queued pieces in order and a receiver completes their futures in the same order, so the caller
+    never blocks on a full pipe while the worker is busy, and the worker never waits for the caller to read.
+    """
+
+    def __init__(self, settings: TransformSettings, invocation: Invocation) -> None:
+        environment = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
+        self.process = subprocess.Popen(  # noqa: S603 (this interpreter, this module)
+            [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment
+        )
+        self.broken = False
+        self._outbox: queue.SimpleQueue[tuple[Future[Transformed], tuple[list[int], list[int], list[bytes]]] | None]
+        self._outbox = queue.SimpleQueue()
+        self._sent: collections.deque[Future[Transformed]] = collections.deque()
+        self._lock = threading.Lock()
+        self._sender = threading.Thread(target=self._send, args=(settings, invocation), daemon=True)
+        self._receiver = threading.Thread(target=self._receive, daemon=True)
+        self._sender.start()
+        self._receiver.start()
+
+    def submit(self, piece: tuple[list[int], list[int], list[bytes]]) -> Future[Transformed]:
+        future: Future[Transformed] = Future()
+        self._outbox.put((future, piece))
+        return future
+
+    def _send(self, settings: TransformSettings, invocation: Invocation) -> None:
+        stdin = self.process.stdin
+        assert stdin is not None  # opened as a pipe
+        try:
+            pickle.dump((settings, invocation), stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            stdin.flush()
+            while (item := self._outbox.get()) is not None:
+                future, piece = item
+                with self._lock:
+                    if self.broken:
+                        future.set_exception(WorkerStoppedError("the transform worker stopped"))
+                        continue
+                    if not future.set_running_or_notify_cancel():
+                        continue  # cancelled before it was sent: the worker never sees it
+                    self._sent.append(future)
+                pickle.dump(piece, stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                stdin.flush()
+        except OSError:  # the worker is gone; the receiver fails what was sent
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                stdin.close()
+
+    def _receive(self) -> None:
+        stdout = self.process.stdout
+        assert stdout is not None  # opened as a pipe
+        while True:
+            try:
+                ok, answer = pickle.load(stdout)  # noqa: S301 (our own child, over its own pipe)
+            except Exception:  # EOF, a broken pipe or a torn frame: the worker is gone
+                break
+            with self._lock:
+                future = self._sent.popleft()
+            if ok:
+                future.set_result(answer)
+            else:
+                future.set_exception(answer)
+        with self._lock:
+            self.broken = True
+            stopped = list(self._sent)
+            self._sent.clear()
+        code = self.process.wait()
+        for future in stopped:
+            future.set_exception(WorkerStoppedError(f"the transform worker exited with status {code}"))
+
+    def close(self) -> None:
+        """Let the worker finish what it was sent, then end it."""
+        self._outbox.put(None)
+        self._sender.join()
+        self._receiver.join()
+
+
+class TransformWorker:
+    """The access-log transform in one worker process (``python -m meterlake.local.invoker``), started on first use.
+
+    ``submit`` queues a piece and returns at once; results come back in order. If the worker dies, the pieces it had
+    not answered fail with :class:`WorkerStoppedError` (the caller transforms them itself) and the next ``submit``
+    starts another. The worker exits when its stdin closes: when :meth:`close` is called or the stream's process ends,
+    even by ``kill -9``. What the transform prints goes to the worker's stderr (its stdout carries the answers).
+    """
+
+    def __init__(self, settings: TransformSettings, invocation: Invocation) -> None:
+        self._settings = settings
+        self._invocation = invocation
+        self._connection: _Connection | None = None
+
+    def submit(self, offsets: list[int], arrivals_ms: list[int], records: list[bytes]) -> Future[Transformed]:
+        """Queue one piece for the worker."""
+        if self._connection is None or self._connection.broken:
+            self._connection = _Connection(self._settings, self._invocation)
+        return self._connection.submit((offsets, arrivals_ms, records))
+
+    def close(self) -> None:
+        """Stop the worker once it has answered what it was sent."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+def _serve() -> None:
+    """The worker's loop: settings first, then pieces in, outcomes (or the exception) out, until stdin closes."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the handler's prints must not land among the answers
+    pieces = sys.stdin.buffer
+    settings, invocation = pickle.load(pieces)  # noqa: S301 (the stream that started this process)
+    invoker = Invoker(make_handler(settings, emit_metrics=False), invocation)
+    while True:
+        try:
+            offsets, arrivals_ms, records = pickle.load(pieces)  # noqa: S301 (as above)
+        except EOFError:
+            return
+        answer: tuple[bool, object]
+        try:
+            answer = (True, invoker.transform(offsets, arrivals_ms, records))
+        except Exception as exc:  # raised in the stream's process, as an in-process transform would
+            answer = (False, exc)
+        try:
+            frame = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an exception that does not pickle: its text still reaches the stream
+            frame = pickle.dumps((False, RuntimeError(repr(answer[1]))), protocol=pickle.HIGHEST_PROTOCOL)
+        answers.write(frame)
+        answers.flush()
+
+
+if __name__ == "__main__":
+    # Run as the imported module, so what the worker pickles names meterlake.local.invoker, not __main__.
+    from meterlake.local.invoker import _serve as serve
+
+    serve()
