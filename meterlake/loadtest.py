@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import random
 import shlex
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -207,6 +209,8 @@ async def _run(plan: LoadTestPlan, on_progress: Callable[[int], None] | None) ->
     timeout = httpx.Timeout(plan.timeout_s)
 
     def take() -> bool:
+        if report.interrupted:
+            return False
         if deadline is not None and time.monotonic() >= deadline:
             return False
         if remaining[0] is not None:
@@ -237,15 +241,33 @@ async def _run(plan: LoadTestPlan, on_progress: Callable[[int], None] | None) ->
             if on_progress is not None:
                 on_progress(1)
 
+    # Ctrl-C stops sending but lets the requests in flight be answered: the gateway answers (and logs) them anyway,
+    # so a report without them would fall short of what the lake counts. A second Ctrl-C stops at once.
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    graceful = threading.current_thread() is threading.main_thread() and main is not None
+
+    def on_ctrl_c() -> None:
+        if report.interrupted and main is not None:
+            main.cancel()
+        report.interrupted = True
+
+    previous = signal.getsignal(signal.SIGINT)
+    if graceful:
+        loop.add_signal_handler(signal.SIGINT, on_ctrl_c)
     # One client (one keep-alive connection) per worker: a single shared pool serializes on its own bookkeeping.
     clients = [httpx.AsyncClient(limits=limits, timeout=timeout) for _ in range(plan.concurrency)]
     started = time.perf_counter()
     try:
         await asyncio.gather(*(worker(client) for client in clients))
     except asyncio.CancelledError:
-        # Ctrl-C: asyncio.run cancels this task; what was answered so far is still the caller's to report.
+        # Cancelled (a second Ctrl-C): what was answered so far is still the caller's to report.
         report.interrupted = True
     finally:
+        if graceful:
+            # Back to what handled Ctrl-C before (asyncio.run's, then KeyboardInterrupt) for what runs after.
+            loop.remove_signal_handler(signal.SIGINT)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         await asyncio.gather(*(client.aclose() for client in clients))
     report.duration_s = time.perf_counter() - started
     if report.answered == 0 and report.transport_errors:
@@ -257,7 +279,8 @@ async def _run(plan: LoadTestPlan, on_progress: Callable[[int], None] | None) ->
 def run_load_test(plan: LoadTestPlan, *, on_progress: Callable[[int], None] | None = None) -> LoadTestReport:
     """Send the plan's requests with ``plan.concurrency`` connections and report what was answered.
 
-    Ctrl-C (SIGINT, in the main thread) stops sending and returns the report so far, marked ``interrupted``.
+    Ctrl-C (SIGINT, in the main thread) stops sending, waits for the requests in flight and returns the report so
+    far, marked ``interrupted``; a second Ctrl-C stops without waiting.
 
     Raises:
         LoadTestError: nothing could be sent at all (every request failed at the transport level).
