@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal
 from urllib.parse import parse_qs
@@ -102,7 +103,7 @@ class _IngestEndpoint:
             principal = self._authenticator.authenticate(authorization, api_key)
             body = await _read_body(receive, self._max_body_bytes)
             partial = _flag(parse_qs(scope.get("query_string", b"").decode("latin-1")).get("partial"), "partial")
-            items = decode_ingest_body(inflate(body, content_encoding))
+            items = decode_ingest_body(_inflate(body, content_encoding))
             outcome = await self._service.ingest(principal, items, source="ingest", partial=partial)
             if dialect == "amberflo" and not partial:
                 # The hot answer, sent without a Response object.
@@ -117,6 +118,25 @@ class _IngestEndpoint:
         except NotDurableError as exc:
             response = _not_durable(exc)
         await response(scope, receive, send)
+
+
+def _inflate(body: bytes, content_encoding: str | None) -> bytes:
+    """:func:`~meterlake.amberflo.api.inflate`, with the common case (one gzip member) in one zlib call, as the
+    local Amberflo's ``/ingest`` does it; anything else (several members, damage, other encodings) goes the long way.
+
+    Raises:
+        RequestError: not valid gzip; 415 for another Content-Encoding.
+    """
+    if content_encoding == "gzip":
+        inflater = zlib.decompressobj(wbits=31)  # gzip framing only; checks the CRC and length
+        try:
+            inflated = inflater.decompress(body)
+        except zlib.error:
+            pass
+        else:
+            if inflater.eof and not inflater.unused_data:
+                return inflated
+    return inflate(body, content_encoding)
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:

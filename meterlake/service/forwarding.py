@@ -61,11 +61,14 @@ def meter_event_records(events: pa.Table) -> MeterBatch:
             METER_TIME: pc.divide(rows.column("meter_time").cast(pa.int64()), 1000),
             UNIQUE_ID: rows.column("unique_id"),
         }
-        maps: list[list[tuple[str, str]] | None] = rows.column("dimensions").to_pylist()
-        if any(maps):
-            keys = sorted({key for entries in maps for key, _ in entries or ()})
-            dimensions = [dict(entries or ()) for entries in maps]
-            columns[DIMENSIONS] = pa.array(dimensions, type=pa.struct([(key, pa.string()) for key in keys]))
+        # One struct field per dimension name, looked up in Arrow (not row by row in Python).
+        dimensions = rows.column("dimensions").combine_chunks()
+        key_lists = pa.ListArray.from_arrays(dimensions.offsets, dimensions.keys, mask=dimensions.is_null())
+        keys = sorted(pc.unique(pc.list_flatten(key_lists)).to_pylist())
+        if keys:
+            key_type = dimensions.type.key_type
+            values = [pc.map_lookup(dimensions, pa.scalar(key, key_type), "first").cast(pa.string()) for key in keys]
+            columns[DIMENSIONS] = pa.StructArray.from_arrays(values, names=keys)
         parts.append(MeterRecords(name, pa.table(columns)))
     return MeterBatch(parts=tuple(parts), untenanted=0)
 
