@@ -418,3 +418,42 @@ def meter_type_aggregation(meter_type: str) -> Aggregation:
     if meter_type in ("unique_count", "active_users"):
         return "UNIQUE_COUNT"
     return "SUM"
+
+
+#: The fields of Amberflo's customer (``POST``/``PUT /customers``); customerId and customerName are required.
+CUSTOMER_FIELDS: Final = ("customerId", "customerName", "customerEmail", "enabled", "traits")
+
+
+def parse_customer(body: object) -> dict[str, Any]:
+    """An Amberflo customer body, checked: ``{customerId, customerName, customerEmail?, enabled?, traits?}``.
+
+    Returns the customer with ``enabled`` (default true) and ``traits`` (default ``{}``) filled in.
+
+    Raises:
+        RequestError: (400) not an object, an unknown field, or a field of the wrong type (the message names it).
+    """
+    if not isinstance(body, dict):
+        raise RequestError(f"a customer must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(CUSTOMER_FIELDS))
+    if unknown:
+        raise RequestError(f"{unknown[0]}: not a customer field (fields: {', '.join(CUSTOMER_FIELDS)})")
+    customer: dict[str, Any] = {}
+    for name in ("customerId", "customerName"):
+        value = body.get(name)
+        if not isinstance(value, str) or not value.strip():
+            raise RequestError(f"{name} is required: a non-blank string, got {value!r}")
+        customer[name] = value
+    email = body.get("customerEmail")
+    if email is not None:
+        if not isinstance(email, str):
+            raise RequestError(f"customerEmail must be a string, got {email!r}")
+        customer["customerEmail"] = email
+    enabled = body.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise RequestError(f"enabled must be true or false, got {enabled!r}")
+    customer["enabled"] = enabled
+    traits = body.get("traits") or {}
+    if not isinstance(traits, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in traits.items()):
+        raise RequestError(f"traits must be an object of strings, got {traits!r}")
+    customer["traits"] = dict(traits)
+    return customer

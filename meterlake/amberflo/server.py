@@ -1,4 +1,4 @@
-"""A local Amberflo: the ingest, usage and meters API on loopback, with faults injected on demand.
+"""A local Amberflo: the ingest, usage, meters and customers API on loopback, with faults injected on demand.
 
 It speaks the contract in the shared Amberflo notes, so the forwarder, its tests, ``make demo`` and the benchmark can
 run against it exactly as against ``ingest.amberflo.io`` / ``app.amberflo.io`` (point both base URLs at ``.url``).
@@ -51,6 +51,7 @@ from meterlake.amberflo.api import (
     RequestError,
     UsageQuery,
     bucket_start,
+    parse_customer,
     parse_ingest_body,
     parse_usage_query,
     validate_meter,
@@ -239,6 +240,7 @@ class AmberfloState:
         self._events: dict[_DedupKey, _WireRecord] = {}
         self._meters: dict[str, dict[str, Any]] = {}
         self._rules: dict[str, dict[str, Any]] = {}
+        self._customers: dict[str, dict[str, Any]] = {}
         self._counters: dict[str, int] = {}
         self._faults_injected: dict[str, int] = {}
 
@@ -280,6 +282,7 @@ class AmberfloState:
             self._events.clear()
             self._meters.clear()
             self._rules.clear()
+            self._customers.clear()
             self._counters.clear()
             self._faults_injected.clear()
             self._rng = random.Random(self._faults.seed)
@@ -445,6 +448,45 @@ class AmberfloState:
         """The rules kept, in the order they were first made."""
         with self._lock:
             return [dict(rule) for rule in self._rules.values()]
+
+    def customers(self) -> list[dict[str, Any]]:
+        """Every customer, in the order they were created."""
+        with self._lock:
+            return [dict(c) for c in self._customers.values()]
+
+    def customer(self, customer_id: str) -> dict[str, Any]:
+        """One customer, or ``{}`` when there is none with this id (as Amberflo answers)."""
+        with self._lock:
+            return dict(self._customers.get(customer_id, {}))
+
+    def create_customer(self, body: object) -> dict[str, Any]:
+        """Add a customer.
+
+        Raises:
+            RequestError: (400) an invalid body; (409) the customerId exists (update it with ``PUT /customers``).
+        """
+        customer = parse_customer(body)
+        now = int(time.time() * 1000)
+        with self._lock:
+            if customer["customerId"] in self._customers:
+                raise RequestError(f"customer {customer['customerId']!r} exists: update it with PUT", status=409)
+            stored = self._customers[customer["customerId"]] = {**customer, "createTime": now, "updateTime": now}
+            return dict(stored)
+
+    def update_customer(self, body: object) -> dict[str, Any]:
+        """Replace a customer's fields (PUT semantics: what the body leaves out is reset).
+
+        Raises:
+            RequestError: (400) an invalid body; (404) no customer with this customerId.
+        """
+        customer = parse_customer(body)
+        with self._lock:
+            existing = self._customers.get(customer["customerId"])
+            if existing is None:
+                raise RequestError(f"customer {customer['customerId']!r} not found: add it with POST", status=404)
+            stored = {**customer, "createTime": existing["createTime"], "updateTime": int(time.time() * 1000)}
+            self._customers[customer["customerId"]] = stored
+            return dict(stored)
 
     def _check_unique_name(self, name: str, *, except_id: str | None) -> None:
         for meter in self._meters.values():
@@ -778,6 +820,16 @@ def create_app(state: AmberfloState) -> ASGIApp:
     async def list_rules(_: Request) -> Response:
         return _json(state.filtering_rules())
 
+    async def get_customers(request: Request) -> Response:
+        customer_id = request.query_params.get("customerId")
+        return _json(state.customers() if customer_id is None else state.customer(customer_id))
+
+    async def create_customer(request: Request) -> Response:
+        return _json(state.create_customer(await json_body(request)))
+
+    async def update_customer(request: Request) -> Response:
+        return _json(state.update_customer(await json_body(request)))
+
     async def list_meters(_: Request) -> Response:
         return _json(state.meters())
 
@@ -802,6 +854,11 @@ def create_app(state: AmberfloState) -> ASGIApp:
             Route("/meters/{meter_id}", authorized(update_meter), methods=["PUT"]),
             Route("/meters/{meter_id}", authorized(get_meter), methods=["GET"]),
             Route("/meters/{meter_id}", authorized(delete_meter), methods=["DELETE"]),
+            *(
+                Route(path, authorized(endpoint), methods=[method])
+                for path in ("/customers", "/customers/")
+                for method, endpoint in (("GET", get_customers), ("POST", create_customer), ("PUT", update_customer))
+            ),
             Route("/ingest-snapshot/custom-filtering-rules", authorized(put_rule), methods=["POST"]),
             Route("/ingest-snapshot/custom-filtering-rules", authorized(list_rules), methods=["GET"]),
         ]

@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meterlake.amberflo.api import RequestError, inflate
 from meterlake.service.auth import Authenticator, Principal
-from meterlake.service.events import decode_ingest_body, toolkit_records
+from meterlake.service.events import decode_ingest_body, onboarding_customers, toolkit_records
 from meterlake.service.ingest import IngestOutcome, NotDurableError
 from meterlake.service.openapi import OPERATIONS, Operation, openapi_document
 from meterlake.service.operations import MeteringService
@@ -176,7 +176,12 @@ def create_app(service: MeteringService, authenticator: Authenticator, *, max_bo
 
     async def ingest_events(request: Request, principal: Principal, dialect: Dialect) -> Response:
         partial = _flag(query_params(request).get("partial"), "partial")
-        items = toolkit_records(await body(request), received_ms=int(time.time() * 1000))
+        document = await body(request)
+        customers = onboarding_customers(document)
+        if customers is not None:
+            onboarded = [await run_in_threadpool(service.onboard_customer, principal, c) for c in customers]
+            return _shaped(dialect, onboarded, by_id["ingestUsageEvents"])
+        items = toolkit_records(document, received_ms=int(time.time() * 1000))
         outcome = await service.ingest(principal, items, source="event", partial=partial)
         return _ingest_answer(dialect, outcome, partial)
 
@@ -195,6 +200,7 @@ def create_app(service: MeteringService, authenticator: Authenticator, *, max_bo
 
     handlers: dict[str, _Handler] = {
         "ingestUsageEvents": ingest_events,
+        "onboardCustomer": sync("onboardCustomer", lambda r, p, b: service.onboard_customer(p, b)),
         "createMeter": sync("createMeter", lambda r, p, b: service.create_meter(p, b).to_api()),
         "listMeters": sync("listMeters", lambda r, p, b: [m.to_api() for m in service.list_meters(p)]),
         "updateMeter": sync("updateMeter", lambda r, p, b: service.update_meter(p, None, b).to_api()),

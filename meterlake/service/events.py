@@ -409,6 +409,51 @@ def _event_time_ms(where: str, event: Mapping[str, Any], received_ms: int) -> in
     raise RequestError(f"{where}.time must be an ISO-8601 time with a zone, as EventBridge writes it, got {stamp!r}")
 
 
+# -- the toolkit's onboarding event ----------------------------------------------------------------------------------
+
+#: The EventBridge detail-type the toolkit's control plane emits when a tenant is onboarded (sbt-aws's
+#: ``DetailType.ONBOARDING_REQUEST``, the event its billing provider creates the customer on).
+ONBOARDING_DETAIL_TYPE: Final = "onboardingRequest"
+
+
+def onboarding_customers(body: object) -> list[dict[str, Any]] | None:
+    """The customers of toolkit onboarding events, or None when ``body`` holds usage events instead.
+
+    ``body`` is shaped as for :func:`toolkit_records`. The control plane's detail is the tenant's registration and
+    tenant data with its ``tenantId``: the customer is ``{customerId: tenantId, customerName: tenantName (else the
+    tenantId), customerEmail: email}``, with the tenant's ``tier`` as a trait when it has one.
+
+    Raises:
+        RequestError: (400) onboarding and usage events in one request, or an onboarding event without a tenantId.
+    """
+    if isinstance(body, dict) and isinstance(body.get("Entries"), list):
+        events: list[object] = [
+            _put_events_entry(index, entry) if isinstance(entry, dict) else entry
+            for index, entry in enumerate(body["Entries"])
+        ]
+    else:
+        events = list(body) if isinstance(body, list) else [body]
+    onboarding = [isinstance(e, dict) and e.get("detail-type") == ONBOARDING_DETAIL_TYPE for e in events]
+    if not any(onboarding):
+        return None
+    if not all(onboarding):
+        raise RequestError(f"send {ONBOARDING_DETAIL_TYPE} and {INGEST_USAGE_DETAIL_TYPE} events in separate requests")
+    customers = []
+    for index, event in enumerate(events):
+        assert isinstance(event, dict)  # checked above
+        detail = event.get("detail")
+        tenant_id = detail.get("tenantId") if isinstance(detail, dict) else None
+        if not isinstance(detail, dict) or not isinstance(tenant_id, str) or not tenant_id.strip():
+            raise RequestError(f"events[{index}].detail.tenantId is required, got {tenant_id!r}")
+        customer: dict[str, Any] = {"customerId": tenant_id, "customerName": detail.get("tenantName") or tenant_id}
+        if detail.get("email") is not None:
+            customer["customerEmail"] = detail["email"]
+        if isinstance(detail.get("tier"), str):
+            customer["traits"] = {"tier": detail["tier"]}
+        customers.append(customer)
+    return customers
+
+
 # -- the meter-event stream's transform -----------------------------------------------------------------------------
 
 FirehoseHandler = Callable[[dict[str, Any], Any], dict[str, Any]]

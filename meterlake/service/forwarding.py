@@ -5,14 +5,14 @@ the outbox (:mod:`meterlake.amberflo.outbox`) stages them from the table's commi
 the access-log meters' records, with the events' own uniqueIds: the same exactly-once argument, in a second outbox
 file. Mirroring: when forwarding is on, each meter created, changed or deleted through the API and each cancellation
 rule is repeated in Amberflo (a failure is logged; the change stands in the registry and a repeated request
-repeats it there).
+repeats it there), and an onboarded tenant becomes (or updates) its Amberflo customer.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pyarrow as pa
@@ -86,7 +86,7 @@ def meter_events_outbox(data_dir: DataDir, settings: AmberfloSettings) -> Outbox
 
 class AmberfloMirror:
     """Repeats the registry's event-meter changes and new cancellation rules in Amberflo (its meters API and its
-    custom filtering rules), found there by meterApiName."""
+    custom filtering rules), found there by meterApiName, and creates onboarded tenants' customers there."""
 
     def __init__(self, *, base_url: str, api_key: str, timeout_s: float = 30.0) -> None:
         self._root = base_url.rstrip("/")
@@ -121,12 +121,29 @@ class AmberfloMirror:
         except (httpx.HTTPError, MirrorError) as exc:
             logger.error("cancellation rule %r stored here but not in Amberflo: %s", rule.id, exc)
 
+    def ensure_customer(self, customer: dict[str, Any]) -> Literal["created", "updated"]:
+        """Create ``customer`` in Amberflo, or replace its fields there if it exists: looked up by customerId
+        first, so onboarding the same tenant again changes nothing but its fields.
+
+        Raises:
+            MirrorError: Amberflo refused a call (its status and answer in the message), or could not be reached.
+        """
+        try:
+            existing = self._call("GET", "/customers", None, params={"customerId": customer["customerId"]})
+            if isinstance(existing, dict) and existing.get("customerId") == customer["customerId"]:
+                self._call("PUT", "/customers", customer)
+                return "updated"
+            self._call("POST", "/customers", customer)
+            return "created"
+        except httpx.HTTPError as exc:
+            raise MirrorError(f"Amberflo could not be reached: {exc}") from exc
+
     def _find(self, meter_api_name: str) -> dict[str, Any] | None:
         meters: Sequence[dict[str, Any]] = self._call("GET", "/meters", None)
         return next((m for m in meters if m.get("meterApiName") == meter_api_name), None)
 
-    def _call(self, method: str, path: str, body: object) -> Any:
-        answer = self._client.request(method, self._root + path, json=body)
+    def _call(self, method: str, path: str, body: object, *, params: dict[str, str] | None = None) -> Any:
+        answer = self._client.request(method, self._root + path, json=body, params=params)
         if answer.status_code >= 300:
             raise MirrorError(f"Amberflo answered {method} {path} with {answer.status_code}: {answer.text[:200]}")
         return answer.json() if answer.content else None

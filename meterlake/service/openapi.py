@@ -46,7 +46,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("POST", "/ingest", "ingestMeterEvents", "Ingest usage records (one, an array or NDJSON; gzip or plain)",
               "tenant", "IngestBody", "IngestResult"),
     Operation("POST", "/events", "ingestUsageEvents", "Ingest the toolkit's ingestUsage events as EventBridge delivers "
-              "them (or a PutEvents request)", "tenant", "ToolkitEvents", "IngestResult"),
+              "them (or a PutEvents request); its onboardingRequest events onboard the tenants (admins only: see "
+              "onboardCustomer)", "tenant", "ToolkitEvents", "EventsResult"),
+    Operation("POST", "/customers", "onboardCustomer", "Onboard a tenant as a customer: with forwarding to Amberflo "
+              "on, its Amberflo customer is created, or updated if it exists", "admin", "CustomerInput",
+              "OnboardedCustomer"),
     Operation("POST", "/meters", "createMeter", "Create an event meter", "admin", "MeterInput", "Meter", 201),
     Operation("GET", "/meters", "listMeters", "List every meter (event meters and the config's request meters)",
               "admin", None, "MeterList"),
@@ -103,6 +107,13 @@ _RULE_PROPERTIES: Final = {
     },
     "filter": _FILTER,
 }
+_CUSTOMER_PROPERTIES: Final = {
+    "customerId": {"type": "string", "minLength": 1},
+    "customerName": {"type": "string", "minLength": 1},
+    "customerEmail": {"type": "string"},
+    "enabled": {"type": "boolean"},
+    "traits": {"type": "object", "additionalProperties": {"type": "string"}},
+}
 _USAGE_VALUE: Final = {
     "type": "object",
     "required": ["secondsSinceEpochUtc", "value", "percentageFromPrevious"],
@@ -134,6 +145,36 @@ def _components() -> dict[str, Any]:
                     "rejected": {"type": "array", "items": {"$ref": "#/components/schemas/RecordError"}},
                 },
             },
+            "EventsResult": {
+                "description": "ingestUsage events: IngestResult; onboardingRequest events: one OnboardedCustomer each",
+                "anyOf": [
+                    {"$ref": "#/components/schemas/IngestResult"},
+                    {"type": "array", "items": {"$ref": "#/components/schemas/OnboardedCustomer"}},
+                ],
+            },
+            "CustomerInput": {
+                "description": "Amberflo's customer",
+                "type": "object",
+                "required": ["customerId", "customerName"],
+                "properties": _CUSTOMER_PROPERTIES,
+                "additionalProperties": False,
+            },
+            "OnboardedCustomer": {
+                "type": "object",
+                "required": ["customer", "amberflo"],
+                "properties": {
+                    "customer": {
+                        "type": "object",
+                        "required": ["customerId", "customerName", "enabled", "traits"],
+                        "properties": _CUSTOMER_PROPERTIES,
+                    },
+                    "amberflo": {
+                        "type": "string",
+                        "enum": ["created", "updated", "off"],
+                        "description": "What was done in Amberflo (off: forwarding to Amberflo is off, nothing sent)",
+                    },
+                },
+            },
             "RecordError": {
                 "type": "object",
                 "required": ["index", "field", "reason"],
@@ -148,8 +189,28 @@ def _components() -> dict[str, Any]:
                 "oneOf": [
                     {"$ref": "#/components/schemas/ToolkitEvent"},
                     {"type": "array", "items": {"$ref": "#/components/schemas/ToolkitEvent"}},
+                    {"$ref": "#/components/schemas/OnboardingEvent"},
+                    {"type": "array", "items": {"$ref": "#/components/schemas/OnboardingEvent"}},
                     {"type": "object", "required": ["Entries"], "properties": {"Entries": {"type": "array"}}},
                 ],
+            },
+            "OnboardingEvent": {
+                "description": "The toolkit control plane's tenant onboarding (detail: the tenant's data)",
+                "type": "object",
+                "required": ["detail-type", "detail"],
+                "properties": {
+                    "detail-type": {"type": "string", "enum": ["onboardingRequest"]},
+                    "detail": {
+                        "type": "object",
+                        "required": ["tenantId"],
+                        "properties": {
+                            "tenantId": {"type": "string"},
+                            "tenantName": {"type": "string"},
+                            "email": {"type": "string"},
+                            "tier": {"type": "string"},
+                        },
+                    },
+                },
             },
             "ToolkitEvent": {
                 "type": "object",

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from meterlake.amberflo.api import (
     ALL_AGGREGATIONS,
     CUSTOMER_KEY,
     RequestError,
     UsageQuery,
+    parse_customer,
     parse_usage_query,
 )
 from meterlake.service.auth import Principal, require_admin, scope_usage_query
 from meterlake.service.cancellation import CancellationRule, CancellationRules, parse_rule
 from meterlake.service.events import EventSource, IngestRecord
+from meterlake.service.forwarding import MirrorError
 from meterlake.service.ingest import Ingestor, IngestOutcome
 from meterlake.service.registry import MeterRegistry, RegisteredMeter
 from meterlake.service.usage import UsageEngine
@@ -36,6 +38,9 @@ class Mirror(Protocol):
 
     def rule_created(self, rule: CancellationRule) -> None:
         """A cancellation rule was stored."""
+
+    def ensure_customer(self, customer: dict[str, Any]) -> Literal["created", "updated"]:
+        """Create the customer, or update it if it exists (raises MirrorError when refused)."""
 
 
 class MeteringService:
@@ -124,6 +129,25 @@ class MeteringService:
         if self._mirror is not None:
             self._mirror.meter_changed("deleted", meter)
         return meter
+
+    # -- customers ---------------------------------------------------------------------------------------------------
+
+    def onboard_customer(self, principal: Principal, body: object) -> dict[str, Any]:
+        """Onboard a tenant as a customer (admins only): with forwarding on, its Amberflo customer is created, or
+        updated if it exists (so onboarding twice is harmless); without, nothing is sent (``amberflo: "off"``).
+
+        Raises:
+            RequestError: (403) not an admin; (400) an invalid customer; (502) Amberflo refused it.
+        """
+        require_admin(principal, "onboarding customers")
+        customer = parse_customer(body)
+        if self._mirror is None:
+            return {"customer": customer, "amberflo": "off"}
+        try:
+            action = self._mirror.ensure_customer(customer)
+        except MirrorError as exc:
+            raise RequestError(f"Amberflo did not take customer {customer['customerId']!r}: {exc}", status=502) from exc
+        return {"customer": customer, "amberflo": action}
 
     # -- ingest ------------------------------------------------------------------------------------------------------
 

@@ -664,3 +664,31 @@ def test_filtering_rules_are_kept_and_listed(client: httpx.Client) -> None:
     )
     assert client.get("/ingest-snapshot/custom-filtering-rules").json() == [{**rule, "meterApiName": "Other"}]
     assert client.post("/ingest-snapshot/custom-filtering-rules", json={"id": "r2"}).status_code == 400
+
+
+def test_customers_are_looked_up_created_and_replaced_as_amberflo_does(
+    server: LocalAmberflo, client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert client.get("/customers", params={"customerId": "acme"}).json() == {}
+    acme = {"customerId": "acme", "customerName": "Acme", "customerEmail": "ops@acme.test", "traits": {"tier": "gold"}}
+    created = client.post("/customers", json=acme)
+    assert created.status_code == 200
+    assert created.json()["enabled"] is True
+    assert client.post("/customers", json=acme).status_code == 409  # exists: PUT replaces it
+    replaced = client.put("/customers/", json={"customerId": "acme", "customerName": "Acme Corp"}).json()
+    assert (replaced["customerName"], replaced["traits"], "customerEmail" in replaced) == ("Acme Corp", {}, False)
+    assert replaced["createTime"] == created.json()["createTime"]
+    assert client.put("/customers", json={"customerId": "nobody", "customerName": "N"}).status_code == 404
+    for bad in ({"customerName": "no id"}, {"customerId": "x"}, {**acme, "enabled": "yes"}, {**acme, "plan": "p"}):
+        answer = client.post("/customers", json=bad)
+        assert answer.status_code == 400, bad
+    assert httpx.get(server.url + "/customers", headers={"X-API-KEY": "wrong"}).status_code == 401
+    # Amberflo's own SDK: its add_or_update looks the customer up, then adds or updates it.
+    from metering.customer import CustomerApiClient, create_customer_payload  # type: ignore[import-untyped]
+
+    monkeypatch.setattr(ApiSession, "root_url", server.url)
+    customers = CustomerApiClient(KEY)
+    customers.add_or_update(create_customer_payload("globex", "Globex", customer_email="it@globex.test"))
+    customers.add_or_update(create_customer_payload("globex", "Globex Inc"))
+    assert customers.get("globex")["customerName"] == "Globex Inc"
+    assert [c["customerId"] for c in customers.list()] == ["acme", "globex"]

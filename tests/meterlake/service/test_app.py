@@ -53,6 +53,11 @@ def test_the_openapi_document_is_valid_and_names_every_operation(spec: dict[str,
     assert ids == {operation.operation_id for operation in OPERATIONS}
     assert {"ingestMeterEvents", "queryUsage"} <= ids
     assert spec["paths"]["/ingest"]["post"]["operationId"] == "ingestMeterEvents"
+    onboard = spec["paths"]["/customers"]["post"]
+    assert (onboard["operationId"], onboard["description"]) == ("onboardCustomer", "Admins only.")
+    assert onboard["requestBody"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/CustomerInput"
+    }
 
 
 def test_every_route_but_the_document_needs_a_credential(served: Served) -> None:
@@ -315,3 +320,31 @@ def test_a_meter_with_events_or_rules_keeps_its_meterapiname(served: Served) -> 
         refused = admin.put("/meters", json={**METER, "id": ruled["id"], "meterApiName": "gpu-hours"})
         assert refused.status_code == 400
         assert "has cancellation rules" in refused.json()["message"]
+
+
+def test_onboarding_without_forwarding_sends_nothing_and_only_admins_may(served: Served, spec: dict[str, Any]) -> None:
+    acme = {"customerId": "acme", "customerName": "Acme"}
+    conforms(spec, "CustomerInput", acme)
+    with served.client(key=served.admin_key) as admin:
+        answer = admin.post("/customers", json=acme)
+        assert answer.status_code == 200
+        conforms(spec, "OnboardedCustomer", answer.json())
+        assert answer.json() == {"customer": {**acme, "enabled": True, "traits": {}}, "amberflo": "off"}
+        bad = admin.post("/customers", json={"customerId": "acme"})
+        assert bad.status_code == 400
+        assert "customerName" in bad.json()["message"]
+    event = {"detail-type": "onboardingRequest", "detail": {"tenantId": "acme", "tenantName": "Acme"}}
+    conforms(spec, "ToolkitEvents", event)
+    with served.client(token=served.admin_token()) as control_plane:
+        answer = control_plane.post("/events", json=event)
+        assert answer.status_code == 200
+        conforms(spec, "EventsResult", answer.json()["data"])
+        assert answer.json() == {"data": [{"customer": {**acme, "enabled": True, "traits": {}}, "amberflo": "off"}]}
+        usage = {"detail-type": "ingestUsage", "detail": {"tenantId": "acme", "meterApiName": "x", "meterValue": 1}}
+        assert control_plane.post("/events", json=[event, usage]).status_code == 400
+    tenant_token = served.pool.issue_id_token(user="alice", tenant_id="acme")
+    for tenant in (served.client(key=served.acme_key), served.client(token=tenant_token)):
+        with tenant:
+            assert tenant.post("/customers", json=acme).status_code == 403
+            assert tenant.post("/events", json=event).status_code == 403
+    assert httpx.post(served.url + "/customers", json=acme).status_code == 401

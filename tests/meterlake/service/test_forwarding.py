@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -110,3 +111,45 @@ def test_reconcile_compares_event_meters_with_amberflo_and_with_what_was_staged(
             emptied = amberflo_usage(client, base_url=amberflo.url, api_key=KEY, meters=meters, window=window)
         [difference] = compare(lake, emptied, against="Amberflo").differences
         assert (difference.customer_id, difference.meter_api_name, difference.lake) == ("acme", "llm-tokens", 15.0)
+
+
+def test_tenant_onboarding_creates_the_amberflo_customer_once(tmp_path: Path) -> None:
+    with (
+        LocalAmberflo(api_key=KEY) as amberflo,
+        LocalMeteringService(
+            config=Config(), data_dir=DataDir(tmp_path), port=0, amberflo=_settings(amberflo), amberflo_api_key=KEY
+        ) as service,
+    ):
+        _, admin = service.keys.create(role="admin")
+        _, tenant = service.keys.create(role="tenant", customer_id="acme")
+        # The control plane's onboardingRequest, as sbt-aws's tenant registration puts it on the bus.
+        detail = {"tenantId": "acme", "tenantName": "Acme", "email": "ops@acme.test", "tier": "basic",
+                  "tenantRegistrationId": "reg-1", "registrationStatus": "In progress"}  # fmt: skip
+        put_events = {"Entries": [{"DetailType": "onboardingRequest", "Source": "controlPlaneEventSource",
+                                   "Detail": json.dumps(detail)}]}  # fmt: skip
+        with httpx.Client(base_url=service.url, headers={"X-API-KEY": admin}) as client:
+            first = client.post("/events", json=put_events)
+            assert first.status_code == 200, first.text
+            assert first.json()[0]["amberflo"] == "created"
+            again = client.post("/events", json=put_events)  # EventBridge delivers at least once
+            assert again.json()[0]["amberflo"] == "updated"
+            renamed = client.post("/customers", json={"customerId": "acme", "customerName": "Acme Corp"})
+            assert renamed.json()["amberflo"] == "updated"
+            [customer] = amberflo.state.customers()
+            assert (customer["customerId"], customer["customerName"]) == ("acme", "Acme Corp")
+            assert client.post("/customers", json={"customerId": "globex", "customerName": "Globex"}).json() == {
+                "customer": {"customerId": "globex", "customerName": "Globex", "enabled": True, "traits": {}},
+                "amberflo": "created",
+            }
+            # A tenant may not onboard anyone; nothing reaches Amberflo.
+            refused = client.post("/customers", json={"customerId": "evil", "customerName": "E"},
+                                  headers={"X-API-KEY": tenant})  # fmt: skip
+            assert refused.status_code == 403
+            # Amberflo refusing the service's key is the caller's 502, naming Amberflo's answer.
+            amberflo.api_key = "rotated"
+            failed = client.post("/customers", json={"customerId": "initech", "customerName": "Initech"})
+            assert failed.status_code == 502
+            assert "401" in failed.json()["message"]
+        assert sorted(c["customerId"] for c in amberflo.state.customers()) == ["acme", "globex"]
+        first_customer = amberflo.state.customer("acme")
+        assert first_customer["traits"] == {}  # PUT semantics: the latest onboarding's fields
