@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from meterlake.amberflo.outbox import DrainReport
+    from meterlake.config import Config
+    from meterlake.lake.home import DataDir
     from meterlake.lake.query import QueryResult
     from meterlake.local.stack import LocalStack, Settled
 
@@ -131,17 +133,20 @@ def run_local_stack(
 
 @dataclass(frozen=True, slots=True)
 class ForwardResult:
-    """What :func:`forward` did: records staged from the table's new commits, and the drain of the backlog."""
+    """What :func:`forward` did, per outbox: records staged from the table's new commits and the drain of the backlog,
+    for the access-log meters and for the metering service's ingested events."""
 
     staged_records: int
     drain: DrainReport
+    event_staged_records: int
+    event_drain: DrainReport
 
 
 def forward(
     *, api_key: str | None = None, home: Path | str | None = None, config: Path | str | None = None
 ) -> ForwardResult:
-    """Stage what the table committed since the last run and send the backlog to Amberflo once, as
-    ``meterlake forward run`` (exactly once per record: uniqueIds are stable, the outbox keeps what was sent).
+    """Stage what the tables committed since the last run and send the backlog to Amberflo once, as
+    ``meterlake forward run`` (exactly once per record: uniqueIds are stable, the outboxes keep what was sent).
 
     Args:
         api_key: Amberflo's API key; None: the environment variable the config names (``amberflo.api_key_env``), and
@@ -151,26 +156,40 @@ def forward(
 
     Raises:
         meterlake.config.ConfigError: the config file cannot be read or holds a bad value.
-        meterlake.amberflo.outbox.OutboxError: the outbox cannot be used (e.g. it belongs to another table).
+        meterlake.amberflo.outbox.OutboxError: an outbox cannot be used (e.g. it belongs to another table).
     """
     import os
 
-    from meterlake.amberflo.forwarder import Forwarder
-    from meterlake.amberflo.outbox import Outbox
     from meterlake.config import load_config
-    from meterlake.lake.catalog import ensure_metering_table, open_catalog
     from meterlake.lake.home import DataDir
 
     settings = load_config(config)
     data_dir = DataDir.resolve(home).ensure().require_writable()
     key = api_key if api_key is not None else os.environ.get(settings.amberflo.api_key_env) or None
-    table = ensure_metering_table(open_catalog(data_dir), settings)
+    return forward_once(data_dir, settings, api_key=key)
+
+
+def forward_once(data_dir: DataDir, settings: Config, *, api_key: str | None) -> ForwardResult:
+    """One forwarding pass over both outboxes (what :func:`forward` and ``meterlake forward run`` do): the access-log
+    meters' records first, then the metering service's events; ``api_key`` None is a dry run."""
+    from meterlake.amberflo.forwarder import Forwarder
+    from meterlake.amberflo.outbox import Outbox
+    from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
+    from meterlake.service.forwarding import meter_events_outbox
+
+    catalog = open_catalog(data_dir)
+    table = ensure_metering_table(catalog, settings)
+    events_table = ensure_meter_events_table(catalog, settings)
     with (
         Outbox.in_data_dir(data_dir, meters=settings.meters, settings=settings.amberflo) as outbox,
+        meter_events_outbox(data_dir, settings.amberflo) as events_outbox,
         Forwarder(settings.amberflo) as forwarder,
     ):
         staged = outbox.stage_committed(table)
-        return ForwardResult(staged_records=staged, drain=outbox.drain(forwarder, api_key=key))
+        drain = outbox.drain(forwarder, api_key=api_key)
+        event_staged = events_outbox.stage_committed(events_table)
+        event_drain = events_outbox.drain(forwarder, api_key=api_key)
+    return ForwardResult(staged_records=staged, drain=drain, event_staged_records=event_staged, event_drain=event_drain)
 
 
 def _instant_text(value: str | datetime) -> str:

@@ -1046,32 +1046,18 @@ def forward_retry_dead(ctx: typer.Context) -> None:
 def forward_run(ctx: typer.Context) -> None:
     """Stage what Iceberg committed since the last run and send the backlog once (what `up` does continuously): the
     access-log meters' records, then the metering service's ingested events (its own outbox)."""
-    from meterlake.amberflo.forwarder import Forwarder
-    from meterlake.amberflo.outbox import Outbox
-    from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
-    from meterlake.service.forwarding import meter_events_outbox
+    from meterlake.api import forward_once
 
     c = _context(ctx)
-    config, data_dir = c.config(), c.writable_data_dir()
-    catalog = open_catalog(data_dir)
-    table = ensure_metering_table(catalog, config)
-    events_table = ensure_meter_events_table(catalog, config)
-    key = _amberflo_key(config)
-    with (
-        Outbox.in_data_dir(data_dir, meters=config.meters, settings=config.amberflo) as outbox,
-        meter_events_outbox(data_dir, config.amberflo) as events_outbox,
-        Forwarder(config.amberflo) as forwarder,
-    ):
-        staged = outbox.stage_committed(table)
-        report = outbox.drain(forwarder, api_key=key)
-        events_staged = events_outbox.stage_committed(events_table)
-        events_report = events_outbox.drain(forwarder, api_key=key)
+    config = c.config()
+    result = forward_once(c.writable_data_dir(), config, api_key=_amberflo_key(config))
+    report, events_report = result.drain, result.event_drain
     console.print(
-        f"staged {staged} records; sent {report.sent_records} records in {report.sent_batches} batches; "
-        f"dead-lettered {report.dead_batches} batches; still pending {report.pending_batches} batches"
+        f"staged {result.staged_records} records; sent {report.sent_records} records in {report.sent_batches} "
+        f"batches; dead-lettered {report.dead_batches} batches; still pending {report.pending_batches} batches"
     )
     console.print(
-        f"meter events: staged {events_staged} records; sent {events_report.sent_records} records in "
+        f"meter events: staged {result.event_staged_records} records; sent {events_report.sent_records} records in "
         f"{events_report.sent_batches} batches; dead-lettered {events_report.dead_batches} batches; still pending "
         f"{events_report.pending_batches} batches"
     )

@@ -62,3 +62,42 @@ def test_an_unknown_name_is_an_attribute_error(tmp_path: Path) -> None:
 
     with pytest.raises(AttributeError, match="no attribute 'query_usge'"):
         meterlake.query_usge  # noqa: B018
+
+
+def test_forward_sends_both_outboxes_as_forward_run_does(tmp_path: Path) -> None:
+    # meterlake.forward() is `meterlake forward run`: the access-log meters' records AND the metering service's events.
+    import json
+    import time
+
+    import httpx
+
+    import meterlake
+    from meterlake.amberflo.server import LocalAmberflo
+    from meterlake.config import Config
+    from meterlake.lake.home import DataDir
+    from meterlake.service.local import LocalMeteringService
+    from tests.meterlake.amberflo.conftest import API_KEY, quick_settings
+    from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
+
+    with LocalAmberflo(api_key=API_KEY) as server:
+        config_file = tmp_path / "cdk.context.json"
+        config_file.write_text(json.dumps({"amberflo": {"base_url": server.url}}))
+        home = tmp_path / "data"
+        commit_events(metering_table(home), make_events(0, 5), offset=1)
+        meter = {"label": "LLM tokens", "meterApiName": "llm-tokens", "meterType": "sum_of_all_usage"}
+        record = {"customerId": "acme", "meterApiName": "llm-tokens", "meterValue": 7, "uniqueId": "e7"}
+        with LocalMeteringService(
+            config=Config(), data_dir=DataDir(home), port=0, amberflo=quick_settings(server)
+        ) as s:
+            _, admin = s.keys.create(role="admin")
+            with httpx.Client(base_url=s.url, headers={"X-API-KEY": admin}) as client:
+                assert client.post("/meters", json=meter).status_code == 200
+                record["meterTimeInMillis"] = int(time.time() * 1000)
+                assert client.post("/ingest", json=[record]).status_code == 200
+            s.settle()  # committed and staged; not sent (the service was given no key)
+        result = meterlake.forward(api_key=API_KEY, home=home, config=config_file)
+        assert result.staged_records > 0
+        assert result.drain.sent_records == result.staged_records
+        assert result.event_staged_records == 0  # the service staged its event when it stopped
+        assert result.event_drain.sent_records == 1
+        assert "e7" in server.accepted_unique_ids()
