@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -23,6 +24,7 @@ import operator
 import os
 import pickle
 import queue
+import struct
 import subprocess
 import sys
 import threading
@@ -30,11 +32,10 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 
-from meterlake.config import LAMBDA_PAYLOAD_LIMIT_BYTES, LAMBDA_REQUEST_LIMIT_BYTES
 from transform_lambda.handler import TransformSettings, make_handler
 from transform_lambda.normalize import rejection_reason
 
@@ -58,6 +59,7 @@ _RESULT = operator.itemgetter("result")
 _DATA = operator.itemgetter("data")
 _METADATA = operator.methodcaller("get", "metadata")
 _RECORD_ID = operator.methodcaller("get", "recordId")
+_DATA_OR_NONE = operator.methodcaller("get", "data")
 
 
 class PayloadTooLargeError(Exception):
@@ -77,12 +79,16 @@ class Invocation:
         attempts: invocations per event before its records are rejected (1 + ``number_of_retries``).
         event_raw_bytes: raw record bytes per event (Firehose's processor buffer).
         default_destination: the (database, table) of an Ok record whose metadata names none.
+        request_limit: Lambda's limit on an invocation's request, in bytes.
+        response_limit: Lambda's limit on a function's response, in bytes.
     """
 
     arn: str
     attempts: int
     event_raw_bytes: int
     default_destination: tuple[str, str]
+    request_limit: int
+    response_limit: int
 
 
 @dataclass(slots=True)
@@ -113,7 +119,8 @@ class Invoker:
         """Transform one piece (parallel lists, as the spool reads them): every record ends up in exactly one of the
         outcome's rows, dropped count or rejects."""
         outcome = Transformed()
-        for event_range in event_ranges(records, self._invocation.event_raw_bytes):
+        invocation = self._invocation
+        for event_range in event_ranges(records, invocation.event_raw_bytes, invocation.request_limit):
             self._transform_event(outcome, offsets, arrivals_ms, records, event_range)
         return outcome
 
@@ -193,6 +200,7 @@ class Invoker:
         # The request is measured exactly only when its upper bound (what cut the event) could exceed the limit.
         bound = EVENT_JSON_OVERHEAD + sum(map(len, encoded)) + RECORD_JSON_OVERHEAD * len(encoded)
         attempts = self._invocation.attempts
+        request_limit, response_limit = self._invocation.request_limit, self._invocation.response_limit
         failure = ("Lambda.FunctionError", "not invoked")
         for attempt in range(1, attempts + 1):
             event = {
@@ -202,24 +210,20 @@ class Invoker:
                 "records": event_records,
             }
             try:
-                request_size = (
-                    oversized_payload(event, LAMBDA_REQUEST_LIMIT_BYTES, as_sent=True)
-                    if bound > LAMBDA_REQUEST_LIMIT_BYTES
-                    else None
-                )
+                request_size = oversized_payload(event, request_limit, as_sent=True) if bound > request_limit else None
                 if request_size is not None:
                     raise PayloadTooLargeError(
                         "RequestTooLargeException",
-                        f"Request must be smaller than {LAMBDA_REQUEST_LIMIT_BYTES} bytes for the InvokeFunction "
+                        f"Request must be smaller than {request_limit} bytes for the InvokeFunction "
                         f"operation ({request_size} bytes)",
                     )
                 response = self._handler(event, None)
-                response_size = oversized_payload(response, LAMBDA_PAYLOAD_LIMIT_BYTES)
+                response_size = oversized_payload(response, response_limit)
                 if response_size is not None:
                     raise PayloadTooLargeError(
                         "Function.ResponseSizeTooLarge",
                         f"Response payload size ({response_size} bytes) exceeded maximum allowed payload size "
-                        f"({LAMBDA_PAYLOAD_LIMIT_BYTES} bytes).",
+                        f"({response_limit} bytes).",
                     )
             except Exception as exc:  # a Lambda that raises is an invocation error, retried like Firehose does
                 failure = ("Lambda.FunctionError", f"{type(exc).__name__}: {exc}")
@@ -246,9 +250,10 @@ class Invoker:
         return (str(database), str(table))
 
 
-def event_ranges(records: Sequence[bytes], event_raw_bytes: int) -> Iterator[range]:
+def event_ranges(records: Sequence[bytes], event_raw_bytes: int, request_limit: int) -> Iterator[range]:
     """Cut records into events of at most ``event_raw_bytes`` raw bytes (the processor buffer), as Firehose does, and
-    whose request stays below Lambda's limit (which only records far shorter than an access-log line could reach).
+    whose request stays below ``request_limit``, Lambda's (which only records far shorter than an access-log line could
+    reach).
 
     An event holds at least one record. Cuts are found by bisection over running sums, not a loop over records: a
     record's base64 is at most (4 * length + 8) / 3 bytes, so the request of ``records[a:b]`` is at most
@@ -260,11 +265,11 @@ def event_ranges(records: Sequence[bytes], event_raw_bytes: int) -> Iterator[ran
     while start < count:
         base = raw_sums[start]
         stop = bisect.bisect_right(raw_sums, base + event_raw_bytes, lo=start + 1) - 1
-        if _request_bound(raw_sums[stop] - base, stop - start) > LAMBDA_REQUEST_LIMIT_BYTES:
+        if _request_bound(raw_sums[stop] - base, stop - start) > request_limit:
             low, high = start, stop  # the request bound grows with stop: bisect for the last stop that fits
             while low < high:
                 middle = (low + high + 1) // 2
-                if _request_bound(raw_sums[middle] - base, middle - start) <= LAMBDA_REQUEST_LIMIT_BYTES:
+                if _request_bound(raw_sums[middle] - base, middle - start) <= request_limit:
                     low = middle
                 else:
                     high = middle - 1
@@ -295,7 +300,9 @@ def oversized_payload(document: object, limit: int, *, as_sent: bool = False) ->
         return len(compact) if len(compact) > limit else None
     if len(compact) > limit:
         return len(json.dumps(document, ensure_ascii=False).encode())
-    if len(compact) + compact.count(b",") + compact.count(b":") <= limit:
+    # Every comma or colon of compact JSON has a character on each side, so they are at most half of it: the runtime's
+    # size is at most 1.5x the compact one, and only a document above two thirds of the limit needs counting.
+    if len(compact) * 3 <= limit * 2 or len(compact) + compact.count(b",") + compact.count(b":") <= limit:
         return None
     size = len(json.dumps(document, ensure_ascii=False).encode())
     return size if size > limit else None
@@ -321,10 +328,14 @@ def _answers_in_order(response: object, record_ids: list[str]) -> list[dict[str,
             return f"{len(missing)} records unanswered (first {missing[:1]}), {unknown} unknown recordIds"
         records = [by_id[record_id] for record_id in record_ids]
     results = list(map(operator.methodcaller("get", "result"), records))
-    unknown_results = set(results) - _RESULTS
-    data_types = {type(item.get("data")) for item, result in zip(records, results, strict=True) if result == "Ok"}
-    if not unknown_results and data_types <= {str}:
-        return records
+    kinds = set(results)
+    if kinds == {"Ok"}:
+        if set(map(type, map(_DATA_OR_NONE, records))) == {str}:
+            return records
+    elif kinds <= _RESULTS:
+        oks = [item for item, result in zip(records, results, strict=True) if result == "Ok"]
+        if set(map(type, map(_DATA_OR_NONE, oks))) <= {str}:
+            return records
     for item, result in zip(records, results, strict=True):
         if result not in _RESULTS:
             return f"recordId {item['recordId']} has result {result!r}"
@@ -334,6 +345,13 @@ def _answers_in_order(response: object, record_ids: list[str]) -> list[dict[str,
 
 
 # -- the worker process ---------------------------------------------------------------------------------------------
+
+_FRAME_HEADER = struct.Struct("<Q")
+#: A piece as it crosses to a worker: offsets, arrival times and records.
+_Piece = tuple[list[int], list[int], list[bytes]]
+#: The pipe capacity asked for (Linux's maximum for an unprivileged process by default): a piece of a few MB crosses in
+#: a few reads, each of which waits for the interpreter lock again in the stream's process.
+_PIPE_BYTES = 1024 * 1024
 
 
 class WorkerStoppedError(Exception):
@@ -352,8 +370,12 @@ class _Connection:
         self.process = subprocess.Popen(  # noqa: S603 (this interpreter, this module)
             [sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment
         )
+        for pipe in (self.process.stdin, self.process.stdout):
+            if pipe is not None and hasattr(fcntl, "F_SETPIPE_SZ"):
+                with contextlib.suppress(OSError):  # a smaller pipe only means more reads
+                    fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         self.broken = False
-        self._outbox: queue.SimpleQueue[tuple[Future[Transformed], tuple[list[int], list[int], list[bytes]]] | None]
+        self._outbox: queue.SimpleQueue[tuple[Future[Transformed], _Piece] | None]
         self._outbox = queue.SimpleQueue()
         self._sent: collections.deque[Future[Transformed]] = collections.deque()
         self._lock = threading.Lock()
@@ -362,7 +384,7 @@ class _Connection:
         self._sender.start()
         self._receiver.start()
 
-    def submit(self, piece: tuple[list[int], list[int], list[bytes]]) -> Future[Transformed]:
+    def submit(self, piece: _Piece) -> Future[Transformed]:
         future: Future[Transformed] = Future()
         self._outbox.put((future, piece))
         return future
@@ -371,8 +393,7 @@ class _Connection:
         stdin = self.process.stdin
         assert stdin is not None  # opened as a pipe
         try:
-            pickle.dump((settings, invocation), stdin, protocol=pickle.HIGHEST_PROTOCOL)
-            stdin.flush()
+            _write_frame(stdin, (settings, invocation))
             while (item := self._outbox.get()) is not None:
                 future, piece = item
                 with self._lock:
@@ -382,8 +403,7 @@ class _Connection:
                     if not future.set_running_or_notify_cancel():
                         continue  # cancelled before it was sent: the worker never sees it
                     self._sent.append(future)
-                pickle.dump(piece, stdin, protocol=pickle.HIGHEST_PROTOCOL)
-                stdin.flush()
+                _write_frame(stdin, piece)
         except OSError:  # the worker is gone; the receiver fails what was sent
             pass
         finally:
@@ -395,7 +415,7 @@ class _Connection:
         assert stdout is not None  # opened as a pipe
         while True:
             try:
-                ok, answer = pickle.load(stdout)  # noqa: S301 (our own child, over its own pipe)
+                ok, answer = _read_frame(stdout)
             except Exception:  # EOF, a broken pipe or a torn frame: the worker is gone
                 break
             with self._lock:
@@ -419,31 +439,66 @@ class _Connection:
         self._receiver.join()
 
 
-class TransformWorker:
-    """The access-log transform in one worker process (``python -m meterlake.local.invoker``), started on first use.
+class TransformWorkers:
+    """The access-log transform in ``processes`` worker processes (``python -m meterlake.local.invoker``), as
+    Firehose invokes its Lambda concurrently; each is started on first use.
 
-    ``submit`` queues a piece and returns at once; results come back in order. If the worker dies, the pieces it had
-    not answered fail with :class:`WorkerStoppedError` (the caller transforms them itself) and the next ``submit``
-    starts another. The worker exits when its stdin closes: when :meth:`close` is called or the stream's process ends,
-    even by ``kill -9``. What the transform prints goes to the worker's stderr (its stdout carries the answers).
+    ``submit`` queues a piece with the next worker in turn and returns at once. If a worker dies, the pieces it had not
+    answered fail with :class:`WorkerStoppedError` (the caller transforms them itself) and its next ``submit`` starts
+    another. A worker exits when its stdin closes: when :meth:`close` is called or the stream's process ends, even by
+    ``kill -9``. What the transform prints goes to the worker's stderr (its stdout carries the answers).
     """
 
-    def __init__(self, settings: TransformSettings, invocation: Invocation) -> None:
+    def __init__(self, settings: TransformSettings, invocation: Invocation, *, processes: int) -> None:
         self._settings = settings
         self._invocation = invocation
-        self._connection: _Connection | None = None
+        self._connections: list[_Connection | None] = [None] * max(1, processes)
+        self._turn = 0
 
     def submit(self, offsets: list[int], arrivals_ms: list[int], records: list[bytes]) -> Future[Transformed]:
-        """Queue one piece for the worker."""
-        if self._connection is None or self._connection.broken:
-            self._connection = _Connection(self._settings, self._invocation)
-        return self._connection.submit((offsets, arrivals_ms, records))
+        """Queue one piece for the next worker."""
+        turn = self._turn
+        self._turn = (turn + 1) % len(self._connections)
+        connection = self._connections[turn]
+        if connection is None or connection.broken:
+            connection = self._connections[turn] = _Connection(self._settings, self._invocation)
+        return connection.submit((offsets, arrivals_ms, records))
+
+    def processes(self) -> list[subprocess.Popen[bytes]]:
+        """The worker processes started so far."""
+        return [connection.process for connection in self._connections if connection is not None]
 
     def close(self) -> None:
-        """Stop the worker once it has answered what it was sent."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.close()
+        """Stop the workers once they have answered what they were sent."""
+        connections, self._connections = self._connections, [None] * len(self._connections)
+        for connection in connections:
+            if connection is not None:
+                connection.close()
+
+
+def _write_frame(stream: IO[bytes], document: object) -> None:
+    """Pickle ``document`` and write it as one length-prefixed frame: one large write, not one per pickled part (each
+    of which would wait for the interpreter lock again while the pipe drains)."""
+    data = pickle.dumps(document, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_FRAME_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _read_frame(stream: IO[bytes]) -> Any:
+    """Read one frame written by :func:`_write_frame`.
+
+    Raises:
+        EOFError: the stream ended (inside a frame or before one).
+    """
+    header = stream.read(_FRAME_HEADER.size)
+    if len(header) < _FRAME_HEADER.size:
+        raise EOFError("the pipe closed")
+    (size,) = _FRAME_HEADER.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the pipe closed inside a frame")
+    return pickle.loads(data)  # noqa: S301 (written by this module, over a pipe between a stream and its own worker)
 
 
 def _serve() -> None:
@@ -451,11 +506,11 @@ def _serve() -> None:
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the handler's prints must not land among the answers
     pieces = sys.stdin.buffer
-    settings, invocation = pickle.load(pieces)  # noqa: S301 (the stream that started this process)
+    settings, invocation = _read_frame(pieces)
     invoker = Invoker(make_handler(settings, emit_metrics=False), invocation)
     while True:
         try:
-            offsets, arrivals_ms, records = pickle.load(pieces)  # noqa: S301 (as above)
+            offsets, arrivals_ms, records = _read_frame(pieces)
         except EOFError:
             return
         answer: tuple[bool, object]
@@ -464,11 +519,9 @@ def _serve() -> None:
         except Exception as exc:  # raised in the stream's process, as an in-process transform would
             answer = (False, exc)
         try:
-            frame = pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # an exception that does not pickle: its text still reaches the stream
-            frame = pickle.dumps((False, RuntimeError(repr(answer[1]))), protocol=pickle.HIGHEST_PROTOCOL)
-        answers.write(frame)
-        answers.flush()
+            _write_frame(answers, answer)
+        except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle: send its text
+            _write_frame(answers, (False, RuntimeError(repr(answer[1]))))
 
 
 if __name__ == "__main__":

@@ -625,8 +625,8 @@ class Spool:
                         data += handle.read(stop - len(data))
                         if stop > len(data):
                             break
-                    payload = data[pos + HEADER_BYTES : stop]
-                    if crc32(payload, crc32(data[pos + 8 : pos + HEADER_BYTES])) != crc:
+                    # The checksum covers the arrival time and the payload, which follow each other in the frame.
+                    if crc32(data[pos + 8 : stop]) != crc:
                         raise SpoolCorruptError(
                             segment.path,
                             position + pos,
@@ -636,7 +636,7 @@ class Spool:
                     if arrival != padding:
                         offsets.append(position + pos)
                         arrivals.append(arrival)
-                        records.append(payload)
+                        records.append(data[pos + HEADER_BYTES : stop])
                     pos = stop
             if pos == 0:
                 if records:

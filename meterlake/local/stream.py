@@ -57,7 +57,7 @@ from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
-from meterlake.config import LAMBDA_REQUEST_LIMIT_BYTES, Config, load_config
+from meterlake.config import LAMBDA_PAYLOAD_LIMIT_BYTES, LAMBDA_REQUEST_LIMIT_BYTES, Config, load_config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog, remove_orphan_metadata
 from meterlake.lake.home import DataDir
 from meterlake.local.invoker import (
@@ -69,7 +69,7 @@ from meterlake.local.invoker import (
     Invocation,
     Invoker,
     Transformed,
-    TransformWorker,
+    TransformWorkers,
     WorkerStoppedError,
 )
 from meterlake.local.spool import (
@@ -109,6 +109,9 @@ _FLUSHER_BACKOFF_SECONDS = 1.0
 #: Spool pieces (one Lambda event's worth each) read ahead and transforming while the stream decodes and commits
 #: earlier ones, when the transform runs in its worker process.
 _PIECES_IN_FLIGHT = 4
+#: Worker processes of the access-log transform. One: the stream's own process (puts, spool reads, decoding, commits)
+#: keeps the other core of a two-core machine busy, and a second worker measured no faster there, ~45 MB more.
+_WORKERS = 1
 #: Backpressure: ``put_records`` waits while this many buffers (``size_in_mbs`` each) are spooled but not committed.
 BACKLOG_BUFFERS = 2
 #: How long a waiting put sleeps before it looks at the flusher again (commits wake it sooner).
@@ -686,11 +689,15 @@ class DeliveryStream:
             attempts=1 + processing.number_of_retries,
             event_raw_bytes=self._event_raw_bytes,
             default_destination=self._default_destination,
+            request_limit=LAMBDA_REQUEST_LIMIT_BYTES,
+            response_limit=LAMBDA_PAYLOAD_LIMIT_BYTES,
         )
         self._invoker = Invoker(access_log_handler(config) if handler is None else handler, invocation)
         #: The access-log transform also runs in a worker process, for buffers of more than one event; a handler
         #: given by the caller always runs in this process.
-        self._worker = TransformWorker(access_log_settings(config), invocation) if handler is None else None
+        self._workers = (
+            TransformWorkers(access_log_settings(config), invocation, processes=_WORKERS) if handler is None else None
+        )
         self._read_ahead: _InFlight = collections.deque()
 
         self._catalog: Catalog = open_catalog(self.data_dir)
@@ -778,8 +785,8 @@ class DeliveryStream:
         finally:
             self._closed = True
             self._discard(self._read_ahead)
-            if self._worker is not None:
-                self._worker.close()
+            if self._workers is not None:
+                self._workers.close()
             self._index.close()
             self._spool.close()
         return report
@@ -810,9 +817,9 @@ class DeliveryStream:
         """
         if self._closed:
             raise StreamClosedError(f"the delivery stream {self.name} is closed")
-        for index, line in enumerate(lines):
-            if len(line) > MAX_PUT_RECORD_BYTES:
-                raise RecordTooLargeError(index, len(line))
+        if lines and max(map(len, lines)) > MAX_PUT_RECORD_BYTES:
+            index = next(i for i, line in enumerate(lines) if len(line) > MAX_PUT_RECORD_BYTES)
+            raise RecordTooLargeError(index, len(lines[index]))
         if not lines:
             return
         self._wait_for_room(sum(map(len, lines)) + HEADER_BYTES * len(lines))
@@ -937,7 +944,7 @@ class DeliveryStream:
         """
         with self._cond:
             limit = min(self._spooled, buffer.start + self._size_bytes)
-        parallel = self._worker is not None and limit - buffer.start > self._event_raw_bytes
+        parallel = self._workers is not None and limit - buffer.start > self._event_raw_bytes
         in_flight, self._read_ahead = self._read_ahead, collections.deque()
         if in_flight and in_flight[0][0].start != buffer.start:
             self._discard(in_flight)  # read ahead for a buffer that did not commit: this one starts elsewhere
@@ -1042,8 +1049,8 @@ class DeliveryStream:
             read_end = piece.end
             pending: Transformed | Future[Transformed] | None = None
             if piece.records:  # else only padding where a damaged range was repaired
-                if depth > 1 and self._worker is not None:
-                    pending = self._worker.submit(piece.offsets, piece.arrivals_ms, piece.records)
+                if depth > 1 and self._workers is not None:
+                    pending = self._workers.submit(piece.offsets, piece.arrivals_ms, piece.records)
                 else:
                     pending = self._invoker.transform(piece.offsets, piece.arrivals_ms, piece.records)
             in_flight.append((piece, pending))
@@ -1053,7 +1060,7 @@ class DeliveryStream:
         """The transform's outcome for ``piece``, waiting for the worker if it is still transforming it."""
         if isinstance(pending, Transformed):
             return pending
-        if pending is not None and self._worker is not None:
+        if pending is not None and self._workers is not None:
             try:
                 return pending.result()
             except WorkerStoppedError as exc:

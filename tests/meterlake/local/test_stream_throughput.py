@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from meterlake.config import Config
+from meterlake.config import LAMBDA_REQUEST_LIMIT_BYTES, Config
 from meterlake.lake.home import DataDir
 from meterlake.local.invoker import event_ranges
 from meterlake.local.stream import BACKLOG_BUFFERS, DeliveryStream, access_log_handler
@@ -60,10 +60,10 @@ def test_the_worker_transforms_as_the_stream_process_does(tmp_path: Path) -> Non
             for start in range(0, len(lines), 1000):
                 stream.put_records(lines[start : start + 1000])
             report = stream.flush()
-            worker = stream._worker._connection if stream._worker is not None else None
-            assert (worker is not None) == (handler is None)
-        if worker is not None:
-            assert worker.process.wait(timeout=10) == 0
+            workers = stream._workers.processes() if stream._workers is not None else []
+            assert bool(workers) == (handler is None)
+        for process in workers:
+            assert process.wait(timeout=10) == 0
         rows = table_rows(data_dir, config).drop_columns(["ingested_at"])
         errors = error_rows(data_dir)
         outcomes.append((report.ok_written, report.dropped, report.failed, rows, errors))
@@ -84,16 +84,17 @@ def test_a_worker_that_dies_costs_nothing(data_dir: DataDir) -> None:
     with DeliveryStream(config=config, data_dir=data_dir) as stream:
         stream.put_records(lines[:3000])
         stream.flush()
-        assert stream._worker is not None
-        assert stream._worker._connection is not None
-        first = stream._worker._connection.process
-        first.kill()
-        first.wait(timeout=10)
+        assert stream._workers is not None
+        first = stream._workers.processes()
+        assert first
+        for process in first:
+            process.kill()
+            process.wait(timeout=10)
         stream.put_records(lines[3000:])
         report = stream.flush()
-        second = stream._worker._connection
-        assert second is not None
-        assert second.process.pid != first.pid
+        second = stream._workers.processes()
+        assert second
+        assert {process.pid for process in second}.isdisjoint(process.pid for process in first)
     assert report.ok_written == 6000
     assert table_rows(data_dir, config).num_rows == 9000
 
@@ -143,7 +144,7 @@ def test_events_are_cut_as_firehose_cuts_them() -> None:
     """At most the processor buffer's raw bytes an event, at least one record, and a request under Lambda's limit even
     for tiny records."""
     records = [b"x" * (n % 700 + 1) for n in range(20_000)]
-    ranges = list(event_ranges(records, 200_000))
+    ranges = list(event_ranges(records, 200_000, LAMBDA_REQUEST_LIMIT_BYTES))
     assert [i for r in ranges for i in r] == list(range(len(records)))
     for r in ranges:
         raw = sum(len(records[i]) for i in r)
@@ -153,8 +154,8 @@ def test_events_are_cut_as_firehose_cuts_them() -> None:
     tiny = [b"1"] * 100_000
     requests = [
         len(json.dumps([{"recordId": "9" * 20, "data": base64.b64encode(tiny[i]).decode()} for i in r]))
-        for r in event_ranges(tiny, 6_000_000)
+        for r in event_ranges(tiny, 6_000_000, LAMBDA_REQUEST_LIMIT_BYTES)
     ]
     assert len(requests) > 1
-    assert max(requests) < 6_291_456
-    assert list(event_ranges([b"y" * 300_000], 200_000)) == [range(0, 1)]
+    assert max(requests) < LAMBDA_REQUEST_LIMIT_BYTES
+    assert list(event_ranges([b"y" * 300_000], 200_000, LAMBDA_REQUEST_LIMIT_BYTES)) == [range(0, 1)]
