@@ -7,6 +7,7 @@ On AWS (a later issue) a Firehose stream takes this stream's place; the rows and
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import Callable
 from types import TracebackType
 
@@ -39,6 +40,8 @@ from meterlake.service.usage import UsageEngine
 METER_EVENT_STREAM = "meterlake-meter-events"
 #: Its spool directory under the data dir, beside the access-log stream's ``spool``.
 METER_EVENT_SPOOL_DIR = "spool-meter-events"
+#: The interpreter's switch interval (seconds) while the service runs (see ``LocalMeteringService.__enter__``).
+SWITCH_INTERVAL_S = 0.0005
 
 
 def meter_event_target(config: Config, data_dir: DataDir) -> StreamTarget:
@@ -123,6 +126,10 @@ class LocalMeteringService:
 
     def __enter__(self) -> LocalMeteringService:
         settings = self.config.meterlake.service
+        # The event loop gives up the GIL at every socket call, and the flusher's Python (decoding, dedup, commits)
+        # then kept it for up to the default 5 ms switch interval each time: ingest answered ~20% fewer records/s
+        # while a flush ran. A shorter interval bounds that wait; it is only ever lowered, for the whole process.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         try:
             # Create the catalog and tables before any thread (the forwarding worker, the flusher) opens them.
             catalog = open_catalog(self.data_dir)
