@@ -32,7 +32,7 @@ from typing import Any, Final, Literal, TypeGuard
 import msgspec
 
 from meterlake.amberflo.api import CANCEL_DIMENSION, RequestError, parse_ingest_body
-from meterlake.records import NO_TENANT_PATTERN_PYTHON
+from meterlake.records import MISSING, NO_TENANT_PATTERN_PYTHON
 from meterlake.schema import METER_EVENT_SCHEMA
 from meterlake.service.registry import RegisteredMeter
 from meterlake.service.settings import UNIQUE_ID_MAX_CHARS, ServiceSettings
@@ -43,6 +43,8 @@ INGEST_USAGE_DETAIL_TYPE: Final = "ingestUsage"
 #: Detail members of a toolkit event that are not dimensions.
 _TOOLKIT_FIELDS: Final = frozenset({"tenantId", "meterApiName", "meterValue", "meterTimeInMillis", "uniqueId"})
 _NO_CUSTOMER = re.compile(NO_TENANT_PATTERN_PYTHON)
+#: Every character a value matching _NO_CUSTOMER can hold (the pattern's blanks and the missing marker).
+_NO_CUSTOMER_CHARS: Final = "\t\n\f\r " + MISSING
 _MICROS_PER_MS: Final = 1000
 
 
@@ -180,7 +182,10 @@ def _all_valid(
     if not math.isfinite(sum(map(_METER_VALUE, records))):
         return False
     for customer in set(map(_CUSTOMER_ID, records)):
-        if _NO_CUSTOMER.fullmatch(customer) or len(customer) > settings.max_customer_id_chars:
+        # Only a value made of blanks and the missing marker can match the pattern: strip() spares the regex.
+        if not customer.strip(_NO_CUSTOMER_CHARS) and _NO_CUSTOMER.fullmatch(customer):
+            return False
+        if len(customer) > settings.max_customer_id_chars:
             return False
     times = list(map(_METER_TIME, records))
     if min(times) < earliest_ms or max(times) > latest_ms:

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Literal
 
 from meterlake.amberflo.api import Aggregation, RequestError, meter_type_aggregation, validate_meter
@@ -137,6 +138,8 @@ class MeterRegistry:
         # Every change goes through this object (the service is the registry's one writer), so a cached list is
         # exact; ingest reads it on every request.
         self._cache: list[RegisteredMeter] | None = None
+        #: (the cached list they come from, event meters by name, request meter names).
+        self._views: tuple[list[RegisteredMeter], Mapping[str, RegisteredMeter], frozenset[str]] | None = None
         self._sync_config(config_meters)
 
     def _sync_config(self, config_meters: Sequence[Meter]) -> None:
@@ -207,11 +210,28 @@ class MeterRegistry:
 
     def event_meters(self) -> Mapping[str, RegisteredMeter]:
         """Event meters by meterApiName (what ingest checks records against)."""
-        return {meter.meter_api_name: meter for meter in self.meters() if meter.kind == "event"}
+        return self._derived()[1]
 
     def request_meter_names(self) -> frozenset[str]:
         """The names of the request meters (the config's)."""
-        return frozenset(meter.meter_api_name for meter in self.meters() if meter.kind == "request")
+        return self._derived()[2]
+
+    def _derived(self) -> tuple[list[RegisteredMeter], Mapping[str, RegisteredMeter], frozenset[str]]:
+        """Both views of the cached list, made once per version of it (ingest asks on every request)."""
+        self.meters()
+        source, views = self._cache, self._views
+        if source is None:  # changed meanwhile: views of a fresh read, not kept
+            source = self.meters()
+        elif views is not None and views[0] is source:
+            return views
+        views = (
+            source,
+            MappingProxyType({meter.meter_api_name: meter for meter in source if meter.kind == "event"}),
+            frozenset(meter.meter_api_name for meter in source if meter.kind == "request"),
+        )
+        if source is self._cache:
+            self._views = views
+        return views
 
     # -- changing ----------------------------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from typing import Any
 
@@ -9,7 +10,13 @@ import msgspec
 import pytest
 
 from meterlake.amberflo.api import RequestError
-from meterlake.service.events import IngestRecord, content_unique_id, decode_ingest_body, toolkit_records
+from meterlake.service.events import (
+    IngestRecord,
+    check_records,
+    content_unique_id,
+    decode_ingest_body,
+    toolkit_records,
+)
 
 from .conftest import NOW_MS, Harness, record, tenant
 
@@ -238,3 +245,46 @@ def test_toolkit_detail_numbers_and_booleans_are_dimension_values_objects_and_ar
         assert isinstance(errors, list)
         assert [error["field"] for error in errors] == [f"dimensions.{member}"]
     assert len(harness.committed_rows()) == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"uniqueId": "u" * 129},
+        {"uniqueId": ""},
+        {"customerId": " - "},
+        {"customerId": "\t"},
+        {"customerId": "c" * 257},
+        {"meterApiName": "nope"},
+        {"meterApiName": "api-calls"},
+        {"meterValue": float("nan")},
+        {"meterValue": float("-inf")},
+        {"meterTimeInMillis": NOW_MS - 36 * DAY_MS},
+        {"meterTimeInMillis": NOW_MS + 3_600_000},
+        {"dimensions": {f"d{i}": "v" for i in range(33)}},
+        {"dimensions": {"": "v"}},
+        {"dimensions": {"k" * 129: "v"}},
+        {"dimensions": {"aflo.cancel_previous_resource_event": "true"}},
+        {"dimensions": {"model": "v" * 1025}},
+    ],
+)
+def test_a_batch_checked_column_by_column_refuses_exactly_what_the_record_checks_refuse(
+    harness: Harness, bad: dict[str, Any]
+) -> None:
+    good = [record(uniqueId=f"u{i}", customerId=f"c{i % 3}", dimensions={"model": "m"}) for i in range(5)]
+    items = [*good[:2], record(**{"uniqueId": "x", **bad}), *good[2:]]
+    typed = [msgspec.convert(item, IngestRecord) for item in items]
+    settings = harness.config.meterlake.service
+    registry = harness.registry
+    check = functools.partial(
+        check_records,
+        meters=registry.event_meters(),
+        request_meters=registry.request_meter_names(),
+        settings=settings,
+        now_ms=NOW_MS,
+    )
+    by_columns, by_records = check(typed), check(items)  # raw objects go record by record
+    assert by_columns.errors == by_records.errors
+    assert [error.index for error in by_columns.errors] == [2]
+    assert [index for index, _ in by_columns.accepted] == [0, 1, 3, 4, 5]
+    assert check(typed[:2] + typed[3:]).errors == []
