@@ -1334,6 +1334,44 @@ def keys_revoke(ctx: typer.Context, key_id: Annotated[str, typer.Argument(help="
     console.print(f"revoked {_shown(key_id)}", highlight=False)
 
 
+customers_app = typer.Typer(help="Customers in Amberflo: tenants onboarded to billing.", no_args_is_help=True)
+app.add_typer(customers_app, name="customers")
+
+
+@customers_app.command("onboard")
+def customers_onboard(
+    ctx: typer.Context,
+    customer_id: Annotated[str, typer.Argument(help="The tenant's customerId (its tenantId).")],
+    name: Annotated[str | None, typer.Option(help="The customer's name (default: the customerId).")] = None,
+    email: Annotated[str | None, typer.Option(help="The customer's email.")] = None,
+    trait: Annotated[list[str] | None, typer.Option(help="A trait KEY=VALUE (repeatable).")] = None,
+) -> None:
+    """Create the tenant's Amberflo customer, or update it if it exists (as the service does on onboarding)."""
+    from meterlake.amberflo.api import RequestError, parse_customer
+    from meterlake.service.forwarding import AmberfloMirror, MirrorError
+
+    config = _context(ctx).config()
+    key = _amberflo_key(config)
+    if key is None or config.amberflo.dry_run:
+        raise UsageError(f"forwarding to Amberflo is off: set {config.amberflo.api_key_env} (and no dry run)")
+    traits = dict(item.partition("=")[::2] for item in trait or [])
+    body: dict[str, object] = {"customerId": customer_id, "customerName": name or customer_id, "traits": traits}
+    if email is not None:
+        body["customerEmail"] = email
+    try:
+        customer = parse_customer(body)
+    except RequestError as exc:
+        raise UsageError(exc.message) from None
+    mirror = AmberfloMirror(base_url=config.amberflo.base_url, api_key=key)
+    try:
+        action = mirror.ensure_customer(customer)
+    except MirrorError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        mirror.close()
+    console.print(f"{action} customer {_shown(customer_id)} in Amberflo", highlight=False)
+
+
 @app.command("admin-token")
 def admin_token(
     ctx: typer.Context,

@@ -153,3 +153,35 @@ def test_tenant_onboarding_creates_the_amberflo_customer_once(tmp_path: Path) ->
         assert sorted(c["customerId"] for c in amberflo.state.customers()) == ["acme", "globex"]
         first_customer = amberflo.state.customer("acme")
         assert first_customer["traits"] == {}  # PUT semantics: the latest onboarding's fields
+
+
+def test_meterlake_customers_onboard_creates_then_updates_the_amberflo_customer(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from meterlake.cli import app
+
+    with LocalAmberflo(api_key=KEY) as amberflo:
+        context = tmp_path / "cdk.context.json"
+        context.write_text(json.dumps({"amberflo": {"base_url": amberflo.url}}))
+
+        def onboard(*args: str, key: str = KEY) -> tuple[int, str]:
+            env = {"METERLAKE_CONFIG": str(context), "AMBERFLO_API_KEY": key}
+            result = CliRunner().invoke(app, ["--home", str(tmp_path / "data"), "customers", "onboard", *args], env=env)
+            # A refusal is a UsageError, which meterlake's main() prints as one line (CliRunner keeps it raised).
+            return result.exit_code, result.stdout + str(result.exception or "")
+
+        assert onboard("acme", "--name", "Acme", "--trait", "tier=gold") == (0, "created customer acme in Amberflo\n")
+        assert onboard("acme", "--name", "Acme Corp", "--email", "ops@acme.test")[1].startswith("updated")
+        [customer] = amberflo.state.customers()
+        assert (customer["customerName"], customer["customerEmail"], customer["traits"]) == (
+            "Acme Corp",
+            "ops@acme.test",
+            {},
+        )
+        code, output = onboard("globex", key="wrong")
+        assert code != 0
+        assert "401" in output
+        code, output = onboard("globex", key="")
+        assert code != 0
+        assert "AMBERFLO_API_KEY" in output
+        assert [c["customerId"] for c in amberflo.state.customers()] == ["acme"]
