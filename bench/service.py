@@ -9,7 +9,10 @@ Ingest: 200,000 records (20,000 with ``quick``) in gzip'd batches of 100 with un
 them, from 8 keep-alive connections of one raw HTTP/1.1 driver, to ``meterlake serve`` (each 200 only once the batch
 is fsync'd in the meter-event spool) and to the local Amberflo's in-memory ``/ingest``, each in its own process,
 alternating runs in one run of the benchmark. The service's peak RSS is sampled with psutil; after its last run, the
-time to commit everything to meter_events is reported too.
+time to commit everything to meter_events is reported too. Both sides read a body the same way (one zlib inflate,
+one typed msgspec decode); the service also checks every record against its registry, derives missing uniqueIds,
+fsyncs each group of requests before answering them, and flushes its buffer into Iceberg while the run goes on (a
+full run fills one 32 MB buffer), none of which the in-memory stand-in does.
 """
 
 from __future__ import annotations
