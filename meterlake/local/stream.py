@@ -106,9 +106,10 @@ REQUEST_ID_INDEX_FILE = "request-ids.duckdb"
 REQUEST_ID_COLUMN = "request_id"
 
 _FLUSHER_BACKOFF_SECONDS = 1.0
-#: Spool pieces (one Lambda event's worth each) read ahead and transforming while the stream decodes and commits
-#: earlier ones, when the transform runs in its worker process.
+#: Spool pieces (one Lambda event's worth each) read ahead and transforming while the stream decodes earlier ones, when
+#: the transform runs in its worker process; and how many of the next buffer's are sent before a buffer commits.
 _PIECES_IN_FLIGHT = 4
+_PIECES_READ_AHEAD = 2
 #: Worker processes of the access-log transform. One: the stream's own process (puts, spool reads, decoding, commits)
 #: keeps the other core of a two-core machine busy, and a second worker measured no faster there, ~45 MB more.
 _WORKERS = 1
@@ -963,7 +964,7 @@ class DeliveryStream:
             if parallel:
                 with self._cond:
                     next_limit = min(self._spooled, buffer.end + self._size_bytes)
-                self._read_pieces(self._read_ahead, buffer.end, next_limit, _PIECES_IN_FLIGHT)
+                self._read_pieces(self._read_ahead, buffer.end, next_limit, _PIECES_READ_AHEAD)
         except BaseException:
             self._discard(in_flight)
             self._discard(self._read_ahead)
