@@ -16,9 +16,9 @@ import httpx
 import msgspec
 
 from meterlake.config import load_config
+from meterlake.embedded.stack import LocalStack
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import load_query, run_local_query
-from meterlake.local.stack import LocalStack
 
 INTERVAL_S = 2
 POLL_S = 0.02

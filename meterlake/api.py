@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from meterlake.amberflo.outbox import DrainReport
     from meterlake.config import Config
+    from meterlake.embedded.stack import LocalStack, Settled
     from meterlake.lake.home import DataDir
     from meterlake.lake.query import QueryResult
-    from meterlake.local.stack import LocalStack, Settled
 
 __all__ = ["ForwardResult", "RunningStack", "forward", "query_usage", "run_local_stack"]
 
@@ -123,8 +123,8 @@ def run_local_stack(
         meterlake.local.gateway.GatewayError: the port is taken.
     """
     from meterlake.config import load_config
+    from meterlake.embedded.stack import LocalStack
     from meterlake.lake.home import DataDir
-    from meterlake.local.stack import LocalStack
 
     data_dir = DataDir.resolve(home).ensure().require_writable()
     with LocalStack(config=load_config(config), data_dir=data_dir, port=port) as stack:

@@ -239,8 +239,8 @@ def token(
     ] = None,
 ) -> None:
     """Issue an ID token from the local user pool, for the gateway `meterlake up` serves."""
+    from meterlake.embedded.running import serving_gateway
     from meterlake.local.auth import for_config
-    from meterlake.local.running import serving_gateway
 
     if not user:
         raise UsageError("--user must not be empty")
@@ -290,8 +290,8 @@ def up(
     """Run the local pipeline until Ctrl-C or SIGTERM; on the way out everything acknowledged is flushed."""
     import logging
 
-    from meterlake.local.running import recorded_as_serving
-    from meterlake.local.stack import LocalStack
+    from meterlake.embedded.running import recorded_as_serving
+    from meterlake.embedded.stack import LocalStack
 
     _check_port(port)
     c = _context(ctx)
@@ -347,7 +347,7 @@ def demo(
     concurrency: Annotated[int, typer.Option(min=1, help="Concurrent connections.")] = 32,
 ) -> None:
     """Run the pipeline end to end on this machine and reconcile answered requests with the lake, per tenant."""
-    from meterlake.local.demo import run_demo
+    from meterlake.embedded.demo import run_demo
 
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
@@ -641,8 +641,8 @@ def query(
 
 def _say_what_is_not_committed_yet(c: Context) -> None:
     """On stderr: whether the delivery stream holds acknowledged lines the table (and so the query) does not have."""
+    from meterlake.embedded.running import uncommitted_spool_bytes
     from meterlake.lake.catalog import ensure_metering_table, open_catalog
-    from meterlake.local.running import uncommitted_spool_bytes
 
     data_dir, config = c.data_dir(), c.config()
     if not data_dir.catalog_db.exists():
@@ -1236,8 +1236,8 @@ app.add_typer(keys_app, name="keys")
 
 def _service_pool(config: Config, data_dir: DataDir) -> Any:
     """The local user pool whose tokens the service takes: the serving gateway's issuer, else the configured one."""
+    from meterlake.embedded.running import serving_gateway
     from meterlake.local.auth import for_config
-    from meterlake.local.running import serving_gateway
 
     serving = serving_gateway(data_dir)
     return for_config(config, data_dir, port=serving.port if serving is not None else None)

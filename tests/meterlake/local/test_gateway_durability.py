@@ -19,10 +19,10 @@ import httpx
 import pytest
 
 from meterlake.config import Config
+from meterlake.embedded.stack import LocalStack
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.local.auth import for_config
-from meterlake.local.stack import LocalStack
 from tests.conftest import FaultReport
 
 CONFIG = Config()

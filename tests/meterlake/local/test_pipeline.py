@@ -10,11 +10,11 @@ import httpx
 
 from meterlake.amberflo.reconcile import Tally, reconcile_run, usage_tallies
 from meterlake.config import Config
+from meterlake.embedded.stack import LocalStack
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import load_query, run_local_query
 from meterlake.loadtest import Caller, LoadTestPlan, run_load_test
-from meterlake.local.stack import LocalStack
 
 
 def _window() -> tuple[str, str]:

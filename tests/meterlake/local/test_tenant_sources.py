@@ -10,10 +10,10 @@ import httpx
 import pytest
 
 from meterlake.config import Config, parse_config
+from meterlake.embedded.stack import LocalStack
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.local.auth import LocalApiKeys
-from meterlake.local.stack import LocalStack
 from meterlake.records import API_KEY_HEADER
 
 ROUTE = "/random/strings?len=4"

@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 
 from meterlake.config import Config
+from meterlake.embedded.demo import DEMO_TENANTS, run_demo
 from meterlake.lake.home import DataDir
-from meterlake.local.demo import DEMO_TENANTS, run_demo
 
 
 def test_the_demo_reconciles_api_calls_and_llm_tokens_per_tenant(tmp_path: Path) -> None:

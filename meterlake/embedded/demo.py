@@ -35,10 +35,10 @@ from meterlake.amberflo.reconcile import (
 )
 from meterlake.amberflo.server import LocalAmberflo
 from meterlake.config import Config
+from meterlake.embedded.stack import AmberfloTarget, LocalStack
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import format_result, load_query, printable, run_local_query
 from meterlake.loadtest import Caller, LoadTestPlan, run_load_test, summary_lines
-from meterlake.local.stack import AmberfloTarget, LocalStack
 from meterlake.meters import Meter
 from meterlake.service.usage import run_event_usage_sql
 
