@@ -10,7 +10,6 @@ append per day (cached under bench/data/). Targets: at least 100x fewer data fil
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import tempfile
 import time
@@ -21,7 +20,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.events import events_connection, generate_events
+from bench.events import events_connection, generate_events, reuse_cached_table
 from bench.query import DATA_ROOT
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
@@ -56,12 +55,9 @@ def fresh_table() -> DataDir:
     """The month's events, one append per day (cached)."""
     data = DataDir(DATA_ROOT / f"compaction-fresh-{DAYS}x{EVENTS_PER_DAY}")
     config = Config()
-    if data.catalog_db.exists():
-        snapshot = ensure_metering_table(open_catalog(data), config).current_snapshot()
-        summary = snapshot.summary if snapshot is not None else None
-        if summary is not None and summary.get("total-records") == str(DAYS * EVENTS_PER_DAY):
-            return data
-        shutil.rmtree(data.root)
+    events = DAYS * EVENTS_PER_DAY
+    if reuse_cached_table(data, lambda cached: ensure_metering_table(open_catalog(cached), config), events):
+        return data
     table = ensure_metering_table(open_catalog(data), config)
     schema = table.schema().as_arrow()
     con = events_connection()

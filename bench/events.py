@@ -6,10 +6,15 @@ One definition for every benchmark that needs a table of events: request ids fro
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Callable
 from datetime import datetime
 
 import duckdb
 import pyarrow as pa
+from pyiceberg.table import Table
+
+from meterlake.lake.home import DataDir
 
 TENANTS = 50
 
@@ -75,3 +80,16 @@ def generate_events(
     }
     chunk = con.sql(_GENERATE, params=params).to_arrow_table()
     return pa.Table.from_batches(chunk.to_batches(), schema=chunk.schema).cast(schema)
+
+
+def reuse_cached_table(data: DataDir, open_table: Callable[[DataDir], Table], records: int) -> bool:
+    """Whether the benchmark table cached under ``data`` holds exactly ``records`` rows; one that does not (a run cut
+    short, other sizes) is deleted, so the caller builds it again."""
+    if not data.catalog_db.exists():
+        return False
+    snapshot = open_table(data).current_snapshot()
+    summary = snapshot.summary if snapshot is not None else None
+    if summary is not None and summary.get("total-records") == str(records):
+        return True
+    shutil.rmtree(data.root)
+    return False

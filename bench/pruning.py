@@ -8,12 +8,11 @@ Targets: the pruned query reads at most 1/20 of the table's bytes and answers at
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import time
 from datetime import UTC, datetime, timedelta
 
-from bench.events import events_connection, generate_events
+from bench.events import events_connection, generate_events, reuse_cached_table
 from bench.query import DATA_ROOT
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
@@ -36,15 +35,8 @@ def month_table(events_per_day: int) -> DataDir:
     data = DataDir(DATA_ROOT / f"pruning-{DAYS}x{events_per_day}")
     config = Config()
     total = DAYS * events_per_day
-    if data.catalog_db.exists():
-        snapshot = ensure_metering_table(open_catalog(data), config).current_snapshot()
-        if (
-            snapshot is not None
-            and snapshot.summary is not None
-            and snapshot.summary.get("total-records") == str(total)
-        ):
-            return data
-        shutil.rmtree(data.root)
+    if reuse_cached_table(data, lambda cached: ensure_metering_table(open_catalog(cached), config), total):
+        return data
     started = time.perf_counter()
     table = ensure_metering_table(open_catalog(data), config)
     schema = table.schema().as_arrow()

@@ -7,7 +7,6 @@ a compacted table, and is cached under bench/data/ keyed by size. Both sides run
 from __future__ import annotations
 
 import os
-import shutil
 import statistics
 import time
 from datetime import UTC, datetime
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import duckdb
 
-from bench.events import events_connection, generate_events
+from bench.events import events_connection, generate_events, reuse_cached_table
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
@@ -59,15 +58,8 @@ def _dataset(events: int) -> DataDir:
     """The cached Iceberg table with ``events`` events, generated on first use."""
     data = DataDir(DATA_ROOT / f"query-{events}")
     config = Config()
-    if data.catalog_db.exists():
-        snapshot = ensure_metering_table(open_catalog(data), config).current_snapshot()
-        if (
-            snapshot is not None
-            and snapshot.summary is not None
-            and snapshot.summary.get("total-records") == str(events)
-        ):
-            return data
-        shutil.rmtree(data.root)
+    if reuse_cached_table(data, lambda cached: ensure_metering_table(open_catalog(cached), config), events):
+        return data
     started = time.perf_counter()
     table = ensure_metering_table(open_catalog(data), config)
     arrow_schema = table.schema().as_arrow()

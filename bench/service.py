@@ -38,6 +38,7 @@ import msgspec
 import psutil
 import pyarrow as pa
 
+from bench.events import reuse_cached_table
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
 from meterlake.lake.home import DataDir
@@ -93,15 +94,8 @@ def _dataset(events: int) -> DataDir:
     """The cached meter_events table with ``events`` rows (and the registry holding its meter)."""
     data = DataDir(DATA_ROOT / f"service-{events}")
     config = Config()
-    if data.catalog_db.exists():
-        snapshot = ensure_meter_events_table(open_catalog(data), config).current_snapshot()
-        if (
-            snapshot is not None
-            and snapshot.summary is not None
-            and snapshot.summary.get("total-records") == str(events)
-        ):
-            return data
-        shutil.rmtree(data.root)
+    if reuse_cached_table(data, lambda cached: ensure_meter_events_table(open_catalog(cached), config), events):
+        return data
     started = time.perf_counter()
     table = ensure_meter_events_table(open_catalog(data.ensure()), config)
     arrow_schema = table.schema().as_arrow()
