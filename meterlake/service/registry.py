@@ -65,13 +65,7 @@ class RegisteredMeter:
         """Amberflo's meter object, plus ``kind`` (event or request)."""
         return {
             "id": self.id,
-            "label": self.label,
-            "meterApiName": self.meter_api_name,
-            "meterType": self.meter_type,
-            "description": self.description,
-            "dimensions": list(self.dimensions),
-            "aggregationDimensions": list(self.aggregation_dimensions),
-            "lockingStatus": self.locking_status,
+            **self.fields(),
             "createTime": self.create_time_ms,
             "updateTime": self.update_time_ms,
             "kind": self.kind,
