@@ -105,6 +105,7 @@ STAGER_SOURCES: Final = FORWARDER_SOURCES + _as_is(
     "meterlake/amberflo/outbox.py",
     "meterlake/lake/__init__.py",
     "meterlake/lake/home.py",
+    "meterlake/lake/files.py",
     "meterlake/meters.py",
     "meterlake/schema.py",
     "meterlake/records.py",

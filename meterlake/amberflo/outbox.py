@@ -61,7 +61,7 @@ from meterlake.amberflo.forwarder import (
     encode_batch,
 )
 from meterlake.amberflo.settings import AmberfloSettings
-from meterlake.lake.catalog import read_data_file
+from meterlake.lake.files import read_data_file
 from meterlake.lake.home import DataDir
 from meterlake.meters import (
     DEFAULT_METERS,

@@ -21,7 +21,8 @@ import pyarrow as pa
 
 from meterlake.amberflo.outbox import Outbox
 from meterlake.config import Config
-from meterlake.lake.catalog import ensure_metering_table, open_catalog, read_data_file
+from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.files import read_data_file
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import printable, sandboxed_duckdb
 from meterlake.meters import Meter, UsageKey, lake_usage_query, meter_records

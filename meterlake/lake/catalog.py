@@ -11,8 +11,6 @@ import contextlib
 from pathlib import Path
 from urllib.parse import urlparse
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from pyiceberg.catalog import Catalog
 from pyiceberg.catalog.sql import SqlCatalog
 from pyiceberg.exceptions import (
@@ -22,7 +20,6 @@ from pyiceberg.exceptions import (
     NoSuchTableError,
     TableAlreadyExistsError,
 )
-from pyiceberg.io import InputStream
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.types import NestedField
@@ -173,21 +170,6 @@ def evolve_table(table: Table, schema: Schema) -> Table:
                 raise
             table = table.refresh()
     return table
-
-
-def read_data_file(source: str | InputStream, schema: pa.Schema) -> pa.Table:
-    """A data file's rows with ``schema``'s columns, in its order and types, as an Iceberg reader sees them: a column
-    the table gained after the file was written (see :func:`evolve_table`) reads as null.
-
-    Columns are matched by name, which evolution never changes (it only adds).
-    """
-    parquet = pq.ParquetFile(source)
-    written = set(parquet.schema_arrow.names)
-    rows = parquet.read(columns=[name for name in schema.names if name in written])
-    for field in schema:
-        if field.name not in written:
-            rows = rows.append_column(field.name, pa.nulls(rows.num_rows, field.type))
-    return rows.select(schema.names).cast(schema)
 
 
 def remove_orphan_metadata(table: Table) -> list[Path]:

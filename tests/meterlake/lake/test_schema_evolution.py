@@ -24,8 +24,8 @@ from meterlake.lake.catalog import (
     ensure_metering_table,
     evolve_table,
     open_catalog,
-    read_data_file,
 )
+from meterlake.lake.files import read_data_file
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import load_query, run_local_query
 from meterlake.local.stream import DeliveryStream, ingest_lines
