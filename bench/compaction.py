@@ -18,9 +18,8 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from bench.events import events_connection, generate_events, reuse_cached_table
+from bench.events import add_flushed_days, events_connection, generate_events, reuse_cached_table
 from bench.query import DATA_ROOT
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
@@ -71,21 +70,14 @@ def small_files_table(root: Path, flushes_per_day: int) -> DataDir:
     """The month as the stream leaves it: ``flushes_per_day`` small files a day, added one commit per day."""
     data = DataDir(root)
     table = ensure_metering_table(open_catalog(data), Config())
-    schema = table.schema().as_arrow()
-    con = events_connection()
-    staging = root / "flushes"
-    per_flush = EVENTS_PER_DAY // flushes_per_day
-    for day in range(DAYS):
-        events = _day_events(con, day, schema)
-        folder = staging / f"day={day:02d}"
-        folder.mkdir(parents=True)
-        paths = []
-        for flush in range(flushes_per_day):
-            path = folder / f"{flush:05d}.parquet"
-            pq.write_table(events.slice(flush * per_flush, per_flush), path, compression="zstd")
-            paths.append(str(path))
-        table.add_files(paths)
-    con.close()
+    add_flushed_days(
+        table,
+        first_day=FIRST_DAY,
+        days=DAYS,
+        events_per_day=EVENTS_PER_DAY,
+        files_per_day=flushes_per_day,
+        staging=root / "flushes",
+    )
     return data
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyiceberg.table import Table
 
 from meterlake.lake.home import DataDir
@@ -93,3 +95,33 @@ def reuse_cached_table(data: DataDir, open_table: Callable[[DataDir], Table], re
         return True
     shutil.rmtree(data.root)
     return False
+
+
+def add_flushed_days(
+    table: Table, *, first_day: datetime, days: int, events_per_day: int, files_per_day: int, staging: Path
+) -> None:
+    """Write ``days`` UTC days of events as a delivery stream leaves them before compaction: ``files_per_day``
+    Parquet files a day (under ``staging``), added to ``table`` in one commit per day (the same files as that many
+    flushes, without building a snapshot for each)."""
+    schema = table.schema().as_arrow()
+    con = events_connection()
+    per_file = events_per_day // files_per_day
+    for day in range(days):
+        events = generate_events(
+            con,
+            first=day * events_per_day,
+            count=events_per_day,
+            start=first_day + timedelta(days=day),
+            step_us=86_400_000_000 // events_per_day,
+            schema=schema,
+        )
+        folder = staging / f"day={day:02d}"
+        folder.mkdir(parents=True)
+        paths = []
+        for piece in range(files_per_day):
+            path = folder / f"{piece:05d}.parquet"
+            rows = events.slice(piece * per_file, per_file if piece < files_per_day - 1 else None)
+            pq.write_table(rows, path, compression="zstd")
+            paths.append(str(path))
+        table.add_files(paths)
+    con.close()
