@@ -207,8 +207,7 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
 
     A partition is rewritten when it holds at least two small files (see :data:`SMALL_FILE_SHARE`) and no delete
     files; its large files are left as they are. Files are rewritten partition by partition (one day in memory at a
-    time) and swapped in one commit. If the commit cannot land, the files it wrote are deleted; one that reports
-    failure but landed (the table references what it wrote) is a compaction.
+    time) and swapped in one commit. If the commit cannot land, the files it wrote are deleted.
 
     Raises:
         CompactionConflictError: a concurrent commit removed files being compacted.
@@ -272,17 +271,13 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
         # A commit can land and still report failure (a retry then finds its own commit: "Missing required files to
         # delete"). Files the table now references are kept; deleting them would lose the rows they hold.
         live = _referenced_files(table)
-        landed = bool(written) and all(f.file_path in live for f in written)
-        landed = landed and not any(f.file_path in live for f in replaced)
-        if not (landed and isinstance(exc, ValidationException | CommitFailedException)):
-            for data_file in written:
-                if data_file.file_path not in live:
-                    with contextlib.suppress(OSError):
-                        table.io.delete(data_file.file_path)
-            if isinstance(exc, ValidationException | CommitFailedException):
-                raise CompactionConflictError(f"compaction not committed: {exc}") from exc
-            raise
-        logger.warning("the compaction's commit reported %r but landed: the table holds the rewritten files", exc)
+        for data_file in written:
+            if data_file.file_path not in live:
+                with contextlib.suppress(OSError):
+                    table.io.delete(data_file.file_path)
+        if isinstance(exc, ValidationException | CommitFailedException):
+            raise CompactionConflictError(f"compaction not committed: {exc}") from exc
+        raise
     snapshot = table.current_snapshot()
     report = CompactionReport(
         partitions=len(days),
