@@ -268,13 +268,9 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
                 swap.append_data_file(data_file)
             swap.commit()
     except BaseException as exc:
-        # A commit can land and still report failure (a retry then finds its own commit: "Missing required files to
-        # delete"). Files the table now references are kept; deleting them would lose the rows they hold.
-        live = _referenced_files(table)
         for data_file in written:
-            if data_file.file_path not in live:
-                with contextlib.suppress(OSError):
-                    table.io.delete(data_file.file_path)
+            with contextlib.suppress(OSError):
+                table.io.delete(data_file.file_path)
         if isinstance(exc, ValidationException | CommitFailedException):
             raise CompactionConflictError(f"compaction not committed: {exc}") from exc
         raise
@@ -297,15 +293,6 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
         report.snapshot_id,
     )
     return report
-
-
-def _referenced_files(table: Table) -> set[str]:
-    """The data files the table's current snapshot references, read afresh from the catalog (empty if unreadable)."""
-    try:
-        table.refresh()
-        return {task.file.file_path for task in table.scan().plan_files()}
-    except Exception:  # the catalog cannot be read: keep nothing special, as before
-        return set()
 
 
 def expire_snapshots(

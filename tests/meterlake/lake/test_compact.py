@@ -290,26 +290,3 @@ def test_the_schedule_maintains_the_table(data_dir: DataDir) -> None:
     assert worker.last is not None
     # The real clock: every one of the table's days (in 2025) is closed.
     assert worker.last.compaction.partitions == 4
-
-
-def test_a_commit_that_landed_but_reported_failure_keeps_its_files(
-    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # pyiceberg retries a commit that raised; if the first attempt had landed, the retry's validation fails. The
-    # files the table then references must not be deleted.
-    from pyiceberg.exceptions import ValidationException
-    from pyiceberg.table import Transaction
-
-    table = _table(data_dir)
-    rows = _rows(table)
-    original = Transaction.commit_transaction
-
-    def landed_then_failed(self: Transaction) -> Table:
-        original(self)
-        raise ValidationException("Missing required files to delete: (simulated retry after a landed commit)")
-
-    monkeypatch.setattr(Transaction, "commit_transaction", landed_then_failed)
-    with pytest.raises(CompactionConflictError):
-        compact(table, now=NOW)
-    monkeypatch.undo()
-    assert _rows(table) == rows  # every referenced file is still there to read
