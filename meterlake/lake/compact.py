@@ -412,6 +412,21 @@ class _ReplaceFiles(_OverwriteFiles):
         overwrite = super()._summary(snapshot_properties)
         return Summary(Operation.REPLACE, **overwrite.additional_properties)
 
+    def _build_manifest_evaluator(self, spec_id: int) -> Callable[[ManifestFile], bool]:
+        """One manifest evaluator per thread: pyiceberg's keeps the manifest it is judging on itself, and the delete
+        planning shares one across its worker threads, so a manifest judged concurrently could be judged on another's
+        partition bounds, skipped, and its files reported missing ("Missing required files to delete")."""
+        build = super()._build_manifest_evaluator
+        local = threading.local()
+
+        def evaluate(manifest: ManifestFile) -> bool:
+            evaluator: Callable[[ManifestFile], bool] | None = getattr(local, "evaluator", None)
+            if evaluator is None:
+                evaluator = local.evaluator = build(spec_id)
+            return evaluator(manifest)
+
+        return evaluate
+
     def _validate_concurrency(self) -> None:
         window = self._commit_window
         if window is None or window.is_empty() or window.head is None:
