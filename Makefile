@@ -34,7 +34,7 @@ format: install
 	$(BIN)/ruff check --fix .
 
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --numprocesses=auto --dist=loadgroup
 
 demo: $(LOCAL_STAMP)
 	$(BIN)/meterlake demo

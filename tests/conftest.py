@@ -3,6 +3,8 @@
 Each fault test (tests/meterlake/local/test_stream_faults.py, test_gateway_durability.py, amberflo/test_outbox.py,
 ...) records what it measured with the ``fault_report`` fixture; the session ends with one table of every fault:
 requests (or records) answered, events committed, lost and duplicated. A row with any loss fails its own test.
+Rows travel on each test's report (``user_properties``), so the table is whole when pytest-xdist runs the tests in
+several worker processes (``make test`` does).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 
-_FAULTS = pytest.StashKey[list["FaultRow"]]()
+_FAULT_PROPERTY = "fault_row"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,17 +34,32 @@ FaultReport = Callable[..., None]
 @pytest.fixture
 def fault_report(request: pytest.FixtureRequest) -> FaultReport:
     """``fault_report(fault, answered=, committed=, lost=, duplicated=)`` adds a row to the session's fault table."""
-    rows = request.config.stash.setdefault(_FAULTS, [])
+    properties = request.node.user_properties
 
     def record(fault: str, *, answered: int, committed: int, lost: int, duplicated: int) -> None:
-        rows.append(FaultRow(fault, answered, committed, lost, duplicated))
+        properties.append((_FAULT_PROPERTY, (fault, answered, committed, lost, duplicated)))
 
     return record
 
 
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect the fault rows a test recorded (in this process, or in an xdist worker whose report came back); the
+    teardown report carries every row, whichever phase recorded it."""
+    if report.when != "teardown":
+        return
+    for name, value in report.user_properties:
+        if name == _FAULT_PROPERTY:
+            fault, answered, committed, lost, duplicated = value
+            _rows.append(FaultRow(str(fault), int(answered), int(committed), int(lost), int(duplicated)))
+
+
+#: The session's fault rows, in the order their tests' reports arrived.
+_rows: list[FaultRow] = []
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
     """Print the fault table after the test summary (``make test`` shows it on every run)."""
-    rows = config.stash.get(_FAULTS, [])
+    rows = _rows
     if not rows:
         return
     width = max(len(row.fault) for row in rows)

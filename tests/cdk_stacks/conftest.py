@@ -167,3 +167,11 @@ def api_key_stacks(
     )
     built.app.synth()
     return built
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the CDK tests in one xdist worker (``--dist loadgroup``), so the app is synthesized once a session."""
+    here = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(here):
+            item.add_marker(pytest.mark.xdist_group("cdk"))
