@@ -49,6 +49,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         return
     for name, value in report.user_properties:
         if name == _FAULT_PROPERTY:
+            assert isinstance(value, list | tuple)  # xdist sends the tuple back as a list
             fault, answered, committed, lost, duplicated = value
             _rows.append(FaultRow(str(fault), int(answered), int(committed), int(lost), int(duplicated)))
 
