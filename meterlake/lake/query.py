@@ -336,7 +336,8 @@ def prepare(
         target.set("alias", alias.copy() if alias else exp.TableAlias(this=exp.to_identifier(TABLE_PLACEHOLDER)))
         return target
 
-    tree = tree.transform(swap_table)
+    # The parse is this call's own copy: transform it in place.
+    tree = tree.transform(swap_table, copy=False)
     if not replaced:
         raise QueryDefinitionError("<sql>", f"does not read from {TABLE_PLACEHOLDER}")
     missing = sorted({p.name for p in tree.find_all(exp.Placeholder)} - params.keys())
@@ -344,7 +345,7 @@ def prepare(
         raise QueryDefinitionError("<sql>", f"no value for placeholder(s) {', '.join(':' + m for m in missing)}")
     if dialect == "duckdb":
         used = {p.name for p in tree.find_all(exp.Placeholder)}
-        tree = tree.transform(_duckdb_equivalent)
+        tree = tree.transform(_duckdb_equivalent, copy=False)
         return PreparedQuery(_render(tree, "duckdb"), {name: params[name] for name in sorted(used)})
     order = _placeholder_order(tree)
     positional = tree.transform(lambda node: exp.Placeholder() if isinstance(node, exp.Placeholder) else node)
