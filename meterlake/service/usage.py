@@ -48,8 +48,10 @@ from meterlake.lake.query import (
     SQL_DIR,
     TABLE_PLACEHOLDER,
     QueryResult,
+    UnsupportedTableStateError,
     bind_params,
     load_query,
+    plan_data_files,
     prepare,
     sandboxed_duckdb,
 )
@@ -277,15 +279,21 @@ def _predicate(name: str, column: str, value: str) -> BooleanExpression:
 
 
 def _data_files(table: Table, row_filter: BooleanExpression) -> list[str]:
-    """The local Parquet files of the table's current snapshot that may hold rows passing ``row_filter``.
+    """The local Parquet files of the table's current snapshot that may hold rows passing ``row_filter``, planned as
+    the query runner plans them (:func:`plan_data_files`: without pyiceberg's per-file residuals).
 
     Raises:
         RequestError: (500) the snapshot has delete files, which reading the files directly would ignore.
     """
+    refusal = "the table has delete files; compact it before querying it locally"
+    try:
+        tasks = plan_data_files(table, row_filter)
+    except UnsupportedTableStateError:  # equality deletes
+        raise RequestError(refusal, status=500) from None
     paths = []
-    for task in table.scan(row_filter=row_filter).plan_files():
+    for task in tasks:
         if task.delete_files:
-            raise RequestError("the table has delete files; compact it before querying it locally", status=500)
+            raise RequestError(refusal, status=500)
         paths.append(task.file.file_path.removeprefix("file://"))
     return paths
 

@@ -413,6 +413,34 @@ def test_prepare_refuses_sql_without_the_table_or_a_value() -> None:
         prepare("SELECT 1 FROM metering_events WHERE status = :s", dialect="athena", table="t", params={})
 
 
+def test_a_query_parsed_once_is_prepared_afresh_each_time(tmp_path: Path) -> None:
+    """The parse of a query's text is kept; each preparation works on its own copy, and errors name their file."""
+    query = load_query("usage_per_tenant_day")
+    params = bind_params(query, {})
+    first = prepare(query.sql, dialect="duckdb", table="first_events", params=params)
+    second = prepare(query.sql, dialect="duckdb", table="second_events", params=params)
+    assert "first_events" in first.sql
+    assert "second_events" in second.sql
+    assert "first_events" not in second.sql
+    assert load_query("usage_per_tenant_day") == query
+    for name in ("one", "two"):  # the same text in two files
+        path = tmp_path / f"{name}.sql"
+        path.write_text("-- Two statements.\nSELECT 1 FROM metering_events; SELECT 2 FROM metering_events\n")
+        with pytest.raises(QueryDefinitionError, match=rf"{name}\.sql: expected one SQL statement, found 2"):
+            load_query(str(path))
+
+
+def test_the_data_files_parameter_name_is_reserved(tmp_path: Path, data_dir: DataDir) -> None:
+    """The runner binds the files to read to a parameter of its own; a query declaring that name is refused."""
+    path = tmp_path / "reserved.sql"
+    path.write_text(
+        "-- Reserved.\n-- @param meterlake_data_files string  A name the runner binds itself (optional)\n"
+        "SELECT count(*) AS n FROM metering_events WHERE :meterlake_data_files IS NULL\n"
+    )
+    with pytest.raises(QueryParamError, match="'meterlake_data_files': the name is reserved"):
+        run_local_query(load_query(str(path)), {}, config=CONFIG, data_dir=data_dir)
+
+
 def _small_result(data: DataDir) -> QueryResult:
     return run("usage_per_tenant_hour", data, start="2024-03-04T00:00:00Z", end="2024-03-04T01:00:00Z")
 

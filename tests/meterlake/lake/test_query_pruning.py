@@ -21,7 +21,14 @@ from pyiceberg.expressions import AlwaysFalse, AlwaysTrue, BooleanExpression
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
-from meterlake.lake.query import QueryResult, bind_params, load_query, run_local_query, scan_filter
+from meterlake.lake.query import (
+    QueryResult,
+    bind_params,
+    load_query,
+    plan_data_files,
+    run_local_query,
+    scan_filter,
+)
 from meterlake.schema import metering_event_arrow_schema
 
 CONFIG = Config()
@@ -199,6 +206,21 @@ def test_null_tenants_are_read_where_they_are(data_dir: DataDir, tmp_path_factor
     pruned = _assert_same_as_full_scan(data_dir, str(path))
     assert pruned.files_read == DAYS  # the tenantless commits only
     assert [row[1] for row in pruned.rows] == [10] * DAYS
+
+
+@pytest.mark.parametrize("window", ["one UTC day", "quarter edges", "before the data", "all of it"])
+@pytest.mark.parametrize("tenant", [None, "acme", "nobody"])
+def test_planning_finds_the_files_a_pyiceberg_scan_plans(data_dir: DataDir, window: str, tenant: str | None) -> None:
+    """plan_data_files skips pyiceberg's per-file residuals, and nothing else: the same files, none with deletes."""
+    start, end = WINDOWS[window]
+    query = load_query("usage_per_tenant_day")
+    params = {"start": _iso(start), "end": _iso(end)} | ({"tenant_id": tenant} if tenant else {})
+    row_filter = scan_filter(query.sql, bind_params(query, params))
+    table = ensure_metering_table(open_catalog(data_dir), CONFIG)
+    planned = plan_data_files(table, row_filter)
+    expected = sorted(task.file.file_path for task in table.scan(row_filter=row_filter).plan_files())
+    assert sorted(task.file.file_path for task in planned) == expected
+    assert all(task.residual == AlwaysTrue() and not task.delete_files for task in planned)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
