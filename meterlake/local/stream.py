@@ -116,9 +116,9 @@ _PIECES_READ_AHEAD = 8
 #: How many events' bytes a piece a worker reads itself may span when a single put is larger than an event.
 _PIECE_REACH = 4
 _PUT_END = operator.itemgetter(0)
-#: Worker processes of the access-log transform. Two: a worker reads, transforms and decodes its pieces itself, ~2x the
-#: handler's own time a record, so one worker would hold the stream to half the handler's pace; two keep both cores of
-#: a two-core machine busy beside the stream's puts, deduplication and commits.
+#: Worker processes of the access-log transform. Two: a worker reads, transforms and decodes its pieces itself, 2-3x the
+#: handler's own CPU time a record (measured), so one worker would hold the stream to under half the handler's pace;
+#: two keep both cores of a two-core machine busy beside the stream's puts, deduplication and commits (~65 MB each).
 _WORKERS = 2
 #: Backpressure: ``put_records`` waits while this many buffers (``size_in_mbs`` each) are spooled but not committed.
 BACKLOG_BUFFERS = 2
