@@ -5,10 +5,12 @@
 answer answers every record exactly once, and sorts the answers into :class:`Transformed`: the Ok rows (decoded from
 base64) of each destination table, the dropped count and the rejects.
 
-:class:`TransformWorker` runs the access-log transform in one worker process, so on a machine with two cores the
-transform of one piece overlaps the spool reads, decoding, deduplication and Iceberg commits of the stream's
-process, and its writer's puts: the transform is pure Python and would otherwise share one interpreter lock with
-them. The worker imports only the transform (this module stays free of pyarrow, pyiceberg and DuckDB).
+:class:`TransformWorkers` runs the access-log transform in worker processes, so on a machine with two cores the
+transform of one piece overlaps the deduplication and Iceberg commits of the stream's process, and its writer's puts:
+the transform is pure Python and would otherwise share one interpreter lock with them. A worker is sent either a
+piece's records or a request to read a range of the spool itself and decode the answers to Arrow
+(``meterlake.local.rows``); it imports only the transform until it is sent the first such request (this module stays
+free of pyarrow, pyiceberg and DuckDB).
 """
 
 from __future__ import annotations
@@ -347,8 +349,6 @@ def _answers_in_order(response: object, record_ids: list[str]) -> list[dict[str,
 # -- the worker process ---------------------------------------------------------------------------------------------
 
 _FRAME_HEADER = struct.Struct("<Q")
-#: A piece as it crosses to a worker: offsets, arrival times and records.
-_Piece = tuple[list[int], list[int], list[bytes]]
 #: The pipe capacity asked for (Linux's maximum for an unprivileged process by default): a piece of a few MB crosses in
 #: a few reads, each of which waits for the interpreter lock again in the stream's process.
 _PIPE_BYTES = 1024 * 1024
@@ -356,6 +356,12 @@ _PIPE_BYTES = 1024 * 1024
 
 class WorkerStoppedError(Exception):
     """The transform worker process ended before it answered a piece (the caller transforms the piece itself)."""
+
+
+class WorkerPieceError(Exception):
+    """A worker could not read, transform or decode a piece it was to read itself (e.g. a damaged spool frame); the
+    message names the worker's exception. The caller reads the piece itself, where the same failure raises the
+    spool's own error."""
 
 
 class _Connection:
@@ -375,19 +381,18 @@ class _Connection:
                 with contextlib.suppress(OSError):  # a smaller pipe only means more reads
                     fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
         self.broken = False
-        self._outbox: queue.SimpleQueue[tuple[Future[Transformed], _Piece] | None]
+        self._outbox: queue.SimpleQueue[tuple[Future[Any], object] | None]
         self._outbox = queue.SimpleQueue()
-        self._sent: collections.deque[Future[Transformed]] = collections.deque()
+        self._sent: collections.deque[Future[Any]] = collections.deque()
         self._lock = threading.Lock()
         self._sender = threading.Thread(target=self._send, args=(settings, invocation), daemon=True)
         self._receiver = threading.Thread(target=self._receive, daemon=True)
         self._sender.start()
         self._receiver.start()
 
-    def submit(self, piece: _Piece) -> Future[Transformed]:
-        future: Future[Transformed] = Future()
-        self._outbox.put((future, piece))
-        return future
+    def submit(self, future: Future[Any], request: object) -> None:
+        """Queue ``request`` (a piece, or a piece request the worker reads itself); its answer completes ``future``."""
+        self._outbox.put((future, request))
 
     def _send(self, settings: TransformSettings, invocation: Invocation) -> None:
         stdin = self.process.stdin
@@ -457,12 +462,25 @@ class TransformWorkers:
 
     def submit(self, offsets: list[int], arrivals_ms: list[int], records: list[bytes]) -> Future[Transformed]:
         """Queue one piece for the next worker."""
+        future: Future[Transformed] = Future()
+        self._next_connection().submit(future, (offsets, arrivals_ms, records))
+        return future
+
+    def submit_request(self, request: object) -> Future[Any]:
+        """Queue a request the worker reads from the spool itself (a ``meterlake.local.rows.PieceRequest``); its
+        future answers a ``DecodedPiece``, or fails with :class:`WorkerPieceError` or :class:`WorkerStoppedError`."""
+        future: Future[Any] = Future()
+        self._next_connection().submit(future, request)
+        return future
+
+    def _next_connection(self) -> _Connection:
+        """The next worker in turn, started if it is not running."""
         turn = self._turn
         self._turn = (turn + 1) % len(self._connections)
         connection = self._connections[turn]
         if connection is None or connection.broken:
             connection = self._connections[turn] = _Connection(self._settings, self._invocation)
-        return connection.submit((offsets, arrivals_ms, records))
+        return connection
 
     def processes(self) -> list[subprocess.Popen[bytes]]:
         """The worker processes started so far."""
@@ -510,14 +528,24 @@ def _serve() -> None:
     invoker = Invoker(make_handler(settings, emit_metrics=False), invocation)
     while True:
         try:
-            offsets, arrivals_ms, records = _read_frame(pieces)
+            request = _read_frame(pieces)
         except EOFError:
             return
         answer: tuple[bool, object]
-        try:
-            answer = (True, invoker.transform(offsets, arrivals_ms, records))
-        except Exception as exc:  # raised in the stream's process, as an in-process transform would
-            answer = (False, exc)
+        if isinstance(request, tuple):
+            offsets, arrivals_ms, records = request
+            try:
+                answer = (True, invoker.transform(offsets, arrivals_ms, records))
+            except Exception as exc:  # raised in the stream's process, as an in-process transform would
+                answer = (False, exc)
+        else:
+            # Imported here: it brings pyarrow, which a worker sent only pieces never needs.
+            from meterlake.local.rows import transform_piece
+
+            try:
+                answer = (True, transform_piece(invoker, request))
+            except Exception as exc:  # e.g. a damaged frame: the stream reads the piece itself and raises its error
+                answer = (False, WorkerPieceError(f"{type(exc).__name__}: {exc}"))
         try:
             _write_frame(answers, answer)
         except (pickle.PicklingError, TypeError, AttributeError):  # an exception that does not pickle: send its text

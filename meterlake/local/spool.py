@@ -308,6 +308,112 @@ def _scan_segment(data: bytes, expected_size: int | None) -> _SegmentScan:
     return scan
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolRange:
+    """The records of ``[start, stop)`` as another process reads them (:func:`read_range`): the segment files
+    (start offset, path) that hold the range. Small and picklable: a worker process reads the records from the page
+    cache itself instead of receiving them through a pipe."""
+
+    start: int
+    stop: int
+    segments: tuple[tuple[int, str], ...]
+
+
+def read_range(spool_range: SpoolRange) -> SpoolBatch:
+    """Read every record of ``spool_range``, checking each frame's checksum as :meth:`Spool.read` does. Needs no lock:
+    the range's frames were acknowledged, so they are never written again, and segments are deleted only below the
+    committed offset, which a range still to be delivered lies above.
+
+    Raises:
+        SpoolCorruptError: a frame fails its checksum or runs past ``stop`` (damage since the spool was opened).
+        OSError: a segment file cannot be read.
+    """
+    segments = [(start, Path(path)) for start, path in spool_range.segments]
+    size = spool_range.stop - spool_range.start
+    batch = _read_frames(segments, spool_range.stop, [], spool_range.start, size)
+    if batch.end != spool_range.stop:
+        segment_start, path = segments[bisect.bisect_right([s for s, _ in segments], batch.end) - 1]
+        raise SpoolCorruptError(
+            path,
+            batch.end,
+            f"the frames end at log offset {batch.end}, not at the range's end {spool_range.stop}",
+            file_offset=batch.end - segment_start,
+        )
+    return batch
+
+
+def _read_frames(
+    segments: Sequence[tuple[int, Path]], end: int, padded: Sequence[tuple[int, int]], offset: int, max_bytes: int
+) -> SpoolBatch:
+    """The body of :meth:`Spool.read` over a snapshot of the spool: ``segments`` (start, path) oldest first, the
+    log's ``end`` and its padded ranges."""
+    position = offset
+    for pad_start, pad_stop in padded:
+        if pad_start < position < pad_stop:
+            position = pad_stop
+    starts = [start for start, _ in segments]
+    offsets: list[int] = []
+    arrivals: list[int] = []
+    records: list[bytes] = []
+    budget = max_bytes
+    unpack = _HEADER.unpack_from
+    crc32 = zlib.crc32
+    padding = _PADDING_ARRIVAL
+    while position < end and not (records and budget <= 0):
+        index = bisect.bisect_right(starts, position) - 1
+        segment_start, segment_path = segments[index]
+        segment_end = starts[index + 1] if index + 1 < len(segments) else end
+        with open(segment_path, "rb") as handle:
+            handle.seek(position - segment_start)
+            data = handle.read(min(segment_end - position, max(budget, HEADER_BYTES)))
+            pos = 0
+            while pos + HEADER_BYTES <= len(data):
+                length, crc, arrival = unpack(data, pos)
+                stop = pos + HEADER_BYTES + length
+                if stop > len(data):
+                    # What was read ends at the segment's end or earlier: only a frame past it can run past that.
+                    if position + stop > segment_end:
+                        raise SpoolCorruptError(
+                            segment_path,
+                            position + pos,
+                            "the frame runs past the end of its segment",
+                            file_offset=position + pos - segment_start,
+                        )
+                    if records:
+                        break
+                    # The first record alone exceeds the budget: read it whole so the caller makes progress.
+                    data += handle.read(stop - len(data))
+                    if stop > len(data):
+                        break
+                # The checksum covers the arrival time and the payload, which follow each other in the frame.
+                if crc32(data[pos + 8 : stop]) != crc:
+                    raise SpoolCorruptError(
+                        segment_path,
+                        position + pos,
+                        "checksum mismatch",
+                        file_offset=position + pos - segment_start,
+                    )
+                if arrival != padding:
+                    offsets.append(position + pos)
+                    arrivals.append(arrival)
+                    records.append(data[pos + HEADER_BYTES : stop])
+                pos = stop
+        if pos == 0:
+            if records:
+                break
+            raise SpoolCorruptError(
+                segment_path,
+                position,
+                "the segment file ends inside a frame",
+                file_offset=position - segment_start,
+            )
+        position += pos
+        budget -= pos
+        if records and position < segment_end:
+            break
+    return SpoolBatch(offset, position, offsets, arrivals, records)
+
+
 class Spool:
     """A durable, append-only, thread-safe record log; see the module docstring for the format and the checks on open.
 
@@ -582,76 +688,36 @@ class Spool:
             SpoolCorruptError: a frame fails its checksum (``offset`` not a record boundary, or damaged data).
         """
         with self._lock:
-            segments = list(self._segments)
+            segments = [(s.start, s.path) for s in self._segments]
             end = self._end
             padded = list(self._padded)
-        if offset < segments[0].start or offset > end:
-            raise SpoolOffsetError(offset, segments[0].start, end)
-        position = offset
-        for pad_start, pad_stop in padded:
-            if pad_start < position < pad_stop:
-                position = pad_stop
-        starts = [s.start for s in segments]
-        offsets: list[int] = []
-        arrivals: list[int] = []
-        records: list[bytes] = []
-        budget = max_bytes
-        unpack = _HEADER.unpack_from
-        crc32 = zlib.crc32
-        padding = _PADDING_ARRIVAL
-        while position < end and not (records and budget <= 0):
-            index = bisect.bisect_right(starts, position) - 1
-            segment = segments[index]
-            segment_end = starts[index + 1] if index + 1 < len(segments) else end
-            with open(segment.path, "rb") as handle:
-                handle.seek(position - segment.start)
-                data = handle.read(min(segment_end - position, max(budget, HEADER_BYTES)))
-                pos = 0
-                while pos + HEADER_BYTES <= len(data):
-                    length, crc, arrival = unpack(data, pos)
-                    stop = pos + HEADER_BYTES + length
-                    if stop > len(data):
-                        # What was read ends at the segment's end or earlier: only a frame past it can run past that.
-                        if position + stop > segment_end:
-                            raise SpoolCorruptError(
-                                segment.path,
-                                position + pos,
-                                "the frame runs past the end of its segment",
-                                file_offset=position + pos - segment.start,
-                            )
-                        if records:
-                            break
-                        # The first record alone exceeds the budget: read it whole so the caller makes progress.
-                        data += handle.read(stop - len(data))
-                        if stop > len(data):
-                            break
-                    # The checksum covers the arrival time and the payload, which follow each other in the frame.
-                    if crc32(data[pos + 8 : stop]) != crc:
-                        raise SpoolCorruptError(
-                            segment.path,
-                            position + pos,
-                            "checksum mismatch",
-                            file_offset=position + pos - segment.start,
-                        )
-                    if arrival != padding:
-                        offsets.append(position + pos)
-                        arrivals.append(arrival)
-                        records.append(data[pos + HEADER_BYTES : stop])
-                    pos = stop
-            if pos == 0:
-                if records:
-                    break
-                raise SpoolCorruptError(
-                    segment.path,
-                    position,
-                    "the segment file ends inside a frame",
-                    file_offset=position - segment.start,
-                )
-            position += pos
-            budget -= pos
-            if records and position < segment_end:
-                break
-        return SpoolBatch(offset, position, offsets, arrivals, records)
+        if offset < segments[0][0] or offset > end:
+            raise SpoolOffsetError(offset, segments[0][0], end)
+        return _read_frames(segments, end, padded, offset, max_bytes)
+
+    def range(self, start: int, stop: int) -> SpoolRange:
+        """What another process needs to read the records of ``[start, stop)`` itself (see :func:`read_range`).
+
+        ``start`` and ``stop`` must be frame boundaries (e.g. the end offsets ``append`` returned), and the range
+        must hold no padding: a repaired range is read by :meth:`read` only.
+
+        Raises:
+            SpoolOffsetError: ``start`` was deleted, or ``stop`` is past the end.
+            ValueError: the range is empty or overlaps a padded range.
+        """
+        with self._lock:
+            segments = [(s.start, s.path) for s in self._segments]
+            end = self._end
+            padded = list(self._padded)
+        if start < segments[0][0] or start > end:
+            raise SpoolOffsetError(start, segments[0][0], end)
+        if stop > end:
+            raise SpoolOffsetError(stop, segments[0][0], end)
+        if stop <= start or any(pad_start < stop and start < pad_stop for pad_start, pad_stop in padded):
+            raise ValueError(f"spool range [{start}, {stop}) is empty or holds padding")
+        first = bisect.bisect_right([s for s, _ in segments], start) - 1
+        covering = [(s, path) for s, path in segments[first:] if s < stop]
+        return SpoolRange(start, stop, tuple((s, str(path)) for s, path in covering))
 
     # -- garbage collection ------------------------------------------------------------------------------------------
 

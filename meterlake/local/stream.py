@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
 import contextlib
-import functools
-import io
 import json
 import logging
+import operator
 import os
 import re
 import sys
@@ -47,13 +47,12 @@ from types import TracebackType
 from typing import Any
 
 import duckdb
-import msgspec
 import pyarrow as pa
-import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
 from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
+from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Snapshot
 
@@ -70,8 +69,10 @@ from meterlake.local.invoker import (
     Invoker,
     Transformed,
     TransformWorkers,
+    WorkerPieceError,
     WorkerStoppedError,
 )
+from meterlake.local.rows import DecodedPiece, PieceRequest, decode_rows
 from meterlake.local.spool import (
     HEADER_BYTES,
     QUARANTINE_DIR,
@@ -106,13 +107,19 @@ REQUEST_ID_INDEX_FILE = "request-ids.duckdb"
 REQUEST_ID_COLUMN = "request_id"
 
 _FLUSHER_BACKOFF_SECONDS = 1.0
-#: Spool pieces (one Lambda event's worth each) read ahead and transforming while the stream decodes earlier ones, when
-#: the transform runs in its worker process; and how many of the next buffer's are sent before a buffer commits.
+#: Spool pieces (one Lambda event's worth each) in the workers while the stream adds earlier ones to the buffer; and
+#: how many of the next buffer's are sent before a buffer commits, to keep both workers busy through the commit: a 32 MB
+#: buffer's deduplication, Parquet write and Iceberg commit measured ~0.46 s, two workers' 8 pieces ~0.6 s. Each
+#: piece answered early holds ~2 MB of Arrow rows.
 _PIECES_IN_FLIGHT = 4
-_PIECES_READ_AHEAD = 2
-#: Worker processes of the access-log transform. One: the stream's own process (puts, spool reads, decoding, commits)
-#: keeps the other core of a two-core machine busy, and a second worker measured no faster there, ~45 MB more.
-_WORKERS = 1
+_PIECES_READ_AHEAD = 8
+#: How many events' bytes a piece a worker reads itself may span when a single put is larger than an event.
+_PIECE_REACH = 4
+_PUT_END = operator.itemgetter(0)
+#: Worker processes of the access-log transform. Two: a worker reads, transforms and decodes its pieces itself, 2-3x the
+#: handler's own CPU time a record (measured), so one worker would hold the stream to under half the handler's pace;
+#: two keep both cores of a two-core machine busy beside the stream's puts, deduplication and commits (~65 MB each).
+_WORKERS = 2
 #: Backpressure: ``put_records`` waits while this many buffers (``size_in_mbs`` each) are spooled but not committed.
 BACKLOG_BUFFERS = 2
 #: How long a waiting put sleeps before it looks at the flusher again (commits wake it sooner).
@@ -278,9 +285,26 @@ class _Buffer:
     destinations: dict[tuple[str, str], _Sink] = field(default_factory=dict)
 
 
-#: Spool pieces read and sent to the transform, oldest first, each with its outcome (or the worker's future for it;
-#: None for a piece of padding only).
-_InFlight = collections.deque[tuple[SpoolBatch, Transformed | Future[Transformed] | None]]
+@dataclass(slots=True)
+class _Piece:
+    """A piece of the spool sent to the transform: ``[start, end)`` of the log.
+
+    Attributes:
+        batch: its records, when this process read them; None when a worker reads the range itself.
+        pending: the transform's outcome for ``batch``, or the worker's future for it; None for a piece of padding
+            only, or one a worker reads itself.
+        decoding: the worker's future for a piece it reads itself.
+    """
+
+    start: int
+    end: int
+    batch: SpoolBatch | None
+    pending: Transformed | Future[Transformed] | None = None
+    decoding: Future[DecodedPiece] | None = None
+
+
+#: Spool pieces sent to the transform, oldest first.
+_InFlight = collections.deque[_Piece]
 
 
 @dataclass(frozen=True, slots=True)
@@ -552,73 +576,6 @@ class RequestIdIndex:
             self._exec(f"DROP TABLE IF EXISTS {staged}")
 
 
-# -- Arrow decoding -------------------------------------------------------------------------------------------------
-
-
-def _json_parse_schema(target: pa.Schema) -> pa.Schema:
-    """The schema to parse transformed JSON with: timestamps arrive as integer microseconds, everything nullable."""
-    return pa.schema(
-        pa.field(f.name, pa.int64() if pa.types.is_timestamp(f.type) else f.type, nullable=True) for f in target
-    )
-
-
-def _rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
-    """Parse JSON object lines into ``target``'s types (raises pyarrow/ValueError errors on a bad row).
-
-    Arrow's JSON reader cannot build a map column (a JSON object with any keys), so map columns are decoded apart,
-    by msgspec in one call, and the reader then lets their members pass. A line may hold several rows, one a line
-    (the metering service puts a request's rows as one record).
-    """
-    maps = [f for f in target if pa.types.is_map(f.type)]
-    flat = pa.schema([f for f in target if not pa.types.is_map(f.type)])
-    body = b"\n".join(lines)
-    longest = max(len(line) for line in lines)
-    table = pa_json.read_json(
-        io.BytesIO(body),
-        read_options=pa_json.ReadOptions(block_size=max(4 * _MIB, 2 * longest + 2)),
-        parse_options=pa_json.ParseOptions(
-            explicit_schema=_json_parse_schema(flat), unexpected_field_behavior="ignore" if maps else "error"
-        ),
-    )
-    if maps:
-        rows = _map_decoder(tuple(f.name for f in maps)).decode(b"[" + body.replace(b"\n", b",") + b"]")
-        for f in maps:
-            values = [getattr(row, f.name) for row in rows]
-            table = table.append_column(f.name, pa.array(values, type=f.type))
-    return table.select(target.names).cast(target)
-
-
-@functools.cache
-def _map_decoder(names: tuple[str, ...]) -> msgspec.json.Decoder[list[Any]]:
-    """Decodes a JSON array of rows into just their map members (objects of strings, or null)."""
-    # gc=False: the rows hold only dicts of strings (no cycles), and tracking 100k+ of them set off full collections.
-    row = msgspec.defstruct("MapMembers", [(name, dict[str, str] | None, None) for name in names], gc=False)
-    return msgspec.json.Decoder(list[row])  # type: ignore[valid-type]
-
-
-def _decode_rows(lines: list[bytes], target: pa.Schema) -> tuple[pa.Table, list[tuple[int, str]]]:
-    """JSON rows -> one Arrow table of ``target``, plus (position, problem) for rows that do not fit.
-
-    The whole batch is parsed at once; only if that fails is it parsed row by row to single out the bad rows.
-    """
-    try:
-        return _rows_to_arrow(lines, target), []
-    except (pa.ArrowException, ValueError):
-        logger.info("batch JSON decode failed; decoding %d rows one by one", len(lines))
-    good: list[pa.Table] = []
-    bad: list[tuple[int, str]] = []
-    for i, line in enumerate(lines):
-        if b"\n" in line or b"\r" in line:
-            bad.append((i, "the transformed record spans several lines"))
-            continue
-        try:
-            good.append(_rows_to_arrow([line], target))
-        except (pa.ArrowException, ValueError) as exc:
-            bad.append((i, f"the transformed record does not fit the table: {exc}"))
-    arrow = pa.concat_tables(good) if good else target.empty_table()
-    return arrow, bad
-
-
 # -- the stream -----------------------------------------------------------------------------------------------------
 
 
@@ -700,6 +657,7 @@ class DeliveryStream:
             TransformWorkers(access_log_settings(config), invocation, processes=_WORKERS) if handler is None else None
         )
         self._read_ahead: _InFlight = collections.deque()
+        self._arrow_schemas: dict[int, tuple[Schema, pa.Schema]] = {}
 
         self._catalog: Catalog = open_catalog(self.data_dir)
         table = ensure_metering_table(self._catalog, config) if target is None else target.ensure_table(self._catalog)
@@ -939,27 +897,24 @@ class DeliveryStream:
 
         The spool is read one Lambda event's worth at a time and each event's Ok rows are decoded to Arrow at once,
         so memory holds the buffer's Arrow rows, not its raw lines, base64 copies and transform answers too. When the
-        transform runs in its worker process, up to ``_PIECES_IN_FLIGHT`` pieces are transforming there while this
-        thread decodes earlier ones, and the next buffer's first pieces are read and sent before this buffer commits,
-        so the transform keeps running through the commit.
+        transform runs in its worker processes, up to ``_PIECES_IN_FLIGHT`` pieces are there while this thread adds
+        earlier ones to the buffer (a worker reads a piece that ends where a put ended itself, and answers Arrow rows;
+        see :meth:`_read_pieces`), and the next buffer's first pieces are sent before this buffer commits, so the
+        transform keeps running through the commit.
         """
         with self._cond:
             limit = min(self._spooled, buffer.start + self._size_bytes)
         parallel = self._workers is not None and limit - buffer.start > self._event_raw_bytes
         in_flight, self._read_ahead = self._read_ahead, collections.deque()
-        if in_flight and in_flight[0][0].start != buffer.start:
+        if in_flight and in_flight[0].start != buffer.start:
             self._discard(in_flight)  # read ahead for a buffer that did not commit: this one starts elsewhere
         try:
-            read_end = in_flight[-1][0].end if in_flight else buffer.start
+            read_end = in_flight[-1].end if in_flight else buffer.start
             read_end = self._read_pieces(in_flight, read_end, limit, _PIECES_IN_FLIGHT if parallel else 1)
             while in_flight:
-                piece, pending = in_flight.popleft()
+                piece = in_flight.popleft()
                 buffer.end = piece.end
-                if piece.records:
-                    if buffer.records_read == 0:
-                        buffer.first_arrival_ms = piece.arrivals_ms[0]
-                    buffer.records_read += len(piece)
-                    self._sort_transformed(buffer, piece, self._transformed(piece, pending))
+                self._take_piece(buffer, piece)
                 read_end = self._read_pieces(in_flight, read_end, limit, _PIECES_IN_FLIGHT if parallel else 1)
             if parallel:
                 with self._cond:
@@ -1041,21 +996,142 @@ class DeliveryStream:
         )
 
     def _read_pieces(self, in_flight: _InFlight, read_end: int, limit: int, depth: int) -> int:
-        """Read pieces from ``read_end`` up to ``limit`` until ``depth`` are in flight, each sent to the transform;
-        returns where reading stopped."""
+        """Send pieces from ``read_end`` up to ``limit`` to the transform until ``depth`` are in flight; returns where
+        the pieces sent end.
+
+        With the worker processes (``depth`` > 1), a piece that ends where a put ended is read by the worker itself
+        (:class:`PieceRequest`): a put's end is a frame boundary this process knows without reading. Otherwise (no
+        put ends within an event's reach, e.g. the backlog found on open, or a repaired range) this process reads
+        the piece and sends its records.
+        """
         while read_end < limit and len(in_flight) < depth:
-            piece = self._spool.read(read_end, min(self._event_raw_bytes, limit - read_end))
-            if piece.end == read_end:
+            if depth > 1 and self._workers is not None:
+                stop = self._put_end_within(read_end, limit)
+                if stop is not None:
+                    request = self._piece_request(read_end, stop)
+                    if request is not None:
+                        in_flight.append(_Piece(read_end, stop, None, decoding=self._workers.submit_request(request)))
+                        read_end = stop
+                        continue
+            batch = self._spool.read(read_end, min(self._event_raw_bytes, limit - read_end))
+            if batch.end == read_end:
                 break
-            read_end = piece.end
             pending: Transformed | Future[Transformed] | None = None
-            if piece.records:  # else only padding where a damaged range was repaired
+            if batch.records:  # else only padding where a damaged range was repaired
                 if depth > 1 and self._workers is not None:
-                    pending = self._workers.submit(piece.offsets, piece.arrivals_ms, piece.records)
+                    pending = self._workers.submit(batch.offsets, batch.arrivals_ms, batch.records)
                 else:
-                    pending = self._invoker.transform(piece.offsets, piece.arrivals_ms, piece.records)
-            in_flight.append((piece, pending))
+                    pending = self._invoker.transform(batch.offsets, batch.arrivals_ms, batch.records)
+            in_flight.append(_Piece(batch.start, batch.end, batch, pending))
+            read_end = batch.end
         return read_end
+
+    def _put_end_within(self, start: int, limit: int) -> int | None:
+        """The last end of a put in ``(start, min(limit, start + event_raw_bytes)]``, or else the first one within
+        ``_PIECE_REACH`` events' bytes (one put larger than an event); None if there is neither."""
+        with self._cond:
+            puts = self._pending_puts
+            reach = min(limit, start + self._event_raw_bytes)
+            last = bisect.bisect_right(puts, reach, key=_PUT_END) - 1
+            if last >= 0 and puts[last][0] > start:
+                return puts[last][0]
+            following = last + 1
+            if following < len(puts) and start < puts[following][0] <= min(
+                limit, start + _PIECE_REACH * self._event_raw_bytes
+            ):
+                return puts[following][0]
+        return None
+
+    def _piece_request(self, start: int, stop: int) -> PieceRequest | None:
+        """The request for a worker to read, transform and decode ``[start, stop)``; None if the range holds padding
+        (a repaired range, which this process reads)."""
+        try:
+            spool_range = self._spool.range(start, stop)
+        except ValueError:
+            return None
+        table = self._tables[self._default_destination]
+        return PieceRequest(spool_range, self._default_destination, self._arrow_schema(table))
+
+    def _arrow_schema(self, table: Table) -> pa.Schema:
+        """``table``'s Arrow schema, converted once per Iceberg schema."""
+        schema = table.schema()
+        cached = self._arrow_schemas.get(id(table))
+        if cached is None or cached[0] is not schema:
+            cached = self._arrow_schemas[id(table)] = (schema, schema.as_arrow())
+        return cached[1]
+
+    def _take_piece(self, buffer: _Buffer, piece: _Piece) -> None:
+        """Add one piece's outcome to the buffer, waiting for the worker if it is still at it."""
+        batch = piece.batch
+        if batch is None:
+            decoded = self._decoded(piece)
+            if decoded is not None and self._take_decoded(buffer, piece, decoded):
+                return
+            # The worker failed, or decoded for another schema: read and transform the piece here.
+            batch = self._read_range(piece.start, piece.end)
+        if batch.records:
+            if buffer.records_read == 0:
+                buffer.first_arrival_ms = batch.arrivals_ms[0]
+            buffer.records_read += len(batch)
+            self._sort_transformed(buffer, batch, self._transformed(batch, piece.pending))
+
+    def _decoded(self, piece: _Piece) -> DecodedPiece | None:
+        """The worker's outcome of a piece it read itself; None if it failed (the caller redoes the piece)."""
+        assert piece.decoding is not None  # a piece without a batch is one a worker reads
+        try:
+            return piece.decoding.result()
+        except (WorkerStoppedError, WorkerPieceError) as exc:
+            logger.warning("%s: %s; transforming [%d, %d) in this process", self.name, exc, piece.start, piece.end)
+            return None
+
+    def _take_decoded(self, buffer: _Buffer, piece: _Piece, decoded: DecodedPiece) -> bool:
+        """Add a worker-decoded piece to the buffer; False (nothing added) if its rows cannot go in as they are: the
+        destination's schema changed since the piece was sent, or the table is gone."""
+        destination = self._default_destination
+        sink = buffer.destinations.get(destination)
+        if sink is None:
+            sink = buffer.destinations[destination] = _Sink(self._load_table(destination))
+        if decoded.rows.num_rows and (sink.table is None or not decoded.rows.schema.equals(sink.schema)):
+            return False
+        outcome = decoded.transformed
+        batch: SpoolBatch | None = None
+        if outcome.rejected or outcome.rows or decoded.bad:
+            # Rejects carry their raw records, which only the worker read: read the piece here too (rare).
+            batch = self._read_range(piece.start, piece.end)
+            if len(batch) != decoded.records:
+                return False
+        if decoded.records:
+            if buffer.records_read == 0:
+                buffer.first_arrival_ms = decoded.first_arrival_ms
+            buffer.records_read += decoded.records
+        if batch is not None:
+            self._sort_transformed(buffer, batch, outcome)
+            buffer.rejected.extend(
+                _Rejected.of(batch, i, "Iceberg.InvalidRecord", message, 1, DELIVERY_FAILED)
+                for i, message in decoded.bad
+            )
+        else:
+            buffer.invocations += outcome.invocations
+            buffer.dropped += outcome.dropped
+        if decoded.rows.num_rows:
+            sink.chunks.append(decoded.rows)
+        return True
+
+    def _read_range(self, start: int, stop: int) -> SpoolBatch:
+        """Every record of ``[start, stop)``, read by this process."""
+        batch = self._spool.read(start, stop - start)
+        while batch.end < stop:
+            more = self._spool.read(batch.end, stop - batch.end)
+            if more.end == batch.end:
+                break
+            batch = SpoolBatch(
+                batch.start,
+                more.end,
+                batch.offsets + more.offsets,
+                batch.arrivals_ms + more.arrivals_ms,
+                batch.records + more.records,
+            )
+        return batch
 
     def _transformed(self, piece: SpoolBatch, pending: Transformed | Future[Transformed] | None) -> Transformed:
         """The transform's outcome for ``piece``, waiting for the worker if it is still transforming it."""
@@ -1071,9 +1147,10 @@ class DeliveryStream:
     @staticmethod
     def _discard(in_flight: _InFlight) -> None:
         """Drop pieces in flight (the worker's results for them are ignored)."""
-        for _, pending in in_flight:
-            if isinstance(pending, Future):
-                pending.cancel()
+        for piece in in_flight:
+            for future in (piece.pending, piece.decoding):
+                if isinstance(future, Future):
+                    future.cancel()
         in_flight.clear()
 
     def _sort_transformed(self, buffer: _Buffer, piece: SpoolBatch, outcome: Transformed) -> None:
@@ -1094,7 +1171,7 @@ class DeliveryStream:
                     _Rejected.of(piece, i, "Iceberg.NoSuchTable", message, 1, DELIVERY_FAILED) for i in indices
                 )
                 continue
-            arrow, bad = _decode_rows(lines, sink.schema)
+            arrow, bad = decode_rows(lines, sink.schema)
             buffer.rejected.extend(
                 _Rejected.of(piece, indices[j], "Iceberg.InvalidRecord", message, 1, DELIVERY_FAILED)
                 for j, message in bad

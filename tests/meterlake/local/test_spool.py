@@ -25,6 +25,7 @@ from meterlake.local.spool import (
     SpoolInUseError,
     SpoolOffsetError,
     SpoolWriteError,
+    read_range,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -123,6 +124,46 @@ def test_damage_found_while_reading_names_the_file_and_byte(tmp_path: Path) -> N
             spool.read(0, 1 << 20)
     assert (caught.value.offset, caught.value.file_offset) == (0, 0)
     assert f"spool segment {first} is damaged at byte 0" in str(caught.value)
+
+
+def test_a_range_is_read_by_another_reader_as_the_spool_reads_it_across_segments(tmp_path: Path) -> None:
+    """What a worker process reads of ``Spool.range`` (no lock, from the files) is what ``read`` returns, across
+    segment files, and a range that does not start or end on a frame boundary is refused."""
+    with Spool(tmp_path, segment_bytes=100) as spool:
+        ends = [spool.append(_records(4, prefix=str(i))) for i in range(6)]
+        spool_range = spool.range(ends[0], ends[4])
+        assert len(spool_range.segments) > 1  # the range spans several segment files
+        batch = read_range(spool_range)
+        expected = spool.read(ends[0], ends[4] - ends[0])
+        assert (batch.start, batch.end) == (ends[0], ends[4])
+        assert (batch.offsets, batch.arrivals_ms, batch.records) == (
+            expected.offsets,
+            expected.arrivals_ms,
+            expected.records,
+        )
+        assert batch.records == [r for i in (1, 2, 3, 4) for r in _records(4, prefix=str(i))]
+        with pytest.raises(SpoolCorruptError):
+            read_range(spool.range(ends[0], ends[1] - 1))  # the last frame runs past the range's end
+        with pytest.raises(SpoolOffsetError):
+            spool.range(ends[0], spool.end + 1)
+        with pytest.raises(ValueError, match="empty"):
+            spool.range(ends[1], ends[1])
+
+
+def test_a_range_read_after_open_finds_damage_done_since(tmp_path: Path) -> None:
+    """A byte flipped after the spool was opened (open checked it) fails the range's read, naming file and byte."""
+    with Spool(tmp_path) as spool:
+        first = spool.append(_records(4))
+        end = spool.append(_records(4, prefix="s"))
+        segment = sorted(tmp_path.glob("*.seg"))[0]
+        data = bytearray(segment.read_bytes())
+        data[first + HEADER_BYTES + 2] ^= 0xFF
+        segment.write_bytes(bytes(data))
+        assert read_range(spool.range(0, first)).records == _records(4)
+        with pytest.raises(SpoolCorruptError) as caught:
+            read_range(spool.range(first, end))
+    assert (caught.value.offset, caught.value.file_offset) == (first, first)
+    assert "checksum mismatch" in str(caught.value)
 
 
 def test_segments_wholly_below_the_committed_offset_are_deleted(tmp_path: Path) -> None:
@@ -319,6 +360,10 @@ def test_repair_quarantines_the_damaged_segment_and_keeps_every_readable_record(
         assert again.records == records[:12] + records[13:]
         assert again.offsets == batch.offsets[:12] + batch.offsets[13:], "offsets after the damage must not move"
         end = repaired.append([b"after the repair"])
+        # Only the spool's own reads skip padding: a range over the repaired bytes is not handed to another reader.
+        with pytest.raises(ValueError, match="padding"):
+            repaired.range(0, end)
+        assert read_range(repaired.range(batch.offsets[13], end)).records == [*records[13:], b"after the repair"]
     assert repair.copy.parent == tmp_path / QUARANTINE_DIR
     assert repair.copy.read_bytes() == damaged_bytes
     note = json.loads(repair.note.read_text())

@@ -6,6 +6,7 @@ import base64
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 from meterlake.config import LAMBDA_REQUEST_LIMIT_BYTES, Config
 from meterlake.lake.home import DataDir
 from meterlake.local.invoker import event_ranges
-from meterlake.local.stream import BACKLOG_BUFFERS, DeliveryStream, access_log_handler
+from meterlake.local.spool import Spool, SpoolBatch
+from meterlake.local.stream import BACKLOG_BUFFERS, DeliveryStream, SpoolDamagedError, access_log_handler
 from tests.meterlake.local.test_stream import error_rows, gateway_line, make_config, table_rows
 from transform_lambda.normalize import rejection_reason
 
@@ -97,6 +99,63 @@ def test_a_worker_that_dies_costs_nothing(data_dir: DataDir) -> None:
         assert {process.pid for process in second}.isdisjoint(process.pid for process in first)
     assert report.ok_written == 6000
     assert table_rows(data_dir, config).num_rows == 9000
+
+
+def _records_read_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the records the stream's own process reads from its spool (the list grows with each read)."""
+    counts: list[int] = []
+    read = Spool.read
+
+    def counting_read(spool: Spool, offset: int, max_bytes: int) -> SpoolBatch:
+        batch = read(spool, offset, max_bytes)
+        counts.append(len(batch.records))
+        return batch
+
+    monkeypatch.setattr(Spool, "read", counting_read)
+    return counts
+
+
+def test_the_workers_read_the_spool_themselves(data_dir: DataDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces that end where puts ended are read, transformed and decoded by the workers: the stream's process reads
+    at most the pieces cut at a buffer's end (where no put ended), a small part of the records, and every line is
+    committed once."""
+    config = small_events_config()
+    lines = [gateway_line(n) for n in range(9000)]
+    read_here = _records_read_here(monkeypatch)
+    with DeliveryStream(config=config, data_dir=data_dir) as stream:
+        for start in range(0, len(lines), 100):
+            stream.put_records(lines[start : start + 100])
+        report = stream.flush()
+    assert report.ok_written == 9000
+    assert sum(read_here) < len(lines) // 10
+    assert sorted(table_rows(data_dir, config).column("request_id").to_pylist()) == sorted(
+        str(uuid.UUID(int=n + 1)) for n in range(9000)
+    )
+
+
+def test_damage_done_after_open_to_a_range_a_worker_reads_stops_the_flush_as_before(data_dir: DataDir) -> None:
+    """A byte flipped after open in a piece a worker reads: the worker cannot read it, the stream reads the piece
+    itself and refuses with SpoolDamagedError naming the byte; nothing of that buffer is committed, and
+    ``recover=True`` then delivers every other record."""
+    config = small_events_config()
+    lines = [gateway_line(n) for n in range(3000)]
+    stream = DeliveryStream(config=config, data_dir=data_dir)
+    for start in range(0, len(lines), 100):
+        stream.put_records(lines[start : start + 100])
+    offsets = stream._spool.read(0, 1 << 30).offsets
+    segment = data_dir.spool / "00000000000000000000.seg"
+    data = bytearray(segment.read_bytes())
+    data[offsets[1234] + 40] ^= 0x5A
+    segment.write_bytes(bytes(data))
+    with pytest.raises(SpoolDamagedError) as caught:
+        stream.flush()
+    assert f"damaged at byte {offsets[1234]}" in str(caught.value)
+    with pytest.raises(SpoolDamagedError):
+        stream.close()
+    with DeliveryStream(config=config, data_dir=data_dir, recover=True) as recovered:
+        recovered.flush()
+    ids = table_rows(data_dir, config).column("request_id").to_pylist()
+    assert sorted(ids) == sorted(str(uuid.UUID(int=n + 1)) for n in range(3000) if n != 1234)
 
 
 def test_puts_wait_while_two_buffers_are_uncommitted(data_dir: DataDir) -> None:
