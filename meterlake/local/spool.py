@@ -687,13 +687,22 @@ class Spool:
             SpoolOffsetError: ``offset`` was deleted or is past the end.
             SpoolCorruptError: a frame fails its checksum (``offset`` not a record boundary, or damaged data).
         """
+        segments, end, padded = self._layout_from(offset)
+        return _read_frames(segments, end, padded, offset, max_bytes)
+
+    def _layout_from(self, offset: int) -> tuple[list[tuple[int, Path]], int, list[tuple[int, int]]]:
+        """The segments (start, path), the end and the padded ranges, as they are now, for reading from ``offset``.
+
+        Raises:
+            SpoolOffsetError: ``offset`` was deleted or is past the end.
+        """
         with self._lock:
             segments = [(s.start, s.path) for s in self._segments]
             end = self._end
             padded = list(self._padded)
         if offset < segments[0][0] or offset > end:
             raise SpoolOffsetError(offset, segments[0][0], end)
-        return _read_frames(segments, end, padded, offset, max_bytes)
+        return segments, end, padded
 
     def range(self, start: int, stop: int) -> SpoolRange:
         """What another process needs to read the records of ``[start, stop)`` itself (see :func:`read_range`).
@@ -705,12 +714,7 @@ class Spool:
             SpoolOffsetError: ``start`` was deleted, or ``stop`` is past the end.
             ValueError: the range is empty or overlaps a padded range.
         """
-        with self._lock:
-            segments = [(s.start, s.path) for s in self._segments]
-            end = self._end
-            padded = list(self._padded)
-        if start < segments[0][0] or start > end:
-            raise SpoolOffsetError(start, segments[0][0], end)
+        segments, end, padded = self._layout_from(start)
         if stop > end:
             raise SpoolOffsetError(stop, segments[0][0], end)
         if stop <= start or any(pad_start < stop and start < pad_stop for pad_start, pad_stop in padded):
