@@ -53,7 +53,7 @@ from meterlake.lake.query import (
     load_query,
     plan_data_files,
     prepare,
-    sandboxed_duckdb,
+    sandboxed_cursor,
 )
 from meterlake.meters import TENANT_COLUMN, TIME_COLUMN, Meter, meter_predicate_sql
 from meterlake.schema import METER_EVENTS_TABLE, METER_INGESTED_AT_COLUMN, METER_TIME_COLUMN
@@ -187,7 +187,7 @@ class UsageEngine:
             f"SELECT {', '.join(selected)} "  # noqa: S608 (our own column names; every value is a $parameter)
             f"FROM read_parquet($files, hive_partitioning = false) WHERE {where} GROUP BY {grouping}"
         )
-        con = sandboxed_duckdb(files)
+        con = sandboxed_cursor(files)
         try:
             rows = con.execute(sql, params).fetchall()
         finally:
@@ -347,7 +347,7 @@ def run_event_usage_sql(params: Mapping[str, str], *, config: Config, data_dir: 
     ]
     relation = exp.select(exp.Star(replace=naive)).from_(source)
     prepared = prepare(tree.sql(dialect=SOURCE_DIALECT), dialect="duckdb", table=relation, params=bound)
-    con = sandboxed_duckdb(files)
+    con = sandboxed_cursor(files)
     try:
         cursor = con.execute(prepared.sql, prepared.parameters)
         columns = [column[0] for column in cursor.description or []]

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import random
 from collections import defaultdict
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from pyiceberg.table import FileScanTask
 from sqlglot import exp
 
 from meterlake.config import Config
+from meterlake.lake import query as query_module
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import (
@@ -44,7 +46,9 @@ from meterlake.lake.query import (
     prepare,
     printable,
     run_local_query,
+    sandboxed_cursor,
     sandboxed_duckdb,
+    scan_filter,
 )
 from meterlake.local.auth import for_config, signing_key_path
 from meterlake.schema import metering_event_arrow_schema
@@ -540,6 +544,73 @@ def test_the_sandbox_is_refused_by_duckdb_itself_and_locked(tmp_path: Path, data
     finally:
         con.close()
     assert not target.exists()
+
+
+def _marker_visible(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(con.sql("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'pool_marker'").fetchall()[0][0])
+
+
+def test_a_sandbox_is_reused_for_the_same_files_only(tmp_path: Path) -> None:
+    """The same file list gets a cursor on the same locked database; other files (fewer or more) get their own, as
+    does a forked child; a cursor keeps working after its database left the pool."""
+    files = []
+    for name in ("a", "b", "c"):
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.table({"n": [1, 2]}), path)
+        files.append(str(path))
+    first = sandboxed_cursor(files[:2])
+    first.execute("CREATE TABLE pool_marker AS SELECT 1 AS x")
+    again = sandboxed_cursor(list(reversed(files[:2])))
+    fewer = sandboxed_cursor(files[:1])
+    more = sandboxed_cursor(files)
+    try:
+        assert _marker_visible(again)
+        assert not _marker_visible(fewer)
+        assert not _marker_visible(more)
+        with pytest.raises(duckdb.PermissionException):
+            again.sql(f"SELECT * FROM read_parquet('{files[2]}')").fetchall()
+        with pytest.raises(duckdb.InvalidInputException, match="locked"):
+            again.execute("SET enable_external_access = true")
+        for other in range(4):  # push the first database out of the pool of four
+            sandboxed_cursor([*files[:2], str(tmp_path / f"other{other}.parquet")]).close()
+        assert not _marker_visible(sandboxed_cursor(files[:2]))
+        assert _marker_visible(first)
+        assert first.sql(f"SELECT sum(n) FROM read_parquet({files[:2]!r})").fetchall() == [(6,)]
+    finally:
+        for con in (first, again, fewer, more):
+            con.close()
+
+
+def test_a_forked_child_opens_its_own_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"n": [1]}), path)
+    parent = sandboxed_cursor([str(path)])
+    parent.execute("CREATE TABLE pool_marker AS SELECT 1 AS x")
+    real_pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: real_pid + 1)
+    child = sandboxed_cursor([str(path)])
+    try:
+        assert not _marker_visible(child)
+    finally:
+        child.close()
+        parent.close()
+
+
+def test_a_query_is_prepared_and_its_filter_derived_once(data_dir: DataDir) -> None:
+    """Repeating a query reuses its DuckDB statement and its scan filter; other values get their own filter."""
+    query = load_query("usage_per_tenant_day")
+    window = {"start": "2024-03-04T00:00:00Z", "end": "2024-03-05T00:00:00Z"}
+    first = run_local_query(query, window, config=CONFIG, data_dir=data_dir)
+    hits = query_module._local_statement.cache_info().hits
+    assert run_local_query(query, window, config=CONFIG, data_dir=data_dir).rows == first.rows
+    assert query_module._local_statement.cache_info().hits == hits + 1
+    bound = bind_params(query, window)
+    assert scan_filter(query.sql, bound) is scan_filter(query.sql, dict(reversed(bound.items())))
+    other = bind_params(query, {**window, "end": "2024-03-06T00:00:00Z"})
+    assert scan_filter(query.sql, other) != scan_filter(query.sql, bound)
+    assert run_local_query(query, {**window, "tenant_id": "acme"}, config=CONFIG, data_dir=data_dir).rows == [
+        row for row in first.rows if row[0] == "acme"
+    ]
 
 
 @pytest.mark.parametrize("name", QUERY_NAMES)
