@@ -17,6 +17,7 @@ import functools
 import io
 import logging
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -109,19 +110,23 @@ def rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
         ),
     )
     if maps:
-        rows = _map_decoder(tuple(f.name for f in maps)).decode(b"[" + body.replace(b"\n", b",") + b"]")
+        # Line by line, in place: wrapping the body into one JSON array copied it twice (~0.5 us a row).
+        rows = _map_decoder(tuple(f.name for f in maps)).decode_lines(body)
+        if len(rows) != table.num_rows:
+            raise ValueError(f"{len(rows)} rows hold maps, {table.num_rows} rows were read")
         for f in maps:
-            values = [getattr(row, f.name) for row in rows]
+            values = list(map(attrgetter(f.name), rows))
             table = table.append_column(f.name, pa.array(values, type=f.type))
     return table.select(target.names).cast(target)
 
 
 @functools.cache
-def _map_decoder(names: tuple[str, ...]) -> msgspec.json.Decoder[list[Any]]:
-    """Decodes a JSON array of rows into just their map members (objects of strings, or null)."""
+def _map_decoder(names: tuple[str, ...]) -> msgspec.json.Decoder[Any]:
+    """Decodes rows (with ``decode_lines``: one JSON object a line) into just their map members (objects of strings,
+    or null)."""
     # gc=False: the rows hold only dicts of strings (no cycles), and tracking 100k+ of them set off full collections.
     row = msgspec.defstruct("MapMembers", [(name, dict[str, str] | None, None) for name in names], gc=False)
-    return msgspec.json.Decoder(list[row])  # type: ignore[valid-type]
+    return msgspec.json.Decoder(row)
 
 
 def decode_rows(lines: list[bytes], target: pa.Schema) -> tuple[pa.Table, list[tuple[int, str]]]:
