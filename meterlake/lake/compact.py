@@ -3,8 +3,9 @@
 The delivery stream commits one or more small files per flush (a month at the one-minute interval is over 43,000),
 and every query plan and forwarding pass pays for each. :func:`compact` rewrites the small files of each closed
 partition (a UTC day that ended at least :data:`CLOSE_AFTER` ago, so no flush still writes there) into large files
-sorted by request time, and commits all partitions' swaps in ONE Iceberg ``replace`` snapshot. It reads and writes
-through pyiceberg and checks that the rows it wrote are the rows it read, so no usage number changes.
+sorted by request time, in row groups of at most :data:`ROW_GROUP_ROWS`, and commits all partitions' swaps in ONE
+Iceberg ``replace`` snapshot. It reads and writes through pyiceberg and checks that the rows it wrote are the rows it
+read, so no usage number changes.
 
 Why ``replace``: that operation says "the same rows, in other files". The forwarding outbox
 (``meterlake.amberflo.outbox.committed_since``) stages what ``append`` and ``overwrite`` snapshots added and skips
@@ -65,6 +66,10 @@ CLOSE_AFTER: Final = timedelta(hours=1)
 SMALL_FILE_SHARE: Final = 0.75
 #: The column compacted files are sorted by, so a time window reads few row groups of a day's file.
 SORT_COLUMN: Final = PARTITION_SOURCE_COLUMN
+#: Rows per row group of a compacted file (at most): pyiceberg's default (1,048,576) leaves a day of a million
+#: events in one group, which DuckDB reads on one thread and cannot skip any of. In groups of 262,144 (measured on
+#: such a day, 2 cores): the day query ~1.7x faster, an hour of it ~2x, the file ~10% larger.
+ROW_GROUP_ROWS: Final = 262_144
 #: How often the running local stack maintains the table.
 MAINTENANCE_INTERVAL_S: Final = 900.0
 #: Attempts at committing an expiry the stream's commits keep racing.
@@ -241,6 +246,15 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
     rows = 0
     write_uuid, counter = uuid.uuid4(), itertools.count()
     scan = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue())
+    # The table's own row-group limit, unless it leaves a compacted day in one group (pyiceberg's default does).
+    limit = property_as_int(
+        table.metadata.properties,
+        TableProperties.PARQUET_ROW_GROUP_LIMIT,
+        TableProperties.PARQUET_ROW_GROUP_LIMIT_DEFAULT,
+    )
+    assert limit is not None  # the default is not None
+    properties = {**table.metadata.properties, TableProperties.PARQUET_ROW_GROUP_LIMIT: str(min(limit, ROW_GROUP_ROWS))}
+    writing = table.metadata.model_copy(update={"properties": properties})
     try:
         for day in days:
             files = by_partition[day]
@@ -252,7 +266,7 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
             del events
             new_files = list(
                 _dataframe_to_data_files(
-                    table_metadata=table.metadata, df=sorted_events, io=table.io, write_uuid=write_uuid, counter=counter
+                    table_metadata=writing, df=sorted_events, io=table.io, write_uuid=write_uuid, counter=counter
                 )
             )
             written.extend(new_files)

@@ -320,3 +320,21 @@ def test_the_schedule_maintains_the_table(data_dir: DataDir) -> None:
     assert worker.last is not None
     # The real clock: every one of the table's days (in 2025) is closed.
     assert worker.last.compaction.partitions == 4
+
+
+def test_compacted_files_are_cut_into_row_groups_a_reader_can_split_and_skip(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compacted day is written in row groups of at most ROW_GROUP_ROWS (or the table's own smaller limit), so a
+    reader splits a day across threads and skips the groups a time window excludes; the table is not changed."""
+    table = _table(data_dir)
+    monkeypatch.setattr(compact_module, "ROW_GROUP_ROWS", 100)
+    compact(table, now=NOW)
+    day_rows = FLUSHES_PER_DAY * EVENTS_PER_FLUSH
+    compacted = [task.file for task in table.scan().plan_files() if task.file.record_count == day_rows]
+    assert len(compacted) == 3
+    for data_file in compacted:
+        metadata = pa.parquet.ParquetFile(data_file.file_path.removeprefix("file://")).metadata
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        assert groups == [100, 100, day_rows - 200]
+    assert "write.parquet.row-group-limit" not in table.properties
