@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from itertools import repeat
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 import msgspec
 import pyarrow as pa
@@ -34,6 +35,7 @@ import pyarrow.compute as pc
 from msgspec import Meta
 from pyiceberg.types import IntegerType, LongType, StringType, TimestamptzType
 
+from meterlake.amberflo.api import IngestRecord
 from meterlake.records import NO_TENANT_PATTERN
 from meterlake.schema import METERING_EVENT_SCHEMA
 from meterlake.structs import ConfigSection
@@ -273,31 +275,45 @@ class MeterBatch:
         """Every record's uniqueId, in record order."""
         return [uid for part in self.parts for uid in part.table.column(UNIQUE_ID).to_pylist()]
 
-    def records(self) -> Iterator[dict[str, Any]]:
-        """The records as Amberflo's ingest API takes them (JSON-ready dicts), meter by meter in event order."""
+    def ingest_records(self) -> list[IngestRecord]:
+        """The records as Amberflo's ingest API takes them, meter by meter in event order, typed: built column by
+        column in C loops and encoded by msgspec (as dicts, building and encoding them cost ~4x as much)."""
+        records: list[IngestRecord] = []
         for part in self.parts:
             table = part.table
-            customers = table.column(CUSTOMER_ID).to_pylist()
-            values = table.column(METER_VALUE).to_pylist()
-            times = table.column(METER_TIME).to_pylist()
-            uids = table.column(UNIQUE_ID).to_pylist()
-            if DIMENSIONS in table.column_names:
-                dims: list[dict[str, Any]] = table.column(DIMENSIONS).to_pylist()
-            else:
-                dims = [{}] * table.num_rows
-            name = part.meter_api_name
-            for customer, value, time_ms, uid, dim in zip(customers, values, times, uids, dims, strict=True):
-                record: dict[str, Any] = {
-                    "customerId": customer,
-                    "meterApiName": name,
-                    "meterValue": value,
-                    "meterTimeInMillis": time_ms,
-                    "uniqueId": uid,
-                }
-                present = {key: text for key, text in dim.items() if text is not None}
-                if present:
-                    record["dimensions"] = present
-                yield record
+            records.extend(
+                map(
+                    IngestRecord,
+                    table.column(CUSTOMER_ID).to_pylist(),
+                    repeat(part.meter_api_name),
+                    table.column(METER_VALUE).to_pylist(),
+                    table.column(METER_TIME).to_pylist(),
+                    table.column(UNIQUE_ID).to_pylist(),
+                    _present_dimensions(table),
+                )
+            )
+        return records
+
+    def records(self) -> list[dict[str, Any]]:
+        """:meth:`ingest_records` as JSON-ready dicts (Amberflo's field names; no ``dimensions`` when none is set)."""
+        records: list[dict[str, Any]] = msgspec.to_builtins(self.ingest_records())
+        return records
+
+
+def _present_dimensions(table: pa.Table) -> Iterator[dict[str, str] | None]:
+    """Each record's dimensions with a value (None when it has none): the DIMENSIONS struct's non-null fields."""
+    if DIMENSIONS not in table.column_names:
+        return repeat(None, table.num_rows)
+    column = table.column(DIMENSIONS).combine_chunks()
+    dims: list[dict[str, str | None] | None] = column.to_pylist()
+    if column.null_count == 0 and all(column.field(i).null_count == 0 for i in range(column.type.num_fields)):
+        return iter(cast(list[dict[str, str] | None], dims))  # every record has every dimension: nothing to drop
+    return iter([_without_nulls(dim) for dim in dims])
+
+
+def _without_nulls(dim: dict[str, str | None] | None) -> dict[str, str] | None:
+    present = {key: text for key, text in (dim or {}).items() if text is not None}
+    return present or None
 
 
 def meter_records(events: pa.Table, meters: Sequence[Meter]) -> MeterBatch:

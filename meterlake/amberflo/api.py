@@ -51,6 +51,20 @@ _EPOCH_WEEKDAY: Final = 3
 _GZIP_ENCODINGS: Final = ("gzip", "x-gzip")
 
 
+class IngestRecord(
+    msgspec.Struct, rename="camel", forbid_unknown_fields=True, omit_defaults=True, frozen=True, gc=False
+):
+    """One record of Amberflo's ingest API (its field names): decoded from what callers send (the typed decode checks
+    types in C), and encoded for what meterlake forwards (a field at its default, None, is left out)."""
+
+    customer_id: str
+    meter_api_name: str
+    meter_value: float
+    meter_time_in_millis: int
+    unique_id: str | None = None
+    dimensions: dict[str, str] | None = None
+
+
 class RequestError(Exception):
     """A request that is refused: answered with ``status`` (a 4xx) and ``{"message": ...}``, nothing stored.
 

@@ -55,6 +55,7 @@ import httpx
 import msgspec
 from isal import isal_zlib
 
+from meterlake.amberflo.api import IngestRecord
 from meterlake.amberflo.settings import AmberfloSettings
 
 logger = logging.getLogger(__name__)
@@ -110,8 +111,8 @@ class EncodedBatch:
         return records
 
 
-def encode_batch(records: Sequence[Mapping[str, Any]]) -> EncodedBatch:
-    """Encode records (Amberflo's JSON shape) as one request body.
+def encode_batch(records: Sequence[Mapping[str, Any]] | Sequence[IngestRecord]) -> EncodedBatch:
+    """Encode records (Amberflo's JSON shape: dicts, or typed records) as one request body.
 
     Raises:
         BatchTooLargeError: more than :data:`MAX_BATCH_RECORDS` records.

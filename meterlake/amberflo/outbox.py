@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from operator import attrgetter
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -49,6 +50,7 @@ from pyiceberg.manifest import DataFileContent, ManifestEntryStatus
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation, Snapshot
 
+from meterlake.amberflo.api import IngestRecord
 from meterlake.amberflo.forwarder import (
     DeadLetter,
     EncodedBatch,
@@ -83,6 +85,7 @@ OUTBOX_FILE = "outbox.db"
 REPAIR_SNAPSHOT_ID = -1
 #: Pending batches read from SQLite at a time while draining.
 _DRAIN_PAGE = 256
+_METER_TIME = attrgetter("meter_time_in_millis")
 _PENDING, _SENT, _DEAD = "pending", "sent", "dead"
 #: The meta key holding the pause (JSON of :class:`ForwardingPause`'s fields) while Amberflo refuses the API key.
 _PAUSE_KEY = "key_refused"
@@ -338,7 +341,7 @@ class Outbox:
         """Stage one snapshot's records and advance the checkpoint to it in one transaction; None if raced."""
         snapshot, events = committed.snapshot, committed.events
         batch = self._source.to_records(events)
-        rows = list(self._encode(batch.records(), snapshot))
+        rows = list(self._encode(batch.ingest_records(), snapshot))
         now_ms = _now_ms()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -382,24 +385,15 @@ class Outbox:
         return len(batch)
 
     def _encode(
-        self, records: Iterator[dict[str, Any]], snapshot: Snapshot
+        self, records: list[IngestRecord], snapshot: Snapshot
     ) -> Iterator[tuple[int, int, int, int, int, bytes]]:
         """Rows of the batches table: (snapshot, committed_ms, records, min time, max time, gzip body)."""
         size = self.settings.batch_size
-        chunk: list[dict[str, Any]] = []
-        for record in records:
-            chunk.append(record)
-            if len(chunk) == size:
-                yield self._batch_row(chunk, snapshot)
-                chunk = []
-        if chunk:
-            yield self._batch_row(chunk, snapshot)
-
-    @staticmethod
-    def _batch_row(chunk: list[dict[str, Any]], snapshot: Snapshot) -> tuple[int, int, int, int, int, bytes]:
-        times = [record["meterTimeInMillis"] for record in chunk]
-        encoded = encode_batch(chunk)
-        return (snapshot.snapshot_id, snapshot.timestamp_ms, encoded.records, min(times), max(times), encoded.body)
+        times = list(map(_METER_TIME, records))
+        for start in range(0, len(records), size):
+            chunk = times[start : start + size]
+            encoded = encode_batch(records[start : start + size])
+            yield (snapshot.snapshot_id, snapshot.timestamp_ms, encoded.records, min(chunk), max(chunk), encoded.body)
 
     # -- draining ----------------------------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal, TypeGuard
 
 import msgspec
 
-from meterlake.amberflo.api import CANCEL_DIMENSION, RequestError, parse_ingest_body
+from meterlake.amberflo.api import CANCEL_DIMENSION, IngestRecord, RequestError, parse_ingest_body
 from meterlake.records import MISSING, NO_TENANT_PATTERN_PYTHON
 from meterlake.schema import METER_EVENT_SCHEMA
 from meterlake.service.registry import RegisteredMeter
@@ -46,17 +46,6 @@ _NO_CUSTOMER = re.compile(NO_TENANT_PATTERN_PYTHON)
 #: Every character a value matching _NO_CUSTOMER can hold (the pattern's blanks and the missing marker).
 _NO_CUSTOMER_CHARS: Final = "\t\n\f\r " + MISSING
 _MICROS_PER_MS: Final = 1000
-
-
-class IngestRecord(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True, gc=False):
-    """One ingest record as sent (Amberflo's field names); the typed decode checks types in C."""
-
-    customer_id: str
-    meter_api_name: str
-    meter_value: float
-    meter_time_in_millis: int
-    unique_id: str | None = None
-    dimensions: dict[str, str] | None = None
 
 
 class MeterEventRow(msgspec.Struct, frozen=True, gc=False):

@@ -16,11 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from meterlake.amberflo.api import RequestError
+from meterlake.amberflo.api import IngestRecord, RequestError
 from meterlake.service.auth import Principal, require_customer
 from meterlake.service.events import (
     EventSource,
-    IngestRecord,
     RecordError,
     check_records,
     encode_rows,

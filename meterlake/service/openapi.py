@@ -19,8 +19,8 @@ from meterlake.amberflo.api import (
     LOCKING_STATUSES,
     METER_TYPES,
     TIME_GROUPING_INTERVALS,
+    IngestRecord,
 )
-from meterlake.service.events import IngestRecord
 
 Method = Literal["GET", "POST", "PUT", "DELETE"]
 #: Who may call an operation: admins only, admins and tenants (for their own customerId), or anyone.

@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 from meterlake.amberflo.api import (
     ALL_AGGREGATIONS,
     CUSTOMER_KEY,
+    IngestRecord,
     RequestError,
     UsageQuery,
     parse_customer,
@@ -21,7 +22,7 @@ from meterlake.amberflo.api import (
 )
 from meterlake.service.auth import Principal, require_admin, scope_usage_query
 from meterlake.service.cancellation import CancellationRule, CancellationRules, parse_rule
-from meterlake.service.events import EventSource, IngestRecord
+from meterlake.service.events import EventSource
 from meterlake.service.forwarding import MirrorError
 from meterlake.service.ingest import Ingestor, IngestOutcome
 from meterlake.service.registry import MeterRegistry, RegisteredMeter

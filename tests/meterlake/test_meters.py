@@ -203,7 +203,7 @@ def test_value_column_and_null_values() -> None:
     )
     meter = Meter(meter_api_name="latency", label="Latency", meter_type="max_usage", value="response_latency_ms")
     assert [(r["uniqueId"], r["meterValue"]) for r in meter_records(events, [meter]).records()] == [("latency:a", 12)]
-    assert "dimensions" not in next(meter_records(events, [meter]).records())
+    assert "dimensions" not in meter_records(events, [meter]).records()[0]
 
 
 def test_unique_ids_are_stable_distinct_across_meters_and_bounded() -> None:

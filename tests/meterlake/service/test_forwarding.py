@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import pyarrow as pa
 
+from meterlake.amberflo.forwarder import encode_batch
 from meterlake.amberflo.reconcile import Window, amberflo_usage, compare
 from meterlake.amberflo.server import LocalAmberflo
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.config import Config
 from meterlake.lake.home import DataDir
-from meterlake.service.forwarding import event_meter_usage, staged_event_usage
+from meterlake.service.forwarding import event_meter_usage, meter_event_records, staged_event_usage
 from meterlake.service.local import LocalMeteringService
 
 from .conftest import NOW_MS, record
@@ -185,3 +188,32 @@ def test_meterlake_customers_onboard_creates_then_updates_the_amberflo_customer(
         assert code != 0
         assert "AMBERFLO_API_KEY" in output
         assert [c["customerId"] for c in amberflo.state.customers()] == ["acme"]
+
+
+def test_forwarded_records_carry_each_event_s_own_dimensions_only() -> None:
+    """Rows with different dimension keys (or none) become records with exactly their own dimensions, encoded as
+    Amberflo takes them: no ``dimensions`` member for a row without any, no null values."""
+    dims: list[list[tuple[str, str]] | None] = [[("model", "m1")], [("model", "m2"), ("region", "eu")], None, []]
+    events = pa.table(
+        {
+            "unique_id": [f"u{i}" for i in range(4)],
+            "meter_api_name": ["llm-tokens"] * 4,
+            "customer_id": ["acme", "acme", "globex", "globex"],
+            "meter_value": [1.0, 2.5, 3.0, 4.0],
+            "meter_time": pa.array([1_700_000_000_000_000 + i * 1000 for i in range(4)], pa.timestamp("us", "UTC")),
+            "dimensions": pa.array(dims, pa.map_(pa.string(), pa.string())),
+        }
+    )
+    batch = meter_event_records(events)
+    expected = [
+        {"customerId": "acme", "meterApiName": "llm-tokens", "meterValue": 1.0, "meterTimeInMillis": 1_700_000_000_000,
+         "uniqueId": "u0", "dimensions": {"model": "m1"}},
+        {"customerId": "acme", "meterApiName": "llm-tokens", "meterValue": 2.5, "meterTimeInMillis": 1_700_000_000_001,
+         "uniqueId": "u1", "dimensions": {"model": "m2", "region": "eu"}},
+        {"customerId": "globex", "meterApiName": "llm-tokens", "meterValue": 3.0,
+         "meterTimeInMillis": 1_700_000_000_002, "uniqueId": "u2"},
+        {"customerId": "globex", "meterApiName": "llm-tokens", "meterValue": 4.0,
+         "meterTimeInMillis": 1_700_000_000_003, "uniqueId": "u3"},
+    ]  # fmt: skip
+    assert batch.records() == expected
+    assert json.loads(gzip.decompress(encode_batch(batch.ingest_records()).body)) == expected

@@ -9,9 +9,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from meterlake.amberflo.api import RequestError
+from meterlake.amberflo.api import IngestRecord, RequestError
 from meterlake.service.events import (
-    IngestRecord,
     check_records,
     content_unique_id,
     decode_ingest_body,
