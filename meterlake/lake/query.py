@@ -843,8 +843,9 @@ def sandboxed_duckdb(readable: Sequence[str]) -> duckdb.DuckDBPyConnection:
     External access is off but for those paths (DuckDB's ``allowed_paths``): reading any other file (``read_text``
     of the gateway's signing key, ``read_csv('/etc/passwd')``, another Parquet file), writing any (``COPY ... TO``),
     ``ATTACH``, installing extensions and network URLs are refused with a Permission Error. The configuration is
-    then locked, so the SQL cannot turn access back on; that is also why each query gets its own database (~20 ms)
-    rather than a cursor on a shared one: the allowed paths cannot change once locked.
+    then locked, so the SQL cannot turn access back on; that is also why a database serves one set of files (kept
+    for queries of the same files, see :func:`sandboxed_cursor`) rather than all: the allowed paths cannot change
+    once locked.
     """
     con = duckdb.connect(config={"threads": os.cpu_count() or 1})
     try:
