@@ -76,13 +76,15 @@ def _as_is(*paths: str) -> tuple[tuple[str, str], ...]:
     return tuple((path, path) for path in paths)
 
 
-#: What the forwarder imports: the forwarder and its settings, and the module with its handler. Nothing heavier.
+#: What the forwarder imports: the forwarder, its settings and Amberflo's record shape (api.py), and the module with
+#: its handler. Nothing heavier.
 FORWARDER_SOURCES: Final = _as_is(
     "meterlake/__init__.py",
     "meterlake/structs.py",
     "meterlake/aws/__init__.py",
     "meterlake/aws/forwarding.py",
     "meterlake/amberflo/__init__.py",
+    "meterlake/amberflo/api.py",
     "meterlake/amberflo/forwarder.py",
     "meterlake/amberflo/settings.py",
 )
