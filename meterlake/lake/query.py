@@ -27,6 +27,7 @@ and cannot be reconfigured by the SQL. Results are shown with :func:`printable` 
 from __future__ import annotations
 
 import csv
+import ctypes
 import enum
 import functools
 import io
@@ -657,13 +658,25 @@ _MIRRORED: Final[dict[type[exp.Expr], type[exp.Expr]]] = {
 }
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 #: Serialises use of the constants' engine: a DuckDB connection is not for concurrent use.
-_CONSTANTS_LOCK: Final = threading.Lock()
+_CONSTANTS_LOCK = threading.Lock()
 
 
 @functools.cache
 def _constants_engine() -> duckdb.DuckDBPyConnection:
     """One sandbox per process for constants (a new database costs ~20 ms a query): it may read no file."""
     return sandboxed_duckdb([])
+
+
+def _forget_constants_engine_in_child() -> None:
+    """A forked child opens its own constants' engine (see :func:`_keep_forever`) and lock."""
+    global _CONSTANTS_LOCK
+    if _constants_engine.cache_info().currsize:
+        _keep_forever(_constants_engine())
+        _constants_engine.cache_clear()
+    _CONSTANTS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_constants_engine_in_child)
 
 
 @dataclass(frozen=True, slots=True)
@@ -864,21 +877,23 @@ def sandboxed_duckdb(readable: Sequence[str]) -> duckdb.DuckDBPyConnection:
 
 class _SandboxPool:
     """Sandboxed databases kept for reuse (see :func:`sandboxed_cursor`): the most recently used few, each by the
-    files it may read, in this process only (a forked child starts with none: a database's threads do not survive
-    a fork)."""
+    files it may read. A forked child starts with none (see :func:`_keep_forever`) and a new lock."""
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._databases: OrderedDict[frozenset[str], duckdb.DuckDBPyConnection] = OrderedDict()
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        _keep_forever(self._databases)
+        self._databases = OrderedDict()
+        self._lock = threading.Lock()  # another thread may have held it at the fork
 
     def cursor(self, readable: Sequence[str]) -> duckdb.DuckDBPyConnection:
-        """A cursor on a database that may read ``readable`` (and perhaps other files of the same table)."""
+        """A cursor on a database that may read exactly the files ``readable``."""
         wanted = frozenset(readable)
         with self._lock:
-            if self._pid != os.getpid():
-                self._pid, self._databases = os.getpid(), OrderedDict()
             database = self._databases.get(wanted)
             if database is not None:
                 self._databases.move_to_end(wanted)
@@ -890,6 +905,13 @@ class _SandboxPool:
                 # Not closed: a query may still run on one of its cursors; the last cursor closed frees it.
                 self._databases.popitem(last=False)
             return database.cursor()
+
+
+def _keep_forever(inherited: object) -> None:
+    """Never free ``inherited``, DuckDB databases a forked child got from its parent: their worker threads did not
+    survive the fork, and freeing one (when it is dropped, or at the child's exit) crashes the child. Used only in a
+    forked child, which leaves them unused."""
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(inherited))
 
 
 #: Databases kept: a few recent file sets (a dashboard's queries, a pruned query and the full scan it is checked by).

@@ -581,19 +581,26 @@ def test_a_sandbox_is_reused_for_the_same_files_only(tmp_path: Path) -> None:
             con.close()
 
 
-def test_a_forked_child_opens_its_own_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "a.parquet"
-    pq.write_table(pa.table({"n": [1]}), path)
-    parent = sandboxed_cursor([str(path)])
-    parent.execute("CREATE TABLE pool_marker AS SELECT 1 AS x")
-    real_pid = os.getpid()
-    monkeypatch.setattr(os, "getpid", lambda: real_pid + 1)
-    child = sandboxed_cursor([str(path)])
-    try:
-        assert not _marker_visible(child)
-    finally:
-        child.close()
-        parent.close()
+def test_a_forked_child_queries_with_its_own_sandboxes(tmp_path: Path, data_dir: DataDir) -> None:
+    """A child forked after queries (the pool and the constants' engine hold databases whose threads do not survive
+    a fork) runs a pruned query on databases of its own, gets the parent's answer and exits cleanly."""
+    query = load_query("usage_per_tenant_day")
+    window = {"start": "2024-03-04T00:00:00Z", "end": "2024-03-05T00:00:00Z"}
+    expected = run_local_query(query, window, config=CONFIG, data_dir=data_dir).rows
+    answer = tmp_path / "child.txt"
+    pid = os.fork()
+    if pid == 0:  # the child: never return into pytest
+        status = 1
+        try:
+            rows = run_local_query(query, window, config=CONFIG, data_dir=data_dir).rows
+            answer.write_text(repr(rows == expected))
+            status = 0
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f"the child died of signal {os.WTERMSIG(status) if os.WIFSIGNALED(status) else '?'}"
+    assert os.WEXITSTATUS(status) == 0
+    assert answer.read_text() == "True"
 
 
 def test_a_query_is_prepared_and_its_filter_derived_once(data_dir: DataDir) -> None:
