@@ -306,7 +306,8 @@ def _present_dimensions(table: pa.Table) -> Iterator[dict[str, str] | None]:
         return repeat(None, table.num_rows)
     column = table.column(DIMENSIONS).combine_chunks()
     dims: list[dict[str, str | None] | None] = column.to_pylist()
-    if column.null_count == 0 and all(column.field(i).null_count == 0 for i in range(column.type.num_fields)):
+    fields = column.type.num_fields
+    if fields and column.null_count == 0 and all(column.field(i).null_count == 0 for i in range(fields)):
         return iter(cast(list[dict[str, str] | None], dims))  # every record has every dimension: nothing to drop
     return iter([_without_nulls(dim) for dim in dims])
 
