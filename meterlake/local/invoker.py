@@ -110,6 +110,18 @@ class Transformed:
     rows: dict[tuple[str, str], tuple[list[int], list[bytes]]] = field(default_factory=dict)
 
 
+class DirectDelivery:
+    """A stream without a transform, as a Firehose stream without a processing configuration delivers: every record
+    goes to ``destination`` as it is (its JSON rows, one a line), with no Lambda invoked."""
+
+    def __init__(self, destination: tuple[str, str]) -> None:
+        self._destination = destination
+
+    def transform(self, offsets: Sequence[int], arrivals_ms: Sequence[int], records: Sequence[bytes]) -> Transformed:
+        """Every record of the piece, Ok, to the destination (the parameters are those of :meth:`Invoker.transform`)."""
+        return Transformed(rows={self._destination: (list(range(len(records))), list(records))})
+
+
 class Invoker:
     """Calls ``handler`` on a piece of the spool as Firehose calls the stream's Lambda (see the module docstring)."""
 

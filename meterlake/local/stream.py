@@ -65,6 +65,7 @@ from meterlake.local.invoker import (
     PROCESSING_FAILED,
     RECORD_JSON_OVERHEAD,
     SUPPORTED_OPERATION,
+    DirectDelivery,
     Invocation,
     Invoker,
     Transformed,
@@ -602,7 +603,9 @@ class DeliveryStream:
     damaged ranges noted) and every readable record in it is delivered; ``recovered`` lists what was skipped.
 
     ``target`` None delivers access-log lines (the config's stream, spool, transform and table, deduplicated on
-    request_id); a :class:`StreamTarget` delivers another kind of record, with its own ``handler``.
+    request_id); a :class:`StreamTarget` delivers another kind of record, through its own ``handler`` if given, else
+    as it is to the target's table (a Firehose stream without a processing configuration: each record's lines are
+    table rows).
 
     Raises (from the constructor):
         StreamInUseError: another process holds the spool.
@@ -621,8 +624,6 @@ class DeliveryStream:
         recover: bool = False,
         target: StreamTarget | None = None,
     ) -> None:
-        if target is not None and handler is None:
-            raise ValueError(f"the delivery stream {target.name} needs the handler that transforms its records")
         self.config = config
         #: Told each new snapshot id right after its commit (e.g. to wake the forwarder); it must not block.
         self.on_commit = on_commit
@@ -650,11 +651,17 @@ class DeliveryStream:
             request_limit=LAMBDA_REQUEST_LIMIT_BYTES,
             response_limit=LAMBDA_PAYLOAD_LIMIT_BYTES,
         )
-        self._invoker = Invoker(access_log_handler(config) if handler is None else handler, invocation)
+        self._invoker: Invoker | DirectDelivery = (
+            Invoker(access_log_handler(config) if handler is None else handler, invocation)
+            if target is None or handler is not None
+            else DirectDelivery(self._default_destination)
+        )
         #: The access-log transform also runs in a worker process, for buffers of more than one event; a handler
-        #: given by the caller always runs in this process.
+        #: given by the caller always runs in this process, and a target without one has nothing to run.
         self._workers = (
-            TransformWorkers(access_log_settings(config), invocation, processes=_WORKERS) if handler is None else None
+            TransformWorkers(access_log_settings(config), invocation, processes=_WORKERS)
+            if target is None and handler is None
+            else None
         )
         self._read_ahead: _InFlight = collections.deque()
         self._arrow_schemas: dict[int, tuple[Schema, pa.Schema]] = {}

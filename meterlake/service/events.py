@@ -13,8 +13,8 @@ A record without a uniqueId gets a deterministic one from its content (:func:`co
 request is the same event; two events that differ in nothing are one event, as in Amberflo.
 
 Each accepted record becomes one :class:`MeterEventRow`, whose fields are the meter_events table's columns; the
-rows travel as JSON lines through the meter-event delivery stream (a request's rows as one record), whose transform
-(:func:`make_passthrough_handler`) hands them to the table unchanged.
+rows travel as JSON lines through the meter-event delivery stream (a request's rows as one record), which has no
+transform: like a Firehose stream without a Lambda, it delivers them to the table as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import chain
@@ -446,26 +446,3 @@ def onboarding_customers(body: object) -> list[dict[str, Any]] | None:
             customer["traits"] = {"tier": detail["tier"]}
         customers.append(customer)
     return customers
-
-
-# -- the meter-event stream's transform -----------------------------------------------------------------------------
-
-FirehoseHandler = Callable[[dict[str, Any], Any], dict[str, Any]]
-
-
-def make_passthrough_handler(database: str, table: str) -> FirehoseHandler:
-    """The meter-event stream's transform: every record is already a table row (checked before it was made durable),
-    so each is answered Ok, unchanged, routed to ``database.table``."""
-    metadata = {
-        "otfMetadata": {"destinationDatabaseName": database, "destinationTableName": table, "operation": "insert"}
-    }
-
-    def handle(event: dict[str, Any], _context: Any) -> dict[str, Any]:
-        return {
-            "records": [
-                {"recordId": record["recordId"], "result": "Ok", "data": record["data"], "metadata": metadata}
-                for record in event["records"]
-            ]
-        }
-
-    return handle

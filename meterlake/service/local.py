@@ -28,7 +28,6 @@ from meterlake.service.app import create_app
 from meterlake.service.auth import ApiKeys, Authenticator, JwtVerifier
 from meterlake.service.cancellation import CancellationRules
 from meterlake.service.durable import GroupCommitSink
-from meterlake.service.events import make_passthrough_handler
 from meterlake.service.forwarding import AmberfloMirror, meter_events_outbox
 from meterlake.service.ingest import Ingestor
 from meterlake.service.operations import MeteringService, Mirror
@@ -78,7 +77,6 @@ def open_meter_event_stream(
     return DeliveryStream(
         config=config,
         data_dir=data_dir,
-        handler=make_passthrough_handler(config.database_name, METER_EVENTS_TABLE),
         on_commit=on_commit,
         recover=recover,
         target=meter_event_target(config, data_dir),

@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pyarrow as pa
 import pytest
 from pyiceberg.table import Table
 
 from meterlake.config import Config, parse_config
-from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.local.stream import (
     CHECKPOINT_FILE,
@@ -35,6 +36,7 @@ from meterlake.local.stream import (
     render_error_prefix,
 )
 from meterlake.records import render_access_log_line
+from meterlake.service.local import open_meter_event_stream
 from transform_lambda.handler import TransformSettings, make_handler
 from transform_lambda.normalize import rejection_reason
 
@@ -528,3 +530,38 @@ def test_kill_9_mid_ingest_then_restart_loses_nothing_acked_and_repeats_nothing(
 
 def load_test_config(path: Path) -> Config:
     return parse_config(json.loads(path.read_text()))
+
+
+def test_a_stream_without_a_transform_delivers_each_record_s_rows_as_they_are(tmp_path: Path) -> None:
+    """The meter-event stream has no Lambda (a Firehose stream without a processing configuration): a flush of
+    several processor buffers' worth invokes nothing (no transform worker either) and commits every row of every
+    record, deduplicated on the target's key."""
+    config = Config()
+    data = DataDir(tmp_path / "home")
+    rows = [msgspec.json.encode(_meter_event_row(i)) for i in range(30_000)]
+    records = [b"\n".join(rows[start : start + 100]) for start in range(0, len(rows), 100)]
+    assert sum(map(len, records)) > 2 * 2.5 * 1024 * 1024  # more than two of the processor's events
+    stream = open_meter_event_stream(config, data)
+    try:
+        for start in range(0, len(records), 8):
+            stream.put_records(records[start : start + 8])
+        stream.put_records(records[:1])  # a retried request: its rows are already spooled
+        report = stream.flush()
+    finally:
+        stream.close()
+    assert (report.invocations, report.ok_written, report.failed) == (0, 30_000, 0)
+    table = ensure_meter_events_table(open_catalog(data), config).scan().to_arrow()
+    assert sorted(table.column("unique_id").to_pylist()) == sorted(f"u{i}" for i in range(30_000))
+
+
+def _meter_event_row(i: int) -> dict[str, object]:
+    return {
+        "unique_id": f"u{i}",
+        "meter_api_name": "llm-tokens",
+        "customer_id": f"c{i % 3}",
+        "meter_value": float(i),
+        "meter_time": 1_700_000_000_000_000 + i,
+        "dimensions": {"model": f"m{i % 2}"} if i % 3 else None,
+        "ingested_at": 1_700_000_000_000_000,
+        "source": "ingest",
+    }
