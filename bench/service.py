@@ -264,7 +264,10 @@ def _service_run(home: Path, bodies: list[bytes]) -> tuple[float, float, float]:
         nonlocal peak
         watched = psutil.Process(process.pid)
         while not sampling.is_set():
-            peak = max(peak, watched.memory_info().rss / 2**20)
+            try:
+                peak = max(peak, watched.memory_info().rss / 2**20)
+            except psutil.NoSuchProcess:  # stopped (its last samples were taken while it committed the rest)
+                return
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
