@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pyarrow as pa
 import pytest
 from pyiceberg.table import Table
 
+from meterlake.amberflo.api import IngestRecord
 from meterlake.config import Config, parse_config
 from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
@@ -36,6 +36,7 @@ from meterlake.local.stream import (
     render_error_prefix,
 )
 from meterlake.records import render_access_log_line
+from meterlake.service.events import encode_rows, event_rows
 from meterlake.service.local import open_meter_event_stream
 from transform_lambda.handler import TransformSettings, make_handler
 from transform_lambda.normalize import rejection_reason
@@ -535,33 +536,26 @@ def load_test_config(path: Path) -> Config:
 def test_a_stream_without_a_transform_delivers_each_record_s_rows_as_they_are(tmp_path: Path) -> None:
     """The meter-event stream has no Lambda (a Firehose stream without a processing configuration): a flush of
     several processor buffers' worth invokes nothing (no transform worker either) and commits every row of every
-    record, deduplicated on the target's key."""
+    record, deduplicated on the target's key. The records are what the service puts: a request's rows, one a line."""
     config = Config()
     data = DataDir(tmp_path / "home")
-    rows = [msgspec.json.encode(_meter_event_row(i)) for i in range(30_000)]
-    records = [b"\n".join(rows[start : start + 100]) for start in range(0, len(rows), 100)]
-    assert sum(map(len, records)) > 2 * 2.5 * 1024 * 1024  # more than two of the processor's events
+    records = [
+        IngestRecord(f"c{i % 3}", "llm-tokens", float(i), 1_700_000_000_000 + i, f"u{i}", {"model": f"m{i % 2}"})
+        for i in range(30_000)
+    ]
+    puts = [
+        encode_rows(event_rows(records[start : start + 100], ingested_at_us=1_700_000_000_000_000, source="ingest"))
+        for start in range(0, len(records), 100)
+    ]
+    assert sum(map(len, puts)) > 2 * 2.5 * 1024 * 1024  # more than two of the processor's events
     stream = open_meter_event_stream(config, data)
     try:
-        for start in range(0, len(records), 8):
-            stream.put_records(records[start : start + 8])
-        stream.put_records(records[:1])  # a retried request: its rows are already spooled
+        for start in range(0, len(puts), 8):
+            stream.put_records(puts[start : start + 8])
+        stream.put_records(puts[:1])  # a retried request: its rows are already spooled
         report = stream.flush()
     finally:
         stream.close()
     assert (report.invocations, report.ok_written, report.failed) == (0, 30_000, 0)
     table = ensure_meter_events_table(open_catalog(data), config).scan().to_arrow()
     assert sorted(table.column("unique_id").to_pylist()) == sorted(f"u{i}" for i in range(30_000))
-
-
-def _meter_event_row(i: int) -> dict[str, object]:
-    return {
-        "unique_id": f"u{i}",
-        "meter_api_name": "llm-tokens",
-        "customer_id": f"c{i % 3}",
-        "meter_value": float(i),
-        "meter_time": 1_700_000_000_000_000 + i,
-        "dimensions": {"model": f"m{i % 2}"} if i % 3 else None,
-        "ingested_at": 1_700_000_000_000_000,
-        "source": "ingest",
-    }
