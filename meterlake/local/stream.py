@@ -413,10 +413,13 @@ class RequestIdIndex:
     Each table's entry records the last snapshot it covers; :meth:`catch_up` indexes newer snapshots' data files, so
     a crash between an Iceberg commit and the index update costs a re-read, never a missed duplicate. Hash joins of a
     flush's keys against the whole key set measured ~0.4 us/key at 5M keys, ~20x faster than a SQLite B-tree.
+
+    DuckDB may use ``memory_limit_mb`` (32 by default) and spills beyond it: at 5M keys, 64 MB held 32 MB more of
+    the stream's peak RSS (490 -> 458 MB with its workers' in ``python -m bench ingest``) for the same ingest time.
     """
 
     def __init__(
-        self, path: Path, *, memory_limit_mb: int = 64, key_columns: Sequence[str] = (REQUEST_ID_COLUMN,)
+        self, path: Path, *, memory_limit_mb: int = 32, key_columns: Sequence[str] = (REQUEST_ID_COLUMN,)
     ) -> None:
         self.path = path
         self.key_columns = tuple(key_columns)
