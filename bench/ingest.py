@@ -173,21 +173,21 @@ def transform_alone(path: Path, config: Config) -> float:
     return elapsed
 
 
-class _RssSampler(threading.Thread):
-    """Samples the memory of this process and its children every ``period`` seconds and keeps the peak of the sum:
-    this process's RSS plus each child's USS (the memory only it maps; the pages it shares, the interpreter's and
-    libraries', are the same files this process maps, counted once in its RSS).
+class RssSampler(threading.Thread):
+    """Samples the memory of a process (this one by default) and its children every ``period`` seconds and keeps the
+    peak of the sum: its RSS plus each child's USS (the memory only it maps; the pages it shares, the interpreter's
+    and libraries', are the same files the process maps, counted once in its RSS). Sampling ends when it exits.
 
     The children are listed every ``children_period`` seconds (listing walks every process of the machine).
     """
 
-    def __init__(self, period: float = 0.05, children_period: float = 0.5) -> None:
+    def __init__(self, period: float = 0.05, children_period: float = 0.5, pid: int | None = None) -> None:
         super().__init__(daemon=True)
         self.period = period
         self.children_period = children_period
         self.peak: int = 0
         self._stop_event = threading.Event()
-        self._process = psutil.Process(os.getpid())
+        self._process = psutil.Process(os.getpid() if pid is None else pid)
         self._children: list[psutil.Process] = []
         self._listed_at = -children_period
 
@@ -205,13 +205,20 @@ class _RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._stop_event.is_set():
-            self.peak = max(self.peak, self._rss())
+            try:
+                self.peak = max(self.peak, self._rss())
+            except psutil.NoSuchProcess:  # it exited (its last samples were taken while it committed the rest)
+                return
             self._stop_event.wait(self.period)
 
     def stop(self) -> int:
+        """Stop sampling; the peak in bytes."""
         self._stop_event.set()
         self.join()
-        return max(self.peak, self._rss())
+        try:
+            return max(self.peak, self._rss())
+        except psutil.NoSuchProcess:
+            return self.peak
 
 
 def _verdict(ok: bool) -> str:
@@ -223,7 +230,7 @@ def run(quick: bool = False) -> dict[str, object]:
     events = QUICK_EVENTS if quick else FULL_EVENTS
     config = bench_config()
     buffer_bytes = config.data_firehose_configuration.buffering_hints.size_in_mbs * 1024 * 1024
-    sampler = _RssSampler()
+    sampler = RssSampler()
     sampler.start()
     with tempfile.TemporaryDirectory(prefix="meterlake-bench-ingest-") as tmp:
         lines_path = Path(tmp) / "access-log.jsonl"

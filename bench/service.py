@@ -9,7 +9,8 @@ Ingest: 200,000 records (20,000 with ``quick``) in gzip'd batches of 100 with un
 them, from 8 keep-alive connections of one raw HTTP/1.1 driver, to ``meterlake serve`` (each 200 only once the batch
 is fsync'd in the meter-event spool) and to the local Amberflo's in-memory ``/ingest``, each in its own process,
 alternating runs (three each) in one run of the benchmark, then, for information, one service run of 1M records
-(its flushes and forwarding's staging inside the clock). The service's peak RSS is sampled with psutil; after each
+(its flushes and forwarding's staging inside the clock). The service's peak memory is sampled with psutil (its
+RSS plus its children's USS: the meter-event delivery process and the fork server it comes from); after each
 run, the time to commit everything to meter_events is reported too. Both sides read a body the same way (one zlib
 inflate, one typed msgspec decode); the service also checks every record against its registry, derives missing
 uniqueIds, fsyncs each group of requests before answering them, and flushes its buffer into Iceberg while the run
@@ -27,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from datetime import UTC, datetime
@@ -36,10 +36,10 @@ from pathlib import Path
 import duckdb
 import httpx
 import msgspec
-import psutil
 import pyarrow as pa
 
 from bench.events import reuse_cached_table
+from bench.ingest import RssSampler
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
 from meterlake.lake.home import DataDir
@@ -257,20 +257,7 @@ def _service_run(home: Path, bodies: list[bytes]) -> tuple[float, float, float]:
         )
         _, key = ApiKeys(store).create(role="admin")
     process, url = _start([*_CLI, "--home", str(home), "serve", "--port", "0"], "MeteringServiceEndpoint", home)
-    peak = 0.0
-    sampling = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        watched = psutil.Process(process.pid)
-        while not sampling.is_set():
-            try:
-                peak = max(peak, watched.memory_info().rss / 2**20)
-            except psutil.NoSuchProcess:  # stopped (its last samples were taken while it committed the rest)
-                return
-            time.sleep(0.05)
-
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = RssSampler(pid=process.pid)
     sampler.start()
     try:
         seconds, oks = asyncio.run(_drive(url, key, bodies))
@@ -278,7 +265,7 @@ def _service_run(home: Path, bodies: list[bytes]) -> tuple[float, float, float]:
         _stop(process)
         commit_s = time.perf_counter() - stopping
     finally:
-        sampling.set()
+        peak = sampler.stop() / 2**20
         if process.poll() is None:
             process.kill()
     committed = ensure_meter_events_table(open_catalog(data), Config()).scan().to_arrow().num_rows

@@ -28,7 +28,8 @@ _Waiter = tuple[Sequence[bytes], asyncio.Future[None], asyncio.AbstractEventLoop
 
 
 class LineSink(Protocol):
-    """Where the lines go: the delivery stream's ``put_records`` (durable when it returns)."""
+    """Where the lines go: ``put_records`` of the delivery process (the service's) or of a delivery stream (tests),
+    durable when it returns."""
 
     def put_records(self, lines: Sequence[bytes]) -> None:
         """Make all of ``lines`` durable, or raise having kept none."""

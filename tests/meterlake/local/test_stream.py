@@ -36,8 +36,8 @@ from meterlake.local.stream import (
     render_error_prefix,
 )
 from meterlake.records import render_access_log_line
+from meterlake.service.delivery import open_meter_event_stream
 from meterlake.service.events import encode_rows, event_rows
-from meterlake.service.local import open_meter_event_stream
 from transform_lambda.handler import TransformSettings, make_handler
 from transform_lambda.normalize import rejection_reason
 

@@ -19,10 +19,11 @@ from meterlake.lake.home import DataDir
 from meterlake.local.auth import UserPool, for_config
 from meterlake.local.stream import DeliveryStream
 from meterlake.service.auth import Principal
+from meterlake.service.delivery import open_meter_event_stream
 from meterlake.service.durable import GroupCommitSink
 from meterlake.service.events import EventSource
 from meterlake.service.ingest import Ingestor, IngestOutcome
-from meterlake.service.local import LocalMeteringService, open_meter_event_stream
+from meterlake.service.local import LocalMeteringService
 from meterlake.service.registry import MeterRegistry
 from meterlake.service.store import ServiceStore
 

@@ -17,7 +17,12 @@ from meterlake.amberflo.server import LocalAmberflo
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.config import Config
 from meterlake.lake.home import DataDir
-from meterlake.service.forwarding import event_meter_usage, meter_event_records, staged_event_usage
+from meterlake.service.forwarding import (
+    event_meter_usage,
+    meter_event_records,
+    meter_events_outbox,
+    staged_event_usage,
+)
 from meterlake.service.local import LocalMeteringService
 
 from .conftest import NOW_MS, record
@@ -49,7 +54,8 @@ def test_ingested_events_are_forwarded_once_with_their_uniqueids(tmp_path: Path)
                         assert client.post("/ingest", json=batch).status_code == 200
                         assert client.post("/ingest", json=batch).status_code == 200  # a retry
                 service.settle()
-                status = service.forwarding.outbox.status() if service.forwarding is not None else None
+                with meter_events_outbox(data_dir, _settings(amberflo)) as outbox:
+                    status = outbox.status()
         stored = sorted(amberflo.records(), key=lambda r: r.meter_value or 0)
         assert status is not None
         assert (status.sent_records, status.pending_records) == (3, 0)

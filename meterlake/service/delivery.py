@@ -1,0 +1,416 @@
+"""The meter-event delivery process: the meter-event stream (spool, flusher) and forwarding's worker, in a process
+of their own beside the one that serves HTTP.
+
+Why a process: one interpreter lock. In the serving process the flusher's decoding and Iceberg commits, and
+forwarding's staging, took the lock from the event loop (the serving thread got ~0.7 of a core while 0.5 of the
+machine's two sat idle); without them it serves at a full core. Here they take it only from each other.
+
+The service talks to it over two pipes. ``puts``: the group-commit writer (:class:`~meterlake.service.durable.
+GroupCommitSink`) sends one list of lines and waits for the answer, None once they are in the spool, fsync'd, or the
+reason none of them is. ``control``: flush, stats, settle and close, one at a time. A put and a flush may overlap, as
+they do on one stream. If the service dies, the process sees its pipes close and exits at once without committing:
+what it acknowledged is durable in the spool and the next start resumes it, as after a SIGKILL of one process.
+Ctrl-C and SIGTERM are the service's to handle; the process ignores them and stops when told to close.
+
+Processes come from a fork server that has imported this module (and the stream, pyiceberg, DuckDB) once, so a start
+costs a fork, not an interpreter's imports (~1.6 s), and no process is forked from one running threads.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Final
+
+from pyiceberg.catalog import Catalog
+from pyiceberg.table import Table
+
+from meterlake.amberflo.forwarder import Forwarder
+from meterlake.amberflo.outbox import ForwardingWorker
+from meterlake.amberflo.settings import AmberfloSettings
+from meterlake.config import Config
+from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
+from meterlake.lake.home import DataDir
+from meterlake.local.stream import (
+    DeliveryStream,
+    FlushReport,
+    StreamError,
+    StreamInUseError,
+    StreamStats,
+    StreamTarget,
+)
+from meterlake.schema import METER_EVENT_KEY_COLUMNS, METER_EVENTS_TABLE
+from meterlake.service.forwarding import meter_events_outbox
+
+logger = logging.getLogger(__name__)
+
+#: The meter-event stream's name (its commits' snapshot summaries and error files carry it).
+METER_EVENT_STREAM = "meterlake-meter-events"
+#: Its spool directory under the data dir, beside the access-log stream's ``spool``.
+METER_EVENT_SPOOL_DIR = "spool-meter-events"
+#: The interpreter's switch interval (seconds) in both processes of the service: a thread that gives up the lock for
+#: a socket or a sync waits at most this long to get it back from a busy one (the default is 5 ms).
+SWITCH_INTERVAL_S = 0.0005
+#: How long a start waits for the spool that a previous, killed process may still hold for a moment.
+SPOOL_WAIT_S = 10.0
+#: How long a start waits for the process to open its stream (a damaged spool is checked then).
+START_TIMEOUT_S = 120.0
+#: How long close waits for the final commit and forwarding's last cycle before killing the process.
+CLOSE_TIMEOUT_S = 600.0
+
+_CONTEXT: Final = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload([__name__])
+
+
+class DeliveryProcessError(StreamError):
+    """The meter-event delivery process failed a request, or is gone (then every put answers 503)."""
+
+
+def meter_event_target(config: Config, data_dir: DataDir) -> StreamTarget:
+    """Where the meter-event stream spools and delivers: the meter_events table, deduplicated on (meter, uniqueId)."""
+    settings = config.meterlake.service
+
+    def ensure(catalog: Catalog) -> Table:
+        return ensure_meter_events_table(catalog, config)
+
+    return StreamTarget(
+        name=METER_EVENT_STREAM,
+        spool_dir=data_dir.root / METER_EVENT_SPOOL_DIR,
+        destination=(config.database_name, METER_EVENTS_TABLE),
+        ensure_table=ensure,
+        key_columns=METER_EVENT_KEY_COLUMNS,
+        size_in_mbs=settings.buffer_size_mb,
+        interval_in_seconds=settings.buffer_interval_s,
+    )
+
+
+def open_meter_event_stream(
+    config: Config,
+    data_dir: DataDir,
+    *,
+    on_commit: Callable[[int], None] | None = None,
+    recover: bool = False,
+) -> DeliveryStream:
+    """Open the meter-event delivery stream (resuming what a previous run acknowledged); call ``start`` to flush on
+    its buffering hints.
+
+    Raises:
+        StreamError: its spool is in use by another process, damaged or unusable (see DeliveryStream).
+    """
+    return DeliveryStream(
+        config=config,
+        data_dir=data_dir,
+        on_commit=on_commit,
+        recover=recover,
+        target=meter_event_target(config, data_dir),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Start:
+    """What the process is started with (pickled to it)."""
+
+    config: Config
+    data_dir: DataDir
+    amberflo: AmberfloSettings | None
+    amberflo_api_key: str | None
+    spool_wait_s: float
+
+
+class MeterEventProcess:
+    """The service's handle on its delivery process: a :class:`~meterlake.service.durable.LineSink` (``put_records``)
+    and the stream's flush, stats and close, answered by the process.
+
+    With ``amberflo`` settings the process also forwards committed events through the meter-event outbox (a dry run
+    without ``amberflo_api_key``). A start waits up to ``spool_wait_s`` for the spool while another process holds it.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        data_dir: DataDir,
+        amberflo: AmberfloSettings | None = None,
+        amberflo_api_key: str | None = None,
+        spool_wait_s: float = SPOOL_WAIT_S,
+    ) -> None:
+        self._start = _Start(config, data_dir, amberflo, amberflo_api_key, spool_wait_s)
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._puts: Connection | None = None
+        self._control: Connection | None = None
+        self._put_lock = threading.Lock()
+        self._control_lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The process's pid while it runs."""
+        return None if self._process is None else self._process.pid
+
+    def start(self) -> None:
+        """Start the process and wait until its stream is open.
+
+        Raises:
+            StreamError: the spool is in use by another process, damaged or unusable, or the process did not start
+                (the message is the process's).
+        """
+        puts, their_puts = _CONTEXT.Pipe()
+        control, their_control = _CONTEXT.Pipe()
+        process = _CONTEXT.Process(
+            target=_run, args=(self._start, their_puts, their_control), name="meter-event-delivery", daemon=True
+        )
+        process.start()
+        their_puts.close()
+        their_control.close()
+        self._process, self._puts, self._control = process, puts, control
+        try:
+            if not control.poll(START_TIMEOUT_S):
+                raise DeliveryProcessError(f"the meter-event delivery process did not start in {START_TIMEOUT_S:.0f} s")
+            kind, detail = control.recv()
+        except (EOFError, OSError):
+            self._abandon()
+            raise DeliveryProcessError(self._gone()) from None
+        except BaseException:
+            self._abandon()
+            raise
+        if kind != "ready":
+            self._abandon()
+            raise DeliveryProcessError(str(detail))
+
+    def put_records(self, lines: Sequence[bytes]) -> None:
+        """Make every line durable in the spool, or none.
+
+        Raises:
+            DeliveryProcessError: none is durable (the spool refused them, or the process is gone).
+        """
+        with self._put_lock:
+            if self._puts is None:
+                raise DeliveryProcessError("the meter-event delivery process is closed")
+            try:
+                self._puts.send(list(lines))
+                answer = self._puts.recv()
+            except (EOFError, OSError):
+                raise DeliveryProcessError(self._gone()) from None
+        if answer is not None:
+            raise DeliveryProcessError(str(answer))
+
+    def flush(self) -> FlushReport:
+        """Commit everything acknowledged so far to meter_events (what the stream's ``flush`` does)."""
+        report = self._call("flush")
+        assert isinstance(report, FlushReport)
+        return report
+
+    def flush_pending(self) -> None:
+        """Commit what is acknowledged but not committed, if anything (read-your-writes before a usage query)."""
+        self._call("flush_pending")
+
+    def stats(self) -> StreamStats:
+        """The stream's offsets, pending bytes and lag."""
+        stats = self._call("stats")
+        assert isinstance(stats, StreamStats)
+        return stats
+
+    def settle(self, forward_timeout_s: float) -> FlushReport:
+        """Commit everything acknowledged, then let forwarding stage and send what was committed."""
+        report = self._call("settle", forward_timeout_s)
+        assert isinstance(report, FlushReport)
+        return report
+
+    def close(self) -> FlushReport | None:
+        """Commit what was acknowledged, stop forwarding after its last cycle, and end the process (idempotent).
+        Returns the final flush's report (None if the process was gone)."""
+        process, control = self._process, self._control
+        if process is None or control is None:
+            return None
+        report: FlushReport | None = None
+        try:
+            with self._control_lock:
+                control.send(("close", None))
+                if control.poll(CLOSE_TIMEOUT_S):
+                    kind, detail = control.recv()
+                    if kind == "ok" and isinstance(detail, FlushReport):
+                        report = detail
+                    else:
+                        logger.error("the meter-event delivery process failed closing: %s", detail)
+                else:
+                    logger.error("the meter-event delivery process did not close in %.0f s", CLOSE_TIMEOUT_S)
+        except (EOFError, OSError):
+            logger.error("%s", self._gone())
+        finally:
+            self._abandon(wait_s=30.0)
+        return report
+
+    def _call(self, kind: str, argument: object = None) -> object:
+        with self._control_lock:
+            if self._control is None:
+                raise DeliveryProcessError("the meter-event delivery process is closed")
+            try:
+                self._control.send((kind, argument))
+                answer, detail = self._control.recv()
+            except (EOFError, OSError):
+                raise DeliveryProcessError(self._gone()) from None
+        if answer != "ok":
+            raise DeliveryProcessError(str(detail))
+        return detail
+
+    def _gone(self) -> str:
+        process = self._process
+        if process is not None:
+            process.join(1.0)
+        code = None if process is None else process.exitcode
+        how = "is running but does not answer" if code is None else f"exited (code {code})"
+        return f"the meter-event delivery process {how}: nothing more is acknowledged until the service restarts"
+
+    def _abandon(self, wait_s: float = 5.0) -> None:
+        """Close the pipes and reap the process (killing it after ``wait_s``)."""
+        process, puts, control = self._process, self._puts, self._control
+        with self._put_lock:
+            self._puts = None
+        self._control = None
+        for connection in (puts, control):
+            if connection is not None:
+                connection.close()
+        if process is not None:
+            process.join(wait_s)
+            if process.exitcode is None:
+                process.kill()
+                process.join(5.0)
+
+
+# -- in the process ---------------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Parts:
+    stream: DeliveryStream
+    forwarding: ForwardingWorker | None
+    closers: list[Callable[[], object]]
+
+
+def _run(start: _Start, puts: Connection, control: Connection) -> None:
+    """The process's body: open the stream, answer puts on a thread and control requests here until close."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
+    closing = threading.Event()
+    try:
+        parts = _open(start)
+    except Exception as exc:  # the service raises it as the start's error
+        control.send(("error", str(exc)))
+        return
+    control.send(("ready", os.getpid()))
+    # What opening made lives as long as the process: frozen, full collections do not walk it.
+    gc.collect()
+    gc.freeze()
+    threading.Thread(
+        target=_answer_puts, args=(parts.stream, puts, closing), name="meter-event-puts", daemon=True
+    ).start()
+    _answer_control(parts, control, closing)
+
+
+def _open(start: _Start) -> _Parts:
+    closers: list[Callable[[], object]] = []
+    forwarding: ForwardingWorker | None = None
+    try:
+        if start.amberflo is not None:
+            config, data_dir = start.config, start.data_dir
+            outbox = meter_events_outbox(data_dir, start.amberflo)
+            closers.append(outbox.close)
+            forwarder = Forwarder(start.amberflo)
+            closers.append(forwarder.close)
+            forwarding = ForwardingWorker(
+                outbox,
+                load_table=lambda: ensure_meter_events_table(open_catalog(data_dir), config),
+                forwarder=forwarder,
+                api_key=start.amberflo_api_key,
+            )
+            forwarding.start()
+            closers.append(forwarding.stop)
+        wake = forwarding.wake if forwarding is not None else None
+        stream = _open_waiting(start, on_commit=None if wake is None else lambda _snapshot: wake())
+        stream.start()
+        return _Parts(stream, forwarding, closers)
+    except BaseException:
+        _close_all(closers)
+        raise
+
+
+def _open_waiting(start: _Start, on_commit: Callable[[int], None] | None) -> DeliveryStream:
+    """Open the stream, waiting up to ``spool_wait_s`` for a process that a restart raced to let go of the spool."""
+    deadline = time.monotonic() + start.spool_wait_s
+    while True:
+        try:
+            return open_meter_event_stream(start.config, start.data_dir, on_commit=on_commit)
+        except StreamInUseError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _answer_puts(stream: DeliveryStream, puts: Connection, closing: threading.Event) -> None:
+    while True:
+        try:
+            lines = puts.recv()
+        except (EOFError, OSError):
+            if closing.is_set():
+                return
+            os._exit(3)  # the service died: what was acknowledged is in the spool; the next start resumes it
+        try:
+            stream.put_records(lines)
+        except Exception as exc:  # the service answers 503 with it; nothing of the put is kept
+            answer: str | None = str(exc) or type(exc).__name__
+        else:
+            answer = None
+        puts.send(answer)
+
+
+def _answer_control(parts: _Parts, control: Connection, closing: threading.Event) -> None:
+    stream = parts.stream
+    while True:
+        try:
+            kind, argument = control.recv()
+        except (EOFError, OSError):
+            os._exit(3)  # the service died (see _answer_puts)
+        try:
+            if kind == "close":
+                closing.set()
+                try:
+                    detail: object = stream.close()
+                finally:
+                    _close_all(parts.closers)
+                control.send(("ok", detail))
+                return
+            if kind == "flush":
+                detail = stream.flush()
+            elif kind == "flush_pending":
+                detail = stream.flush() if stream.stats().pending_bytes > 0 else None
+            elif kind == "stats":
+                detail = stream.stats()
+            elif kind == "settle":
+                detail = stream.flush()
+                if parts.forwarding is not None:
+                    parts.forwarding.wait_for_cycle(float(str(argument)))
+            else:
+                raise ValueError(f"unknown request {kind!r}")
+        except Exception as exc:  # answered, and the process goes on
+            control.send(("error", f"{type(exc).__name__}: {exc}"))
+            if kind == "close":
+                return
+        else:
+            control.send(("ok", detail))
+
+
+def _close_all(closers: list[Callable[[], object]]) -> None:
+    while closers:
+        try:
+            closers.pop()()
+        except Exception:
+            logger.exception("closing the meter-event delivery process")

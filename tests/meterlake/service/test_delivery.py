@@ -1,0 +1,115 @@
+"""The meter-event delivery process: puts durable before they are answered, flush and stats answered by it, errors
+carried back, and no process left behind when the service dies or the process itself does."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from meterlake.amberflo.api import IngestRecord
+from meterlake.config import Config
+from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
+from meterlake.lake.home import DataDir
+from meterlake.local.stream import StreamError
+from meterlake.service.delivery import DeliveryProcessError, MeterEventProcess, open_meter_event_stream
+from meterlake.service.events import encode_rows, event_rows
+from meterlake.service.local import LocalMeteringService
+
+from .conftest import NOW_MS, Served, record
+
+
+def _lines(count: int, prefix: str) -> list[bytes]:
+    """``count`` requests' worth of rows (one row each), as the service encodes them."""
+    records = [IngestRecord("acme", "llm-tokens", i, NOW_MS, f"{prefix}{i}") for i in range(count)]
+    return [encode_rows(event_rows([r], ingested_at_us=NOW_MS * 1000, source="ingest")) for r in records]
+
+
+def _committed_ids(data_dir: DataDir) -> list[str]:
+    table = ensure_meter_events_table(open_catalog(data_dir), Config())
+    return sorted(table.scan(selected_fields=("unique_id",)).to_arrow().column("unique_id").to_pylist())
+
+
+def test_puts_flush_stats_and_close_are_answered_by_the_process(tmp_path: Path) -> None:
+    data_dir = DataDir(tmp_path / "home").ensure()
+    events = MeterEventProcess(config=Config(), data_dir=data_dir)
+    events.start()
+    try:
+        assert events.pid is not None
+        assert events.pid != os.getpid()
+        events.put_records(_lines(3, "a"))
+        stats = events.stats()
+        assert stats.spooled_offset > stats.committed_offset  # acknowledged, not committed yet
+        assert events.flush().ok_written == 3
+        assert _committed_ids(data_dir) == ["a0", "a1", "a2"]
+        events.put_records(_lines(2, "b"))
+    finally:
+        report = events.close()
+    assert report is not None
+    assert report.ok_written == 2  # close commits what was acknowledged
+    assert _committed_ids(data_dir) == ["a0", "a1", "a2", "b0", "b1"]
+    with pytest.raises(DeliveryProcessError, match="closed"):
+        events.put_records(_lines(1, "c"))
+
+
+def test_a_start_names_the_process_holding_the_spool(tmp_path: Path) -> None:
+    data_dir = DataDir(tmp_path / "home").ensure()
+    holder = open_meter_event_stream(Config(), data_dir)
+    try:
+        events = MeterEventProcess(config=Config(), data_dir=data_dir, spool_wait_s=0.3)
+        with pytest.raises(StreamError, match=f"in use by .*{os.getpid()}"):
+            events.start()
+    finally:
+        holder.close()
+
+
+def test_when_the_process_dies_ingest_answers_503_and_nothing_hangs(served: Served) -> None:
+    events = served.service.events
+    assert events is not None
+    assert events.pid is not None
+    os.kill(events.pid, signal.SIGKILL)
+    with served.client(key=served.admin_key) as client:
+        assert client.post("/meters", json={"label": "T", "meterApiName": "llm-tokens",
+                                            "meterType": "sum_of_all_usage"}).status_code == 200  # fmt: skip
+        answer = client.post("/ingest", json=record())
+    assert answer.status_code == 503, answer.text
+    assert "delivery process exited" in answer.text
+
+
+def test_the_process_exits_when_the_service_is_killed(tmp_path: Path) -> None:
+    """A SIGKILL'd service leaves no process holding the spool: the next start gets it at once."""
+    data_dir = DataDir(tmp_path / "home").ensure()
+    script = textwrap.dedent(f"""
+        import sys, time
+        from meterlake.config import Config
+        from meterlake.lake.home import DataDir
+        from meterlake.service.delivery import MeterEventProcess
+        events = MeterEventProcess(config=Config(), data_dir=DataDir.resolve({str(data_dir.root)!r}))
+        events.start()
+        print(events.pid, flush=True)
+        time.sleep(600)
+    """)
+    service = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout is not None
+        child = psutil.Process(int(service.stdout.readline()))
+        assert child.is_running()
+        service.kill()
+        service.wait(timeout=30)
+        child.wait(timeout=10)  # psutil.TimeoutExpired if it were left running
+    finally:
+        service.kill()
+    started = time.monotonic()
+    with LocalMeteringService(config=Config(), data_dir=data_dir, port=0) as again:
+        _, key = again.keys.create(role="admin")
+        with httpx.Client(base_url=again.url, headers={"X-API-KEY": key}) as client:
+            assert client.get("/meters").status_code == 200
+    assert time.monotonic() - started < 30
