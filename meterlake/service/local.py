@@ -23,7 +23,6 @@ from meterlake.service.app import create_app
 from meterlake.service.auth import ApiKeys, Authenticator, JwtVerifier
 from meterlake.service.cancellation import CancellationRules
 from meterlake.service.delivery import SWITCH_INTERVAL_S, MeterEventProcess
-from meterlake.service.durable import GroupCommitSink
 from meterlake.service.forwarding import AmberfloMirror
 from meterlake.service.ingest import Ingestor
 from meterlake.service.operations import MeteringService, Mirror
@@ -74,8 +73,8 @@ class LocalMeteringService:
 
     def __enter__(self) -> LocalMeteringService:
         settings = self.config.meterlake.service
-        # The event loop gives up the GIL at every socket call, and a busy thread (the group-commit writer, a usage
-        # query's planning) then kept it for up to the default 5 ms switch interval each time. A shorter interval
+        # The event loop gives up the GIL at every socket call, and a busy thread (a usage query's planning, the
+        # server's own) then kept it for up to the default 5 ms switch interval each time. A shorter interval
         # bounds that wait; it is only ever lowered, for the whole process.
         sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         try:
@@ -95,9 +94,7 @@ class LocalMeteringService:
             self.events = events
             self._closers.append(events.close)
             mirror = self._mirror()
-            sink = GroupCommitSink(events)
-            self._closers.append(sink.close)
-            ingestor = Ingestor(registry=self.registry, settings=settings, sink=sink)
+            ingestor = Ingestor(registry=self.registry, settings=settings, sink=events)
             usage = UsageEngine(
                 config=self.config,
                 data_dir=self.data_dir,

@@ -17,10 +17,8 @@ from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.local.auth import UserPool, for_config
-from meterlake.local.stream import DeliveryStream
 from meterlake.service.auth import Principal
-from meterlake.service.delivery import open_meter_event_stream
-from meterlake.service.durable import GroupCommitSink
+from meterlake.service.delivery import MeterEventProcess
 from meterlake.service.events import EventSource
 from meterlake.service.ingest import Ingestor, IngestOutcome
 from meterlake.service.local import LocalMeteringService
@@ -38,14 +36,14 @@ def tenant(customer_id: str) -> Principal:
 
 @dataclass
 class Harness:
-    """The service's domain over a real data dir: registry, meter-event stream (not started), ingest."""
+    """The service's domain over a real data dir: registry, the meter-event delivery process (its stream flushes on
+    its hints, 60 s by default: tests flush), ingest."""
 
     config: Config
     data_dir: DataDir
     store: ServiceStore
     registry: MeterRegistry
-    stream: DeliveryStream
-    sink: GroupCommitSink
+    stream: MeterEventProcess
     ingestor: Ingestor
 
     def ingest(
@@ -74,13 +72,12 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     store = ServiceStore.in_data_dir(data_dir)
     registry = MeterRegistry(store, config.meters)
     registry.create({"label": "LLM tokens", "meterApiName": "llm-tokens", "meterType": "sum_of_all_usage"})
-    stream = open_meter_event_stream(config, data_dir)
-    sink = GroupCommitSink(stream)
-    ingestor = Ingestor(registry=registry, settings=config.meterlake.service, sink=sink)
+    stream = MeterEventProcess(config=config, data_dir=data_dir)
+    stream.start()
+    ingestor = Ingestor(registry=registry, settings=config.meterlake.service, sink=stream)
     try:
-        yield Harness(config, data_dir, store, registry, stream, sink, ingestor)
+        yield Harness(config, data_dir, store, registry, stream, ingestor)
     finally:
-        sink.close()
         stream.close()
         store.close()
 

@@ -1,8 +1,10 @@
-"""The meter-event delivery process: puts durable before they are answered, flush and stats answered by it, errors
-carried back, and no process left behind when the service dies or the process itself does."""
+"""The meter-event delivery process: group commit (concurrent requests share puts, each answered once durable; a
+failed put fails every request in it), flush and stats answered by it, errors carried back, and no process left
+behind when the service dies or the process itself does."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -19,9 +21,10 @@ from meterlake.amberflo.api import IngestRecord
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
 from meterlake.lake.home import DataDir
-from meterlake.local.stream import StreamError
-from meterlake.service.delivery import DeliveryProcessError, MeterEventProcess, open_meter_event_stream
+from meterlake.local.stream import MAX_PUT_RECORD_BYTES, StreamError
+from meterlake.service.delivery import MeterEventProcess, open_meter_event_stream
 from meterlake.service.events import encode_rows, event_rows
+from meterlake.service.ingest import NotDurableError
 from meterlake.service.local import LocalMeteringService
 
 from .conftest import NOW_MS, Served, record
@@ -31,6 +34,10 @@ def _lines(count: int, prefix: str) -> list[bytes]:
     """``count`` requests' worth of rows (one row each), as the service encodes them."""
     records = [IngestRecord("acme", "llm-tokens", i, NOW_MS, f"{prefix}{i}") for i in range(count)]
     return [encode_rows(event_rows([r], ingested_at_us=NOW_MS * 1000, source="ingest")) for r in records]
+
+
+async def _commit_all(events: MeterEventProcess, batches: list[list[bytes]]) -> list[BaseException | None]:
+    return await asyncio.gather(*(events.commit(batch) for batch in batches), return_exceptions=True)
 
 
 def _committed_ids(data_dir: DataDir) -> list[str]:
@@ -45,19 +52,39 @@ def test_puts_flush_stats_and_close_are_answered_by_the_process(tmp_path: Path) 
     try:
         assert events.pid is not None
         assert events.pid != os.getpid()
-        events.put_records(_lines(3, "a"))
+        asyncio.run(events.commit(_lines(3, "a")))
         stats = events.stats()
         assert stats.spooled_offset > stats.committed_offset  # acknowledged, not committed yet
         assert events.flush().ok_written == 3
         assert _committed_ids(data_dir) == ["a0", "a1", "a2"]
-        events.put_records(_lines(2, "b"))
+        asyncio.run(events.commit(_lines(2, "b")))
     finally:
         report = events.close()
     assert report is not None
     assert report.ok_written == 2  # close commits what was acknowledged
     assert _committed_ids(data_dir) == ["a0", "a1", "a2", "b0", "b1"]
-    with pytest.raises(DeliveryProcessError, match="closed"):
-        events.put_records(_lines(1, "c"))
+    with pytest.raises(NotDurableError, match="closed"):
+        asyncio.run(events.commit(_lines(1, "c")))
+
+
+def test_concurrent_commits_share_puts_and_a_failed_put_fails_only_its_requests(tmp_path: Path) -> None:
+    data_dir = DataDir(tmp_path / "home").ensure()
+    events = MeterEventProcess(config=Config(), data_dir=data_dir)
+    events.start()
+    try:
+        lines = _lines(200, "c")
+        assert asyncio.run(_commit_all(events, [[line] for line in lines])) == [None] * 200
+        assert events.lines == 200
+        assert events.puts < 200  # grouped: fewer puts (fsyncs) than requests
+        too_large = [b"x" * (MAX_PUT_RECORD_BYTES + 1)]
+        [refused] = asyncio.run(_commit_all(events, [too_large]))
+        assert isinstance(refused, NotDurableError)
+        assert "at most" in str(refused)  # the stream's reason, carried back
+        assert asyncio.run(_commit_all(events, [_lines(1, "d")])) == [None]  # the next put is taken
+        assert events.flush().ok_written == 201
+    finally:
+        events.close()
+    assert _committed_ids(data_dir) == sorted([f"c{i}" for i in range(200)] + ["d0"])
 
 
 def test_a_start_names_the_process_holding_the_spool(tmp_path: Path) -> None:
