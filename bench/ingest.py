@@ -11,7 +11,8 @@ with the pipeline for the GIL:
   (cut as the stream cuts them), one after another; only the handler calls are timed.
 
 Targets: committed lines/s at least 0.8x the transform's own records/s, at most two buffers uncommitted when the
-writer stops, peak RSS (this process's, plus its worker's own memory, sampled every 50 ms) under 500 MB.
+writer stops, peak memory (this process's RSS plus its workers' own memory, sampled from a process of its own, see
+bench/memory.py) under 500 MB.
 """
 
 from __future__ import annotations
@@ -20,13 +21,11 @@ import base64
 import os
 import random
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
-
+from bench.memory import PeakMemory
 from meterlake.config import Config, parse_config
 from meterlake.lake.home import DataDir
 from meterlake.local.stream import DeliveryStream, access_log_handler
@@ -173,54 +172,6 @@ def transform_alone(path: Path, config: Config) -> float:
     return elapsed
 
 
-class RssSampler(threading.Thread):
-    """Samples the memory of a process (this one by default) and its children every ``period`` seconds and keeps the
-    peak of the sum: its RSS plus each child's USS (the memory only it maps; the pages it shares, the interpreter's
-    and libraries', are the same files the process maps, counted once in its RSS). Sampling ends when it exits.
-
-    The children are listed every ``children_period`` seconds (listing walks every process of the machine).
-    """
-
-    def __init__(self, period: float = 0.05, children_period: float = 0.5, pid: int | None = None) -> None:
-        super().__init__(daemon=True)
-        self.period = period
-        self.children_period = children_period
-        self.peak: int = 0
-        self._stop_event = threading.Event()
-        self._process = psutil.Process(os.getpid() if pid is None else pid)
-        self._children: list[psutil.Process] = []
-        self._listed_at = -children_period
-
-    def _rss(self) -> int:
-        if time.monotonic() - self._listed_at >= self.children_period:
-            self._children = self._process.children(recursive=True)
-            self._listed_at = time.monotonic()
-        total: int = self._process.memory_info().rss
-        for child in self._children:
-            try:
-                total += child.memory_full_info().uss
-            except psutil.Error:  # the child ended since it was listed
-                continue
-        return total
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            try:
-                self.peak = max(self.peak, self._rss())
-            except psutil.NoSuchProcess:  # it exited (its last samples were taken while it committed the rest)
-                return
-            self._stop_event.wait(self.period)
-
-    def stop(self) -> int:
-        """Stop sampling; the peak in bytes."""
-        self._stop_event.set()
-        self.join()
-        try:
-            return max(self.peak, self._rss())
-        except psutil.NoSuchProcess:
-            return self.peak
-
-
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -230,8 +181,7 @@ def run(quick: bool = False) -> dict[str, object]:
     events = QUICK_EVENTS if quick else FULL_EVENTS
     config = bench_config()
     buffer_bytes = config.data_firehose_configuration.buffering_hints.size_in_mbs * 1024 * 1024
-    sampler = RssSampler()
-    sampler.start()
+    sampler = PeakMemory()
     with tempfile.TemporaryDirectory(prefix="meterlake-bench-ingest-") as tmp:
         lines_path = Path(tmp) / "access-log.jsonl"
         write_lines(lines_path, events)

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import signal
 import threading
 import time
 import uuid
@@ -975,10 +976,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = LocalAmberflo(api_key=None if args.no_auth else args.api_key, faults=plan, port=args.port)
     except ServingError as exc:
         parser.exit(1, f"error: {exc}\n")
+    stop = threading.Event()
+    # SIGTERM stops it as Ctrl-C does (a service manager's stop; a background job started by a script ignores SIGINT).
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     with server:
         print(server.url, flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            threading.Event().wait()
+            stop.wait()
     return 0
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -692,3 +695,21 @@ def test_customers_are_looked_up_created_and_replaced_as_amberflo_does(
     customers.add_or_update(create_customer_payload("globex", "Globex Inc"))
     assert customers.get("globex")["customerName"] == "Globex Inc"
     assert [c["customerId"] for c in customers.list()] == ["acme", "globex"]
+
+
+def test_sigterm_stops_the_command_cleanly_even_where_sigint_is_ignored() -> None:
+    """A script's background job ignores SIGINT, so Ctrl-C's signal cannot stop it there: SIGTERM does."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "meterlake.amberflo.server", "--port", "0", "--no-auth"],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as bash starts `cmd &`
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert httpx.get(f"{url}/meters", timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
