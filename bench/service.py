@@ -8,7 +8,7 @@ The dataset is real Iceberg data written by pyiceberg in 1M-row appends and cach
 Ingest: 200,000 records (20,000 with ``quick``) in gzip'd batches of 100 with uniqueIds, as Amberflo's clients send
 them, from 8 keep-alive connections of one raw HTTP/1.1 driver, to ``meterlake serve`` (each 200 only once the batch
 is fsync'd in the meter-event spool) and to the local Amberflo's in-memory ``/ingest``, each in its own process,
-alternating runs (three each) in one run of the benchmark, then, for information, one service run of 1M records
+alternating runs (five each) in one run of the benchmark, then, for information, one service run of 1M records
 (its flushes and forwarding's staging inside the clock). The service's peak memory is sampled in that run only
 (from a process of its own, bench/memory.py: its RSS plus its children's USS, the meter-event delivery process and
 the fork server it comes from), so the timed runs of both sides carry no sampler. After each run, the time to commit
@@ -59,8 +59,9 @@ METER = "bench-tokens"
 TARGET_QUERY_S = 1.0
 TARGET_QUERY_RATIO = 1.5
 FULL_RECORDS, QUICK_RECORDS, BATCH = 200_000, 20_000, 100
-#: Alternating runs of each side: a 200k-record run lasts ~1.5 s, and single runs differ by up to 1.5x.
-ROUNDS = 3
+#: Alternating runs of each side: a 200k-record run lasts ~1 s, and single runs of either side differ by up to 1.5x
+#: within minutes on this machine (the local Amberflo: 218k-417k records/s over two runs of the benchmark).
+ROUNDS = 5
 #: For information, one longer service run: over a million records the flushes and forwarding's staging (which a
 #: 200k-record run mostly leaves for after its last answer) run inside the measured time.
 SUSTAINED_RECORDS, QUICK_SUSTAINED_RECORDS = 1_000_000, 50_000
