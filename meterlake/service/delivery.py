@@ -27,6 +27,7 @@ import asyncio
 import gc
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import struct
@@ -170,9 +171,12 @@ class MeterEventProcess:
         self._queued_lines: list[bytes] = []
         self._queued: list[asyncio.Future[None]] = []
         self._in_flight: list[asyncio.Future[None]] | None = None
-        self._unsent = memoryview(b"")
+        #: Answers still to come for puts whose loop closed before they were answered (each is skipped).
+        self._stale_answers = 0
+        self._outgoing = bytearray()
         self._received = bytearray()
         self._broken: str | None = None
+        self._finalizer: multiprocessing.util.Finalize | None = None
         #: Puts made and lines put, for tests and benchmarks (how well commits were grouped).
         self.puts = 0
         self.lines = 0
@@ -198,13 +202,21 @@ class MeterEventProcess:
         their_puts.close()
         their_control.close()
         self._process, self._puts, self._control = process, puts, control
+        # A service that exits without close: its pipes close before multiprocessing joins its children, so the
+        # process (which ignores SIGTERM) sees them close and exits instead of being waited for forever.
+        self._finalizer = multiprocessing.util.Finalize(self, _close_pipes, args=(puts, control), exitpriority=10)
         try:
             if not control.poll(START_TIMEOUT_S):
                 raise DeliveryProcessError(f"the meter-event delivery process did not start in {START_TIMEOUT_S:.0f} s")
             kind, detail = control.recv()
         except (EOFError, OSError):
             self._abandon()
-            raise DeliveryProcessError(self._gone()) from None
+            process.join(1.0)
+            raise DeliveryProcessError(
+                f"the meter-event delivery process exited (code {process.exitcode}) before it opened its stream (see "
+                "its error above). A program that starts the service must keep its main code under "
+                "`if __name__ == '__main__':`: the process imports the main module first, as multiprocessing does"
+            ) from None
         except BaseException:
             self._abandon()
             raise
@@ -234,41 +246,55 @@ class MeterEventProcess:
         await future
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Watch the put socket from ``loop`` (the previous loop must have nothing in flight)."""
-        if self._in_flight is not None or self._queued:
-            raise RuntimeError("meter events are being committed from another event loop")
+        """Watch the put socket from ``loop``. A previous loop with requests waiting must be closed: they are gone
+        with it (never answered 200), and the answer of its put in flight, when it comes, is skipped."""
         assert self._puts is not None
-        previous, self._loop = self._loop, loop
+        previous = self._loop
+        busy = self._in_flight is not None or bool(self._queued)
+        if previous is not None and busy and not previous.is_closed():
+            raise NotDurableError("meter events are being committed from another event loop that still runs")
+        if self._in_flight is not None:
+            self._stale_answers += 1
+        self._in_flight, self._queued, self._queued_lines = None, [], []
+        self._loop = loop
         fd = self._puts.fileno()
         if previous is not None and not previous.is_closed():
             previous.remove_reader(fd)
             previous.remove_writer(fd)
         os.set_blocking(fd, False)
         loop.add_reader(fd, self._on_readable)
+        if self._outgoing:  # the rest of a put the previous loop had begun to write
+            self._write_outgoing()
 
     def _send_queued(self) -> None:
         """Send everything queued as one put (called when none is in flight)."""
-        payload = _LINES_ENCODER.encode(self._queued_lines)
-        self._in_flight, self._queued = self._queued, []
+        queued, lines = self._queued, self._queued_lines
+        self._queued, self._queued_lines = [], []
+        try:
+            payload = _LINES_ENCODER.encode(lines)
+            header = _FRAME.pack(len(payload))
+        except (struct.error, OverflowError, msgspec.EncodeError) as exc:  # over 2 GiB: nothing of it is sent
+            _fail(queued, f"the requests' rows could not be sent ({exc})")
+            return
+        self._in_flight = queued
         self.puts += 1
-        self.lines += len(self._queued_lines)
-        self._queued_lines = []
-        self._unsent = memoryview(_FRAME.pack(len(payload)) + payload)
-        self._write_unsent()
+        self.lines += len(lines)
+        self._outgoing += header
+        self._outgoing += payload
+        self._write_outgoing()
 
-    def _write_unsent(self) -> None:
+    def _write_outgoing(self) -> None:
         assert self._puts is not None
         assert self._loop is not None
         fd = self._puts.fileno()
         try:
-            while self._unsent:
-                written = os.write(fd, self._unsent)
-                self._unsent = self._unsent[written:]
+            while self._outgoing:
+                del self._outgoing[: os.write(fd, self._outgoing)]
         except BlockingIOError:
-            self._loop.add_writer(fd, self._write_unsent)
+            self._loop.add_writer(fd, self._write_outgoing)
             return
         except OSError:
-            self._fail_all(self._gone())
+            self._fail_all(self._gone(wait_s=0.0))
             return
         self._loop.remove_writer(fd)
 
@@ -280,12 +306,12 @@ class MeterEventProcess:
                 if len(chunk) < _READ_BYTES:
                     break
             else:
-                self._fail_all(self._gone())
+                self._fail_all(self._gone(wait_s=0.0))
                 return
         except BlockingIOError:
             pass
         except OSError:
-            self._fail_all(self._gone())
+            self._fail_all(self._gone(wait_s=0.0))
             return
         while len(self._received) >= _FRAME.size:
             (size,) = _FRAME.unpack_from(self._received)
@@ -293,6 +319,9 @@ class MeterEventProcess:
                 return
             answer = bytes(self._received[_FRAME.size : _FRAME.size + size])
             del self._received[: _FRAME.size + size]
+            if self._stale_answers:
+                self._stale_answers -= 1
+                continue
             self._answered(answer.decode() or None)
 
     def _answered(self, error: str | None) -> None:
@@ -316,10 +345,9 @@ class MeterEventProcess:
             self._loop.remove_writer(self._puts.fileno())
         waiting = (self._in_flight or []) + self._queued
         self._in_flight, self._queued, self._queued_lines = None, [], []
-        logger.error("%s (%d requests answered 503)", reason, len(waiting))
-        for future in waiting:
-            if not future.done():
-                future.set_exception(NotDurableError(reason))
+        if waiting:
+            logger.error("%s (%d requests answered 503)", reason, len(waiting))
+        _fail(waiting, reason)
 
     def flush(self) -> FlushReport:
         """Commit everything acknowledged so far to meter_events (what the stream's ``flush`` does)."""
@@ -367,6 +395,33 @@ class MeterEventProcess:
             self._abandon(wait_s=30.0)
         return report
 
+    def _detach(self) -> None:
+        """Leave the loop that commits, on that loop's thread when it runs (its callbacks use the socket)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._puts is None:
+            return
+        closed = "the meter-event delivery process is closed"
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop or not loop.is_running():
+            self._fail_all(closed)
+            return
+        done = threading.Event()
+
+        def detach() -> None:
+            try:
+                self._fail_all(closed)
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(detach)
+        except RuntimeError:  # the loop closed meanwhile: nothing watches the socket any more
+            return
+        done.wait(5.0)
+
     def _call(self, kind: str, argument: object = None) -> object:
         with self._control_lock:
             if self._control is None:
@@ -380,20 +435,21 @@ class MeterEventProcess:
             raise DeliveryProcessError(str(detail))
         return detail
 
-    def _gone(self) -> str:
+    def _gone(self, wait_s: float = 1.0) -> str:
+        """Why nothing more is acknowledged; waits up to ``wait_s`` for the process's exit code (0 on the loop)."""
         process = self._process
         if process is not None:
-            process.join(1.0)
+            process.join(wait_s)
         code = None if process is None else process.exitcode
         how = "is running but does not answer" if code is None else f"exited (code {code})"
         return f"the meter-event delivery process {how}: nothing more is acknowledged until the service restarts"
 
     def _abandon(self, wait_s: float = 5.0) -> None:
-        """Close the pipes and reap the process (killing it after ``wait_s``)."""
-        process, puts, control, loop = self._process, self._puts, self._control, self._loop
+        """Stop watching the put socket (answering what waits 503), close the pipes, and reap the process (killing it
+        after ``wait_s``)."""
+        self._detach()
+        process, puts, control = self._process, self._puts, self._control
         self._puts = self._control = None
-        if puts is not None and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(_unwatch, loop, puts.fileno())
         for connection in (puts, control):
             if connection is not None:
                 connection.close()
@@ -404,9 +460,15 @@ class MeterEventProcess:
                 process.join(5.0)
 
 
-def _unwatch(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    loop.remove_reader(fd)
-    loop.remove_writer(fd)
+def _fail(futures: list[asyncio.Future[None]], reason: str) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(NotDurableError(reason))
+
+
+def _close_pipes(*connections: Connection) -> None:
+    for connection in connections:
+        connection.close()
 
 
 # -- in the process ---------------------------------------------------------------------------------------------
@@ -434,10 +496,11 @@ def _run(start: _Start, puts: Connection, control: Connection) -> None:
     # What opening made lives as long as the process: frozen, full collections do not walk it.
     gc.collect()
     gc.freeze()
+    put_lock = threading.Lock()
     threading.Thread(
-        target=_answer_puts, args=(parts.stream, puts, closing), name="meter-event-puts", daemon=True
+        target=_answer_puts, args=(parts.stream, puts, closing, put_lock), name="meter-event-puts", daemon=True
     ).start()
-    _answer_control(parts, control, closing)
+    _answer_control(parts, control, closing, put_lock)
 
 
 def _open(start: _Start) -> _Parts:
@@ -479,24 +542,33 @@ def _open_waiting(start: _Start, on_commit: Callable[[int], None] | None) -> Del
             time.sleep(0.1)
 
 
-def _answer_puts(stream: DeliveryStream, puts: Connection, closing: threading.Event) -> None:
-    while True:
-        try:
-            lines = _LINES_DECODER.decode(puts.recv_bytes())
-        except (EOFError, OSError):
-            if closing.is_set():
-                return
-            os._exit(3)  # the service died: what was acknowledged is in the spool; the next start resumes it
-        try:
-            stream.put_records(lines)
-        except Exception as exc:  # the service answers 503 with it; nothing of the put is kept
-            answer = (str(exc) or type(exc).__name__).encode()
-        else:
-            answer = b""
-        puts.send_bytes(answer)
+def _answer_puts(stream: DeliveryStream, puts: Connection, closing: threading.Event, lock: threading.Lock) -> None:
+    """Answer each put (empty once durable, else why none of it is), until the service closes the pipe."""
+    try:
+        while True:
+            try:
+                lines = _LINES_DECODER.decode(puts.recv_bytes())
+            except (EOFError, OSError):
+                if closing.is_set():
+                    return
+                os._exit(3)  # the service died: what was acknowledged is in the spool; the next start resumes it
+            with lock:  # a put is in the spool before close's final flush, or refused
+                if closing.is_set():
+                    answer = b"the meter-event delivery process is closing"
+                else:
+                    try:
+                        stream.put_records(lines)
+                    except Exception as exc:  # the service answers 503 with it; nothing of the put is kept
+                        answer = (str(exc) or type(exc).__name__).encode()
+                    else:
+                        answer = b""
+            puts.send_bytes(answer)
+    except BaseException:  # e.g. a frame that does not decode: exit, so the service sees it and answers 503
+        logger.exception("the meter-event delivery process stops answering puts")
+        os._exit(4)
 
 
-def _answer_control(parts: _Parts, control: Connection, closing: threading.Event) -> None:
+def _answer_control(parts: _Parts, control: Connection, closing: threading.Event, put_lock: threading.Lock) -> None:
     stream = parts.stream
     while True:
         try:
@@ -505,7 +577,8 @@ def _answer_control(parts: _Parts, control: Connection, closing: threading.Event
             os._exit(3)  # the service died (see _answer_puts)
         try:
             if kind == "close":
-                closing.set()
+                with put_lock:
+                    closing.set()
                 try:
                     detail: object = stream.close()
                 finally:

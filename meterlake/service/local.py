@@ -175,5 +175,12 @@ class LocalMeteringService:
             self._close_parts()
 
     def _close_parts(self) -> None:
+        """Run every closer, last added first, even past one that fails (then raise the first failure)."""
+        failure: BaseException | None = None
         while self._closers:
-            self._closers.pop()()
+            try:
+                self._closers.pop()()
+            except BaseException as exc:  # the rest still close: the delivery process, the database
+                failure = failure or exc
+        if failure is not None:
+            raise failure

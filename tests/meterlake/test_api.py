@@ -24,14 +24,22 @@ def readme_api_example() -> str:
 
 
 def _python(code: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return _python_file("-c", code, cwd=cwd, timeout=timeout)
+
+
+def _python_file(*args: str | Path, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``python *args`` in ``cwd`` with a data dir of its own."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "METERLAKE_HOME": str(cwd / "home"), "HOME": str(cwd)}
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
 def test_the_readme_example_runs_as_written(tmp_path: Path) -> None:
-    result = _python(readme_api_example(), tmp_path)
+    # Saved as a file and run, as a user runs it: the delivery process imports the main module (see README).
+    example = tmp_path / "example.py"
+    example.write_text(readme_api_example(), encoding="utf-8")
+    result = _python_file(example, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     # The one request acme made is in the day's usage, committed when the block was left.

@@ -140,3 +140,44 @@ def test_the_process_exits_when_the_service_is_killed(tmp_path: Path) -> None:
         with httpx.Client(base_url=again.url, headers={"X-API-KEY": key}) as client:
             assert client.get("/meters").status_code == 200
     assert time.monotonic() - started < 30
+
+
+def test_a_commit_from_a_new_loop_after_one_closed_mid_put_is_answered_by_its_own_put(tmp_path: Path) -> None:
+    """A test's asyncio.run (or a restarted server) may leave a put unanswered with its loop: the next loop's commits
+    work, and the stale answer is not taken for theirs."""
+    data_dir = DataDir(tmp_path / "home").ensure()
+    events = MeterEventProcess(config=Config(), data_dir=data_dir)
+    events.start()
+
+    async def abandoned() -> None:
+        asyncio.get_running_loop().create_task(events.commit(_lines(1, "gone")))
+        await asyncio.sleep(0)  # the commit sent its put; the loop ends before the answer (its task is cancelled)
+
+    try:
+        asyncio.run(abandoned())
+        assert asyncio.run(_commit_all(events, [_lines(1, "e"), _lines(1, "f")])) == [None, None]
+        assert asyncio.run(_commit_all(events, [_lines(1, "g")])) == [None]
+        events.flush()
+    finally:
+        events.close()
+    assert {"e0", "f0", "g0"} <= set(_committed_ids(data_dir))
+
+
+def test_a_service_that_exits_without_close_does_not_hang(tmp_path: Path) -> None:
+    """multiprocessing waits for its children at exit, and the process ignores SIGTERM: its pipes close first."""
+    data_dir = DataDir(tmp_path / "home").ensure()
+    script = textwrap.dedent(f"""
+        from meterlake.config import Config
+        from meterlake.lake.home import DataDir
+        from meterlake.service.delivery import MeterEventProcess
+        events = MeterEventProcess(config=Config(), data_dir=DataDir.resolve({str(data_dir.root)!r}))
+        events.start()
+        print(events.pid, flush=True)
+    """)
+    finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0, finished.stderr
+    child = int(finished.stdout)
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the delivery process outlived the service"
+        time.sleep(0.1)
