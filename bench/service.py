@@ -260,8 +260,10 @@ def _service_run(home: Path, bodies: list[bytes], *, sample_memory: bool = False
         )
         _, key = ApiKeys(store).create(role="admin")
     process, url = _start([*_CLI, "--home", str(home), "serve", "--port", "0"], "MeteringServiceEndpoint", home)
-    sampler = PeakMemory(pid=process.pid) if sample_memory else None
+    sampler: PeakMemory | None = None
     try:
+        if sample_memory:
+            sampler = PeakMemory(pid=process.pid)
         seconds, oks = asyncio.run(_drive(url, key, bodies))
         stopping = time.perf_counter()
         _stop(process)

@@ -44,6 +44,15 @@ WORKFLOW_CANDIDATES = [
 ]
 
 
+def test_the_repos_workflow_fixture_is_the_shared_one() -> None:
+    """The tests run the repo's copy (a fresh clone has no ../shared); where the shared original is present, the copy
+    must be identical to it, byte for byte."""
+    shared = Path(__file__).resolve().parents[4] / "shared" / "fixtures" / WORKFLOW_NAME
+    if not shared.exists():
+        pytest.skip(f"no shared original at {shared}")
+    assert WORKFLOW_CANDIDATES[0].read_bytes() == shared.read_bytes()
+
+
 @pytest.fixture(scope="module")
 def module_server() -> Iterator[LocalAmberflo]:
     with LocalAmberflo(api_key=KEY) as server:

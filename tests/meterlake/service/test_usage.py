@@ -394,6 +394,17 @@ def test_request_meter_usage_equals_the_usage_queries_on_every_bucket(harness: H
             query("api-calls", timeGroupingInterval=interval, timeRange=span, groupBy=["customerId"]), zero_fill=False
         )
         assert by_customer_bucket(report) == expected, interval
+        if interval == "DAY":  # WEEK (Monday) and MONTH buckets are sums of the day query's rows
+            for coarser in get_args(TimeGroupingInterval):
+                if coarser in ("WEEK", "MONTH"):
+                    rolled: dict[tuple[str, int], float] = defaultdict(float)
+                    for (tenant, day), billable in expected.items():
+                        rolled[(tenant, bucket_start(day, coarser))] += billable
+                    report = engine.report(
+                        query("api-calls", timeGroupingInterval=coarser, timeRange=span, groupBy=["customerId"]),
+                        zero_fill=False,
+                    )
+                    assert by_customer_bucket(report) == dict(rolled), coarser
     by_route = engine.report(query("api-calls", timeRange=span, groupBy=["resource_path"]), zero_fill=False)
     assert {m["group"]["groupInfo"]["resource_path"] for m in by_route["clientMeters"]} == {"/orders", "/items"}
     egress = engine.report(query("egress-bytes", timeRange=span, filter={"customerId": ["acme"]}), zero_fill=False)
