@@ -67,7 +67,15 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import FileScanTask, ManifestGroupPlanner, Table
 from pyiceberg.table.delete_file_index import DeleteFileIndex
 from pyiceberg.table.metadata import INITIAL_SEQUENCE_NUMBER
-from pyiceberg.types import IcebergType, IntegerType, LongType, StringType, TimestampType, TimestamptzType
+from pyiceberg.types import (
+    IcebergType,
+    IntegerType,
+    LongType,
+    MapType,
+    StringType,
+    TimestampType,
+    TimestamptzType,
+)
 from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table as RichTable
@@ -465,7 +473,7 @@ def _local_statement(sql: str, schema: _SchemaKey, params: frozenset[str], *, fi
     source: exp.Expr = (
         read_table_files(exp.Placeholder(this=_FILES_PARAM), schema.schema) if files else exp.to_table(_EMPTY_RELATION)
     )
-    relation = _naive_utc_relation(source, schema.schema.as_arrow())
+    relation = naive_utc_relation(source, schema.schema.as_arrow())
     prepared = prepare(sql, dialect="duckdb", table=relation, params=dict.fromkeys([*params, _FILES_PARAM]))
     return _LocalStatement(prepared.sql, frozenset(cast(dict[str, BoundValue], prepared.parameters)))
 
@@ -487,6 +495,15 @@ _DUCKDB_TYPES: Final[dict[str, str]] = {
 }
 
 
+def _duckdb_type(field_type: IcebergType) -> str | None:
+    """The DuckDB type read_parquet reads an Iceberg column of ``field_type`` as: a primitive, or a map of them
+    (meter_events' dimensions); None for any other nested type."""
+    if isinstance(field_type, MapType):
+        key, value = _DUCKDB_TYPES.get(str(field_type.key_type)), _DUCKDB_TYPES.get(str(field_type.value_type))
+        return None if key is None or value is None else f"MAP({key}, {value})"
+    return _DUCKDB_TYPES.get(str(field_type))
+
+
 def read_table_files(files: Sequence[str] | exp.Expr, schema: Schema) -> exp.Expr:
     """DuckDB's ``read_parquet`` over data files of a table whose schema is ``schema``, its columns mapped by Iceberg
     field id, as Iceberg readers map them: a column added to the table after a file was written reads as null from
@@ -496,11 +513,11 @@ def read_table_files(files: Sequence[str] | exp.Expr, schema: Schema) -> exp.Exp
     them so, for SQL text of the same size whatever the number of files (rendering 2,880 paths costs ~50 ms).
 
     Raises:
-        UnsupportedTableStateError: a column has a nested type (the metering table has none).
+        UnsupportedTableStateError: a column has a nested type other than a map of primitives (the tables have none).
     """
     columns = []
     for field in schema.fields:
-        duckdb_type = _DUCKDB_TYPES.get(str(field.field_type))
+        duckdb_type = _duckdb_type(field.field_type)
         if duckdb_type is None:
             raise UnsupportedTableStateError(field.name, f"the local runner reads no {field.field_type} column")
         column = exp.Struct(
@@ -1078,7 +1095,7 @@ def _current_data_files(tasks: Iterable[FileScanTask]) -> list[str]:
     return paths
 
 
-def _naive_utc_relation(source: exp.Expr, schema: pa.Schema) -> exp.Select:
+def naive_utc_relation(source: exp.Expr, schema: pa.Schema) -> exp.Select:
     """``SELECT * REPLACE (<each timestamptz column> as a naive UTC TIMESTAMP) FROM source``: no ICU per row."""
     timestamptz = [f.name for f in schema if pa.types.is_timestamp(f.type) and f.type.tz]
     naive = [

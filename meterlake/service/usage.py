@@ -51,8 +51,10 @@ from meterlake.lake.query import (
     UnsupportedTableStateError,
     bind_params,
     load_query,
+    naive_utc_relation,
     plan_data_files,
     prepare,
+    read_table_files,
     sandboxed_cursor,
 )
 from meterlake.meters import TENANT_COLUMN, TIME_COLUMN, Meter, meter_predicate_sql
@@ -329,23 +331,15 @@ def run_event_usage_sql(params: Mapping[str, str], *, config: Config, data_dir: 
     bound = bind_params(query, params)
     # The file names its own table; the shared preparation swaps the access-log queries' placeholder name.
     tree = sqlglot.parse_one(query.sql, read=SOURCE_DIALECT)
-    for table in tree.find_all(sqlglot.exp.Table):
-        if table.name == METER_EVENTS_TABLE and not table.args.get("db"):
-            table.set("this", sqlglot.exp.to_identifier(TABLE_PLACEHOLDER))
-    files = _data_files(ensure_meter_events_table(open_catalog(data_dir), config), expressions.AlwaysTrue())
+    for named in tree.find_all(sqlglot.exp.Table):
+        if named.name == METER_EVENTS_TABLE and not named.args.get("db"):
+            named.set("this", sqlglot.exp.to_identifier(TABLE_PLACEHOLDER))
+    table = ensure_meter_events_table(open_catalog(data_dir), config)
+    files = _data_files(table, expressions.AlwaysTrue())
     if not files:
         return QueryResult(columns=[], rows=[])
-    exp = sqlglot.exp
-    source = exp.func(
-        "read_parquet",
-        exp.array(*(exp.Literal.string(path) for path in files)),
-        exp.EQ(this=exp.var("hive_partitioning"), expression=exp.false()),
-    )
-    naive = [
-        exp.alias_(exp.func("make_timestamp", exp.func("epoch_us", exp.column(column))), column)
-        for column in (METER_TIME_COLUMN, METER_INGESTED_AT_COLUMN)
-    ]
-    relation = exp.select(exp.Star(replace=naive)).from_(source)
+    schema = table.schema()
+    relation = naive_utc_relation(read_table_files(files, schema), schema.as_arrow())
     prepared = prepare(tree.sql(dialect=SOURCE_DIALECT), dialect="duckdb", table=relation, params=bound)
     con = sandboxed_cursor(files)
     try:

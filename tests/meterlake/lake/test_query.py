@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlglot
+from pyiceberg.schema import Schema
 from pyiceberg.table import FileScanTask
+from pyiceberg.types import ListType, LongType, MapType, NestedField, StringType
 from sqlglot import exp
 
 from meterlake.config import Config
@@ -670,3 +672,26 @@ def test_csv_and_json_carry_the_raw_values() -> None:
 )
 def test_printable_makes_what_a_terminal_would_act_on_visible(raw: str, shown: str) -> None:
     assert printable(raw) == shown
+
+
+def test_read_table_files_reads_a_map_column_by_field_id_and_refuses_a_list(tmp_path: Path) -> None:
+    schema = Schema(
+        NestedField(1, "id", LongType(), required=False),
+        NestedField(2, "dimensions", MapType(3, StringType(), 4, StringType(), value_required=False), required=False),
+    )
+    catalog = open_catalog(DataDir(tmp_path).ensure())
+    catalog.create_namespace("t")
+    table = catalog.create_table(("t", "maps"), schema=schema)
+    table.append(
+        pa.table(
+            {"id": [1, 2], "dimensions": [[("model", "m1")], None]},
+            schema=pa.schema([("id", pa.int64()), ("dimensions", pa.map_(pa.string(), pa.string()))]),
+        )
+    )
+    files = [task.file.file_path.removeprefix("file://") for task in table.scan().plan_files()]
+    source = query_module.read_table_files(files, table.schema())
+    select = exp.select("id", "dimensions['model'] AS model").from_(source).order_by("id")
+    assert duckdb.connect().execute(select.sql(dialect="duckdb")).fetchall() == [(1, "m1"), (2, None)]
+    listed = Schema(NestedField(1, "tags", ListType(2, StringType()), required=False))
+    with pytest.raises(UnsupportedTableStateError, match="the local runner reads no list<string> column"):
+        query_module.read_table_files(files, listed)

@@ -40,6 +40,21 @@ async def _commit_all(events: MeterEventProcess, batches: list[list[bytes]]) -> 
     return await asyncio.gather(*(events.commit(batch) for batch in batches), return_exceptions=True)
 
 
+def _service_script(data_dir: DataDir, *, then: str) -> str:
+    """A program that starts a delivery process on ``data_dir``, prints its pid, then runs ``then``."""
+    return (
+        textwrap.dedent(f"""
+        from meterlake.config import Config
+        from meterlake.lake.home import DataDir
+        from meterlake.service.delivery import MeterEventProcess
+        events = MeterEventProcess(config=Config(), data_dir=DataDir.resolve({str(data_dir.root)!r}))
+        events.start()
+        print(events.pid, flush=True)
+    """)
+        + then
+    )
+
+
 def _committed_ids(data_dir: DataDir) -> list[str]:
     table = ensure_meter_events_table(open_catalog(data_dir), Config())
     return sorted(table.scan(selected_fields=("unique_id",)).to_arrow().column("unique_id").to_pylist())
@@ -114,16 +129,7 @@ def test_when_the_process_dies_ingest_answers_503_and_nothing_hangs(served: Serv
 def test_the_process_exits_when_the_service_is_killed(tmp_path: Path) -> None:
     """A SIGKILL'd service leaves no process holding the spool: the next start gets it at once."""
     data_dir = DataDir(tmp_path / "home").ensure()
-    script = textwrap.dedent(f"""
-        import sys, time
-        from meterlake.config import Config
-        from meterlake.lake.home import DataDir
-        from meterlake.service.delivery import MeterEventProcess
-        events = MeterEventProcess(config=Config(), data_dir=DataDir.resolve({str(data_dir.root)!r}))
-        events.start()
-        print(events.pid, flush=True)
-        time.sleep(600)
-    """)
+    script = _service_script(data_dir, then="import time; time.sleep(600)")
     service = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert service.stdout is not None
@@ -166,14 +172,7 @@ def test_a_commit_from_a_new_loop_after_one_closed_mid_put_is_answered_by_its_ow
 def test_a_service_that_exits_without_close_does_not_hang(tmp_path: Path) -> None:
     """multiprocessing waits for its children at exit, and the process ignores SIGTERM: its pipes close first."""
     data_dir = DataDir(tmp_path / "home").ensure()
-    script = textwrap.dedent(f"""
-        from meterlake.config import Config
-        from meterlake.lake.home import DataDir
-        from meterlake.service.delivery import MeterEventProcess
-        events = MeterEventProcess(config=Config(), data_dir=DataDir.resolve({str(data_dir.root)!r}))
-        events.start()
-        print(events.pid, flush=True)
-    """)
+    script = _service_script(data_dir, then="")  # and exit, without close
     finished = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert finished.returncode == 0, finished.stderr
     child = int(finished.stdout)
