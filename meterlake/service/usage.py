@@ -185,9 +185,11 @@ class UsageEngine:
             selected += [f"{bucket} AS bucket", "0 AS whole", f"{measure} AS value"]
             grouping = grouped
         where = " AND ".join(f"({condition})" for condition in conditions)
+        # Columns by field id, as Iceberg reads them: a meter on a column added later reads older files' as null.
+        files_sql = read_table_files(sqlglot.exp.Placeholder(this="files"), source.table.schema()).sql(dialect="duckdb")
         sql = (
             f"SELECT {', '.join(selected)} "  # noqa: S608 (our own column names; every value is a $parameter)
-            f"FROM read_parquet($files, hive_partitioning = false) WHERE {where} GROUP BY {grouping}"
+            f"FROM {files_sql} WHERE {where} GROUP BY {grouping}"
         )
         con = sandboxed_cursor(files)
         try:

@@ -16,6 +16,7 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.types import IntegerType, LongType, NestedField, StringType
 
+from meterlake.amberflo.api import parse_usage_query
 from meterlake.config import Config
 from meterlake.lake.catalog import (
     IncompatibleSchemaError,
@@ -29,6 +30,7 @@ from meterlake.lake.files import read_data_file
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import load_query, run_local_query
 from meterlake.local.stream import DeliveryStream, ingest_lines
+from meterlake.meters import DEFAULT_METERS, Meter
 from meterlake.records import render_access_log_line
 from meterlake.schema import (
     METER_EVENT_PARTITION_SPEC,
@@ -38,6 +40,9 @@ from meterlake.schema import (
     METERING_EVENT_SCHEMA,
     TABLE_PROPERTIES,
 )
+from meterlake.service.registry import MeterRegistry
+from meterlake.service.store import ServiceStore
+from meterlake.service.usage import UsageEngine
 
 CONFIG = Config()
 #: The field the older record lacked.
@@ -206,3 +211,25 @@ def test_data_files_written_before_an_added_column_read_it_as_null(tmp_path: Pat
         {"request_id": "new-0", ADDED: 5},
         {"request_id": "old-0", ADDED: None},
     ]
+
+
+def test_a_request_meter_on_the_added_field_counts_both_generations(tmp_path: Path) -> None:
+    """The usage engine reads a table's files by field id too: a meter on the added column sums the new rows and
+    reads the older files' as null, whichever generation DuckDB opens first."""
+    config = Config(meters=(*DEFAULT_METERS, Meter(meter_api_name="integration-ms", label="ms", value=ADDED)))
+    data = DataDir.resolve(tmp_path / "data")
+    older = _older_table(data, _without(METERING_EVENT_SCHEMA, ADDED))
+    day = datetime.fromtimestamp(DAY_MS / 1000, UTC)
+    old = [{"request_id": f"old-{i}", "tenant_id": "acme", "request_time": day, "ingested_at": day, "status": 200,
+            "http_method": "GET"}
+           for i in range(3)]  # fmt: skip
+    older.append(pa.Table.from_pylist(old, schema=older.schema().as_arrow()))
+    assert _ingest(data, [_line("new-0", 1000, latency=7), _line("new-1", 2000, latency=9)]) == 2
+    with ServiceStore.in_data_dir(data) as store:
+        engine = UsageEngine(config=config, data_dir=data, registry=MeterRegistry(store, config.meters), rules=None)
+        window = {"startTimeInSeconds": DAY_MS // 1000, "endTimeInSeconds": DAY_MS // 1000 + 86400}
+        document = {"meterApiName": "integration-ms", "aggregation": "SUM", "timeGroupingInterval": "DAY",
+                    "timeRange": window}  # fmt: skip
+        usage = parse_usage_query(document, now_s=DAY_MS // 1000 + 86400)
+        report = engine.report(usage, zero_fill=False)
+    assert [meter["groupValue"] for meter in report["clientMeters"]] == [16.0]
