@@ -18,13 +18,14 @@ from typing import Any, TypeVar
 
 import httpx
 import pyarrow as pa
+from pyiceberg.schema import Schema
 
 from meterlake.amberflo.outbox import Outbox
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
 from meterlake.lake.files import read_data_file
 from meterlake.lake.home import DataDir
-from meterlake.lake.query import printable, sandboxed_duckdb
+from meterlake.lake.query import printable, read_table_files, sandboxed_duckdb
 from meterlake.meters import Meter, UsageKey, lake_usage_query, meter_records
 from meterlake.schema import metering_event_arrow_schema
 from meterlake.window import WindowError, require_ordered
@@ -87,16 +88,21 @@ class ReconcileReport:
         return [d for d in self.differences if d.other < d.lake]
 
 
-def _lake_files(config: Config, data_dir: DataDir) -> list[str]:
+def _lake_files(config: Config, data_dir: DataDir) -> tuple[Schema, list[str]]:
+    """The metering table's schema and the local paths of its current data files."""
     table = ensure_metering_table(open_catalog(data_dir), config)
-    return [task.file.file_path.removeprefix("file://") for task in table.scan().plan_files()]
+    return table.schema(), [task.file.file_path.removeprefix("file://") for task in table.scan().plan_files()]
 
 
-def aggregate_lake(events: pa.Table | Sequence[str], meters: Sequence[Meter]) -> dict[UsageKey, int]:
+def aggregate_lake(
+    events: pa.Table | Sequence[str], meters: Sequence[Meter], *, schema: Schema | None = None
+) -> dict[UsageKey, int]:
     """Usage per customer, meter and UTC hour computed by DuckDB from the lake rows (a table or Parquet paths).
 
     The SQL twin of :func:`meterlake.meters.expected_usage`: reconciliation checks that the two agree. It runs in the
-    same sandbox as every local query: DuckDB may read the given files and nothing else.
+    same sandbox as every local query: DuckDB may read the given files and nothing else. Paths with the table's
+    ``schema`` are read by field id, as Iceberg reads them (a column added later reads as null from older files);
+    without it, by name.
     """
     from sqlglot import exp
 
@@ -109,7 +115,11 @@ def aggregate_lake(events: pa.Table | Sequence[str], meters: Sequence[Meter]) ->
             con.register("metering_events", events)
             source: exp.Expr = exp.to_table("metering_events")
         else:
-            source = exp.func("read_parquet", exp.array(*(exp.Literal.string(path) for path in paths)))
+            source = (
+                read_table_files(paths, schema)
+                if schema is not None
+                else exp.func("read_parquet", exp.array(*(exp.Literal.string(path) for path in paths)))
+            )
         rows = con.execute(lake_usage_query(meters, source).sql(dialect="duckdb")).fetchall()
     finally:
         con.close()
@@ -118,7 +128,8 @@ def aggregate_lake(events: pa.Table | Sequence[str], meters: Sequence[Meter]) ->
 
 def lake_usage(config: Config, data_dir: DataDir, window: Window) -> dict[UsageKey, float]:
     """Usage per (customer, meter, hour) in the window, from the lake's committed files."""
-    usage = aggregate_lake(_lake_files(config, data_dir), config.meters)
+    schema, files = _lake_files(config, data_dir)
+    usage = aggregate_lake(files, config.meters, schema=schema)
     return {key: float(value) for key, value in usage.items() if key[2] in window}
 
 
@@ -212,7 +223,7 @@ def repair(
     queued = 0
     if lake_wanted:
         target = metering_event_arrow_schema()
-        pieces = [read_data_file(path, target) for path in _lake_files(config, data_dir)]
+        pieces = [read_data_file(path, target) for path in _lake_files(config, data_dir)[1]]
         events = pa.concat_tables(pieces) if pieces else target.empty_table()
         records = [
             record for record in meter_records(events, config.meters).records() if _bucket(record) in lake_wanted

@@ -7,7 +7,7 @@ rows as null), whichever order it reads the files in.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +17,7 @@ from pyiceberg.table import Table
 from pyiceberg.types import IntegerType, LongType, NestedField, StringType
 
 from meterlake.amberflo.api import parse_usage_query
+from meterlake.amberflo.reconcile import Window, lake_usage
 from meterlake.config import Config
 from meterlake.lake.catalog import (
     IncompatibleSchemaError,
@@ -233,3 +234,8 @@ def test_a_request_meter_on_the_added_field_counts_both_generations(tmp_path: Pa
         usage = parse_usage_query(document, now_s=DAY_MS // 1000 + 86400)
         report = engine.report(usage, zero_fill=False)
     assert [meter["groupValue"] for meter in report["clientMeters"]] == [16.0]
+    # Reconciliation's side of the lake reads the files the same way.
+    lake = lake_usage(config, data, Window.covering(day, day + timedelta(days=1)))
+    assert {key: value for key, value in lake.items() if key[1] == "integration-ms"} == {
+        ("acme", "integration-ms", DAY_MS // 1000): 16.0
+    }
