@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 from rich.console import Console
@@ -44,6 +44,9 @@ from meterlake.loadtest import (
     summary_lines,
 )
 from meterlake.records import TenantSourceKind
+
+if TYPE_CHECKING:
+    from meterlake.local.stream import DeliveryStream
 
 app = typer.Typer(
     name="meterlake",
@@ -729,17 +732,32 @@ def flush(
         ),
     ] = False,
 ) -> None:
-    """Commit whatever the delivery stream acknowledged but has not committed yet (e.g. after a crash)."""
+    """Commit whatever the delivery streams acknowledged but have not committed yet (e.g. after a crash): the access
+    log's and, where the metering service has run, its meter events' (with the service stopped)."""
     from meterlake.local.stream import DeliveryStream
+    from meterlake.service.delivery import METER_EVENT_SPOOL_DIR, open_meter_event_stream
 
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
     with DeliveryStream(config=config, data_dir=data_dir, recover=recover) as stream:
-        for repair in stream.recovered:
-            console.print(f"recovered {_shown(repair.describe())}", highlight=False, soft_wrap=True)
+        _say_recovered(stream)
         report = stream.flush()
     console.print(f"committed {report.ok_written}, rejected {report.failed}, dropped {report.dropped}")
     _say_where_rejects_went(report.failed, data_dir)
+    if (data_dir.root / METER_EVENT_SPOOL_DIR).is_dir():
+        with open_meter_event_stream(config, data_dir, recover=recover) as events:
+            _say_recovered(events)
+            flushed = events.flush()
+        console.print(
+            f"meter events: committed {flushed.ok_written}, duplicates skipped {flushed.duplicates_skipped}",
+            highlight=False,
+        )
+
+
+def _say_recovered(stream: DeliveryStream) -> None:
+    """What ``--recover`` repaired in ``stream``'s spool."""
+    for repair in stream.recovered:
+        console.print(f"recovered {_shown(repair.describe())}", highlight=False, soft_wrap=True)
 
 
 @app.command()

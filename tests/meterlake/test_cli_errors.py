@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from meterlake.config import Config
+from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
+from meterlake.lake.home import DataDir
 from meterlake.local.stream import MAX_PUT_RECORD_BYTES
 from meterlake.records import render_access_log_line
+from meterlake.service.delivery import METER_EVENT_SPOOL_DIR
+from tests.conftest import FaultReport
 from tests.meterlake.cli_process import meterlake, one_error_line
 
 #: 2025-11-24T16:00:00Z in epoch milliseconds.
@@ -205,3 +210,48 @@ def test_a_damaged_spool_is_refused_with_one_line_and_flush_recover_delivers_the
     again = meterlake("flush", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.startswith("committed 0,")
+
+
+def test_a_damaged_meter_event_spool_is_refused_and_flush_recover_delivers_the_rest(
+    tmp_path: Path, fault_report: FaultReport
+) -> None:
+    """The metering service's spool is a durable file like the gateway's: the advice its refusal gives works."""
+    home = tmp_path / "home"
+    script = (
+        "import os, sys\n"
+        "from meterlake.amberflo.api import IngestRecord\n"
+        "from meterlake.config import Config\n"
+        "from meterlake.lake.home import DataDir\n"
+        "from meterlake.service.delivery import open_meter_event_stream\n"
+        "from meterlake.service.events import encode_rows, event_rows\n"
+        "stream = open_meter_event_stream(Config(), DataDir.resolve(sys.argv[1]).ensure())\n"
+        "records = [IngestRecord('acme', 'llm-tokens', 1, 1796000000000, f'u{n}') for n in range(90)]\n"
+        "stream.put_records([encode_rows(event_rows([r], ingested_at_us=0, source='ingest')) for r in records])\n"
+        "os._exit(0)\n"  # acknowledged, never committed: a killed serve
+    )
+    subprocess.run([sys.executable, "-c", script, str(home)], check=True, timeout=120)
+    (segment,) = (home / METER_EVENT_SPOOL_DIR).glob("*.seg")
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the uncommitted records
+    segment.write_bytes(bytes(data))
+    refused = one_error_line(meterlake("flush", cwd=tmp_path))
+    assert f"spool segment {segment} is damaged at byte" in refused
+    assert "`meterlake flush --recover`" in refused
+    recovered = meterlake("flush", "--recover", cwd=tmp_path)
+    assert recovered.returncode == 0, recovered.stderr
+    lines = recovered.stdout.splitlines()
+    assert any(line.startswith("recovered ") and METER_EVENT_SPOOL_DIR in line for line in lines), lines
+    assert lines[-1].startswith("meter events: committed 89,")  # every record but the damaged one
+    table = ensure_meter_events_table(open_catalog(DataDir.resolve(home)), Config())
+    ids = table.scan(selected_fields=("unique_id",)).to_arrow().column("unique_id").to_pylist()
+    fault_report(
+        "flipped byte, uncommitted meter-event spool (its 1 record unreadable)",
+        answered=89,
+        committed=len(set(ids)),
+        lost=89 - len(set(ids)),
+        duplicated=len(ids) - len(set(ids)),
+    )
+    assert (len(ids), len(set(ids))) == (89, 89)
+    again = meterlake("flush", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1].startswith("meter events: committed 0,")
