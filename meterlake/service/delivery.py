@@ -30,6 +30,7 @@ import multiprocessing
 import multiprocessing.util
 import os
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -77,8 +78,8 @@ START_TIMEOUT_S = 120.0
 #: How long close waits for the final commit and forwarding's last cycle before killing the process.
 CLOSE_TIMEOUT_S = 600.0
 
-#: multiprocessing.Connection's frame header, the payload's length (``Connection.recv_bytes`` reads it in the process).
-_FRAME: Final = struct.Struct("!i")
+#: A frame's header on the put socket, both ways: its payload's length.
+_FRAME: Final = struct.Struct("!I")
 #: A put's payload: its lines as one MessagePack array of binaries (one copy of each line); the answer is empty once
 #: they are durable, else the reason none is, as UTF-8 text.
 _LINES_ENCODER: Final = msgspec.msgpack.Encoder()
@@ -163,7 +164,7 @@ class MeterEventProcess:
     ) -> None:
         self._start = _Start(config, data_dir, amberflo, amberflo_api_key, spool_wait_s)
         self._process: multiprocessing.process.BaseProcess | None = None
-        self._puts: Connection | None = None
+        self._puts: socket.socket | None = None
         self._control: Connection | None = None
         self._control_lock = threading.Lock()
         # Group commit, touched only on the loop that commits (see commit).
@@ -193,7 +194,7 @@ class MeterEventProcess:
             StreamError: the spool is in use by another process, damaged or unusable, or the process did not start
                 (the message is the process's).
         """
-        puts, their_puts = _CONTEXT.Pipe()
+        puts, their_puts = socket.socketpair()
         control, their_control = _CONTEXT.Pipe()
         process = _CONTEXT.Process(
             target=_run, args=(self._start, their_puts, their_control), name="meter-event-delivery", daemon=True
@@ -273,7 +274,7 @@ class MeterEventProcess:
         try:
             payload = _LINES_ENCODER.encode(lines)
             header = _FRAME.pack(len(payload))
-        except (struct.error, OverflowError, msgspec.EncodeError) as exc:  # over 2 GiB: nothing of it is sent
+        except (struct.error, OverflowError, msgspec.EncodeError) as exc:  # over 4 GiB: nothing of it is sent
             _fail(queued, f"the requests' rows could not be sent ({exc})")
             return
         self._in_flight = queued
@@ -466,7 +467,7 @@ def _fail(futures: list[asyncio.Future[None]], reason: str) -> None:
             future.set_exception(NotDurableError(reason))
 
 
-def _close_pipes(*connections: Connection) -> None:
+def _close_pipes(*connections: Connection | socket.socket) -> None:
     for connection in connections:
         connection.close()
 
@@ -481,7 +482,7 @@ class _Parts:
     closers: list[Callable[[], object]]
 
 
-def _run(start: _Start, puts: Connection, control: Connection) -> None:
+def _run(start: _Start, puts: socket.socket, control: Connection) -> None:
     """The process's body: open the stream, answer puts on a thread and control requests here until close."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -542,12 +543,12 @@ def _open_waiting(start: _Start, on_commit: Callable[[int], None] | None) -> Del
             time.sleep(0.1)
 
 
-def _answer_puts(stream: DeliveryStream, puts: Connection, closing: threading.Event, lock: threading.Lock) -> None:
+def _answer_puts(stream: DeliveryStream, puts: socket.socket, closing: threading.Event, lock: threading.Lock) -> None:
     """Answer each put (empty once durable, else why none of it is), until the service closes the pipe."""
     try:
         while True:
             try:
-                lines = _LINES_DECODER.decode(puts.recv_bytes())
+                lines = _LINES_DECODER.decode(_receive_frame(puts))
             except (EOFError, OSError):
                 if closing.is_set():
                     return
@@ -562,10 +563,31 @@ def _answer_puts(stream: DeliveryStream, puts: Connection, closing: threading.Ev
                         answer = (str(exc) or type(exc).__name__).encode()
                     else:
                         answer = b""
-            puts.send_bytes(answer)
+            puts.sendall(_FRAME.pack(len(answer)) + answer)
     except BaseException:  # e.g. a frame that does not decode: exit, so the service sees it and answers 503
         logger.exception("the meter-event delivery process stops answering puts")
         os._exit(4)
+
+
+def _receive_frame(puts: socket.socket) -> bytes:
+    """The next frame's payload from the put socket (blocking).
+
+    Raises:
+        EOFError: the service closed its end.
+    """
+    (size,) = _FRAME.unpack(_receive_exactly(puts, _FRAME.size))
+    return _receive_exactly(puts, size)
+
+
+def _receive_exactly(puts: socket.socket, size: int) -> bytes:
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    while view:
+        received = puts.recv_into(view)
+        if received == 0:
+            raise EOFError("the put socket was closed")
+        view = view[received:]
+    return bytes(buffer)
 
 
 def _answer_control(parts: _Parts, control: Connection, closing: threading.Event, put_lock: threading.Lock) -> None:
