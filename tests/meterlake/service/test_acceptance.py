@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -43,13 +44,22 @@ class Serving:
     home: Path
 
 
-def _start_serve(home: Path) -> Serving:
+def _start_serve(home: Path, *, file_size_limit: int | None = None) -> Serving:
+    """``meterlake serve`` on an ephemeral port; with ``file_size_limit``, no file it (or its delivery process) writes
+    may grow past that many bytes: a write beyond fails as on a full disk (EFBIG, SIGXFSZ ignored)."""
+
+    def limit_files() -> None:
+        if file_size_limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
     process = subprocess.Popen(
         [*_CLI, "--home", str(home), "serve", "--port", "0"],
         cwd=home,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=limit_files,
     )
     assert process.stdout is not None
     first = process.stdout.readline().split()
@@ -374,6 +384,57 @@ def test_a_sigkill_during_ingest_loses_nothing_acknowledged(tmp_path: Path, faul
     )
     assert len(acknowledged) == len(set(acknowledged)) >= 400
     assert (len(missing), len(committed) - len(counts)) == (0, 0)
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_serve_answers_503_and_loses_nothing_acknowledged(
+    tmp_path: Path, fault_report: FaultReport
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    data_dir = DataDir.resolve(home)
+    with ServiceStore.in_data_dir(data_dir) as store:
+        _, key = ApiKeys(store).create(role="admin")
+    first = _start_serve(home)
+    _ensure_meter(first.url, key, "disk-meter")
+    _stop(first)
+    # The spool's segment may grow by ~64 KB more (its first ~60 KB of 20-record requests), then the disk is "full".
+    segment_bytes = sum(path.stat().st_size for path in (home / "spool-meter-events").glob("*.seg"))
+    full = _start_serve(home, file_size_limit=segment_bytes + 64 * 1024)
+    answered: list[str] = []
+    statuses: Counter[int] = Counter()
+    with httpx.Client(base_url=full.url, headers={"X-API-KEY": key}, timeout=30) as client:
+        for _ in range(120):
+            batch = [str(uuid.uuid4()) for _ in range(20)]
+            now_ms = int(time.time() * 1000)
+            records = [
+                {"customerId": "disk", "meterApiName": "disk-meter", "meterValue": 1, "meterTimeInMillis": now_ms,
+                 "uniqueId": unique_id}
+                for unique_id in batch
+            ]  # fmt: skip
+            answer = client.post("/ingest", json=records)
+            statuses[answer.status_code] += 1
+            if answer.status_code == 200:
+                answered.extend(batch)
+            else:
+                assert answer.status_code == 503, answer.text
+                assert "could not be stored" in answer.json()["message"]
+    full.process.kill()  # whatever it could still commit or not: the spool holds what was answered
+    full.process.wait(timeout=30)
+    assert statuses[200] > 0
+    assert statuses[503] > 0
+    _stop(_start_serve(home))  # room again: the next start commits what was acknowledged
+    table = ensure_meter_events_table(open_catalog(data_dir), Config())
+    committed = table.scan(selected_fields=("unique_id",)).to_arrow().column("unique_id").to_pylist()
+    counts = Counter(committed)
+    fault_report(
+        "full disk under serve (503 meanwhile, meter events)",
+        answered=len(answered),
+        committed=len(set(answered) & set(counts)),
+        lost=len(set(answered) - set(counts)),
+        duplicated=len(committed) - len(counts),
+    )
+    assert (len(set(answered) - set(counts)), len(committed) - len(counts)) == (0, 0)
 
 
 # -- keys through the CLI, against the running service --------------------------------------------------------------
