@@ -1,7 +1,7 @@
 """The Firehose data-transformation Lambda: Powertools event in, ``normalize`` in the middle, Powertools response out.
 
-The same handler runs on AWS (``lambda_handler``, which returns its answer encoded, see ``encode_answer``) and
-inside the local delivery stream (``make_handler``, whose answer the stream reads as it is).
+The same handler runs on AWS (``lambda_handler``) and inside the local delivery stream: both run
+``make_encoded_handler``, which answers the JSON bytes Lambda sends back to Firehose (see ``encode_answer``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ ENV_TENANTS_BY_API_KEY: Final = "TENANTS_BY_API_KEY"
 logger = Logger(service=SERVICE)
 
 Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
+#: A handler that answers JSON bytes, as the AWS entry point does (the runtime sends bytes unchanged).
+EncodedHandler = Callable[[dict[str, Any], Any], bytes]
 
 
 class MissingSettingError(LookupError):
@@ -250,13 +252,24 @@ def encode_answer(answer: dict[str, Any]) -> bytes:
     return _ANSWER_ENCODER.encode(answer)
 
 
+def make_encoded_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> EncodedHandler:
+    """``make_handler``'s handler answering JSON bytes (``encode_answer``): what the Lambda returns on AWS, and what
+    the local delivery stream invokes, measures against Lambda's response limit and parses as Firehose does."""
+    handler = make_handler(settings, emit_metrics=emit_metrics)
+
+    def transform(event: dict[str, Any], context: Any) -> bytes:
+        return encode_answer(handler(event, context))
+
+    return transform
+
+
 @functools.cache
-def _aws_handler() -> Handler:
+def _aws_handler() -> EncodedHandler:
     """The AWS handler, configured from the Lambda's environment at first use (so importing never fails)."""
-    return make_handler(TransformSettings.from_env())
+    return make_encoded_handler(TransformSettings.from_env())
 
 
 @logger.inject_lambda_context
 def lambda_handler(event: dict[str, Any], context: LambdaContext) -> bytes:
     """AWS Lambda entry point of the Firehose processor: the answer as JSON bytes (see ``encode_answer``)."""
-    return encode_answer(_aws_handler()(event, context))
+    return _aws_handler()(event, context)

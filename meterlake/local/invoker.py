@@ -31,19 +31,21 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import msgspec
 
-from transform_lambda.handler import TransformSettings, make_handler
+from transform_lambda.handler import TransformSettings, make_encoded_handler
 from transform_lambda.normalize import rejection_reason
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
+#: A transform as the stream invokes it: a Firehose event in, the answer out, either as a document (JSON-encoded by
+#: Lambda's runtime) or as the JSON bytes a handler may return itself (sent unchanged, as the AWS entry point does).
+Handler = Callable[[dict[str, Any], Any], dict[str, Any] | bytes]
 
 #: JSON around each record in an event ({"recordId": ..., "approximateArrivalTimestamp": ..., "data": ...}) and
 #: around the event itself; generous so the real size stays below the estimate.
@@ -58,7 +60,6 @@ SUPPORTED_OPERATION = "insert"
 
 _RESULTS = frozenset({"Ok", "Dropped", "ProcessingFailed"})
 _RESULT = operator.itemgetter("result")
-_DATA = operator.itemgetter("data")
 _METADATA = operator.methodcaller("get", "metadata")
 _RECORD_ID = operator.methodcaller("get", "recordId")
 _DATA_OR_NONE = operator.methodcaller("get", "data")
@@ -146,41 +147,42 @@ class Invoker:
         records: Sequence[bytes],
         event_range: range,
     ) -> None:
-        answers, attempts, failure = self._invoke(offsets, arrivals_ms, records, event_range)
+        answered, attempts, failure = self._invoke(offsets, arrivals_ms, records, event_range)
         outcome.invocations += attempts
-        if failure is not None:
+        if answered is None:
             code, message = failure
             outcome.rejected.extend((i, code, message, attempts, PROCESSING_FAILED) for i in event_range)
             return
-        # Whole-list passes in C (map, itemgetter, list.count) rather than one Python loop over every answer.
-        results: list[str] = list(map(_RESULT, answers))
+        # Whole-list passes in C (map, list.count, set) rather than one Python loop over every answer.
+        results = answered.results
         oks = results.count("Ok")
         dropped = results.count("Dropped")
         outcome.dropped += dropped
         if oks == len(results):
-            ok_indices, ok_answers = list(event_range), answers
+            ok_indices, ok_keys, ok_data = list(event_range), answered.route_keys, answered.data
         else:
-            ok_indices = [i for i, result in zip(event_range, results, strict=True) if result == "Ok"]
-            ok_answers = [answer for answer, result in zip(answers, results, strict=True) if result == "Ok"]
+            is_ok = [result == "Ok" for result in results]
+            ok_indices = list(itertools.compress(event_range, is_ok))
+            ok_keys = list(itertools.compress(answered.route_keys, is_ok))
+            ok_data = list(itertools.compress(answered.data, is_ok))
             if oks + dropped < len(results):
                 for i, result in zip(event_range, results, strict=True):
                     if result == "ProcessingFailed":
                         reason = rejection_reason(records[i]) or "the transform rejected the record"
                         outcome.rejected.append((i, "Lambda.ProcessingFailed", reason, attempts, PROCESSING_FAILED))
-        routed_rows: dict[tuple[str, str], tuple[list[int], list[str]]] = {}
-        metadata = list(map(_METADATA, ok_answers))
-        # The transform usually attaches one shared metadata object to every record: route each object once.
-        routes = {id(item): self._route(item) for item in {id(item): item for item in metadata}.values()}
+        # The transform usually attaches the same metadata to every record: route each distinct one once.
+        routes = {key: self._route(answered.metadata[key]) for key in set(ok_keys)}
+        routed_rows: dict[tuple[str, str], tuple[list[int], list[Any]]] = {}
         if len(routes) == 1:
             (routed,) = routes.values()
             if isinstance(routed, str):
                 code = "Iceberg.UnsupportedOperation"
                 outcome.rejected.extend((i, code, routed, attempts, DELIVERY_FAILED) for i in ok_indices)
             elif ok_indices:
-                routed_rows[routed] = (ok_indices, list(map(_DATA, ok_answers)))
+                routed_rows[routed] = (ok_indices, ok_data)
         else:
-            for i, item, answer in zip(ok_indices, metadata, ok_answers, strict=True):
-                routed = routes[id(item)]
+            for i, key, data in zip(ok_indices, ok_keys, ok_data, strict=True):
+                routed = routes[key]
                 if isinstance(routed, str):
                     outcome.rejected.append((i, "Iceberg.UnsupportedOperation", routed, attempts, DELIVERY_FAILED))
                     continue
@@ -188,10 +190,10 @@ class Invoker:
                 if rows is None:
                     rows = routed_rows[routed] = ([], [])
                 rows[0].append(i)
-                rows[1].append(answer["data"])
-        for destination, (indices, encoded) in routed_rows.items():
-            # msgspec base64-decodes a whole list of strings in one C call.
-            lines: list[bytes] = msgspec.convert(encoded, type=list[bytes])
+                rows[1].append(data)
+        for destination, (indices, data_list) in routed_rows.items():
+            # A document answer's data is base64 text: msgspec decodes a whole list of it in one C call.
+            lines: list[bytes] = data_list if answered.decoded else msgspec.convert(data_list, type=list[bytes])
             kept = outcome.rows.get(destination)
             if kept is None:
                 outcome.rows[destination] = (indices, lines)
@@ -201,8 +203,9 @@ class Invoker:
 
     def _invoke(
         self, offsets: Sequence[int], arrivals_ms: Sequence[int], records: Sequence[bytes], event_range: range
-    ) -> tuple[list[dict[str, Any]], int, tuple[str, str] | None]:
-        """Call the handler, retrying ``attempts - 1`` times: (answers in record order, attempts, failure)."""
+    ) -> tuple[_Answered | None, int, tuple[str, str]]:
+        """Call the handler, retrying ``attempts - 1`` times: (the answers, attempts, the last failure), the answers
+        None when every attempt failed."""
         chosen = slice(event_range.start, event_range.stop)
         record_ids = list(map(str, offsets[chosen]))
         # msgspec base64-encodes a whole list of bytes in one C call.
@@ -232,7 +235,11 @@ class Invoker:
                         f"operation ({request_size} bytes)",
                     )
                 response = self._handler(event, None)
-                response_size = oversized_payload(response, response_limit)
+                response_size = (
+                    (len(response) if len(response) > response_limit else None)
+                    if isinstance(response, bytes)
+                    else oversized_payload(response, response_limit)
+                )
                 if response_size is not None:
                     raise PayloadTooLargeError(
                         "Function.ResponseSizeTooLarge",
@@ -243,12 +250,16 @@ class Invoker:
                 failure = ("Lambda.FunctionError", f"{type(exc).__name__}: {exc}")
                 logger.warning("transform invocation failed (attempt %d/%d): %s", attempt, attempts, exc)
                 continue
-            answers = _answers_in_order(response, record_ids)
-            if isinstance(answers, list):
-                return answers, attempt, None
-            failure = ("Lambda.InvalidResponse", answers)
-            logger.warning("transform answer rejected (attempt %d/%d): %s", attempt, attempts, answers)
-        return [], attempts, failure
+            answered = (
+                _answered_from_json(response, record_ids)
+                if isinstance(response, bytes)
+                else _answered_from_document(response, record_ids)
+            )
+            if isinstance(answered, _Answered):
+                return answered, attempt, failure
+            failure = ("Lambda.InvalidResponse", answered)
+            logger.warning("transform answer rejected (attempt %d/%d): %s", attempt, attempts, answered)
+        return None, attempts, failure
 
     def _route(self, metadata: object) -> tuple[str, str] | str:
         """The (database, table) an Ok record with this ``metadata`` goes to, or why it cannot go anywhere."""
@@ -356,6 +367,93 @@ def _answers_in_order(response: object, record_ids: list[str]) -> list[dict[str,
         if result == "Ok" and type(item.get("data")) is not str:
             return f"recordId {item['recordId']} is Ok without base64 data"
     raise AssertionError("unreachable: a bad result or data was found above")
+
+
+@dataclass(slots=True)
+class _Answered:
+    """An answer that answers every record of the event once, in request order (parallel lists).
+
+    Attributes:
+        results: each record's result (Ok, Dropped or ProcessingFailed).
+        route_keys: each record's key into ``metadata``.
+        metadata: the distinct metadata documents of the answer, by key.
+        data: each record's data: base64 text (``decoded`` False) or the bytes it encodes (``decoded`` True).
+        decoded: whether ``data`` is decoded already.
+    """
+
+    results: list[str]
+    route_keys: list[Hashable]
+    metadata: dict[Hashable, object]
+    data: list[Any]
+    decoded: bool
+
+
+class _AnsweredRecord(msgspec.Struct, gc=False):
+    """One record of a JSON answer, as Firehose reads it: ``data`` base64-decoded, ``metadata`` kept as its JSON."""
+
+    recordId: str  # noqa: N815 (Firehose's member name)
+    result: str
+    data: bytes | None = None
+    metadata: msgspec.Raw = msgspec.Raw(b"null")
+
+
+class _AnswerDocument(msgspec.Struct, gc=False):
+    """A JSON answer: its records."""
+
+    records: list[_AnsweredRecord]
+
+
+_ANSWER_DECODER: Final = msgspec.json.Decoder(_AnswerDocument)
+_ANSWERED_ID = operator.attrgetter("recordId")
+_ANSWERED_RESULT = operator.attrgetter("result")
+_ANSWERED_DATA = operator.attrgetter("data")
+_ANSWERED_METADATA = operator.attrgetter("metadata")
+
+
+def _answered_from_json(answer: bytes, record_ids: list[str]) -> _Answered | str:
+    """The answers of a handler that answered JSON bytes, or why they do not answer every record exactly once.
+
+    A well-formed answer (every record once, in order, each result known, every Ok record with base64 data) is
+    decoded by one typed msgspec call, base64 included; any other is read as a document and checked as one is, so
+    both say the same about the same answer.
+    """
+    try:
+        records = _ANSWER_DECODER.decode(answer).records
+    except msgspec.DecodeError:
+        records = None
+    if records is not None and list(map(_ANSWERED_ID, records)) == record_ids:
+        results: list[str] = list(map(_ANSWERED_RESULT, records))
+        data: list[bytes | None] = list(map(_ANSWERED_DATA, records))
+        kinds = set(results)
+        if kinds <= _RESULTS and (
+            None not in data
+            if kinds == {"Ok"}
+            else None not in itertools.compress(data, [result == "Ok" for result in results])
+        ):
+            raw: list[bytes] = list(map(bytes, map(_ANSWERED_METADATA, records)))
+            metadata: dict[Hashable, object] = {key: msgspec.json.decode(key) for key in set(raw)}
+            return _Answered(results, list(raw), metadata, data, decoded=True)
+    try:
+        document = msgspec.json.decode(answer)
+    except msgspec.DecodeError as exc:
+        return f"the answer is not JSON ({exc})"
+    return _answered_from_document(document, record_ids)
+
+
+def _answered_from_document(response: object, record_ids: list[str]) -> _Answered | str:
+    """The answers of a handler that answered a document, or why they do not answer every record exactly once."""
+    records = _answers_in_order(response, record_ids)
+    if isinstance(records, str):
+        return records
+    documents = list(map(_METADATA, records))
+    keys: list[Hashable] = list(map(id, documents))
+    return _Answered(
+        list(map(_RESULT, records)),
+        keys,
+        dict(zip(keys, documents, strict=True)),
+        list(map(_DATA_OR_NONE, records)),
+        decoded=False,
+    )
 
 
 # -- the worker process ---------------------------------------------------------------------------------------------
@@ -537,7 +635,7 @@ def _serve() -> None:
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the handler's prints must not land among the answers
     pieces = sys.stdin.buffer
     settings, invocation = _read_frame(pieces)
-    invoker = Invoker(make_handler(settings, emit_metrics=False), invocation)
+    invoker = Invoker(make_encoded_handler(settings, emit_metrics=False), invocation)
     while True:
         try:
             request = _read_frame(pieces)

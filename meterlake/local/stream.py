@@ -66,6 +66,7 @@ from meterlake.local.invoker import (
     RECORD_JSON_OVERHEAD,
     SUPPORTED_OPERATION,
     DirectDelivery,
+    Handler,
     Invocation,
     Invoker,
     Transformed,
@@ -88,11 +89,10 @@ from meterlake.local.spool import (
     SpoolWriteError,
 )
 from meterlake.local.spool import SpoolDamagedError as SegmentsDamagedError
-from transform_lambda.handler import TransformSettings, make_handler
+from transform_lambda.handler import TransformSettings, make_encoded_handler
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any], Any], dict[str, Any]]
 
 _MIB = 1024 * 1024
 #: The largest record ``put_records`` accepts: one that still fits, base64-encoded, in a Lambda request. Records
@@ -595,8 +595,9 @@ def access_log_settings(config: Config) -> TransformSettings:
 
 
 def access_log_handler(config: Config) -> Handler:
-    """The transform the access-log stream runs: the Lambda's handler with the config's settings, no EMF metrics."""
-    return make_handler(access_log_settings(config), emit_metrics=False)
+    """The transform the access-log stream runs: the Lambda's handler with the config's settings, no EMF metrics,
+    answering JSON bytes as the deployed function does (``make_encoded_handler``)."""
+    return make_encoded_handler(access_log_settings(config), emit_metrics=False)
 
 
 class DeliveryStream:

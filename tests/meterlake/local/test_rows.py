@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import msgspec
+import pyarrow as pa
+import pytest
 
 from meterlake.local.rows import decode_rows, rows_to_arrow
-from meterlake.schema import METER_EVENT_SCHEMA
+from meterlake.schema import METER_EVENT_SCHEMA, METERING_EVENT_SCHEMA
 
 TARGET = METER_EVENT_SCHEMA.as_arrow()
 
@@ -47,3 +51,58 @@ def test_a_row_that_does_not_fit_is_singled_out_and_the_rest_kept() -> None:
     assert table.column("unique_id").to_pylist() == ["u0", "u1", "u2"]
     assert [position for position, _ in problems] == [1]
     assert table.schema == TARGET
+
+
+ACCESS_LOG_ROWS = METERING_EVENT_SCHEMA.as_arrow()
+_EVENT = {
+    "request_id": "r1",
+    "tenant_id": "acme",
+    "request_time": 1_764_000_000_000_000,
+    "http_method": "GET",
+    "status": 200,
+    "response_length": 5,
+    "ingested_at": 1_764_000_000_000_001,
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"request_id": None}, "Expected `str`, got `null`"),
+        ({"status": 2**31}, "Expected `int` <= 2147483647"),
+        ({"status": "200"}, "Expected `int`, got `str`"),
+        ({"status": 200.0}, "Expected `int`, got `float`"),
+        ({"tenant_id": 7}, "Expected `str | null`, got `int`"),
+        ({"request_time": 2**63}, "Expected `int` <= 9223372036854775807"),
+        ({"not_a_column": "x"}, "unknown field `not_a_column`"),
+    ],
+)
+def test_a_row_whose_member_does_not_fit_its_column_is_singled_out_with_the_reason(
+    change: dict[str, object], reason: str
+) -> None:
+    good = msgspec.json.encode(_EVENT)
+    table, problems = decode_rows([good, msgspec.json.encode({**_EVENT, **change}), good], ACCESS_LOG_ROWS)
+    assert table.num_rows == 2
+    assert table.schema == ACCESS_LOG_ROWS
+    assert [position for position, _ in problems] == [1]
+    assert reason in problems[0][1]
+
+
+def test_a_required_column_missing_from_a_row_is_a_problem_and_absent_nullable_ones_are_null() -> None:
+    table, problems = decode_rows([msgspec.json.encode(_EVENT)], ACCESS_LOG_ROWS)
+    assert problems == []
+    row = table.to_pylist()[0]
+    assert row["user"] is None
+    assert row["status"] == 200
+    assert row["request_time"] == datetime(2025, 11, 24, 16, 0, tzinfo=UTC)
+    missing = {k: v for k, v in _EVENT.items() if k != "status"}
+    _, problems = decode_rows([msgspec.json.encode(missing)], ACCESS_LOG_ROWS)
+    assert "missing required field `status`" in problems[0][1]
+
+
+def test_a_column_of_a_type_the_stream_cannot_decode_rejects_every_row_with_the_reason() -> None:
+    target = pa.schema([pa.field("day", pa.date32())])
+    table, problems = decode_rows([b'{"day": 1}', b'{"day": 2}'], target)
+    assert table.num_rows == 0
+    assert [position for position, _ in problems] == [0, 1]
+    assert "column 'day' has type date32[day], which the local stream cannot decode" in problems[0][1]

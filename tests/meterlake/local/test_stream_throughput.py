@@ -163,7 +163,7 @@ def test_puts_wait_while_two_buffers_are_uncommitted(data_dir: DataDir) -> None:
     config = make_config(buffering_hints={"size_in_mbs": 1, "interval_in_seconds": 900})
     transform = access_log_handler(config)
 
-    def slow_transform(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    def slow_transform(event: dict[str, Any], context: Any) -> dict[str, Any] | bytes:
         time.sleep(0.05)
         return transform(event, context)
 
