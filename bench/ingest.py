@@ -7,8 +7,10 @@ with the pipeline for the GIL:
 - ingest: the lines are put in gateway-sized batches while the background flusher runs on the config's size trigger;
   the clock runs from the first put until every line is committed (``close``). The stream's backlog (spooled bytes
   not committed yet) is read the moment the writer stops putting, in buffers of ``size_in_mbs``;
-- then the transform alone: the transform handler the stream runs, called on Lambda-sized events of the same lines
-  (cut as the stream cuts them), one after another; only the handler calls are timed.
+- then the transform alone: the transform handler the stream runs, answering its document (the stream's handler
+  also encodes that answer to JSON bytes, as the deployed Lambda does; the baseline leaves that cost out), called on
+  Lambda-sized events of the same lines (cut as the stream cuts them), one after another; only the handler calls
+  are timed.
 
 Targets: committed lines/s at least 0.8x the transform's own records/s, at most two buffers uncommitted when the
 writer stops, peak memory (this process's RSS plus its workers' own memory, sampled from a process of its own, see

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import IO, Any, Final
+from typing import IO, Any, Final, cast
 
 import msgspec
 
@@ -158,13 +158,15 @@ class Invoker:
         oks = results.count("Ok")
         dropped = results.count("Dropped")
         outcome.dropped += dropped
+        # An Ok record's data is never None: reading the answer checked it.
+        ok_data: list[bytes]
         if oks == len(results):
-            ok_indices, ok_keys, ok_data = list(event_range), answered.route_keys, answered.data
+            ok_indices, ok_keys, ok_data = list(event_range), answered.route_keys, cast("list[bytes]", answered.data)
         else:
             is_ok = [result == "Ok" for result in results]
             ok_indices = list(itertools.compress(event_range, is_ok))
             ok_keys = list(itertools.compress(answered.route_keys, is_ok))
-            ok_data = list(itertools.compress(answered.data, is_ok))
+            ok_data = cast("list[bytes]", list(itertools.compress(answered.data, is_ok)))
             if oks + dropped < len(results):
                 for i, result in zip(event_range, results, strict=True):
                     if result == "ProcessingFailed":
@@ -172,7 +174,7 @@ class Invoker:
                         outcome.rejected.append((i, "Lambda.ProcessingFailed", reason, attempts, PROCESSING_FAILED))
         # The transform usually attaches the same metadata to every record: route each distinct one once.
         routes = {key: self._route(answered.metadata[key]) for key in set(ok_keys)}
-        routed_rows: dict[tuple[str, str], tuple[list[int], list[Any]]] = {}
+        routed_rows: dict[tuple[str, str], tuple[list[int], list[bytes]]] = {}
         if len(routes) == 1:
             (routed,) = routes.values()
             if isinstance(routed, str):
@@ -191,9 +193,7 @@ class Invoker:
                     rows = routed_rows[routed] = ([], [])
                 rows[0].append(i)
                 rows[1].append(data)
-        for destination, (indices, data_list) in routed_rows.items():
-            # A document answer's data is base64 text: msgspec decodes a whole list of it in one C call.
-            lines: list[bytes] = data_list if answered.decoded else msgspec.convert(data_list, type=list[bytes])
+        for destination, (indices, lines) in routed_rows.items():
             kept = outcome.rows.get(destination)
             if kept is None:
                 outcome.rows[destination] = (indices, lines)
@@ -377,15 +377,13 @@ class _Answered:
         results: each record's result (Ok, Dropped or ProcessingFailed).
         route_keys: each record's key into ``metadata``.
         metadata: the distinct metadata documents of the answer, by key.
-        data: each record's data: base64 text (``decoded`` False) or the bytes it encodes (``decoded`` True).
-        decoded: whether ``data`` is decoded already.
+        data: each record's data, base64-decoded (an Ok record's row or rows; the others' are not used).
     """
 
     results: list[str]
     route_keys: list[Hashable]
     metadata: dict[Hashable, object]
-    data: list[Any]
-    decoded: bool
+    data: list[bytes | None]
 
 
 class _AnsweredRecord(msgspec.Struct, gc=False):
@@ -410,6 +408,10 @@ _ANSWERED_DATA = operator.attrgetter("data")
 _ANSWERED_METADATA = operator.attrgetter("metadata")
 
 
+#: What decoding a JSON answer (or part of one) can raise: not JSON, not UTF-8, or nested past the decoder's depth.
+_JSON_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+
+
 def _answered_from_json(answer: bytes, record_ids: list[str]) -> _Answered | str:
     """The answers of a handler that answered JSON bytes, or why they do not answer every record exactly once.
 
@@ -419,7 +421,7 @@ def _answered_from_json(answer: bytes, record_ids: list[str]) -> _Answered | str
     """
     try:
         records = _ANSWER_DECODER.decode(answer).records
-    except msgspec.DecodeError:
+    except _JSON_ERRORS:
         records = None
     if records is not None and list(map(_ANSWERED_ID, records)) == record_ids:
         results: list[str] = list(map(_ANSWERED_RESULT, records))
@@ -431,29 +433,42 @@ def _answered_from_json(answer: bytes, record_ids: list[str]) -> _Answered | str
             else None not in itertools.compress(data, [result == "Ok" for result in results])
         ):
             raw: list[bytes] = list(map(bytes, map(_ANSWERED_METADATA, records)))
-            metadata: dict[Hashable, object] = {key: msgspec.json.decode(key) for key in set(raw)}
-            return _Answered(results, list(raw), metadata, data, decoded=True)
+            try:
+                metadata: dict[Hashable, object] = {key: msgspec.json.decode(key) for key in set(raw)}
+            except _JSON_ERRORS:
+                pass  # read as a document below, which names the problem
+            else:
+                return _Answered(results, list(raw), metadata, data)
     try:
         document = msgspec.json.decode(answer)
-    except msgspec.DecodeError as exc:
-        return f"the answer is not JSON ({exc})"
+    except _JSON_ERRORS as exc:
+        return f"the answer is not JSON ({type(exc).__name__}: {exc})"
     return _answered_from_document(document, record_ids)
 
 
 def _answered_from_document(response: object, record_ids: list[str]) -> _Answered | str:
-    """The answers of a handler that answered a document, or why they do not answer every record exactly once."""
+    """The answers of a handler that answered a document, or why they do not answer every record exactly once
+    (including an Ok record whose data is not base64)."""
     records = _answers_in_order(response, record_ids)
     if isinstance(records, str):
         return records
+    results: list[str] = list(map(_RESULT, records))
+    is_ok = [result == "Ok" for result in results]
+    encoded = list(itertools.compress(map(_DATA_OR_NONE, records), is_ok))
+    try:
+        # msgspec base64-decodes a whole list of strings in one C call.
+        decoded = iter(msgspec.convert(encoded, type=list[bytes]))
+    except msgspec.ValidationError:
+        for item, data in zip(itertools.compress(records, is_ok), encoded, strict=True):
+            try:
+                msgspec.convert(data, type=bytes)
+            except msgspec.ValidationError:
+                return f"recordId {item['recordId']} is Ok with data that is not base64"
+        raise AssertionError("unreachable: a datum that is not base64 was found above") from None
     documents = list(map(_METADATA, records))
     keys: list[Hashable] = list(map(id, documents))
-    return _Answered(
-        list(map(_RESULT, records)),
-        keys,
-        dict(zip(keys, documents, strict=True)),
-        list(map(_DATA_OR_NONE, records)),
-        decoded=False,
-    )
+    data = [next(decoded) if ok else None for ok in is_ok]
+    return _Answered(results, keys, dict(zip(keys, documents, strict=True)), data)
 
 
 # -- the worker process ---------------------------------------------------------------------------------------------

@@ -90,6 +90,8 @@ EDITS: dict[str, Callable[[Answer], None]] = {
     "an unknown result": _set(1, result="Maybe"),
     "Ok without data": _delete(2, "data"),
     "Ok with numeric data": _set(2, data=5),
+    "Ok with data that is not base64": _set(2, data="not base64!"),
+    "dropped with data that is not base64": _set(2, result="Dropped", data="not base64!"),
     "a dropped record without data": _both(_set(1, result="Dropped"), _delete(1, "data")),
     "no records list": lambda answer: answer.update(records={}),
     "a record that is no object": _replace_record(0, "Ok"),
@@ -124,6 +126,22 @@ def test_a_bytes_answer_that_is_not_json_fails_the_invocation_with_the_reason() 
         (1, "Lambda.InvalidResponse"),
     ]
     assert outcome.rejected[0][2].startswith("the answer is not JSON (")
+
+
+_OK = b'{"recordId":"0","result":"Ok","data":"' + base64.b64encode(b"{}") + b'"'
+MALFORMED = {
+    "a number too large in the metadata": b'{"records":[' + _OK + b',"metadata":{"n":1e400}}]}',
+    "metadata that is not UTF-8": b'{"records":[' + _OK + b',"metadata":"\xff"}]}',
+    "a result that is not UTF-8": b'{"records":[{"recordId":"0","result":"O\xff"}]}',
+    "nesting deeper than the decoder goes": b"[" * 5000 + b"]" * 5000,
+    "nesting in the metadata": b'{"records":[' + _OK + b',"metadata":' + b"[" * 5000 + b"]" * 5000 + b"}]}",
+}
+
+
+@pytest.mark.parametrize("answer", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_bytes_answer_fails_the_invocation_and_raises_nothing(answer: bytes) -> None:
+    outcome = Invoker(lambda event, context: answer, _invocation()).transform([0], [0], [gateway_line(0)])
+    assert [code for _, code, *_ in outcome.rejected] == ["Lambda.InvalidResponse"]
 
 
 @pytest.mark.parametrize(("over", "taken"), [(0, True), (1, False)])

@@ -106,3 +106,22 @@ def test_a_column_of_a_type_the_stream_cannot_decode_rejects_every_row_with_the_
     assert table.num_rows == 0
     assert [position for position, _ in problems] == [0, 1]
     assert "column 'day' has type date32[day], which the local stream cannot decode" in problems[0][1]
+
+
+@pytest.mark.parametrize("empty", [b"", b"  ", b'{"unique_id": "x"}\n'])
+def test_a_record_or_a_line_of_one_holding_no_row_is_a_problem_not_lost(empty: bytes) -> None:
+    """msgspec skips blank lines; the decoder must not, or the record would vanish without a reject."""
+    good = [msgspec.json.encode(_row(i, {"model": "m1"})) for i in range(2)]
+    several = b"\n".join(msgspec.json.encode(_row(i, None)) for i in range(5, 8))
+    table, problems = decode_rows([good[0], empty, several, good[1]], TARGET)
+    assert [position for position, _ in problems] == [1]
+    assert "holds no row" in problems[0][1] or "missing required field" in problems[0][1]
+    # the other records' rows are all kept, the one holding several rows too
+    assert table.column("unique_id").to_pylist() == ["u0", "u5", "u6", "u7", "u1"]
+
+
+def test_a_row_nested_deeper_than_the_decoder_goes_is_a_problem_not_a_crash() -> None:
+    deep = msgspec.json.encode(_row(1, None))[:-1] + b',"extra":' + b"[" * 5000 + b"]" * 5000 + b"}"
+    table, problems = decode_rows([msgspec.json.encode(_row(0, None)), deep], TARGET)
+    assert table.num_rows == 1
+    assert [position for position, _ in problems] == [1]
