@@ -66,7 +66,8 @@ class IngestRecord(
 
 
 class RequestError(Exception):
-    """A request that is refused: answered with ``status`` (a 4xx) and ``{"message": ...}``, nothing stored.
+    """A request that is refused: answered with ``status`` (a 4xx, or 503 when the service cannot answer it now) and
+    ``{"message": ...}``, nothing stored.
 
     ``extra`` holds more members of the answer (e.g. ``errors``, one per bad record).
     """

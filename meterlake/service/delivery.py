@@ -24,6 +24,7 @@ costs a fork, not an interpreter's imports (~1.6 s), and no process is forked fr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import multiprocessing
@@ -77,6 +78,9 @@ SPOOL_WAIT_S = 10.0
 START_TIMEOUT_S = 120.0
 #: How long close waits for the final commit and forwarding's last cycle before killing the process.
 CLOSE_TIMEOUT_S = 600.0
+#: How long a flush, stats or settle request waits for the process's answer (settle: plus its forwarding timeout)
+#: before it fails with the reason, rather than hold the usage query that asked for it forever.
+CONTROL_TIMEOUT_S = 120.0
 
 #: A frame's header on the put socket, both ways: its payload's length.
 _FRAME: Final = struct.Struct("!I")
@@ -150,7 +154,8 @@ class MeterEventProcess:
     group commit on the caller's event loop) and the stream's flush, stats and close, answered by the process.
 
     With ``amberflo`` settings the process also forwards committed events through the meter-event outbox (a dry run
-    without ``amberflo_api_key``). A start waits up to ``spool_wait_s`` for the spool while another process holds it.
+    without ``amberflo_api_key``). A start waits up to ``spool_wait_s`` for the spool while another process holds it;
+    flush, stats and settle wait up to ``control_timeout_s`` for the process's answer, then fail with the reason.
     """
 
     def __init__(
@@ -161,12 +166,16 @@ class MeterEventProcess:
         amberflo: AmberfloSettings | None = None,
         amberflo_api_key: str | None = None,
         spool_wait_s: float = SPOOL_WAIT_S,
+        control_timeout_s: float = CONTROL_TIMEOUT_S,
     ) -> None:
         self._start = _Start(config, data_dir, amberflo, amberflo_api_key, spool_wait_s)
+        self._control_timeout_s = control_timeout_s
         self._process: multiprocessing.process.BaseProcess | None = None
         self._puts: socket.socket | None = None
         self._control: Connection | None = None
         self._control_lock = threading.Lock()
+        #: Answers still to come for control requests that timed out (each is skipped, in order, by the next request).
+        self._late_answers = 0
         # Group commit, touched only on the loop that commits (see commit).
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queued_lines: list[bytes] = []
@@ -368,7 +377,7 @@ class MeterEventProcess:
 
     def settle(self, forward_timeout_s: float) -> FlushReport:
         """Commit everything acknowledged, then let forwarding stage and send what was committed."""
-        report = self._call("settle", forward_timeout_s)
+        report = self._call("settle", forward_timeout_s, extra_s=forward_timeout_s)
         assert isinstance(report, FlushReport)
         return report
 
@@ -382,6 +391,8 @@ class MeterEventProcess:
         try:
             with self._control_lock:
                 control.send(("close", None))
+                with contextlib.suppress(DeliveryProcessError):  # then the poll below fails too, and says so
+                    self._skip_late_answers(control, CLOSE_TIMEOUT_S)
                 if control.poll(CLOSE_TIMEOUT_S):
                     kind, detail = control.recv()
                     if kind == "ok" and isinstance(detail, FlushReport):
@@ -423,18 +434,45 @@ class MeterEventProcess:
             return
         done.wait(5.0)
 
-    def _call(self, kind: str, argument: object = None) -> object:
+    def _call(self, kind: str, argument: object = None, *, extra_s: float = 0.0) -> object:
+        """Send one control request and wait up to the control timeout (plus ``extra_s``) for its answer, after the
+        answers of earlier requests that timed out, which are skipped.
+
+        Raises:
+            DeliveryProcessError: the process failed the request, did not answer in time, or is gone.
+        """
+        timeout_s = self._control_timeout_s + extra_s
         with self._control_lock:
-            if self._control is None:
+            control = self._control
+            if control is None:
                 raise DeliveryProcessError("the meter-event delivery process is closed")
             try:
-                self._control.send((kind, argument))
-                answer, detail = self._control.recv()
+                self._skip_late_answers(control, timeout_s)
+                control.send((kind, argument))
+                if not control.poll(timeout_s):
+                    self._late_answers += 1
+                    raise DeliveryProcessError(
+                        f"the meter-event delivery process did not answer {kind!r} within {timeout_s:.0f} s "
+                        "(it may be committing a large backlog); try again later"
+                    )
+                answer, detail = control.recv()
             except (EOFError, OSError):
                 raise DeliveryProcessError(self._gone()) from None
         if answer != "ok":
             raise DeliveryProcessError(str(detail))
         return detail
+
+    def _skip_late_answers(self, control: Connection, timeout_s: float) -> None:
+        """Receive and drop the answers of requests that timed out, waiting up to ``timeout_s`` in all."""
+        deadline = time.monotonic() + timeout_s
+        while self._late_answers:
+            if not control.poll(max(0.0, deadline - time.monotonic())):
+                raise DeliveryProcessError(
+                    f"the meter-event delivery process is still busy with {self._late_answers} earlier request(s) "
+                    f"after {timeout_s:.0f} s; try again later"
+                )
+            control.recv()
+            self._late_answers -= 1
 
     def _gone(self, wait_s: float = 1.0) -> str:
         """Why nothing more is acknowledged; waits up to ``wait_s`` for the process's exit code (0 on the loop)."""

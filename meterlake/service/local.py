@@ -12,13 +12,14 @@ import sys
 from collections.abc import Callable
 from types import TracebackType
 
+from meterlake.amberflo.api import RequestError
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.local.auth import UserPool
 from meterlake.local.serving import BackgroundServer, bind_listening_socket
-from meterlake.local.stream import DeliveryStream, FlushReport
+from meterlake.local.stream import DeliveryStream, FlushReport, StreamError
 from meterlake.service.app import create_app
 from meterlake.service.auth import ApiKeys, Authenticator, JwtVerifier
 from meterlake.service.cancellation import CancellationRules
@@ -147,12 +148,22 @@ class LocalMeteringService:
         return self._server.url
 
     def _commit_pending(self) -> None:
-        """Read-your-writes: commit what ingest acknowledged (and the access log, in ``up``) before a usage query."""
-        if self.events is not None:
-            self.events.flush_pending()
-        stream = self._access_log_stream
-        if stream is not None and stream.stats().pending_bytes > 0:
-            stream.flush()
+        """Read-your-writes: commit what ingest acknowledged (and the access log, in ``up``) before a usage query.
+
+        Raises:
+            RequestError: (503) what was acknowledged cannot be committed now (the delivery process is gone, busy past
+                its timeout, or a commit failed): an answer read without it would miss acknowledged usage.
+        """
+        try:
+            if self.events is not None:
+                self.events.flush_pending()
+            stream = self._access_log_stream
+            if stream is not None and stream.stats().pending_bytes > 0:
+                stream.flush()
+        except StreamError as exc:
+            raise RequestError(
+                f"Service Unavailable: acknowledged usage cannot be committed before this read ({exc})", status=503
+            ) from exc
 
     def settle(self, *, forward_timeout_s: float = 60.0) -> FlushReport:
         """Commit every acknowledged event to meter_events, then let forwarding stage and send what was committed."""

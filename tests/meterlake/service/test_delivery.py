@@ -21,13 +21,14 @@ from meterlake.amberflo.api import IngestRecord
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
 from meterlake.lake.home import DataDir
-from meterlake.local.stream import MAX_PUT_RECORD_BYTES, StreamError
-from meterlake.service.delivery import MeterEventProcess, open_meter_event_stream
+from meterlake.local.stream import MAX_PUT_RECORD_BYTES, StreamError, StreamStats
+from meterlake.service.delivery import DeliveryProcessError, MeterEventProcess, open_meter_event_stream
 from meterlake.service.events import encode_rows, event_rows
 from meterlake.service.ingest import NotDurableError
 from meterlake.service.local import LocalMeteringService
 
 from .conftest import NOW_MS, Served, record
+from .test_app import usage_body
 
 
 def _lines(count: int, prefix: str) -> list[bytes]:
@@ -122,8 +123,42 @@ def test_when_the_process_dies_ingest_answers_503_and_nothing_hangs(served: Serv
         assert client.post("/meters", json={"label": "T", "meterApiName": "llm-tokens",
                                             "meterType": "sum_of_all_usage"}).status_code == 200  # fmt: skip
         answer = client.post("/ingest", json=record())
+        usage = client.post("/usage", json=usage_body())
     assert answer.status_code == 503, answer.text
     assert "delivery process exited" in answer.text
+    # A usage query cannot commit what was acknowledged: 503 with the reason, not a 500 (it was before).
+    assert usage.status_code == 503, usage.text
+    assert "acknowledged usage cannot be committed" in usage.json()["message"]
+    assert "delivery process exited" in usage.json()["message"]
+
+
+def test_a_process_that_does_not_answer_fails_requests_in_time_then_answers_again(tmp_path: Path) -> None:
+    """A stopped (wedged) process: flush fails after the control timeout with the reason, a request behind it too;
+    once it runs again, the late answer is skipped and each request gets its own answer."""
+    data_dir = DataDir(tmp_path / "home").ensure()
+    events = MeterEventProcess(config=Config(), data_dir=data_dir, control_timeout_s=1.0)
+    events.start()
+    try:
+        assert events.pid is not None
+        asyncio.run(events.commit(_lines(3, "w")))
+        os.kill(events.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(DeliveryProcessError, match="did not answer 'flush' within 1 s"):
+                events.flush()
+            with pytest.raises(DeliveryProcessError, match="still busy with 1 earlier request"):
+                events.stats()
+            assert time.monotonic() - started < 10
+        finally:
+            os.kill(events.pid, signal.SIGCONT)
+        stats = events.stats()  # its own answer, not the late flush's report
+        assert isinstance(stats, StreamStats)
+        assert stats.committed_offset == stats.spooled_offset  # the late flush did commit
+        assert events.flush().ok_written == 0
+    finally:
+        report = events.close()
+    assert report is not None
+    assert _committed_ids(data_dir) == ["w0", "w1", "w2"]
 
 
 def test_the_process_exits_when_the_service_is_killed(tmp_path: Path) -> None:
