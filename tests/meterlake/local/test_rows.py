@@ -125,3 +125,17 @@ def test_a_row_nested_deeper_than_the_decoder_goes_is_a_problem_not_a_crash() ->
     table, problems = decode_rows([msgspec.json.encode(_row(0, None)), deep], TARGET)
     assert table.num_rows == 1
     assert [position for position, _ in problems] == [1]
+
+
+def test_rows_past_one_decode_call_keep_their_order_and_maps() -> None:
+    """Rows are decoded a chunk (~256 KB) at a time, so the metering service's puts are answered in between."""
+    rows = [_row(i, _dimensions(i)) for i in range(6000)]
+    records = [b"\n".join(msgspec.json.encode(row) for row in rows[start : start + 10]) for start in range(0, 6000, 10)]
+    assert sum(map(len, records)) > 3 * 256 * 1024
+    table, problems = decode_rows(records, TARGET)
+    assert problems == []
+    assert table.column("unique_id").to_pylist() == [f"u{i}" for i in range(6000)]
+    decoded = table.column("dimensions").to_pylist()
+    assert [None if d is None else sorted(d) for d in decoded] == [
+        None if d is None else sorted(d.items()) for d in map(_dimensions, range(6000))
+    ]
