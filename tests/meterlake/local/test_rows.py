@@ -139,3 +139,11 @@ def test_rows_past_one_decode_call_keep_their_order_and_maps() -> None:
     assert [None if d is None else sorted(d) for d in decoded] == [
         None if d is None else sorted(d.items()) for d in map(_dimensions, range(6000))
     ]
+
+
+@pytest.mark.parametrize("row", [b"null", b"[1]", b"7", b'"row"'])
+def test_a_row_that_is_no_object_is_a_problem(row: bytes) -> None:
+    """Arrow's JSON reader, which decoded rows before, crashed the process (SIGSEGV) on a ``null`` row."""
+    table, problems = decode_rows([row, msgspec.json.encode(_EVENT)], ACCESS_LOG_ROWS)
+    assert table.num_rows == 1
+    assert [position for position, _ in problems] == [0]
