@@ -427,11 +427,8 @@ def _answered_from_json(answer: bytes, record_ids: list[str]) -> _Answered | str
         results: list[str] = list(map(_ANSWERED_RESULT, records))
         data: list[bytes | None] = list(map(_ANSWERED_DATA, records))
         kinds = set(results)
-        if kinds <= _RESULTS and (
-            None not in data
-            if kinds == {"Ok"}
-            else None not in itertools.compress(data, [result == "Ok" for result in results])
-        ):
+        ok_data = data if kinds == {"Ok"} else itertools.compress(data, [result == "Ok" for result in results])
+        if kinds <= _RESULTS and None not in ok_data:
             raw: list[bytes] = list(map(bytes, map(_ANSWERED_METADATA, records)))
             try:
                 metadata: dict[Hashable, object] = {key: msgspec.json.decode(key) for key in set(raw)}

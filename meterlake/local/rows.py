@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ import pyarrow as pa
 from msgspec import Meta
 from msgspec.structs import astuple
 
-from meterlake.local.invoker import Invoker, Transformed
+from meterlake.local.invoker import Invoker, Transformed, event_ranges
 from meterlake.local.spool import SpoolRange, read_range
 
 logger = logging.getLogger(__name__)
@@ -149,15 +150,11 @@ def rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
         return target.empty_table()
     decoder = _row_decoder(target)
     tables = []
-    start = 0
-    while start < len(lines):
-        # A chunk per decode call: msgspec holds the interpreter lock for a whole call, and the metering service's
-        # delivery process answers its puts from another thread (a 200k-row buffer in one call held them ~0.1 s).
-        stop, size = start + 1, len(lines[start])
-        while stop < len(lines) and size < _CHUNK_BYTES:
-            size += len(lines[stop])
-            stop += 1
-        body = b"\n".join(lines[start:stop])
+    # A chunk per decode call, cut as events are (no request limit here): msgspec holds the interpreter lock for a
+    # whole call, and the metering service's delivery process answers its puts from another thread (a 200k-row
+    # buffer in one call held them ~0.1 s).
+    for chunk in event_ranges(lines, _CHUNK_BYTES, sys.maxsize):
+        body = b"\n".join(lines[chunk.start : chunk.stop])
         rows = decoder.decode_lines(body)
         if len(rows) != body.count(b"\n") + 1:
             # msgspec skips blank lines: a record (or a line of one) that holds no row would vanish without a trace.
@@ -165,7 +162,6 @@ def rows_to_arrow(lines: list[bytes], target: pa.Schema) -> pa.Table:
         columns = zip(*map(astuple, rows), strict=True)
         arrays = [pa.array(c, type=f.type) for c, f in zip(columns, target, strict=True)]
         tables.append(pa.Table.from_arrays(arrays, schema=target))
-        start = stop
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
