@@ -5,6 +5,7 @@ behind when the service dies or the process itself does."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -28,7 +29,7 @@ from meterlake.service.ingest import NotDurableError
 from meterlake.service.local import LocalMeteringService
 
 from .conftest import NOW_MS, Served, record
-from .test_app import usage_body
+from .test_app import METER, usage_body
 
 
 def _lines(count: int, prefix: str) -> list[bytes]:
@@ -215,3 +216,26 @@ def test_a_service_that_exits_without_close_does_not_hang(tmp_path: Path) -> Non
     while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the delivery process outlived the service"
         time.sleep(0.1)
+
+
+WEIRD = ["<b>\"x'</b>", "tab\there\x01\x1f", "line\u2028sep", "emoji😀", "nul\x00byte", "back\\slash"]
+
+
+def test_values_with_markup_quotes_and_control_characters_come_back_exactly(served: Served) -> None:
+    """Through ingest, the delivery process's row decoding and the lake, to usage grouped by them; a lone surrogate
+    (not UTF-8) is refused with the reason, nothing stored."""
+    with served.client(key=served.admin_key) as client:
+        assert client.post("/meters", json=METER).status_code == 200
+        for i, value in enumerate(WEIRD):
+            answer = client.post(
+                "/ingest", json=record(customerId=value, uniqueId=f"w{i}", dimensions={"model": value})
+            )
+            assert answer.status_code == 200, answer.text
+        lone = json.dumps([{**record(uniqueId="s1"), "customerId": "\ud800lone"}], ensure_ascii=True)
+        refused = client.post("/ingest", content=lone, headers={"content-type": "application/json"})
+        by_customer = client.post("/usage", json=usage_body()).json()
+        by_model = client.post("/usage", json=usage_body(groupBy=["model"])).json()
+    assert refused.status_code == 400
+    assert "surrogate" in refused.json()["message"]
+    assert sorted(g["group"]["groupInfo"]["customerId"] for g in by_customer["clientMeters"]) == sorted(WEIRD)
+    assert sorted(g["group"]["groupInfo"]["model"] for g in by_model["clientMeters"]) == sorted(WEIRD)
