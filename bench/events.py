@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyiceberg.table import Table
 
+from meterlake.lake.compact import ROW_GROUP_ROWS
 from meterlake.lake.home import DataDir
 
 TENANTS = 50
@@ -102,7 +103,9 @@ def add_flushed_days(
 ) -> None:
     """Write ``days`` UTC days of events as a delivery stream leaves them before compaction: ``files_per_day``
     Parquet files a day (under ``staging``), added to ``table`` in one commit per day (the same files as that many
-    flushes, without building a snapshot for each)."""
+    flushes, without building a snapshot for each). Row groups hold at most the compactor's ``ROW_GROUP_ROWS``, so
+    one file a day is laid out as ``meterlake compact`` leaves a closed day (pyarrow's default would make it one
+    group, which DuckDB reads on one thread)."""
     schema = table.schema().as_arrow()
     con = events_connection()
     per_file = events_per_day // files_per_day
@@ -121,7 +124,7 @@ def add_flushed_days(
         for piece in range(files_per_day):
             path = folder / f"{piece:05d}.parquet"
             rows = events.slice(piece * per_file, per_file if piece < files_per_day - 1 else None)
-            pq.write_table(rows, path, compression="zstd")
+            pq.write_table(rows, path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
             paths.append(str(path))
         table.add_files(paths)
     con.close()

@@ -20,6 +20,7 @@ from bench.events import add_flushed_days, reuse_cached_table
 from bench.query import DATA_ROOT
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.compact import ROW_GROUP_ROWS
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import QueryResult, load_query, run_local_query
 
@@ -37,7 +38,8 @@ TARGET_SPEEDUP = 10.0
 
 def month_table(events_per_day: int, files_per_day: int) -> DataDir:
     """The cached 30-day table of ``events_per_day`` events in ``files_per_day`` files a day, generated on first use."""
-    data = DataDir(DATA_ROOT / f"pruning-{DAYS}x{events_per_day}-{files_per_day}")
+    # Keyed by the row-group limit too: tables cached before it applied hold a day in one row group.
+    data = DataDir(DATA_ROOT / f"pruning-{DAYS}x{events_per_day}-{files_per_day}-rg{ROW_GROUP_ROWS}")
     config = Config()
     total = DAYS * events_per_day
     if reuse_cached_table(data, lambda cached: ensure_metering_table(open_catalog(cached), config), total):
