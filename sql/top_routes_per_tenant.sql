@@ -1,6 +1,6 @@
 -- Each tenant's top routes (resource path and HTTP method) by requests, with bytes out and p95 latency.
 --
--- No dedup here: meterlake dedups at write on request_id (dedup in every query costs ~3.5x).
+-- No dedup here: meterlake dedups at write on request_id (dedup in every query costs ~6x).
 -- Ties rank by path, then method, so the result is stable. Unauthenticated traffic (tenant_id NULL) is its own group.
 --
 -- @param start timestamp  Start of the window, inclusive (default: 1970-01-01T00:00:00Z)

@@ -1,6 +1,6 @@
 -- Usage per tenant and UTC hour: requests, billable requests, bytes out, 4xx/5xx errors and p95 latency.
 --
--- No dedup here: meterlake dedups at write on request_id (dedup in every query costs ~3.5x).
+-- No dedup here: meterlake dedups at write on request_id (dedup in every query costs ~6x).
 -- Billable: status < 500 and a tenant (client errors are billed; server errors and unauthenticated traffic are not).
 -- Unauthenticated traffic (tenant_id NULL) is its own group.
 --

@@ -6,7 +6,8 @@ declared in its header (``-- @param <name> <timestamp|integer|string> <descripti
 ``$name`` with a dict, for Athena positional ``?`` with ExecutionParameters. Values are bound, never pasted into SQL.
 
 The queries do not deduplicate: meterlake dedups at write (the local delivery stream drops committed request_ids;
-Firehose upserts on the request_id unique key), because a ``GROUP BY request_id`` in every query costs ~3.5x.
+Firehose upserts on its request_id and request_time unique keys), because a ``GROUP BY request_id`` in every query
+costs ~6x.
 
 Locally, DuckDB's TIMESTAMPTZ operations go through ICU even in a UTC session (measured on 10M events:
 ``CAST(request_time AS date)`` alone costs ~0.5 s). So the local relation exposes timestamp columns as naive UTC
