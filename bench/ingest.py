@@ -15,6 +15,11 @@ with the pipeline for the GIL:
 Targets: committed lines/s at least 0.8x the transform's own records/s, at most two buffers uncommitted when the
 writer stops, peak memory (this process's RSS plus its workers' own memory, sampled from a process of its own, see
 bench/memory.py) under 500 MB.
+
+For the ratio's reading, the run also counts the CPU the ingest took (this process, whose writer reads the line file,
+plus its transform workers, from ``getrusage``): per line, how many cores it kept busy, and the ratio it would reach
+if the machine's cores were kept busy at that cost a line (``cores x transform seconds / ingest CPU seconds``). The
+second says how far overlap alone could go: past it, only less work a line raises the ratio.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import base64
 import os
 import random
+import resource
 import tempfile
 import time
 from collections.abc import Iterator
@@ -177,6 +183,12 @@ def transform_alone(path: Path, config: Config) -> float:
     return elapsed
 
 
+def _cpu_s(who: int) -> float:
+    """User plus system CPU seconds of this process (``RUSAGE_SELF``) or of its waited-for children."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -193,6 +205,9 @@ def run(quick: bool = False) -> dict[str, object]:
 
         data_dir = DataDir(Path(tmp) / "home")
         stream = DeliveryStream(config=config, data_dir=data_dir)
+        # The workers are waited for when the stream closes, so from then on their CPU counts among the children's;
+        # the memory sampler, also a child, is waited for only after the CPU is read.
+        cpu_before = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN)
         stream.start()
         started = time.perf_counter()
         for lines in read_batches(lines_path):
@@ -202,6 +217,7 @@ def run(quick: bool = False) -> dict[str, object]:
         # close() stops the flusher and delivers the rest: afterwards every line is committed (or rejected).
         report = stream.close()
         elapsed = time.perf_counter() - started
+        cpu_s = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN) - cpu_before
         committed_rows = _count_rows(data_dir, config)
         # After the ingest, so what the transform's events leave behind in this process's heap is not in its peak.
         transform_s = transform_alone(lines_path, config)
@@ -213,6 +229,9 @@ def run(quick: bool = False) -> dict[str, object]:
     ratio_met = ratio >= TARGET_RATIO
     backlog_met = backlog_buffers <= TARGET_BACKLOG_BUFFERS
     rss_met = peak_rss_mb < TARGET_PEAK_RSS_MB
+    cores = os.cpu_count() or 1
+    cores_used = cpu_s / elapsed
+    bound = cores * transform_s / cpu_s
     print(
         f"ingest: {events:,} lines put in {put_done - started:.1f}s, all committed after {elapsed:.1f}s "
         f"({committed_rows:,} metered rows, final flush {report.ok_written:,}); transform alone {transform_s:.1f}s"
@@ -225,6 +244,15 @@ def run(quick: bool = False) -> dict[str, object]:
         f"when the writer stopped; target <= {TARGET_BACKLOG_BUFFERS:g})  {_verdict(backlog_met)}"
     )
     print(f"ingest_peak_rss_mb             {peak_rss_mb:,.0f}  (target < {TARGET_PEAK_RSS_MB})  {_verdict(rss_met)}")
+    print(
+        f"ingest_cpu_us_per_line         {cpu_s / events * 1e6:.1f}  (the stream's process and its workers; the "
+        f"handler alone {transform_s / events * 1e6:.1f})"
+    )
+    print(f"ingest_cores_used              {cores_used:.2f}  (of {cores})")
+    print(
+        f"ingest_ratio_all_cores_busy    {bound:.2f}  (the ratio with all {cores} cores busy at this CPU a line; "
+        "overlap alone cannot go past it)"
+    )
     return {
         "ingest_events_per_s": round(rate),
         "ingest_transform_records_per_s": round(transform_rate),
@@ -237,6 +265,10 @@ def run(quick: bool = False) -> dict[str, object]:
         "ingest_rss_met": rss_met,
         "ingest_events": events,
         "ingest_metered_rows": committed_rows,
+        "ingest_cpu_us_per_line": round(cpu_s / events * 1e6, 2),
+        "ingest_transform_us_per_line": round(transform_s / events * 1e6, 2),
+        "ingest_cores_used": round(cores_used, 2),
+        "ingest_ratio_all_cores_busy": round(bound, 3),
     }
 
 
