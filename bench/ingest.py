@@ -183,10 +183,12 @@ def transform_alone(path: Path, config: Config) -> float:
     return elapsed
 
 
-def _cpu_s(who: int) -> float:
-    """User plus system CPU seconds of this process (``RUSAGE_SELF``) or of its waited-for children."""
-    usage = resource.getrusage(who)
-    return usage.ru_utime + usage.ru_stime
+def _cpu_s() -> float:
+    """User plus system CPU seconds of this process and of its children waited for so far."""
+    return sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
 
 
 def _verdict(ok: bool) -> str:
@@ -207,7 +209,7 @@ def run(quick: bool = False) -> dict[str, object]:
         stream = DeliveryStream(config=config, data_dir=data_dir)
         # The workers are waited for when the stream closes, so from then on their CPU counts among the children's;
         # the memory sampler, also a child, is waited for only after the CPU is read.
-        cpu_before = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN)
+        cpu_before = _cpu_s()
         stream.start()
         started = time.perf_counter()
         for lines in read_batches(lines_path):
@@ -217,7 +219,7 @@ def run(quick: bool = False) -> dict[str, object]:
         # close() stops the flusher and delivers the rest: afterwards every line is committed (or rejected).
         report = stream.close()
         elapsed = time.perf_counter() - started
-        cpu_s = _cpu_s(resource.RUSAGE_SELF) + _cpu_s(resource.RUSAGE_CHILDREN) - cpu_before
+        cpu_s = _cpu_s() - cpu_before
         committed_rows = _count_rows(data_dir, config)
         # After the ingest, so what the transform's events leave behind in this process's heap is not in its peak.
         transform_s = transform_alone(lines_path, config)

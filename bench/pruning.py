@@ -115,13 +115,14 @@ def run(quick: bool = False) -> dict[str, object]:
     """Time the day query pruned and unpruned, interleaved; print bytes read, medians and PASS/FAIL."""
     events_per_day = QUICK_EVENTS_PER_DAY if quick else FULL_EVENTS_PER_DAY
     repetitions = 3 if quick else 7
-    pruned, full, pruned_times, full_times = _compare(month_table(events_per_day, FILES_PER_DAY), repetitions)
+    table = month_table(events_per_day, FILES_PER_DAY)
+    pruned, full, pruned_times, full_times = _compare(table, repetitions)
     assert pruned.bytes_read is not None
     assert full.bytes_read is not None
     share = pruned.bytes_read / full.bytes_read
     speedup = statistics.median(full_times) / statistics.median(pruned_times)
     met = share <= TARGET_BYTES_SHARE and speedup >= TARGET_SPEEDUP
-    plan_pruned, plan_full = _planning_s(month_table(events_per_day, FILES_PER_DAY), repetitions)
+    plan_pruned, plan_full = _planning_s(table, repetitions)
     print(
         f"  table: {DAYS} days x {events_per_day:,} events, {full.files_read} data files, "
         f"{full.bytes_read / 1e6:,.0f} MB; day query rows: {len(pruned.rows)}\n"
