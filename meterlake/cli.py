@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
@@ -295,6 +292,7 @@ def up(
 
     from meterlake.embedded.running import recorded_as_serving
     from meterlake.embedded.stack import LocalStack
+    from meterlake.local.serving import stop_signals
 
     _check_port(port)
     c = _context(ctx)
@@ -302,38 +300,29 @@ def up(
     _log_to_stderr()
     # Each flush, as it happens: events committed to which table, rejected (and where), dropped.
     logging.getLogger("meterlake.local.stream").setLevel(logging.INFO)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with (
-            LocalStack(config=config, data_dir=data_dir, port=port) as stack,
-            recorded_as_serving(
-                data_dir, port=stack.gateway.port, issuer=stack.gateway.issuer, invoke_url=stack.gateway.invoke_url
-            ),
-        ):
-            console.print(f"RestApiEndpoint {stack.gateway.invoke_url}", highlight=False)
-            console.print(f"MeteringServiceEndpoint {stack.service.url}", highlight=False)
-            console.print(
-                f"data dir {_shown(data_dir.root)}; get a token: meterlake token --tenant acme --user alice; "
-                f'try: curl -H "Authorization: $TOKEN" {stack.gateway.invoke_url}/random/strings?len=8',
-                highlight=False,
-            )
-            hints = config.data_firehose_configuration.buffering_hints
-            console.print(f"flushing to Iceberg every {hints.interval_in_seconds} s or {hints.size_in_mbs} MB")
-            stop.wait()
-            console.print("stopping: flushing the delivery stream ...")
-            settled = stack.settle()
-            console.print(
-                f"flushed {settled.flush.ok_written} events and {settled.meter_events.ok_written} ingested usage "
-                "events; stopped cleanly"
-            )
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with (
+        stop_signals() as wait_for_stop,
+        LocalStack(config=config, data_dir=data_dir, port=port) as stack,
+        recorded_as_serving(
+            data_dir, port=stack.gateway.port, issuer=stack.gateway.issuer, invoke_url=stack.gateway.invoke_url
+        ),
+    ):
+        console.print(f"RestApiEndpoint {stack.gateway.invoke_url}", highlight=False)
+        console.print(f"MeteringServiceEndpoint {stack.service.url}", highlight=False)
+        console.print(
+            f"data dir {_shown(data_dir.root)}; get a token: meterlake token --tenant acme --user alice; "
+            f'try: curl -H "Authorization: $TOKEN" {stack.gateway.invoke_url}/random/strings?len=8',
+            highlight=False,
+        )
+        hints = config.data_firehose_configuration.buffering_hints
+        console.print(f"flushing to Iceberg every {hints.interval_in_seconds} s or {hints.size_in_mbs} MB")
+        wait_for_stop()
+        console.print("stopping: flushing the delivery stream ...")
+        settled = stack.settle()
+        console.print(
+            f"flushed {settled.flush.ok_written} events and {settled.meter_events.ok_written} ingested usage "
+            "events; stopped cleanly"
+        )
 
 
 def _log_to_stderr() -> None:
@@ -1231,19 +1220,17 @@ def amberflo_serve(
 ) -> None:
     """Run a local Amberflo-compatible server (ingest, usage, meters) until Ctrl-C."""
     from meterlake.amberflo.server import FaultPlan, LocalAmberflo
+    from meterlake.local.serving import stop_signals
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with LocalAmberflo(api_key=api_key, port=port, faults=FaultPlan(transient_rate=transient_rate)) as server:
-            console.print(
-                f"local Amberflo on {server.url} (X-API-KEY: {_shown(api_key)}); point amberflo.base_url at it",
-                highlight=False,
-            )
-            stop.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with (
+        stop_signals() as wait_for_stop,
+        LocalAmberflo(api_key=api_key, port=port, faults=FaultPlan(transient_rate=transient_rate)) as server,
+    ):
+        console.print(
+            f"local Amberflo on {server.url} (X-API-KEY: {_shown(api_key)}); point amberflo.base_url at it",
+            highlight=False,
+        )
+        wait_for_stop()
 
 
 keys_app = typer.Typer(
@@ -1268,35 +1255,33 @@ def serve(
 ) -> None:
     """Run the metering service on loopback until Ctrl-C or SIGTERM: meters, ingest, usage and cancellation in the
     SaaS Builder Toolkit's dialect and Amberflo's, described at /openapi.json."""
+    from meterlake.local.serving import stop_signals
     from meterlake.service.local import LocalMeteringService
 
     _check_port(port)
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda signum, frame: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with LocalMeteringService(
+    with (
+        stop_signals() as wait_for_stop,
+        LocalMeteringService(
             config=config,
             data_dir=data_dir,
             port=port,
             user_pool=_service_pool(config, data_dir),
             amberflo=config.amberflo,
             amberflo_api_key=_amberflo_key(config),
-        ) as service:
-            console.print(f"MeteringServiceEndpoint {service.url}", highlight=False)
-            console.print(
-                f"API: {service.url}/openapi.json; a key: meterlake keys create --admin (or --tenant acme); "
-                "a control-plane token: meterlake admin-token",
-                highlight=False,
-            )
-            stop.wait()
-            console.print("stopping: committing acknowledged events ...")
-            report = service.settle()
-            console.print(f"committed {report.ok_written} events; stopped cleanly")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        ) as service,
+    ):
+        console.print(f"MeteringServiceEndpoint {service.url}", highlight=False)
+        console.print(
+            f"API: {service.url}/openapi.json; a key: meterlake keys create --admin (or --tenant acme); "
+            "a control-plane token: meterlake admin-token",
+            highlight=False,
+        )
+        wait_for_stop()
+        console.print("stopping: committing acknowledged events ...")
+        report = service.settle()
+        console.print(f"committed {report.ok_written} events; stopped cleanly")
 
 
 @keys_app.command("create")

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import random
-import signal
 import threading
 import time
 import uuid
@@ -58,7 +57,13 @@ from meterlake.amberflo.api import (
     validate_meter,
 )
 from meterlake.amberflo.api import usage_report as build_usage_report
-from meterlake.local.serving import BackgroundServer, ServingError, abort_connection, bind_listening_socket
+from meterlake.local.serving import (
+    BackgroundServer,
+    ServingError,
+    abort_connection,
+    bind_listening_socket,
+    stop_signals,
+)
 
 FaultKind = Literal["429", "500", "503", "slow", "reset"]
 #: Every transient fault kind, in the order ``FaultPlan.kinds`` defaults to.
@@ -976,13 +981,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = LocalAmberflo(api_key=None if args.no_auth else args.api_key, faults=plan, port=args.port)
     except ServingError as exc:
         parser.exit(1, f"error: {exc}\n")
-    stop = threading.Event()
     # SIGTERM stops it as Ctrl-C does (a service manager's stop; a background job started by a script ignores SIGINT).
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    with server:
+    with stop_signals() as wait_for_stop, server:
         print(server.url, flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            stop.wait()
+        wait_for_stop()
     return 0
 
 

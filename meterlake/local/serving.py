@@ -15,14 +15,16 @@ it and records it like any other request; nothing of the connection is parsed af
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import re
+import signal
 import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Literal
@@ -51,6 +53,46 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _FIELD_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")
 _ORIGIN_FORM_TARGET = re.compile(rb"/[\x21-\x7e]*")
 _HTTP_1_VERSION = re.compile(rb"HTTP/1\.([01])")
+
+
+@contextlib.contextmanager
+def stop_signals(
+    signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+) -> Iterator[Callable[[], signal.Signals]]:
+    """Catch ``signals`` for the block (main thread only) and give a function that waits for the first one caught,
+    however early it came.
+
+    The handlers take no lock: the interpreter writes each signal's number to a socket (``signal.set_wakeup_fd``) and
+    the wait reads it. A handler calling ``threading.Event.set`` deadlocks when the signal lands while the main thread
+    holds that event's lock, as it does entering ``Event.wait``: a SIGTERM right after ``meterlake serve`` printed
+    its endpoint hung it for good.
+    """
+    wanted = {int(number) for number in signals}
+    receive, send = socket.socketpair()
+    send.setblocking(False)
+    previous_handlers: dict[signal.Signals, Any] = {}
+    previous_fd = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    try:
+        for number in signals:
+            previous_handlers[number] = signal.signal(number, _caught)
+
+        def wait() -> signal.Signals:
+            while True:
+                for number in receive.recv(64):
+                    if number in wanted:
+                        return signal.Signals(number)
+
+        yield wait
+    finally:
+        for number, handler in previous_handlers.items():
+            signal.signal(number, handler)
+        signal.set_wakeup_fd(previous_fd)
+        receive.close()
+        send.close()
+
+
+def _caught(signum: int, frame: object) -> None:
+    """A stop signal's Python handler: nothing to do, the wakeup socket already has its number (see stop_signals)."""
 
 
 class ServingError(Exception):

@@ -4,7 +4,10 @@ requests over its limits (or not parseable) to the app instead of answering them
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -25,6 +28,7 @@ from meterlake.local.serving import (
     abort_connection,
     bind_listening_socket,
     request_rejection,
+    stop_signals,
 )
 
 
@@ -193,3 +197,65 @@ def test_without_limits_uvicorn_answers_bad_requests_itself() -> None:
     assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert answer.endswith(b"Invalid HTTP request received.")
     assert seen == []
+
+
+# -- stop signals -----------------------------------------------------------------------------------------------------
+
+#: Waits once per line of the wait's code (and of whatever Python it calls): the k-th time, SIGTERM is sent at the
+#: k-th line it runs, so the handler runs wherever that line leaves the main thread, locks held included. When the
+#: wait blocks before its k-th line, a timer sends the signal instead and the walk ends. A handler that takes a lock
+#: the main thread may hold (threading.Event.set, the old way) hangs at one of these lines.
+_SIGNAL_AT_EVERY_LINE = """
+import os, signal, sys, threading
+from meterlake.local.serving import stop_signals
+
+positions = 0
+for k in range(1, 500):
+    lines, sent = 0, []
+
+    def tracer(frame, event, arg):
+        global lines
+        if event == "line":
+            lines += 1
+            if lines == k:
+                sent.append("line")
+                os.kill(os.getpid(), signal.SIGTERM)
+        return tracer
+
+    def late():
+        if not sent:
+            sent.append("timer")
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with stop_signals() as wait_for_stop:
+        timer = threading.Timer(0.3, late)
+        timer.start()
+        sys.settrace(tracer)
+        caught = wait_for_stop()
+        sys.settrace(None)
+        timer.cancel()
+        timer.join()
+    assert caught == signal.SIGTERM, caught
+    if sent == ["timer"]:
+        break
+    positions += 1
+with stop_signals() as wait_for_stop:
+    os.kill(os.getpid(), signal.SIGINT)  # before the wait: kept until it comes
+    assert wait_for_stop() == signal.SIGINT
+print(positions)
+"""
+
+
+def test_a_stop_signal_at_any_line_of_the_wait_ends_it_and_one_before_it_is_kept() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT_EVERY_LINE], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) >= 2  # the walk reached lines inside the wait, not only the timer's signal
+
+
+def test_stop_signals_restores_the_handlers_it_replaced() -> None:
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    with stop_signals():
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    assert {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)} == before
