@@ -8,6 +8,7 @@ additions are applied; any other difference is refused (:class:`IncompatibleSche
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -62,6 +63,27 @@ def open_catalog(data: DataDir) -> SqlCatalog:
             if "already exists" not in str(exc) or retries == 0:
                 raise
             retries -= 1
+
+
+def current_metadata_location(data: DataDir, identifier: tuple[str, str]) -> str | None:
+    """The metadata file the catalog names as the table's current state (None: no such table or no catalog yet), read
+    from the catalog's own row (pyiceberg's ``iceberg_tables``, the JDBC catalog's layout): what ``load_table`` reads
+    first, without opening the catalog (~3 ms) or parsing the metadata (~9 ms for a month of commits)."""
+    if not data.catalog_db.is_file():
+        return None
+    namespace, name = identifier
+    with contextlib.closing(sqlite3.connect(f"{data.catalog_db.as_uri()}?mode=ro", uri=True, timeout=30)) as db:
+        try:
+            row = db.execute(
+                "SELECT metadata_location FROM iceberg_tables "
+                "WHERE catalog_name = ? AND table_namespace = ? AND table_name = ?",
+                (CATALOG_NAME, namespace, name),
+            ).fetchone()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a catalog file whose tables pyiceberg has not created yet
+                return None
+            raise
+    return None if row is None or row[0] is None else str(row[0])
 
 
 def ensure_metering_table(catalog: SqlCatalog, config: Config) -> Table:

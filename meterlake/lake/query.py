@@ -86,7 +86,7 @@ from sqlglot.errors import ErrorLevel, SqlglotError
 
 from meterlake.aws.stacks import ATHENA_DEFAULT_CATALOG, S3_TABLES_CATALOG
 from meterlake.config import Config
-from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.catalog import current_metadata_location, ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.schema import METERING_EVENT_SCHEMA
 from meterlake.window import WindowError, parse_instant, require_ordered
@@ -412,11 +412,7 @@ def run_local_query(
     bound = bind_params(query, params)
     if _FILES_PARAM in bound:
         raise QueryParamError(_FILES_PARAM, "the name is reserved for the data files the query reads")
-    catalog = open_catalog(data_dir)
-    try:
-        table = catalog.load_table((config.database_name, config.table_name))
-    except NoSuchTableError:
-        table = ensure_metering_table(catalog, config)
+    table = _LOADED_TABLES.load(data_dir, config)
     row_filter = scan_filter(query.sql, bound) if prune else AlwaysTrue()
     tasks = plan_data_files(table, row_filter)
     files = _current_data_files(tasks)
@@ -934,6 +930,50 @@ def _keep_forever(inherited: object) -> None:
 
 #: Databases kept: a few recent file sets (a dashboard's queries, a pruned query and the full scan it is checked by).
 _SANDBOXES: Final = _SandboxPool(size=4)
+
+
+class _LoadedTables:
+    """Tables the runner loaded, each kept with the metadata file it was read from and reused while the catalog still
+    names that file: a query then neither opens the catalog (~3 ms) nor parses the metadata again (~9 ms for a month
+    of commits), a tenth of a pruned day query. Never stale: each use reads the catalog's pointer first. A forked
+    child starts with none and never frees what it inherited (their SQLite connections are the parent's)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._tables: OrderedDict[tuple[Path, tuple[str, str]], Table] = OrderedDict()
+        os.register_at_fork(after_in_child=self._after_fork_in_child)
+
+    def _after_fork_in_child(self) -> None:
+        _keep_forever(self._tables)
+        self._tables = OrderedDict()
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+
+    def load(self, data_dir: DataDir, config: Config) -> Table:
+        """The metering table as the catalog names it now (created if there is none yet)."""
+        identifier = (config.database_name, config.table_name)
+        key = (data_dir.catalog_db, identifier)
+        location = current_metadata_location(data_dir, identifier)
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None and table.metadata_location == location:
+                self._tables.move_to_end(key)
+                return table
+        catalog = open_catalog(data_dir)
+        try:
+            table = catalog.load_table(identifier)
+        except NoSuchTableError:
+            table = ensure_metering_table(catalog, config)
+        with self._lock:
+            self._tables[key] = table
+            self._tables.move_to_end(key)
+            while len(self._tables) > self._size:
+                self._tables.popitem(last=False)
+        return table
+
+
+#: Tables kept: a few data dirs' (a process usually reads one).
+_LOADED_TABLES: Final = _LoadedTables(size=4)
 
 
 def sandboxed_cursor(readable: Sequence[str]) -> duckdb.DuckDBPyConnection:

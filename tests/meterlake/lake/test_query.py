@@ -21,14 +21,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import sqlglot
+from pyiceberg.io import InputFile
 from pyiceberg.schema import Schema
+from pyiceberg.serializers import FromInputFile
 from pyiceberg.table import FileScanTask
+from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.types import ListType, LongType, MapType, NestedField, StringType
 from sqlglot import exp
 
 from meterlake.config import Config
 from meterlake.lake import query as query_module
-from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.catalog import current_metadata_location, ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import (
     QueryDefinitionError,
@@ -256,6 +259,40 @@ def test_empty_table_returns_no_rows(tmp_path: Path, data_dir: DataDir) -> None:
         result = run(name, empty)
         assert result.rows == []
         assert result.columns == run(name, data_dir).columns
+
+
+def test_a_commit_between_queries_is_seen_and_an_unchanged_table_is_not_parsed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = DataDir.resolve(tmp_path)
+    table = ensure_metering_table(open_catalog(data), CONFIG)
+    table.append(_arrow(EVENTS[:100], 0))
+    parsed: list[str] = []
+    parse = FromInputFile.table_metadata
+
+    def counting(input_file: InputFile, encoding: str = "utf-8") -> TableMetadata:
+        parsed.append(input_file.location)
+        return parse(input_file, encoding)
+
+    monkeypatch.setattr(FromInputFile, "table_metadata", staticmethod(counting))
+    assert sum(row[2] for row in run("usage_per_tenant_day", data).rows) == 100
+    assert sum(row[2] for row in run("usage_per_tenant_hour", data).rows) == 100
+    assert len(parsed) == 1  # the second query reused the table the first one loaded
+    table.append(_arrow(EVENTS[100:130], 100))  # another writer's commit: the catalog names a new metadata file
+    parsed.clear()
+    assert sum(row[2] for row in run("usage_per_tenant_day", data).rows) == 130
+    assert parsed == [table.metadata_location]  # the new metadata, read once
+
+
+def test_current_metadata_location_is_the_catalogs_and_none_before_the_table(tmp_path: Path) -> None:
+    data = DataDir.resolve(tmp_path)
+    identifier = (CONFIG.database_name, CONFIG.table_name)
+    assert current_metadata_location(data, identifier) is None  # no catalog file yet
+    catalog = open_catalog(data)
+    assert current_metadata_location(data, identifier) is None  # a catalog, no table
+    table = ensure_metering_table(catalog, CONFIG)
+    table.append(_arrow(EVENTS[:10], 0))
+    assert current_metadata_location(data, identifier) == catalog.load_table(identifier).metadata_location
 
 
 def test_list_queries_describes_each_file() -> None:
