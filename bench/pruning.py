@@ -98,7 +98,11 @@ def _planning_s(data: DataDir, repetitions: int) -> tuple[float, float]:
 
 
 def _compare(data: DataDir, repetitions: int) -> tuple[QueryResult, QueryResult, list[float], list[float]]:
-    """The day query pruned and over every file, interleaved; the rows must be identical."""
+    """The day query pruned and over every file, interleaved, after one untimed run of each (the process's first
+    query prepares the statement and each file set opens its sandboxed database: costs a user pays once, not per
+    question); the rows must be identical."""
+    _day_query(data, prune=True)
+    _day_query(data, prune=False)
     pruned_times: list[float] = []
     full_times: list[float] = []
     for _ in range(repetitions):
@@ -114,7 +118,7 @@ def _compare(data: DataDir, repetitions: int) -> tuple[QueryResult, QueryResult,
 def run(quick: bool = False) -> dict[str, object]:
     """Time the day query pruned and unpruned, interleaved; print bytes read, medians and PASS/FAIL."""
     events_per_day = QUICK_EVENTS_PER_DAY if quick else FULL_EVENTS_PER_DAY
-    repetitions = 3 if quick else 7
+    repetitions = 3 if quick else 11
     table = month_table(events_per_day, FILES_PER_DAY)
     pruned, full, pruned_times, full_times = _compare(table, repetitions)
     assert pruned.bytes_read is not None
