@@ -35,6 +35,7 @@ import io
 import json
 import os
 import re
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -953,7 +954,10 @@ class _LoadedTables:
         """The metering table as the catalog names it now (created if there is none yet)."""
         identifier = (config.database_name, config.table_name)
         key = (data_dir.catalog_db, identifier)
-        location = current_metadata_location(data_dir, identifier)
+        try:
+            location = current_metadata_location(data_dir, identifier)
+        except sqlite3.Error:  # e.g. a crashed writer's journal, which only a writable connection rolls back
+            location = None  # then the catalog loads it, as it would without this cache
         with self._lock:
             table = self._tables.get(key)
             if table is not None and table.metadata_location == location:

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import sqlite3
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -282,6 +283,18 @@ def test_a_commit_between_queries_is_seen_and_an_unchanged_table_is_not_parsed_a
     parsed.clear()
     assert sum(row[2] for row in run("usage_per_tenant_day", data).rows) == 130
     assert parsed == [table.metadata_location]  # the new metadata, read once
+
+
+def test_a_catalog_row_that_cannot_be_read_directly_falls_back_to_the_catalog(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    expected = run("usage_per_tenant_day", data_dir).rows
+
+    def unreadable(data: DataDir, identifier: tuple[str, str]) -> str | None:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(query_module, "current_metadata_location", unreadable)
+    assert run("usage_per_tenant_day", data_dir).rows == expected
 
 
 def test_current_metadata_location_is_the_catalogs_and_none_before_the_table(tmp_path: Path) -> None:
