@@ -71,7 +71,12 @@ def stop_signals(
     receive, send = socket.socketpair()
     send.setblocking(False)
     previous_handlers: dict[signal.Signals, Any] = {}
-    previous_fd = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
+    try:
+        previous_fd = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)  # ValueError off the main thread
+    except BaseException:
+        receive.close()
+        send.close()
+        raise
     try:
         for number in signals:
             previous_handlers[number] = signal.signal(number, _caught)

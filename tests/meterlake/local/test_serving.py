@@ -4,6 +4,7 @@ requests over its limits (or not parseable) to the app instead of answering them
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import subprocess
@@ -259,3 +260,21 @@ def test_stop_signals_restores_the_handlers_it_replaced() -> None:
     with stop_signals():
         assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
     assert {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)} == before
+
+
+def test_stop_signals_off_the_main_thread_is_refused_and_leaves_no_socket_open() -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    failures: list[BaseException] = []
+
+    def enter() -> None:
+        try:
+            with stop_signals():
+                pass
+        except ValueError as exc:
+            failures.append(exc)
+
+    thread = threading.Thread(target=enter)
+    thread.start()
+    thread.join()
+    assert len(failures) == 1
+    assert set(os.listdir("/proc/self/fd")) <= before
