@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Generic, Literal, TypeVar, cast
 
 import duckdb
 import pyarrow as pa
@@ -413,7 +413,7 @@ def run_local_query(
     bound = bind_params(query, params)
     if _FILES_PARAM in bound:
         raise QueryParamError(_FILES_PARAM, "the name is reserved for the data files the query reads")
-    table = _LOADED_TABLES.load(data_dir, config)
+    table = _current_table(data_dir, config)
     row_filter = scan_filter(query.sql, bound) if prune else AlwaysTrue()
     tasks = plan_data_files(table, row_filter)
     files = _current_data_files(tasks)
@@ -890,94 +890,78 @@ def sandboxed_duckdb(readable: Sequence[str]) -> duckdb.DuckDBPyConnection:
     return con
 
 
-class _SandboxPool:
-    """Sandboxed databases kept for reuse (see :func:`sandboxed_cursor`): the most recently used few, each by the
-    files it may read. A forked child starts with none (see :func:`_keep_forever`) and a new lock."""
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+
+class _RecentlyUsed(Generic[_K, _V]):
+    """The ``size`` most recently used values by key, shared by this process's threads. A value pushed out is not
+    closed (a query may still use it; the last reference frees it). A forked child starts with none and a new lock,
+    and never frees what it inherited (see :func:`_keep_forever`)."""
 
     def __init__(self, size: int) -> None:
         self._size = size
         self._lock = threading.Lock()
-        self._databases: OrderedDict[frozenset[str], duckdb.DuckDBPyConnection] = OrderedDict()
+        self._values: OrderedDict[_K, _V] = OrderedDict()
         os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
-        _keep_forever(self._databases)
-        self._databases = OrderedDict()
+        _keep_forever(self._values)
+        self._values = OrderedDict()
         self._lock = threading.Lock()  # another thread may have held it at the fork
 
-    def cursor(self, readable: Sequence[str]) -> duckdb.DuckDBPyConnection:
-        """A cursor on a database that may read exactly the files ``readable``."""
-        wanted = frozenset(readable)
+    def get(self, key: _K) -> _V | None:
+        """The value kept for ``key`` (now the most recently used), or None."""
         with self._lock:
-            database = self._databases.get(wanted)
-            if database is not None:
-                self._databases.move_to_end(wanted)
-                return database.cursor()
-        database = sandboxed_duckdb(readable)
+            value = self._values.get(key)
+            if value is not None:
+                self._values.move_to_end(key)
+            return value
+
+    def put(self, key: _K, value: _V) -> None:
+        """Keep ``value`` for ``key``, pushing out the least recently used beyond the size."""
         with self._lock:
-            self._databases[wanted] = database
-            while len(self._databases) > self._size:
-                # Not closed: a query may still run on one of its cursors; the last cursor closed frees it.
-                self._databases.popitem(last=False)
-            return database.cursor()
+            self._values[key] = value
+            self._values.move_to_end(key)
+            while len(self._values) > self._size:
+                self._values.popitem(last=False)
 
 
 def _keep_forever(inherited: object) -> None:
-    """Never free ``inherited``, DuckDB databases a forked child got from its parent: their worker threads did not
-    survive the fork, and freeing one (when it is dropped, or at the child's exit) crashes the child. Used only in a
-    forked child, which leaves them unused."""
+    """Never free ``inherited``, what a forked child got from its parent and leaves unused: DuckDB databases, whose
+    worker threads did not survive the fork (freeing one, when it is dropped or at the child's exit, crashes the
+    child), and tables whose catalog's SQLite connections are the parent's."""
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(inherited))
 
 
-#: Databases kept: a few recent file sets (a dashboard's queries, a pruned query and the full scan it is checked by).
-_SANDBOXES: Final = _SandboxPool(size=4)
+#: Sandboxed databases by the files each may read (see :func:`sandboxed_cursor`): a few recent file sets (a
+#: dashboard's queries, a pruned query and the full scan it is checked by).
+_SANDBOXES: Final[_RecentlyUsed[frozenset[str], duckdb.DuckDBPyConnection]] = _RecentlyUsed(size=4)
+#: Tables the runner loaded (see :func:`_current_table`), by catalog and identifier: a process usually reads one.
+_TABLES: Final[_RecentlyUsed[tuple[Path, tuple[str, str]], Table]] = _RecentlyUsed(size=4)
 
 
-class _LoadedTables:
-    """Tables the runner loaded, each kept with the metadata file it was read from and reused while the catalog still
-    names that file: a query then neither opens the catalog (~3 ms) nor parses the metadata again (~9 ms for a month
-    of commits), a tenth of a pruned day query. Never stale: each use reads the catalog's pointer first. A forked
-    child starts with none and never frees what it inherited (their SQLite connections are the parent's)."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        self._tables: OrderedDict[tuple[Path, tuple[str, str]], Table] = OrderedDict()
-        os.register_at_fork(after_in_child=self._after_fork_in_child)
-
-    def _after_fork_in_child(self) -> None:
-        _keep_forever(self._tables)
-        self._tables = OrderedDict()
-        self._lock = threading.Lock()  # another thread may have held it at the fork
-
-    def load(self, data_dir: DataDir, config: Config) -> Table:
-        """The metering table as the catalog names it now (created if there is none yet)."""
-        identifier = (config.database_name, config.table_name)
-        key = (data_dir.catalog_db, identifier)
-        try:
-            location = current_metadata_location(data_dir, identifier)
-        except sqlite3.Error:  # e.g. a crashed writer's journal, which only a writable connection rolls back
-            location = None  # then the catalog loads it, as it would without this cache
-        with self._lock:
-            table = self._tables.get(key)
-            if table is not None and table.metadata_location == location:
-                self._tables.move_to_end(key)
-                return table
-        catalog = open_catalog(data_dir)
-        try:
-            table = catalog.load_table(identifier)
-        except NoSuchTableError:
-            table = ensure_metering_table(catalog, config)
-        with self._lock:
-            self._tables[key] = table
-            self._tables.move_to_end(key)
-            while len(self._tables) > self._size:
-                self._tables.popitem(last=False)
+def _current_table(data_dir: DataDir, config: Config) -> Table:
+    """The metering table as the catalog names it now (created if there is none yet), reusing the one last loaded
+    while the catalog still names its metadata file: a query then neither opens the catalog (~3 ms) nor parses the
+    metadata again (~9 ms for a month of commits), a tenth of a pruned day query. Never stale: each call reads the
+    catalog's pointer first."""
+    identifier = (config.database_name, config.table_name)
+    key = (data_dir.catalog_db, identifier)
+    try:
+        location = current_metadata_location(data_dir, identifier)
+    except sqlite3.Error:  # e.g. a crashed writer's journal, which only a writable connection rolls back
+        location = None  # then the catalog loads it, as it would without the reuse
+    table = _TABLES.get(key)
+    if table is not None and table.metadata_location == location:
         return table
-
-
-#: Tables kept: a few data dirs' (a process usually reads one).
-_LOADED_TABLES: Final = _LoadedTables(size=4)
+    catalog = open_catalog(data_dir)
+    try:
+        table = catalog.load_table(identifier)
+    except NoSuchTableError:
+        table = ensure_metering_table(catalog, config)
+    _TABLES.put(key, table)
+    return table
 
 
 def sandboxed_cursor(readable: Sequence[str]) -> duckdb.DuckDBPyConnection:
@@ -987,7 +971,12 @@ def sandboxed_cursor(readable: Sequence[str]) -> duckdb.DuckDBPyConnection:
     path against its whole allow list; allowed a 2,880-file snapshot, a 96-file query took ~25 ms longer). The
     caller closes the cursor; its temporary views (``register``) are its own.
     """
-    return _SANDBOXES.cursor(readable)
+    wanted = frozenset(readable)
+    database = _SANDBOXES.get(wanted)
+    if database is None:
+        database = sandboxed_duckdb(readable)
+        _SANDBOXES.put(wanted, database)
+    return database.cursor()
 
 
 def _read_query_file(path: Path) -> QueryFile:

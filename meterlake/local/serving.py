@@ -69,31 +69,25 @@ def stop_signals(
     """
     wanted = {int(number) for number in signals}
     receive, send = socket.socketpair()
-    send.setblocking(False)
-    previous_handlers: dict[signal.Signals, Any] = {}
-    try:
+    with receive, send:
+        send.setblocking(False)
         previous_fd = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)  # ValueError off the main thread
-    except BaseException:
-        receive.close()
-        send.close()
-        raise
-    try:
-        for number in signals:
-            previous_handlers[number] = signal.signal(number, _caught)
+        previous_handlers: dict[signal.Signals, Any] = {}
+        try:
+            for number in signals:
+                previous_handlers[number] = signal.signal(number, _caught)
 
-        def wait() -> signal.Signals:
-            while True:
-                for number in receive.recv(64):
-                    if number in wanted:
-                        return signal.Signals(number)
+            def wait() -> signal.Signals:
+                while True:
+                    for number in receive.recv(64):
+                        if number in wanted:
+                            return signal.Signals(number)
 
-        yield wait
-    finally:
-        for number, handler in previous_handlers.items():
-            signal.signal(number, handler)
-        signal.set_wakeup_fd(previous_fd)
-        receive.close()
-        send.close()
+            yield wait
+        finally:
+            for number, handler in previous_handlers.items():
+                signal.signal(number, handler)
+            signal.set_wakeup_fd(previous_fd)
 
 
 def _caught(signum: int, frame: object) -> None:
