@@ -28,7 +28,7 @@ from typer._click.exceptions import UsageError as CommandLineError
 
 from meterlake.aws.stacks import ATHENA_WORKGROUP
 from meterlake.config import Config, ConfigError, config_file, load_config
-from meterlake.lake.home import PRIVATE_UMASK, DataDir, DataDirError
+from meterlake.lake.home import CATALOG_FILE, PRIVATE_UMASK, DataDir, DataDirError
 from meterlake.lake.query import QueryError, printable
 from meterlake.loadtest import (
     Caller,
@@ -1394,6 +1394,11 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _shortened(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (a database's message may quote a whole damaged value)."""
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _os_error(exc: OSError) -> str:
     """A failure of the environment (read-only or full file system, no permission) as one line: path, reason, errno."""
     reason = exc.strerror or str(exc)
@@ -1404,6 +1409,8 @@ def _os_error(exc: OSError) -> str:
 
 def main() -> None:
     """Console-script entry: run the app, turning known failures into one line."""
+    from sqlalchemy.exc import DBAPIError
+
     from meterlake.amberflo.outbox import OutboxError
     from meterlake.amberflo.reconcile import ReconcileError
     from meterlake.amberflo.sync import MeterSyncError
@@ -1452,6 +1459,10 @@ def main() -> None:
     except OSError as exc:
         # The disk filled up or became read-only under a command, past what its own errors name.
         _fail(_os_error(exc))
+    except DBAPIError as exc:
+        # The Iceberg catalog's SQLite database failed under a command: damaged past its header (which opening it
+        # checks, see open_catalog), or locked by another process for longer than SQLite waits.
+        _fail(f"the data dir's Iceberg catalog ({CATALOG_FILE}) failed: {_shortened(str(exc.orig))}")
     except KeyboardInterrupt:
         _fail("interrupted")
     if code == _INTERRUPTED_EXIT:

@@ -24,10 +24,10 @@ from pyiceberg.exceptions import (
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.types import NestedField
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
 from meterlake.config import Config
-from meterlake.lake.home import DataDir
+from meterlake.lake.home import DataDir, DataDirError
 from meterlake.schema import (
     METER_EVENT_PARTITION_SPEC,
     METER_EVENT_SCHEMA,
@@ -53,6 +53,9 @@ def open_catalog(data: DataDir) -> SqlCatalog:
 
     Two openers racing on a new catalog (threads or processes) can both try to create its tables; SQLite then refuses
     the second ``CREATE TABLE``, and opening again finds the tables the first one made.
+
+    Raises:
+        DataDirError: the catalog file is damaged (not a SQLite database, or a malformed one).
     """
     data.ensure()
     retries = 2
@@ -63,6 +66,12 @@ def open_catalog(data: DataDir) -> SqlCatalog:
             if "already exists" not in str(exc) or retries == 0:
                 raise
             retries -= 1
+        except DatabaseError as exc:  # not an OperationalError (a lock, a full disk): the file itself is damaged
+            raise DataDirError(
+                data.root,
+                f"has a damaged catalog, {data.catalog_db} ({exc.orig}): restore it from a copy, or move the data "
+                "dir aside to start an empty one",
+            ) from None
 
 
 def current_metadata_location(data: DataDir, identifier: tuple[str, str]) -> str | None:

@@ -22,6 +22,10 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_UMASK = 0o077
 
 
+#: The catalog's SQLite file in the data dir.
+CATALOG_FILE = "catalog.db"
+
+
 class DataDirError(Exception):
     """The data dir cannot be created, made private or written to; the message names the path and the reason."""
 
@@ -45,7 +49,7 @@ class DataDir:
     @property
     def catalog_db(self) -> Path:
         """SQLite file of the pyiceberg SqlCatalog."""
-        return self.root / "catalog.db"
+        return self.root / CATALOG_FILE
 
     @property
     def warehouse(self) -> Path:

@@ -255,3 +255,42 @@ def test_a_damaged_meter_event_spool_is_refused_and_flush_recover_delivers_the_r
     again = meterlake("flush", cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert again.stdout.splitlines()[-1].startswith("meter events: committed 0,")
+
+
+# -- a damaged catalog ----------------------------------------------------------------------------------------------
+
+
+def _used(cwd: Path) -> Path:
+    """A data dir under ``cwd`` with 5 events committed; its catalog file."""
+    write_lines(cwd / "lines.txt", 0, 5)
+    result = meterlake("ingest", "lines.txt", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return DataDir(cwd / "home").catalog_db
+
+
+def test_a_catalog_that_is_not_a_database_is_named_in_one_line(tmp_path: Path) -> None:
+    catalog = _used(tmp_path)
+    catalog.write_bytes(b"not a database " * 100)
+    line = one_error_line(meterlake("query", "usage_per_tenant_day", cwd=tmp_path))
+    assert f"has a damaged catalog, {catalog} (file is not a database)" in line
+
+
+def test_flipped_bytes_inside_the_catalog_are_one_line_and_a_failed_ingest_acknowledges_nothing(tmp_path: Path) -> None:
+    catalog = _used(tmp_path)
+    intact = catalog.read_bytes()
+    damaged = bytearray(intact)
+    for offset in range(200, len(damaged), 997):  # past SQLite's 100-byte header: rows and pages, not the format
+        damaged[offset] ^= 0xFF
+    catalog.write_bytes(bytes(damaged))
+    write_lines(tmp_path / "more.txt", 100, 3)
+    for args in (["query", "usage_per_tenant_day"], ["ingest", "more.txt"]):
+        assert "the data dir's Iceberg catalog (catalog.db) failed: " in one_error_line(meterlake(*args, cwd=tmp_path))
+    catalog.write_bytes(intact)  # restored from a copy, as the message says
+    identifier = (Config().database_name, Config().table_name)
+    result = meterlake("flush", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # The failed ingest acknowledged nothing (it stopped opening the catalog, before its spool took a line) ...
+    assert open_catalog(DataDir(tmp_path / "home")).load_table(identifier).scan().to_arrow().num_rows == 5
+    result = meterlake("ingest", "more.txt", cwd=tmp_path)  # ... so running it again commits its lines, once
+    assert result.returncode == 0, result.stderr
+    assert open_catalog(DataDir(tmp_path / "home")).load_table(identifier).scan().to_arrow().num_rows == 8
