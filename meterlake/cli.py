@@ -43,6 +43,7 @@ from meterlake.loadtest import (
 from meterlake.records import TenantSourceKind
 
 if TYPE_CHECKING:
+    from meterlake.lake.compact import MaintenanceReport
     from meterlake.local.stream import DeliveryStream
 
 app = typer.Typer(
@@ -753,34 +754,53 @@ def _say_recovered(stream: DeliveryStream) -> None:
 def compact(ctx: typer.Context) -> None:
     """Rewrite the small files of closed days into large sorted ones (one replace commit), then expire old snapshots.
 
-    What `meterlake up` also does on a schedule, and Glue's optimizers on AWS. Snapshots the forwarding outbox has
-    not staged yet are kept.
+    What `meterlake up` also does on a schedule, and Glue's optimizers on AWS: for the access-log table, then for the
+    metering service's meter-events table. Snapshots a forwarding outbox has not staged yet are kept.
     """
     from meterlake.amberflo.outbox import Outbox
     from meterlake.lake.catalog import ensure_metering_table, open_catalog
     from meterlake.lake.compact import Retention, maintain
+    from meterlake.schema import METER_EVENTS_TABLE
+    from meterlake.service.forwarding import meter_events_outbox
 
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
-    table = ensure_metering_table(open_catalog(data_dir), config)
+    catalog = open_catalog(data_dir)
+    retention = Retention.from_config(config)
+    table = ensure_metering_table(catalog, config)
     with Outbox.in_data_dir(data_dir, meters=config.meters, settings=config.amberflo) as outbox:
         report = maintain(
-            data_dir,
-            table,
-            retention=Retention.from_config(config),
-            readers=lambda: [outbox.status().checkpoint_snapshot_id],
+            data_dir, table, retention=retention, readers=lambda: [outbox.status().checkpoint_snapshot_id]
         )
+    _say_maintained("", report)
+    events_identifier = (config.database_name, METER_EVENTS_TABLE)
+    if catalog.table_exists(events_identifier):
+        events_table = catalog.load_table(events_identifier)
+        with meter_events_outbox(data_dir, config.amberflo) as events_outbox:
+            report = maintain(
+                data_dir,
+                events_table,
+                retention=retention,
+                readers=lambda: [events_outbox.status().checkpoint_snapshot_id],
+            )
+        _say_maintained("meter events: ", report)
+
+
+def _say_maintained(prefix: str, report: MaintenanceReport) -> None:
+    """What one table's maintenance did, in two lines starting with ``prefix``."""
     done, expiry = report.compaction, report.expiry
     if done.snapshot_id is None:
-        console.print("nothing to compact: no closed day holds two small files")
+        console.print(f"{prefix}nothing to compact: no closed day holds two small files", highlight=False)
     else:
         console.print(
-            f"compacted {done.partitions} day(s): {done.files_replaced} files -> {done.files_written}, "
-            f"{done.rows} rows unchanged (replace snapshot {done.snapshot_id})"
+            f"{prefix}compacted {done.partitions} day(s): {done.files_replaced} files -> {done.files_written}, "
+            f"{done.rows} rows unchanged (replace snapshot {done.snapshot_id})",
+            highlight=False,
         )
     console.print(
-        f"expired {expiry.expired_snapshots} snapshot(s), kept {expiry.retained_snapshots}; "
-        f"deleted {expiry.deleted_files} unreferenced file(s) ({expiry.deleted_bytes / 1e6:.1f} MB)"
+        f"{prefix}expired {expiry.expired_snapshots} snapshot(s), kept {expiry.retained_snapshots}; "
+        f"deleted {expiry.deleted_files} unreferenced file(s) ({expiry.deleted_bytes / 1e6:.1f} MB)",
+        highlight=False,
     )
 
 

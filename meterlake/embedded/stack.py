@@ -61,7 +61,8 @@ class LocalStack:
     flushes everything it acknowledged into Iceberg, and the forwarder makes a last attempt to send what was committed.
     Forwarding never blocks ingestion: it runs in its own thread and reads only what Iceberg committed. Neither does
     table maintenance, which compacts closed days and expires old snapshots every ``maintenance_interval_s`` (as
-    Glue's optimizers do on AWS), keeping every snapshot the forwarding outbox has not staged.
+    Glue's optimizers do on AWS), keeping every snapshot the forwarding outbox has not staged: the access-log table
+    here, the meter-events table in the metering service's delivery process.
     """
 
     def __init__(
@@ -167,6 +168,7 @@ class LocalStack:
                 access_log_stream=self._stream,
                 amberflo=settings,
                 amberflo_api_key=self.amberflo.api_key,
+                maintenance_interval_s=self._maintenance_interval_s,
             ).__enter__()
         except BaseException:
             self._stop()

@@ -1115,13 +1115,21 @@ def _athena_literal(value: BoundValue) -> str:
     return exp.Literal.string(value).sql(dialect=SOURCE_DIALECT)
 
 
+#: Why a snapshot with delete files is not read locally, and the way out (meterlake's compaction leaves such days alone,
+#: and neither pipeline writes delete files: another engine did).
+DELETE_FILES_REFUSAL: Final = (
+    "the table has delete files, which the local runner cannot apply; rewrite them into its data files with an engine "
+    "that applies them (e.g. Spark's rewrite_data_files) before querying locally"
+)
+
+
 def _current_data_files(tasks: Iterable[FileScanTask]) -> list[str]:
     """Local paths of the snapshot's data files; refuses delete files, which read_parquet would ignore."""
     paths: list[str] = []
     for task in tasks:
         if task.delete_files:
             delete = next(iter(task.delete_files)).file_path
-            raise UnsupportedTableStateError(delete, "the table has delete files; compact it before querying locally")
+            raise UnsupportedTableStateError(delete, DELETE_FILES_REFUSAL)
         scheme, _, path = PyArrowFileIO.parse_location(task.file.file_path)
         if scheme != "file":
             raise UnsupportedTableStateError(task.file.file_path, "not a local file; the local runner reads file://")

@@ -50,6 +50,7 @@ from meterlake.amberflo.outbox import ForwardingWorker
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, open_catalog
+from meterlake.lake.compact import MAINTENANCE_INTERVAL_S, MaintenanceWorker, Retention
 from meterlake.lake.home import DataDir
 from meterlake.local.stream import (
     DeliveryStream,
@@ -147,6 +148,7 @@ class _Start:
     amberflo: AmberfloSettings | None
     amberflo_api_key: str | None
     spool_wait_s: float
+    maintenance_interval_s: float
 
 
 class MeterEventProcess:
@@ -154,8 +156,11 @@ class MeterEventProcess:
     group commit on the caller's event loop) and the stream's flush, stats and close, answered by the process.
 
     With ``amberflo`` settings the process also forwards committed events through the meter-event outbox (a dry run
-    without ``amberflo_api_key``). A start waits up to ``spool_wait_s`` for the spool while another process holds it;
-    flush, stats and settle wait up to ``control_timeout_s`` for the process's answer, then fail with the reason.
+    without ``amberflo_api_key``). It maintains the meter-events table every ``maintenance_interval_s`` (compaction
+    and snapshot expiry, as ``meterlake up`` maintains the access-log table; see :mod:`meterlake.lake.compact`),
+    keeping every snapshot the meter-event outbox has not staged. A start waits up to ``spool_wait_s`` for the spool
+    while another process holds it; flush, stats and settle wait up to ``control_timeout_s`` for the process's
+    answer, then fail with the reason.
     """
 
     def __init__(
@@ -167,8 +172,9 @@ class MeterEventProcess:
         amberflo_api_key: str | None = None,
         spool_wait_s: float = SPOOL_WAIT_S,
         control_timeout_s: float = CONTROL_TIMEOUT_S,
+        maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
     ) -> None:
-        self._start = _Start(config, data_dir, amberflo, amberflo_api_key, spool_wait_s)
+        self._start = _Start(config, data_dir, amberflo, amberflo_api_key, spool_wait_s, maintenance_interval_s)
         self._control_timeout_s = control_timeout_s
         self._process: multiprocessing.process.BaseProcess | None = None
         self._puts: socket.socket | None = None
@@ -545,11 +551,13 @@ def _run(start: _Start, puts: socket.socket, control: Connection) -> None:
 def _open(start: _Start) -> _Parts:
     closers: list[Callable[[], object]] = []
     forwarding: ForwardingWorker | None = None
+    config, data_dir = start.config, start.data_dir
     try:
+        # The outbox is the table's incremental reader whether or not this process forwards: maintenance keeps what
+        # it has not staged.
+        outbox = meter_events_outbox(data_dir, start.amberflo or config.amberflo)
+        closers.append(outbox.close)
         if start.amberflo is not None:
-            config, data_dir = start.config, start.data_dir
-            outbox = meter_events_outbox(data_dir, start.amberflo)
-            closers.append(outbox.close)
             forwarder = Forwarder(start.amberflo)
             closers.append(forwarder.close)
             forwarding = ForwardingWorker(
@@ -563,6 +571,15 @@ def _open(start: _Start) -> _Parts:
         wake = forwarding.wake if forwarding is not None else None
         stream = _open_waiting(start, on_commit=None if wake is None else lambda _snapshot: wake())
         stream.start()
+        maintenance = MaintenanceWorker(
+            data_dir,
+            load_table=lambda: ensure_meter_events_table(open_catalog(data_dir), config),
+            retention=Retention.from_config(config),
+            readers=lambda: [outbox.status().checkpoint_snapshot_id],
+            interval_s=start.maintenance_interval_s,
+        )
+        maintenance.start()
+        closers.append(maintenance.stop)
         return _Parts(stream, forwarding, closers)
     except BaseException:
         _close_all(closers)

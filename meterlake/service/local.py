@@ -16,6 +16,7 @@ from meterlake.amberflo.api import RequestError
 from meterlake.amberflo.settings import AmberfloSettings
 from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
+from meterlake.lake.compact import MAINTENANCE_INTERVAL_S
 from meterlake.lake.home import DataDir
 from meterlake.local.auth import UserPool
 from meterlake.local.serving import BackgroundServer, bind_listening_socket
@@ -41,7 +42,8 @@ class LocalMeteringService:
     request-meter usage is read, when the access-log stream runs in the same process (``meterlake up``).
 
     With ``amberflo`` settings, committed events are forwarded through the meter-event outbox (a dry run without
-    ``amberflo_api_key``); with the key too, meter changes and cancellation rules are repeated in Amberflo.
+    ``amberflo_api_key``); with the key too, meter changes and cancellation rules are repeated in Amberflo. The
+    delivery process maintains the meter-events table every ``maintenance_interval_s``.
 
     Raises (from ``__enter__``):
         StreamError: the meter-event stream's spool is in use or damaged.
@@ -59,8 +61,10 @@ class LocalMeteringService:
         access_log_stream: DeliveryStream | None = None,
         amberflo: AmberfloSettings | None = None,
         amberflo_api_key: str | None = None,
+        maintenance_interval_s: float = MAINTENANCE_INTERVAL_S,
     ) -> None:
         self.config = config
+        self._maintenance_interval_s = maintenance_interval_s
         self.data_dir = data_dir.ensure()
         self._port = config.meterlake.service.port if port is None else port
         self._user_pool = user_pool
@@ -89,7 +93,11 @@ class LocalMeteringService:
             self.rules = CancellationRules(self.store)
             self.keys = ApiKeys(self.store)
             events = MeterEventProcess(
-                config=self.config, data_dir=self.data_dir, amberflo=self._amberflo, amberflo_api_key=self._api_key
+                config=self.config,
+                data_dir=self.data_dir,
+                amberflo=self._amberflo,
+                amberflo_api_key=self._api_key,
+                maintenance_interval_s=self._maintenance_interval_s,
             )
             events.start()
             self.events = events

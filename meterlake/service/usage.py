@@ -44,6 +44,7 @@ from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import (
+    DELETE_FILES_REFUSAL,
     SOURCE_DIALECT,
     SQL_DIR,
     TABLE_PLACEHOLDER,
@@ -289,7 +290,7 @@ def _data_files(table: Table, row_filter: BooleanExpression) -> list[str]:
     Raises:
         RequestError: (500) the snapshot has delete files, which reading the files directly would ignore.
     """
-    refusal = "the table has delete files; compact it before querying it locally"
+    refusal = DELETE_FILES_REFUSAL
     try:
         tasks = plan_data_files(table, row_filter)
     except UnsupportedTableStateError:  # equality deletes

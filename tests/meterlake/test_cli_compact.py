@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from meterlake.config import Config
 from meterlake.lake.compact import maintenance_lock
 from meterlake.lake.home import DataDir
-from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
+from tests.meterlake.amberflo.lake import (
+    commit_events,
+    make_events,
+    make_meter_events,
+    meter_events_table,
+    metering_table,
+)
 from tests.meterlake.test_cli import meterlake
+
+CONFIG = Config()
 
 
 def test_compact_rewrites_closed_days_and_says_what_it_did(tmp_path: Path) -> None:
@@ -28,9 +37,25 @@ def test_compact_rewrites_closed_days_and_says_what_it_did(tmp_path: Path) -> No
     assert "nothing to compact" in again.stdout
 
 
+def test_compact_maintains_the_meter_events_table_too(tmp_path: Path) -> None:
+    metering_table(tmp_path / "home")
+    events = meter_events_table(tmp_path / "home")  # make_meter_events' times: 2025-11-24, long closed
+    for flush in range(4):
+        events.append(make_meter_events(f"e{flush}-", 10))
+
+    result = meterlake("compact", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "nothing to compact: no closed day holds two small files" in result.stdout  # the access-log table
+    assert "meter events: compacted 1 day(s): 4 files -> 1, 40 rows unchanged (replace snapshot" in result.stdout
+    # The meter-event outbox has staged nothing yet: every snapshot stays for it.
+    assert "meter events: expired 0 snapshot(s), kept 5" in result.stdout
+    events.refresh()
+    assert len(list(events.scan().plan_files())) == 1
+
+
 def test_compact_while_another_maintains_the_table_is_one_error_line(tmp_path: Path) -> None:
     metering_table(tmp_path / "home")
-    with maintenance_lock(DataDir.resolve(tmp_path / "home")):
+    with maintenance_lock(DataDir.resolve(tmp_path / "home"), (CONFIG.database_name, CONFIG.table_name)):
         result = meterlake("compact", cwd=tmp_path)
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]

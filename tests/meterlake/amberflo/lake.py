@@ -9,10 +9,10 @@ import pyarrow as pa
 from pyiceberg.table import Table
 
 from meterlake.config import Config
-from meterlake.lake.catalog import ensure_metering_table, open_catalog
+from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.local.stream import SPOOL_OFFSET_PROPERTY, STREAM_PROPERTY
-from meterlake.schema import metering_event_arrow_schema
+from meterlake.schema import meter_event_arrow_schema, metering_event_arrow_schema
 
 #: 2025-11-24T16:00:00Z in epoch milliseconds.
 BASE_TIME_MS = 1_764_000_000_000
@@ -57,3 +57,25 @@ def commit_events(table: Table, events: pa.Table, *, offset: int) -> int:
     snapshot = table.current_snapshot()
     assert snapshot is not None
     return int(snapshot.snapshot_id)
+
+
+def meter_events_table(home: Path) -> Table:
+    """The meter-events table of a data dir (created on first use)."""
+    return ensure_meter_events_table(open_catalog(DataDir(home)), Config())
+
+
+def make_meter_events(prefix: str, count: int, *, first_ms: int = BASE_TIME_MS) -> pa.Table:
+    """``count`` llm-tokens events of acme with uniqueIds ``<prefix><i>``, one a minute from ``first_ms``, in
+    falling time order (so a rewrite sorted by meter_time is seen to sort)."""
+    times = [(first_ms + (count - 1 - i) * 60_000) * 1000 for i in range(count)]
+    rows = {
+        "unique_id": [f"{prefix}{i}" for i in range(count)],
+        "meter_api_name": ["llm-tokens"] * count,
+        "customer_id": ["acme"] * count,
+        "meter_value": [float(i) for i in range(count)],
+        "meter_time": times,
+        "dimensions": [[("model", "m1")]] * count,
+        "ingested_at": times,
+        "source": ["ingest"] * count,
+    }
+    return pa.table(rows, schema=meter_event_arrow_schema())

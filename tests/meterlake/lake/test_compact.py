@@ -9,16 +9,18 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from pyiceberg.io import FileIO
 from pyiceberg.io.pyarrow import _dataframe_to_data_files as write_data_files
-from pyiceberg.manifest import ManifestEntry, ManifestFile
+from pyiceberg.manifest import DataFile, ManifestEntry, ManifestFile
 from pyiceberg.table import Table
 from pyiceberg.table.snapshots import Operation
 
@@ -27,6 +29,7 @@ from meterlake.config import Config
 from meterlake.lake import compact as compact_module
 from meterlake.lake.compact import (
     CompactionConflictError,
+    CompactionMismatchError,
     MaintenanceBusyError,
     MaintenanceWorker,
     Retention,
@@ -38,7 +41,13 @@ from meterlake.lake.compact import (
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import list_queries, run_local_query
 from meterlake.meters import DEFAULT_METERS, meter_records
-from tests.meterlake.amberflo.lake import commit_events, make_events, metering_table
+from tests.meterlake.amberflo.lake import (
+    commit_events,
+    make_events,
+    make_meter_events,
+    meter_events_table,
+    metering_table,
+)
 
 CONFIG = Config()
 DAY_MS = 86_400_000
@@ -297,12 +306,87 @@ def test_retention_keeps_young_snapshots_and_the_newest_few(data_dir: DataDir) -
     assert len(_rows(table)) == 4 * FLUSHES_PER_DAY * EVENTS_PER_FLUSH
 
 
-def test_one_maintenance_at_a_time(data_dir: DataDir) -> None:
+def test_one_maintenance_of_a_table_at_a_time(data_dir: DataDir) -> None:
     table = _table(data_dir)
-    with maintenance_lock(data_dir), pytest.raises(MaintenanceBusyError, match="another process is compacting"):
+    with (
+        maintenance_lock(data_dir, table.name()),
+        pytest.raises(MaintenanceBusyError, match="another process is compacting"),
+    ):
         maintain(data_dir, table, retention=KEEP_NOTHING, now=NOW)
-    report = maintain(data_dir, table, retention=KEEP_NOTHING, now=NOW)
+    # Another table's maintenance (the meter-events table's, in the service's process) does not hold this one up.
+    with maintenance_lock(data_dir, (CONFIG.database_name, "meter_events")):
+        report = maintain(data_dir, table, retention=KEEP_NOTHING, now=NOW)
     assert report.compaction.partitions == 3
+
+
+def test_files_that_would_not_hold_exactly_the_rows_read_are_never_committed(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewrite is checked by content, not by count: a writer that changed one value (same row count) is caught,
+    nothing is committed and the files it wrote are deleted."""
+    table = _table(data_dir)
+    files, snapshots, rows = set(_live_files(table)), len(table.snapshots()), _rows(table)
+    write = write_data_files
+    written: list[str] = []
+
+    def one_status_changed(**kwargs: Any) -> Iterator[DataFile]:
+        df = kwargs.pop("df")
+        status = df.column("status").to_pylist()
+        status[0] = 299 if status[0] != 299 else 298
+        df = df.set_column(df.schema.get_field_index("status"), "status", pa.array(status, pa.int32()))
+        for data_file in write(df=df, **kwargs):
+            written.append(data_file.file_path)
+            yield data_file
+
+    monkeypatch.setattr(compact_module, "_dataframe_to_data_files", one_status_changed)
+    with pytest.raises(CompactionMismatchError, match="do not hold the rows read"):
+        compact(table, now=NOW)
+    table.refresh()
+    assert set(_live_files(table)) == files
+    assert len(table.snapshots()) == snapshots
+    assert _rows(table) == rows
+    assert written
+    assert not any(Path(path.removeprefix("file://")).exists() for path in written)
+
+
+def test_metadata_files_past_the_log_are_deleted_as_orphans(data_dir: DataDir) -> None:
+    """Each commit writes a metadata file; those the table's metadata log no longer names are orphans, deleted once
+    older than the orphan retention (as Glue's orphan-file optimizer does), and the table still reads whole."""
+    table = _table(data_dir)
+    with table.transaction() as transaction:
+        transaction.set_properties({"write.metadata.previous-versions-max": "3"})
+    _flush(table, 3, FLUSHES_PER_DAY, offset=1000)
+    table.refresh()
+    metadata_dir = Path(table.location().removeprefix("file://"), "metadata")
+    named = {Path(table.metadata_location).name} | {Path(e.metadata_file).name for e in table.metadata.metadata_log}
+    assert len(named) == 4
+    assert len(list(metadata_dir.glob("*.metadata.json"))) > 4 * FLUSHES_PER_DAY  # one a commit, never deleted
+
+    # Younger than the orphan retention: kept (a commit in flight may have just written one).
+    expire_snapshots(table, retention=Retention(snapshots=timedelta(days=30)), now=datetime.now(UTC))
+    assert len(list(metadata_dir.glob("*.metadata.json"))) > 4 * FLUSHES_PER_DAY
+
+    expire_snapshots(
+        table, retention=Retention(snapshots=timedelta(days=30)), now=datetime.now(UTC) + timedelta(days=4)
+    )
+    table.refresh()
+    assert {path.name for path in metadata_dir.glob("*.metadata.json")} == named
+    assert len(_rows(_table(data_dir))) == (4 * FLUSHES_PER_DAY + 1) * EVENTS_PER_FLUSH
+
+
+def test_the_meter_events_table_compacts_by_its_own_time_column(tmp_path: Path) -> None:
+    """The meter-events table is partitioned by the day of meter_time: its closed days are rewritten sorted by it."""
+    table = meter_events_table(tmp_path / "home")
+    for flush in range(3):
+        table.append(make_meter_events(f"u{flush}-", 5))
+    report = compact(table, now=NOW)
+    assert (report.partitions, report.files_replaced, report.files_written, report.rows) == (1, 3, 1, 15)
+    (task,) = table.scan().plan_files()
+    times = pa.parquet.read_table(task.file.file_path.removeprefix("file://")).column("meter_time")
+    assert pc.all(pc.greater_equal(times[1:], times[:-1].combine_chunks())).as_py()
+    assert sorted(table.scan().to_arrow().column("unique_id").to_pylist()) == sorted(
+        f"u{flush}-{i}" for flush in range(3) for i in range(5)
+    )
 
 
 def test_the_schedule_maintains_the_table(data_dir: DataDir) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from pyiceberg.table.snapshots import Operation
 
 from meterlake.amberflo.api import IngestRecord
 from meterlake.config import Config
@@ -60,6 +61,34 @@ def _service_script(data_dir: DataDir, *, then: str) -> str:
 def _committed_ids(data_dir: DataDir) -> list[str]:
     table = ensure_meter_events_table(open_catalog(data_dir), Config())
     return sorted(table.scan(selected_fields=("unique_id",)).to_arrow().column("unique_id").to_pylist())
+
+
+def test_the_process_compacts_the_meter_events_tables_closed_days_on_its_schedule(tmp_path: Path) -> None:
+    """The meter-events table is maintained where it is written, as `meterlake up` maintains the access-log table:
+    a closed day's small files become one, and every event stays."""
+    data_dir = DataDir(tmp_path / "home").ensure()
+    closed_day_ms = NOW_MS - 3 * 86_400_000
+    events = MeterEventProcess(config=Config(), data_dir=data_dir, maintenance_interval_s=0.2)
+    events.start()
+    try:
+        for flush in range(3):  # three small files in one long-closed day
+            records = [IngestRecord("acme", "llm-tokens", i, closed_day_ms + i, f"old-{flush}-{i}") for i in range(4)]
+            lines = [encode_rows(event_rows([r], ingested_at_us=NOW_MS * 1000, source="ingest")) for r in records]
+            asyncio.run(events.commit(lines))
+            assert events.flush().ok_written == 4
+        table = ensure_meter_events_table(open_catalog(data_dir), Config())
+        deadline = time.monotonic() + 60
+        while len(list(table.scan().plan_files())) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            table.refresh()
+    finally:
+        events.close()
+    current = table.current_snapshot()
+    assert current is not None
+    assert current.summary is not None
+    assert current.summary.operation == Operation.REPLACE
+    assert len(list(table.scan().plan_files())) == 1
+    assert _committed_ids(data_dir) == sorted(f"old-{flush}-{i}" for flush in range(3) for i in range(4))
 
 
 def test_puts_flush_stats_and_close_are_answered_by_the_process(tmp_path: Path) -> None:
