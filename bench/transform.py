@@ -168,8 +168,13 @@ def run(quick: bool = False) -> dict[str, object]:
         results = {result["result"] for result in handler(event, None)["records"]}
     if results != {"Ok", "Dropped"}:
         raise RuntimeError(f"the benchmark batch should be all Ok or Dropped, got {sorted(results)}")
-    repetitions = 3 if quick else 11
+    # 21 pairs: each batch takes ~50-200 ms, and with 11 a moment's noise on a 2-core machine moved the median by
+    # ~10% (2.96x in one full run, 3.2-3.6x standalone on the same machine). Each side runs once untimed first, as
+    # a warm Lambda would have.
+    repetitions = 3 if quick else 21
     entry_point = _aws_entry_point(handler)
+    _billed_seconds(sample_transform, event)
+    _billed_seconds(entry_point, event)
     ours: list[float] = []
     sample: list[float] = []
     for _ in range(repetitions):
