@@ -69,8 +69,8 @@ def open_catalog(data: DataDir) -> SqlCatalog:
         except DatabaseError as exc:  # not an OperationalError (a lock, a full disk): the file itself is damaged
             raise DataDirError(
                 data.root,
-                f"has a damaged catalog, {data.catalog_db} ({exc.orig}): restore it from a copy, or move the data "
-                "dir aside to start an empty one",
+                f"has a damaged catalog, {data.catalog_db} ({exc.orig}): restore it from a recent copy, or move the "
+                "data dir aside to start an empty one",
             ) from None
 
 

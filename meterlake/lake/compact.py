@@ -86,11 +86,16 @@ class MaintenanceError(Exception):
 
 
 class MaintenanceBusyError(MaintenanceError):
-    """Another process (``meterlake up``'s schedule, or ``meterlake compact``) is maintaining the table."""
+    """Another process (the running stack's schedule, under ``meterlake up`` or ``serve``, or ``meterlake compact``)
+    is maintaining the table."""
 
     def __init__(self, lock: Path) -> None:
         super().__init__(f"another process is compacting this table (it holds {lock}); try again when it is done")
         self.lock = lock
+
+
+class MaintenanceCancelledError(MaintenanceError):
+    """The run was asked to stop (its process is stopping); what it had written was deleted, nothing committed."""
 
 
 class CompactionConflictError(MaintenanceError):
@@ -166,6 +171,7 @@ def maintain(
     retention: Retention,
     readers: Callable[[], Sequence[int | None]] = tuple,
     now: datetime | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> MaintenanceReport:
     """Compact the table's closed partitions, then expire its old snapshots, holding the table's maintenance lock.
 
@@ -176,15 +182,19 @@ def maintain(
         readers: the checkpoints of the table's incremental readers (each the last snapshot it consumed; None: it has
             consumed nothing yet), read after compacting; every snapshot after a checkpoint is kept.
         now: the time the run takes as now (default: the clock).
+        cancelled: asked between days and before each commit; True stops the run (see :func:`compact`).
 
     Raises:
         MaintenanceBusyError: another process holds the lock.
+        MaintenanceCancelledError: ``cancelled`` said stop.
         CompactionConflictError: a concurrent commit removed files being compacted.
         CompactionMismatchError: the rewrite would change the rows (nothing committed).
     """
     moment = now or datetime.now(UTC)
     with maintenance_lock(data_dir, table.name()):
-        compaction = compact(table, now=moment)
+        compaction = compact(table, now=moment, cancelled=cancelled)
+        if cancelled():
+            raise MaintenanceCancelledError("maintenance stopped before expiring snapshots")
         table.refresh()
         expiry = expire_snapshots(table, retention=retention, readers=readers(), now=moment)
     return MaintenanceReport(compaction=compaction, expiry=expiry)
@@ -211,17 +221,28 @@ def maintenance_lock(data_dir: DataDir, identifier: tuple[str, ...]) -> Iterator
         os.close(descriptor)
 
 
-def compact(table: Table, *, now: datetime | None = None, close_after: timedelta = CLOSE_AFTER) -> CompactionReport:
+def compact(
+    table: Table,
+    *,
+    now: datetime | None = None,
+    close_after: timedelta = CLOSE_AFTER,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> CompactionReport:
     """Rewrite the small files of every closed day partition into large files sorted by the partition's time column,
     in one ``replace`` commit.
 
-    A partition is rewritten when it holds at least two small files (see :data:`SMALL_FILE_SHARE`) and no delete
-    files; its large files are left as they are. Files are rewritten partition by partition (one day in memory at a
-    time), each day's new files read back and checked against the rows read, and swapped in one commit. If the
-    commit cannot land, the files it wrote are deleted. A table not partitioned by one day transform has nothing
-    this compacts.
+    A partition's small files (see :data:`SMALL_FILE_SHARE`) are rewritten when at least two of them are worth it
+    (see :func:`_worth_rewriting`: not a day's anchor file, which late arrivals would otherwise have rewritten whole
+    every run) and it holds no delete files; its large files are left as they are. Files are rewritten partition by
+    partition (one day in memory at a time), each day's new files read back and checked against the rows read, and
+    swapped in one commit. If the commit cannot land, the files it wrote are deleted. A table not partitioned by one
+    day transform has nothing this compacts.
+
+    ``cancelled`` is asked before each day and before the commit: True deletes what was written and raises
+    :class:`MaintenanceCancelledError` (a stopping process does not wait for a whole run).
 
     Raises:
+        MaintenanceCancelledError: ``cancelled`` said stop; nothing was committed.
         CompactionConflictError: a concurrent commit removed files being compacted.
         CompactionMismatchError: the files written would not hold exactly the rows read.
     """
@@ -247,7 +268,8 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
             tainted.add(day)
         elif task.file.file_size_in_bytes < small:
             by_partition[day].append(task.file)
-    days = sorted(day for day, files in by_partition.items() if len(files) >= 2 and day not in tainted)
+    rewrite = {day: _worth_rewriting(files) for day, files in by_partition.items() if day not in tainted}
+    days = sorted(day for day, files in rewrite.items() if files)
     if not days:
         return CompactionReport()
 
@@ -267,7 +289,9 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
     writing = table.metadata.model_copy(update={"properties": properties})
     try:
         for day in days:
-            files = by_partition[day]
+            if cancelled():
+                raise MaintenanceCancelledError("compaction stopped; nothing was committed")
+            files = rewrite[day]
             events = scan.to_table(tasks=[FileScanTask(data_file) for data_file in files])
             expected = sum(f.record_count for f in files)
             if events.num_rows != expected:
@@ -296,6 +320,8 @@ def compact(table: Table, *, now: datetime | None = None, close_after: timedelta
                 )
             replaced.extend(files)
             rows += expected
+        if cancelled():
+            raise MaintenanceCancelledError("compaction stopped; nothing was committed")
         with table.transaction() as transaction:
             swap = _ReplaceFiles(operation=Operation.OVERWRITE, transaction=transaction, io=table.io)
             for data_file in replaced:
@@ -417,7 +443,7 @@ class MaintenanceWorker:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the schedule, waiting for a run in progress to finish."""
+        """Stop the schedule; a run in progress stops at its next day (deleting what it wrote) or after its commit."""
         self._stopping.set()
         if self._thread.is_alive():
             self._thread.join()
@@ -426,8 +452,14 @@ class MaintenanceWorker:
         while not self._stopping.wait(self.interval_s):
             try:
                 self.last = maintain(
-                    self.data_dir, self._load_table(), retention=self._retention, readers=self._readers
+                    self.data_dir,
+                    self._load_table(),
+                    retention=self._retention,
+                    readers=self._readers,
+                    cancelled=self._stopping.is_set,
                 )
+            except MaintenanceCancelledError as exc:
+                self.last = exc
             except MaintenanceError as exc:
                 logger.warning("table maintenance skipped: %s", exc)
                 self.last = exc
@@ -473,6 +505,20 @@ class _ReplaceFiles(_OverwriteFiles):
         table = self._transaction._table
         _validate_data_files_exist(table, window.head, self._deleted_data_files, window.base)
         _validate_no_new_deletes_for_data_files(table, window.head, None, self._deleted_data_files, window.base)
+
+
+def _worth_rewriting(files: Sequence[DataFile]) -> list[DataFile]:
+    """The small files of a closed day to rewrite together: none unless two or more, and never the day's anchor.
+
+    The anchor is the file holding most of the day's rows (more than all its other small files together): what an
+    earlier compaction wrote. Rows that arrive late (meter events may be up to
+    ``meterlake.service.late_arrival_window_s`` old) then only merge with each other, so a day is never rewritten
+    whole for each late file, and keeps at most two files after a run: its anchor and its late rows.
+    """
+    ranked = sorted(files, key=lambda data_file: data_file.record_count, reverse=True)
+    if len(ranked) >= 2 and ranked[0].record_count > sum(data_file.record_count for data_file in ranked[1:]):
+        ranked = ranked[1:]
+    return ranked if len(ranked) >= 2 else []
 
 
 def _day_partition_source(table: Table) -> str | None:

@@ -1,8 +1,11 @@
-"""The meter-event delivery process: the meter-event stream (spool, flusher) and forwarding's worker, in a process
-of their own beside the one that serves HTTP.
+"""The meter-event delivery process: the meter-event stream (spool, flusher), forwarding's worker and the
+meter-events table's maintenance schedule, in a process of their own beside the one that serves HTTP.
 
 Why a process: one interpreter lock. In the serving process the flusher's decoding and Iceberg commits, and
-forwarding's staging, took the lock from the event loop; here they take it only from each other.
+forwarding's staging, took the lock from the event loop; here they take it only from each other (and from the puts
+thread, for as long as each holds it at most: the process's switch interval is short). Maintenance (every 15 minutes,
+see :mod:`meterlake.lake.compact`) mostly runs in pyarrow with the lock released: reading, sorting and writing a
+closed day's small files; a day's rows are in memory twice while it is sorted.
 
 The service talks to it over two pipes. ``puts``: group commit driven by the serving event loop
 (:meth:`MeterEventProcess.commit`). While one put is in flight, the lines of the requests that arrive queue up; when

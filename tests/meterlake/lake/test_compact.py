@@ -31,6 +31,7 @@ from meterlake.lake.compact import (
     CompactionConflictError,
     CompactionMismatchError,
     MaintenanceBusyError,
+    MaintenanceCancelledError,
     MaintenanceWorker,
     Retention,
     compact,
@@ -347,6 +348,50 @@ def test_files_that_would_not_hold_exactly_the_rows_read_are_never_committed(
     assert _rows(table) == rows
     assert written
     assert not any(Path(path.removeprefix("file://")).exists() for path in written)
+
+
+def test_late_rows_merge_with_each_other_and_never_rewrite_the_compacted_day(data_dir: DataDir) -> None:
+    """Meter events may arrive weeks late, into a day compacted long ago: its compacted file (the anchor, far under
+    the table's target file size) is left alone, and only the late files are merged, once there are two."""
+    table = _table(data_dir)
+    compact(table, now=NOW)
+    anchor = {task.file.file_path for task in table.scan().plan_files() if "2025-11-25" in task.file.file_path}
+    assert len(anchor) == 1
+    usage = _usage(data_dir)
+
+    _flush(table, 1, 0, offset=2000)  # a late flush into day 1 (its own new rows)
+    assert compact(table, now=NOW).snapshot_id is None  # one late file: nothing worth rewriting
+
+    _flush(table, 1, 1, offset=2001)
+    report = compact(table, now=NOW)
+    assert (report.partitions, report.files_replaced, report.files_written) == (1, 2, 1)
+    day_files = {task.file.file_path for task in table.scan().plan_files() if "2025-11-25" in task.file.file_path}
+    assert anchor < day_files
+    assert len(day_files) == 2  # the anchor and the late rows
+
+    _flush(table, 1, 2, offset=2002)
+    report = compact(table, now=NOW)
+    assert (report.files_replaced, report.files_written) == (2, 1)  # the late rows' file and the new one
+    day_files = {task.file.file_path for task in table.scan().plan_files() if "2025-11-25" in task.file.file_path}
+    assert anchor < day_files
+    assert len(day_files) == 2
+    assert _usage(data_dir) != usage  # the late rows count
+    assert len(_rows(table)) == (4 * FLUSHES_PER_DAY + 3) * EVENTS_PER_FLUSH
+
+
+def test_a_cancelled_compaction_commits_nothing_and_leaves_no_files(data_dir: DataDir) -> None:
+    """A stopping process asks its run to stop: between days (here after the first) it deletes what it wrote."""
+    table = _table(data_dir)
+    files, snapshots = set(_live_files(table)), len(table.snapshots())
+    data = Path(table.location().removeprefix("file://"), "data")
+    on_disk = set(data.rglob("*.parquet"))
+    asked = iter([False, True])
+    with pytest.raises(MaintenanceCancelledError):
+        compact(table, now=NOW, cancelled=lambda: next(asked, True))
+    table.refresh()
+    assert set(_live_files(table)) == files
+    assert len(table.snapshots()) == snapshots
+    assert set(data.rglob("*.parquet")) == on_disk
 
 
 def test_metadata_files_past_the_log_are_deleted_as_orphans(data_dir: DataDir) -> None:
