@@ -68,15 +68,20 @@ def test_the_process_compacts_the_meter_events_tables_closed_days_on_its_schedul
     a closed day's small files become one, and every event stays."""
     data_dir = DataDir(tmp_path / "home").ensure()
     closed_day_ms = NOW_MS - 3 * 86_400_000
+    # Three small files in one long-closed day, committed before the schedule starts (a run between them would
+    # compact the first two, and the third, a late file beside the day's compacted one, would rightly stay).
+    with open_meter_event_stream(Config(), data_dir) as stream:
+        for flush in range(3):
+            records = [IngestRecord("acme", "llm-tokens", i, closed_day_ms + i, f"old-{flush}-{i}") for i in range(4)]
+            stream.put_records(
+                [encode_rows(event_rows([r], ingested_at_us=NOW_MS * 1000, source="ingest")) for r in records]
+            )
+            assert stream.flush().ok_written == 4
+    table = ensure_meter_events_table(open_catalog(data_dir), Config())
+    assert len(list(table.scan().plan_files())) == 3
     events = MeterEventProcess(config=Config(), data_dir=data_dir, maintenance_interval_s=0.2)
     events.start()
     try:
-        for flush in range(3):  # three small files in one long-closed day
-            records = [IngestRecord("acme", "llm-tokens", i, closed_day_ms + i, f"old-{flush}-{i}") for i in range(4)]
-            lines = [encode_rows(event_rows([r], ingested_at_us=NOW_MS * 1000, source="ingest")) for r in records]
-            asyncio.run(events.commit(lines))
-            assert events.flush().ok_written == 4
-        table = ensure_meter_events_table(open_catalog(data_dir), Config())
         deadline = time.monotonic() + 60
         while len(list(table.scan().plan_files())) > 1 and time.monotonic() < deadline:
             time.sleep(0.1)
