@@ -37,7 +37,7 @@ import os
 import threading
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -627,16 +627,7 @@ def _delete_unreferenced(
         for path in [*(root / "data").rglob("*.parquet"), *(root / "metadata").glob("*.avro")]
         if str(path) not in keep and str(path) not in doomed and _modified_before(path, orphan_cutoff)
     ]
-    deleted = deleted_bytes = 0
-    for path in [*map(Path, sorted(doomed)), *old_orphans]:
-        try:
-            size = path.stat().st_size
-            path.unlink()
-        except FileNotFoundError:
-            continue
-        deleted += 1
-        deleted_bytes += size
-    return deleted, deleted_bytes
+    return _delete_files([*map(Path, sorted(doomed)), *old_orphans])
 
 
 def _delete_orphan_metadata(table: Table, *, orphans_before: datetime) -> tuple[int, int]:
@@ -647,10 +638,14 @@ def _delete_orphan_metadata(table: Table, *, orphans_before: datetime) -> tuple[
     keep = {_local_path(table.metadata_location)}
     keep.update(_local_path(entry.metadata_file) for entry in table.metadata.metadata_log)
     cutoff = orphans_before.timestamp()
+    metadata = Path(_local_path(table.metadata_location)).parent.glob("*.metadata.json")
+    return _delete_files(path for path in metadata if str(path) not in keep and _modified_before(path, cutoff))
+
+
+def _delete_files(paths: Iterable[Path]) -> tuple[int, int]:
+    """Delete ``paths`` (one already gone is skipped); returns (files, bytes) deleted."""
     deleted = deleted_bytes = 0
-    for path in Path(_local_path(table.metadata_location)).parent.glob("*.metadata.json"):
-        if str(path) in keep or not _modified_before(path, cutoff):
-            continue
+    for path in paths:
         try:
             size = path.stat().st_size
             path.unlink()
