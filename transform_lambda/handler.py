@@ -26,7 +26,14 @@ from aws_lambda_powertools.utilities.data_classes.kinesis_firehose_event import 
 )
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from transform_lambda.normalize import Outcome, Rejection, Unmetered, transform_records
+from transform_lambda.normalize import (
+    DocumentOutcome,
+    Outcome,
+    Rejection,
+    Unmetered,
+    transform_documents,
+    transform_records,
+)
 
 METRICS_NAMESPACE: Final = "meterlake"
 SERVICE: Final = "transform"
@@ -168,7 +175,7 @@ class MeteringTransformationResponse(KinesisFirehoseDataTransformationResponse):
     """
 
     batch: list[dict[str, Any]] = field(default_factory=list)
-    outcomes: list[Outcome] = field(default_factory=list)
+    outcomes: list[Outcome] | list[DocumentOutcome] = field(default_factory=list)
     routing: IcebergRoutingMetadata | None = None
 
     def asdict(self) -> dict[str, Any]:
@@ -186,6 +193,38 @@ class MeteringTransformationResponse(KinesisFirehoseDataTransformationResponse):
         ]
         return {"records": rendered + [record.asdict() for record in self.records]}
 
+    def encode(self) -> bytes:
+        """The answer as JSON bytes, exactly ``encode_answer(self.asdict())``, rendered from a struct per record rather
+        than a dict (faster to build), with the routing metadata encoded once and an Ok record's document, when it
+        is bytes (``transform_documents``), base64-encoded by msgspec as it writes it: ~4 ms less of a full batch."""
+        metadata = None if self.routing is None else msgspec.Raw(_ANSWER_ENCODER.encode(self.routing.asdict()))
+        rendered: list[Any] = [
+            _OkRecord(record["recordId"], "Ok", outcome, metadata)
+            if type(outcome) is bytes or type(outcome) is str
+            else _OtherRecord(
+                record["recordId"], "ProcessingFailed" if type(outcome) is Rejection else "Dropped", record["data"]
+            )
+            for record, outcome in zip(self.batch, self.outcomes, strict=True)
+        ]
+        return _ANSWER_ENCODER.encode({"records": rendered + [record.asdict() for record in self.records]})
+
+
+class _OkRecord(msgspec.Struct, gc=False, rename="camel"):
+    """An Ok record of the answer, its members in the order ``asdict`` gives them (so the bytes are the same)."""
+
+    record_id: str
+    result: str
+    data: bytes | str
+    metadata: msgspec.Raw | None
+
+
+class _OtherRecord(msgspec.Struct, gc=False, rename="camel"):
+    """A Dropped or ProcessingFailed record of the answer: its original data, no metadata."""
+
+    record_id: str
+    result: str
+    data: str
+
 
 def make_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> Handler:
     """Build the transform handler for these settings: the code path of AWS and of the local delivery stream.
@@ -196,18 +235,32 @@ def make_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> H
             flush as a JSON blob on stdout, and even with POWERTOOLS_METRICS_DISABLED it still prints once 100
             values of a metric accumulate, so the local handler records no metrics at all.
     """
+    respond = _responder(settings, emit_metrics=emit_metrics, documents=False)
+
+    def transform(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        return respond(event).asdict()
+
+    return transform
+
+
+def _responder(
+    settings: TransformSettings, *, emit_metrics: bool, documents: bool
+) -> Callable[[dict[str, Any]], MeteringTransformationResponse]:
+    """The handlers' work: an event in, its response out (not yet rendered), its metrics published. With
+    ``documents`` the Ok outcomes are the documents' JSON bytes (for :meth:`MeteringTransformationResponse.encode`)."""
     routing = IcebergRoutingMetadata(
         destination_database_name=settings.database,
         destination_table_name=settings.table,
         operation=settings.operation,
     )
     metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE) if emit_metrics else None
+    transform_batch = transform_documents if documents else transform_records
 
-    def transform(event: dict[str, Any], context: Any) -> dict[str, Any]:
+    def respond(event: dict[str, Any]) -> MeteringTransformationResponse:
         firehose = KinesisFirehoseEvent(event)
         # The raw record dicts: a Powertools wrapper per record would cost ~1 µs, 10 ms per full batch.
         records: list[dict[str, Any]] = firehose["records"]
-        outcomes = transform_records(
+        outcomes = transform_batch(
             [record["data"] for record in records],
             ingested_at=time.time_ns() // 1000,
             unmetered_http_methods=settings.unmetered_http_methods,
@@ -232,9 +285,9 @@ def make_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> H
             for name, count in (counts | failures).items():
                 metrics.add_metric(name=name, unit=MetricUnit.Count, value=count)
             metrics.flush_metrics()
-        return response.asdict()
+        return response
 
-    return transform
+    return respond
 
 
 #: One encoder for every answer (msgspec: compact separators, non-ASCII as UTF-8).
@@ -253,12 +306,13 @@ def encode_answer(answer: dict[str, Any]) -> bytes:
 
 
 def make_encoded_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> EncodedHandler:
-    """``make_handler``'s handler answering JSON bytes (``encode_answer``): what the Lambda returns on AWS, and what
-    the local delivery stream invokes, measures against Lambda's response limit and parses as Firehose does."""
-    handler = make_handler(settings, emit_metrics=emit_metrics)
+    """``make_handler``'s handler answering JSON bytes (the same bytes as ``encode_answer`` of its answer, rendered
+    faster: :meth:`MeteringTransformationResponse.encode`): what the Lambda returns on AWS, and what the local
+    delivery stream invokes, measures against Lambda's response limit and parses as Firehose does."""
+    respond = _responder(settings, emit_metrics=emit_metrics, documents=True)
 
     def transform(event: dict[str, Any], context: Any) -> bytes:
-        return encode_answer(handler(event, context))
+        return respond(event).encode()
 
     return transform
 

@@ -77,6 +77,8 @@ class Unmetered(enum.Enum):
 
 #: A record's outcome: the base64 metering-event document, ``Unmetered.DROPPED`` or a ``Rejection``.
 Outcome = str | Unmetered | Rejection
+#: The same, with the metering-event document as its JSON bytes (``transform_documents``).
+DocumentOutcome = bytes | Unmetered | Rejection
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +217,44 @@ def transform_records(
         tenants_by_api_key: set when the access log's tenant field holds the caller's API key id: each id becomes
             its tenant, and an id missing here (or no key) becomes no tenant.
     """
+    outcomes: list[Outcome] = _transform(
+        encoded,
+        ingested_at=ingested_at,
+        unmetered_http_methods=unmetered_http_methods,
+        tenants_by_api_key=tenants_by_api_key,
+        base64=True,
+    )
+    return outcomes
+
+
+def transform_documents(
+    encoded: Sequence[object],
+    *,
+    ingested_at: int,
+    unmetered_http_methods: frozenset[str],
+    tenants_by_api_key: Mapping[str, str] | None = None,
+) -> list[DocumentOutcome]:
+    """``transform_records`` with each Ok outcome as the document's JSON bytes rather than their base64: for an
+    answer encoded by msgspec, which base64-encodes bytes as it writes them (one str per record fewer to build)."""
+    outcomes: list[DocumentOutcome] = _transform(
+        encoded,
+        ingested_at=ingested_at,
+        unmetered_http_methods=unmetered_http_methods,
+        tenants_by_api_key=tenants_by_api_key,
+        base64=False,
+    )
+    return outcomes
+
+
+def _transform(
+    encoded: Sequence[object],
+    *,
+    ingested_at: int,
+    unmetered_http_methods: frozenset[str],
+    tenants_by_api_key: Mapping[str, str] | None,
+    base64: bool,
+) -> list[Any]:
+    """Both transforms' work: Ok outcomes as base64 strings (``base64``) or as the documents' JSON bytes."""
     decoded = _decode_payloads(_decode_base64(encoded))
     all_valid = Rejection not in set(map(type, decoded))
     events = decoded if all_valid else [event for event in decoded if type(event) is not Rejection]
@@ -238,7 +278,7 @@ def transform_records(
     # base64-encodes a list of bytes in one C call.
     documents = _SENTINEL_VALUE.sub(_NULLED, _ENCODER.encode_lines(events)).split(b"\n")
     documents.pop()
-    outcomes: list[Any] = msgspec.to_builtins(documents)
+    outcomes: list[Any] = msgspec.to_builtins(documents) if base64 else documents
     if not all_valid:
         remaining = iter(outcomes)
         outcomes = [event if type(event) is Rejection else next(remaining) for event in decoded]

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -103,6 +104,38 @@ def test_the_encoded_answer_is_the_answers_json_and_no_larger_than_the_runtimes(
     assert isinstance(sent, bytes)
     assert json.loads(sent) == answer
     assert len(sent) <= len(json.dumps(answer, ensure_ascii=False).encode())
+
+
+@pytest.mark.parametrize(
+    "settings_",
+    [SETTINGS, TransformSettings(database="metering", table="metering_events", operation="update")],
+)
+def test_the_encoded_handler_sends_exactly_the_bytes_of_the_answers_encoding(
+    settings_: TransformSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The AWS entry point's handler renders its answer from structs and raw documents (faster), which must give the
+    very bytes encode_answer gives for make_handler's answer: every kind of record, in order, non-ASCII and quotes."""
+    monkeypatch.setattr(time, "time_ns", lambda: 1_764_000_000_123_456_789)  # one ingested_at for both answers
+    payloads = [
+        line(0, user_agent='curl/8 \u00e9\u2603 "q"'),
+        line(1, http_method="OPTIONS"),
+        b"{",
+        line(3, tenant_id=None),
+        b"\xff\xfe",
+        line(5),
+    ]
+    event = firehose_event(payloads)
+    answer = make_handler(settings_, emit_metrics=False)(event, None)
+    sent = handler_module.make_encoded_handler(settings_, emit_metrics=False)(event, None)
+    assert sent == encode_answer(answer)
+    assert [record["result"] for record in json.loads(sent)["records"]] == [
+        "Ok",
+        "Dropped",
+        "ProcessingFailed",
+        "Ok",
+        "ProcessingFailed",
+        "Ok",
+    ]
 
 
 def test_operation_setting_reaches_the_metadata() -> None:
