@@ -10,7 +10,7 @@ import functools
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -170,12 +170,13 @@ class MeteringTransformationResponse(KinesisFirehoseDataTransformationResponse):
 
     Args:
         batch: the event's records, in order (each with ``recordId`` and ``data``).
-        outcomes: per record of the batch, its outcome from ``transform_records``.
+        outcomes: per record of the batch, its outcome from ``transform_records`` (an Ok document in base64) or
+            ``transform_documents`` (an Ok document as its JSON bytes); both render the same.
         routing: the metadata of Ok records.
     """
 
     batch: list[dict[str, Any]] = field(default_factory=list)
-    outcomes: list[Outcome] | list[DocumentOutcome] = field(default_factory=list)
+    outcomes: Sequence[Outcome] | Sequence[DocumentOutcome] = field(default_factory=list)
     routing: IcebergRoutingMetadata | None = None
 
     def asdict(self) -> dict[str, Any]:
@@ -184,6 +185,8 @@ class MeteringTransformationResponse(KinesisFirehoseDataTransformationResponse):
         rendered = [
             {"recordId": record["recordId"], "result": "Ok", "data": outcome, "metadata": metadata}
             if type(outcome) is str
+            else {"recordId": record["recordId"], "result": "Ok", "data": _base64(outcome), "metadata": metadata}
+            if type(outcome) is bytes
             else {
                 "recordId": record["recordId"],
                 "result": "ProcessingFailed" if type(outcome) is Rejection else "Dropped",
@@ -207,6 +210,12 @@ class MeteringTransformationResponse(KinesisFirehoseDataTransformationResponse):
             for record, outcome in zip(self.batch, self.outcomes, strict=True)
         ]
         return _ANSWER_ENCODER.encode({"records": rendered + [record.asdict() for record in self.records]})
+
+
+def _base64(document: bytes) -> str:
+    """An Ok document's JSON bytes as the base64 text Firehose's ``data`` holds (as msgspec writes bytes)."""
+    text: str = msgspec.to_builtins(document)
+    return text
 
 
 class _OkRecord(msgspec.Struct, gc=False, rename="camel"):

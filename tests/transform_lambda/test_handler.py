@@ -128,6 +128,12 @@ def test_the_encoded_handler_sends_exactly_the_bytes_of_the_answers_encoding(
     answer = make_handler(settings_, emit_metrics=False)(event, None)
     sent = handler_module.make_encoded_handler(settings_, emit_metrics=False)(event, None)
     assert sent == encode_answer(answer)
+    # Without any rejection (the outcomes list is the documents' own) and with API-key tenants.
+    keyed = TransformSettings(database="metering", table="metering_events", tenants_by_api_key={"key-1": "acme"})
+    clean = firehose_event([line(0, tenant_id="key-1"), line(1, http_method="OPTIONS"), line(2, tenant_id="key-2")])
+    assert handler_module.make_encoded_handler(keyed, emit_metrics=False)(clean, None) == encode_answer(
+        make_handler(keyed, emit_metrics=False)(clean, None)
+    )
     assert [record["result"] for record in json.loads(sent)["records"]] == [
         "Ok",
         "Dropped",
@@ -136,6 +142,22 @@ def test_the_encoded_handler_sends_exactly_the_bytes_of_the_answers_encoding(
         "ProcessingFailed",
         "Ok",
     ]
+
+
+def test_a_response_of_documents_renders_as_one_of_base64_text() -> None:
+    """A response holding Ok documents as bytes (transform_documents) renders, as a dict too, the Ok records a
+    response of their base64 text does, and its bytes are that dict's encoding."""
+    batch = [{"recordId": "a", "data": "eA=="}, {"recordId": "b", "data": "eQ=="}]
+    routing = IcebergRoutingMetadata(destination_database_name="metering", destination_table_name="metering_events")
+    documents = handler_module.MeteringTransformationResponse(
+        batch=batch, outcomes=[b"{}", b'{"k":1}'], routing=routing
+    )
+    texts = handler_module.MeteringTransformationResponse(
+        batch=batch, outcomes=[base64.b64encode(b"{}").decode(), base64.b64encode(b'{"k":1}').decode()], routing=routing
+    )
+    assert documents.asdict() == texts.asdict()
+    assert [record["result"] for record in documents.asdict()["records"]] == ["Ok", "Ok"]
+    assert documents.encode() == texts.encode() == encode_answer(texts.asdict())
 
 
 def test_operation_setting_reaches_the_metadata() -> None:
