@@ -32,7 +32,6 @@ from transform_lambda.normalize import (
     Rejection,
     Unmetered,
     transform_documents,
-    transform_records,
 )
 
 METRICS_NAMESPACE: Final = "meterlake"
@@ -236,7 +235,8 @@ class _OtherRecord(msgspec.Struct, gc=False, rename="camel"):
 
 
 def make_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> Handler:
-    """Build the transform handler for these settings: the code path of AWS and of the local delivery stream.
+    """Build the transform handler for these settings, answering Powertools' document (a dict); AWS and the local
+    delivery stream run the same work answering its JSON bytes (``make_encoded_handler``).
 
     Args:
         settings: where Ok records go and what is not metered.
@@ -244,7 +244,7 @@ def make_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> H
             flush as a JSON blob on stdout, and even with POWERTOOLS_METRICS_DISABLED it still prints once 100
             values of a metric accumulate, so the local handler records no metrics at all.
     """
-    respond = _responder(settings, emit_metrics=emit_metrics, documents=False)
+    respond = _responder(settings, emit_metrics=emit_metrics)
 
     def transform(event: dict[str, Any], context: Any) -> dict[str, Any]:
         return respond(event).asdict()
@@ -253,23 +253,22 @@ def make_handler(settings: TransformSettings, *, emit_metrics: bool = True) -> H
 
 
 def _responder(
-    settings: TransformSettings, *, emit_metrics: bool, documents: bool
+    settings: TransformSettings, *, emit_metrics: bool
 ) -> Callable[[dict[str, Any]], MeteringTransformationResponse]:
-    """The handlers' work: an event in, its response out (not yet rendered), its metrics published. With
-    ``documents`` the Ok outcomes are the documents' JSON bytes (for :meth:`MeteringTransformationResponse.encode`)."""
+    """Both handlers' work: an event in, its response out (not yet rendered; Ok outcomes as the documents' JSON bytes,
+    see ``transform_documents``), its metrics published."""
     routing = IcebergRoutingMetadata(
         destination_database_name=settings.database,
         destination_table_name=settings.table,
         operation=settings.operation,
     )
     metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE) if emit_metrics else None
-    transform_batch = transform_documents if documents else transform_records
 
     def respond(event: dict[str, Any]) -> MeteringTransformationResponse:
         firehose = KinesisFirehoseEvent(event)
         # The raw record dicts: a Powertools wrapper per record would cost ~1 µs, 10 ms per full batch.
         records: list[dict[str, Any]] = firehose["records"]
-        outcomes = transform_batch(
+        outcomes = transform_documents(
             [record["data"] for record in records],
             ingested_at=time.time_ns() // 1000,
             unmetered_http_methods=settings.unmetered_http_methods,
@@ -318,7 +317,7 @@ def make_encoded_handler(settings: TransformSettings, *, emit_metrics: bool = Tr
     """``make_handler``'s handler answering JSON bytes (the same bytes as ``encode_answer`` of its answer, rendered
     faster: :meth:`MeteringTransformationResponse.encode`): what the Lambda returns on AWS, and what the local
     delivery stream invokes, measures against Lambda's response limit and parses as Firehose does."""
-    respond = _responder(settings, emit_metrics=emit_metrics, documents=True)
+    respond = _responder(settings, emit_metrics=emit_metrics)
 
     def transform(event: dict[str, Any], context: Any) -> bytes:
         return respond(event).encode()

@@ -156,6 +156,7 @@ class UnsupportedTableStateError(QueryError):
 
     def __init__(self, location: str, problem: str) -> None:
         self.location = location
+        self.problem = problem
         super().__init__(f"{location}: {problem}")
 
 
@@ -416,7 +417,7 @@ def run_local_query(
     table = _current_table(data_dir, config)
     row_filter = scan_filter(query.sql, bound) if prune else AlwaysTrue()
     tasks = plan_data_files(table, row_filter)
-    files = _current_data_files(tasks)
+    files = local_data_files(tasks)
     statement = _local_statement(query.sql, _SchemaKey(table.schema()), frozenset(bound), files=bool(files))
     values: dict[str, object] = {name: bound[name] for name in statement.used if name != _FILES_PARAM}
     con = sandboxed_cursor(files)
@@ -1123,8 +1124,12 @@ DELETE_FILES_REFUSAL: Final = (
 )
 
 
-def _current_data_files(tasks: Iterable[FileScanTask]) -> list[str]:
-    """Local paths of the snapshot's data files; refuses delete files, which read_parquet would ignore."""
+def local_data_files(tasks: Iterable[FileScanTask]) -> list[str]:
+    """Local paths of the planned data files, for read_parquet.
+
+    Raises:
+        UnsupportedTableStateError: a file has delete files (which read_parquet would ignore) or is not local.
+    """
     paths: list[str] = []
     for task in tasks:
         if task.delete_files:

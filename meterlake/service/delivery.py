@@ -555,6 +555,10 @@ def _open(start: _Start) -> _Parts:
     closers: list[Callable[[], object]] = []
     forwarding: ForwardingWorker | None = None
     config, data_dir = start.config, start.data_dir
+
+    def load_table() -> Table:
+        return ensure_meter_events_table(open_catalog(data_dir), config)
+
     try:
         # The outbox is the table's incremental reader whether or not this process forwards: maintenance keeps what
         # it has not staged.
@@ -565,7 +569,7 @@ def _open(start: _Start) -> _Parts:
             closers.append(forwarder.close)
             forwarding = ForwardingWorker(
                 outbox,
-                load_table=lambda: ensure_meter_events_table(open_catalog(data_dir), config),
+                load_table=load_table,
                 forwarder=forwarder,
                 api_key=start.amberflo_api_key,
             )
@@ -576,7 +580,7 @@ def _open(start: _Start) -> _Parts:
         stream.start()
         maintenance = MaintenanceWorker(
             data_dir,
-            load_table=lambda: ensure_meter_events_table(open_catalog(data_dir), config),
+            load_table=load_table,
             retention=Retention.from_config(config),
             readers=lambda: [outbox.status().checkpoint_snapshot_id],
             interval_s=start.maintenance_interval_s,

@@ -44,7 +44,6 @@ from meterlake.config import Config
 from meterlake.lake.catalog import ensure_meter_events_table, ensure_metering_table, open_catalog
 from meterlake.lake.home import DataDir
 from meterlake.lake.query import (
-    DELETE_FILES_REFUSAL,
     SOURCE_DIALECT,
     SQL_DIR,
     TABLE_PLACEHOLDER,
@@ -52,6 +51,7 @@ from meterlake.lake.query import (
     UnsupportedTableStateError,
     bind_params,
     load_query,
+    local_data_files,
     naive_utc_relation,
     plan_data_files,
     prepare,
@@ -288,19 +288,13 @@ def _data_files(table: Table, row_filter: BooleanExpression) -> list[str]:
     the query runner plans them (:func:`plan_data_files`: without pyiceberg's per-file residuals).
 
     Raises:
-        RequestError: (500) the snapshot has delete files, which reading the files directly would ignore.
+        RequestError: (500) the snapshot has delete files, which reading the files directly would ignore, or files
+            that are not local.
     """
-    refusal = DELETE_FILES_REFUSAL
     try:
-        tasks = plan_data_files(table, row_filter)
-    except UnsupportedTableStateError:  # equality deletes
-        raise RequestError(refusal, status=500) from None
-    paths = []
-    for task in tasks:
-        if task.delete_files:
-            raise RequestError(refusal, status=500)
-        paths.append(task.file.file_path.removeprefix("file://"))
-    return paths
+        return local_data_files(plan_data_files(table, row_filter))
+    except UnsupportedTableStateError as exc:  # the problem, not the local path, goes in the answer
+        raise RequestError(exc.problem, status=500) from None
 
 
 def _assemble(rows: Sequence[Sequence[Any]], width: int, aggregation: Aggregation) -> list[GroupUsage]:

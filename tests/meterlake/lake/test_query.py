@@ -42,12 +42,12 @@ from meterlake.lake.query import (
     QueryResult,
     UnknownQueryError,
     UnsupportedTableStateError,
-    _current_data_files,
     athena_table,
     bind_params,
     format_result,
     list_queries,
     load_query,
+    local_data_files,
     parse_param_args,
     prepare,
     printable,
@@ -400,10 +400,10 @@ def test_delete_files_are_refused() -> None:
         file=SimpleNamespace(file_path="file:///w/data.parquet"),
     )
     with pytest.raises(UnsupportedTableStateError, match=r"/w/deletes\.parquet: the table has delete files"):
-        _current_data_files([cast("FileScanTask", task)])
+        local_data_files([cast("FileScanTask", task)])
     remote = SimpleNamespace(delete_files=[], file=SimpleNamespace(file_path="s3://bucket/data.parquet"))
     with pytest.raises(UnsupportedTableStateError, match="not a local file"):
-        _current_data_files([cast("FileScanTask", remote)])
+        local_data_files([cast("FileScanTask", remote)])
 
 
 def test_parse_param_args() -> None:
@@ -584,7 +584,7 @@ def test_a_query_cannot_write_files(tmp_path: Path, data_dir: DataDir, sql: str)
 def test_the_sandbox_is_refused_by_duckdb_itself_and_locked(tmp_path: Path, data_dir: DataDir) -> None:
     """Past the statement check, DuckDB refuses a write and any change of its settings (belt and braces)."""
     target = tmp_path / "copied.csv"
-    files = _current_data_files(ensure_metering_table(open_catalog(data_dir), CONFIG).scan().plan_files())
+    files = local_data_files(ensure_metering_table(open_catalog(data_dir), CONFIG).scan().plan_files())
     con = sandboxed_duckdb(files)
     try:
         assert con.sql(f"SELECT count(*) FROM read_parquet({files!r})").fetchall() == [(len(EVENTS),)]
