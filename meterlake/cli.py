@@ -757,6 +757,8 @@ def compact(ctx: typer.Context) -> None:
     What `meterlake up` also does on a schedule, and Glue's optimizers on AWS: for the access-log table, then for the
     metering service's meter-events table. Snapshots a forwarding outbox has not staged yet are kept.
     """
+    import logging
+
     from meterlake.amberflo.outbox import Outbox
     from meterlake.lake.catalog import ensure_metering_table, open_catalog
     from meterlake.lake.compact import Retention, maintain
@@ -765,6 +767,8 @@ def compact(ctx: typer.Context) -> None:
 
     c = _context(ctx)
     config, data_dir = c.config(), c.writable_data_dir()
+    # What maintenance logs for a schedule's log (a day it left as it is), this command prints in its report.
+    logging.getLogger("meterlake.lake.compact").setLevel(logging.ERROR)
     catalog = open_catalog(data_dir)
     retention = Retention.from_config(config)
     table = ensure_metering_table(catalog, config)
@@ -789,8 +793,16 @@ def compact(ctx: typer.Context) -> None:
 def _say_maintained(prefix: str, report: MaintenanceReport) -> None:
     """What one table's maintenance did, in two lines starting with ``prefix``."""
     done, expiry = report.compaction, report.expiry
+    for day in done.unreadable:
+        err_console.print(
+            # Already printable (compact escapes the error's control characters): only rich's markup is escaped.
+            f"warning: {prefix}day {escape(day)}; the day was not compacted: restore the file from a copy",
+            highlight=False,
+            soft_wrap=True,
+        )
     if done.snapshot_id is None:
-        console.print(f"{prefix}nothing to compact: no closed day holds two small files", highlight=False)
+        nothing = "nothing compacted" if done.unreadable else "nothing to compact: no closed day holds two small files"
+        console.print(f"{prefix}{nothing}", highlight=False)
     else:
         console.print(
             f"{prefix}compacted {done.partitions} day(s): {done.files_replaced} files -> {done.files_written}, "

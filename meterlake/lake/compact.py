@@ -60,6 +60,7 @@ from pyiceberg.utils.properties import property_as_bool, property_as_int
 
 from meterlake.config import Config
 from meterlake.lake.home import DataDir
+from meterlake.lake.query import printable
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,8 @@ class CompactionReport:
     rows: int = 0
     #: The replace snapshot, or None when nothing needed compacting.
     snapshot_id: int | None = None
+    #: Closed days left as they are because a file of theirs cannot be read: "<day>: <file> cannot be read (<why>)".
+    unreadable: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +278,7 @@ def compact(
 
     replaced: list[DataFile] = []
     written: list[DataFile] = []
+    unreadable: list[str] = []
     rows = 0
     write_uuid, counter = uuid.uuid4(), itertools.count()
     scan = ArrowScan(table.metadata, table.io, table.schema(), AlwaysTrue())
@@ -292,7 +296,13 @@ def compact(
             if cancelled():
                 raise MaintenanceCancelledError("compaction stopped; nothing was committed")
             files = rewrite[day]
-            events = scan.to_table(tasks=[FileScanTask(data_file) for data_file in files])
+            try:
+                events = scan.to_table(tasks=[FileScanTask(data_file) for data_file in files])
+            except (OSError, pa.ArrowException) as exc:
+                # A damaged file must not stop every other day's compaction, run after run: this day waits.
+                unreadable.append(f"{_day_text(day)}: {_unreadable_file(scan, files, exc)}")
+                logger.warning("compaction left a day as it is, day %s", unreadable[-1])
+                continue
             expected = sum(f.record_count for f in files)
             if events.num_rows != expected:
                 raise CompactionMismatchError(f"day {_day_text(day)}: read {events.num_rows} rows of {expected}")
@@ -322,6 +332,8 @@ def compact(
             rows += expected
         if cancelled():
             raise MaintenanceCancelledError("compaction stopped; nothing was committed")
+        if not replaced:
+            return CompactionReport(unreadable=tuple(unreadable))
         with table.transaction() as transaction:
             swap = _ReplaceFiles(operation=Operation.OVERWRITE, transaction=transaction, io=table.io)
             for data_file in replaced:
@@ -338,13 +350,14 @@ def compact(
         raise
     snapshot = table.current_snapshot()
     report = CompactionReport(
-        partitions=len(days),
+        partitions=len(days) - len(unreadable),
         files_replaced=len(replaced),
         files_written=len(written),
         bytes_replaced=sum(f.file_size_in_bytes for f in replaced),
         bytes_written=sum(f.file_size_in_bytes for f in written),
         rows=rows,
         snapshot_id=None if snapshot is None else snapshot.snapshot_id,
+        unreadable=tuple(unreadable),
     )
     logger.info(
         "compacted %d day(s): %d files -> %d, %d rows (replace snapshot %s)",
@@ -505,6 +518,21 @@ class _ReplaceFiles(_OverwriteFiles):
         table = self._transaction._table
         _validate_data_files_exist(table, window.head, self._deleted_data_files, window.base)
         _validate_no_new_deletes_for_data_files(table, window.head, None, self._deleted_data_files, window.base)
+
+
+def _unreadable_file(scan: ArrowScan, files: Sequence[DataFile], error: Exception) -> str:
+    """Which of ``files`` cannot be read, and why (each read alone; the error of reading them together names none)."""
+    for data_file in files:
+        try:
+            scan.to_table(tasks=[FileScanTask(data_file)])
+        except (OSError, pa.ArrowException) as exc:
+            return f"{_local_path(data_file.file_path)} cannot be read ({_one_line(exc)})"
+    return f"its files cannot be read together ({_one_line(error)})"
+
+
+def _one_line(error: Exception) -> str:
+    """An error's message on one line of printable text, cut to 300 characters (a damaged page can be quoted)."""
+    return printable(" ".join(str(error).split())[:300], escape_backslash=False)
 
 
 def _worth_rewriting(files: Sequence[DataFile]) -> list[DataFile]:

@@ -37,6 +37,28 @@ def test_compact_rewrites_closed_days_and_says_what_it_did(tmp_path: Path) -> No
     assert "nothing to compact" in again.stdout
 
 
+def test_a_damaged_data_file_is_one_warning_and_the_other_table_is_still_maintained(tmp_path: Path) -> None:
+    table = metering_table(tmp_path / "home")
+    for flush in range(3):
+        commit_events(table, make_events(flush * 20, 20), offset=flush + 1)
+    events = meter_events_table(tmp_path / "home")
+    for flush in range(2):
+        events.append(make_meter_events(f"e{flush}-", 10))
+    damaged = Path(next(iter(table.scan().plan_files())).file.file_path.removeprefix("file://"))
+    data = bytearray(damaged.read_bytes())
+    data[200:260] = bytes(byte ^ 0xFF for byte in data[200:260])
+    damaged.write_bytes(bytes(data))
+
+    result = meterlake("compact", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1, result.stderr
+    assert f"day 2025-11-24: {damaged} cannot be read" in warnings[0]
+    assert "nothing compacted" in result.stdout
+    assert "meter events: compacted 1 day(s): 2 files -> 1, 20 rows unchanged" in result.stdout
+
+
 def test_compact_maintains_the_meter_events_table_too(tmp_path: Path) -> None:
     metering_table(tmp_path / "home")
     events = meter_events_table(tmp_path / "home")  # make_meter_events' times: 2025-11-24, long closed

@@ -379,6 +379,30 @@ def test_late_rows_merge_with_each_other_and_never_rewrite_the_compacted_day(dat
     assert len(_rows(table)) == (4 * FLUSHES_PER_DAY + 3) * EVENTS_PER_FLUSH
 
 
+def _damage(path: str) -> None:
+    """Flip a run of bytes in the middle of a data file (its pages, past the magic and before the footer)."""
+    local = Path(path.removeprefix("file://"))
+    data = bytearray(local.read_bytes())
+    for i in range(200, 260):
+        data[i] ^= 0xFF
+    local.write_bytes(bytes(data))
+
+
+def test_a_damaged_file_leaves_its_day_as_it_is_and_every_other_day_is_compacted(data_dir: DataDir) -> None:
+    table = _table(data_dir)
+    first_day = sorted(path for path in _live_files(table) if "2025-11-24" in path)
+    _damage(first_day[2])
+
+    report = compact(table, now=NOW)
+
+    assert (report.partitions, report.files_replaced, report.files_written) == (2, 12, 2)
+    (unreadable,) = report.unreadable
+    assert unreadable.startswith("2025-11-24: ")
+    assert first_day[2].removeprefix("file://") in unreadable
+    assert "cannot be read" in unreadable
+    assert sorted(path for path in _live_files(table) if "2025-11-24" in path) == first_day
+
+
 def test_a_cancelled_compaction_commits_nothing_and_leaves_no_files(data_dir: DataDir) -> None:
     """A stopping process asks its run to stop: between days (here after the first) it deletes what it wrote."""
     table = _table(data_dir)
