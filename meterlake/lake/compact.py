@@ -310,13 +310,14 @@ def compact(
             read_fingerprint = _fingerprint(events)
             sorted_events = events.sort_by([(sort_column, "ascending")])
             del events
-            new_files = list(
-                _dataframe_to_data_files(
-                    table_metadata=writing, df=sorted_events, io=table.io, write_uuid=write_uuid, counter=counter
-                )
-            )
+            new_files: list[DataFile] = []
+            for data_file in _dataframe_to_data_files(
+                table_metadata=writing, df=sorted_events, io=table.io, write_uuid=write_uuid, counter=counter
+            ):
+                # Kept as each lands, so a failure writing the next (a full disk) still deletes this one.
+                written.append(data_file)
+                new_files.append(data_file)
             del sorted_events
-            written.extend(new_files)
             # What landed on disk, read back a file at a time (one file's rows in memory, not the day's twice).
             written_fingerprint = (0, 0)
             for data_file in new_files:

@@ -6,6 +6,8 @@ snapshot properties), over three UTC days plus today, so two closed days get com
 
 from __future__ import annotations
 
+import errno
+import itertools
 import sys
 import time
 from collections import Counter
@@ -401,6 +403,29 @@ def test_a_damaged_file_leaves_its_day_as_it_is_and_every_other_day_is_compacted
     assert first_day[2].removeprefix("file://") in unreadable
     assert "cannot be read" in unreadable
     assert sorted(path for path in _live_files(table) if "2025-11-24" in path) == first_day
+
+
+def test_a_full_disk_while_writing_commits_nothing_and_leaves_no_written_file(
+    data_dir: DataDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills after the first file of a rewrite landed: the error reaches the caller, nothing is committed,
+    and the file that did land is deleted (not left for the orphan sweep days later)."""
+    table = _table(data_dir)
+    files, snapshots = set(_live_files(table)), len(table.snapshots())
+    data = Path(table.location().removeprefix("file://"), "data")
+    on_disk = set(data.rglob("*.parquet"))
+
+    def disk_full_after_one(**kwargs: Any) -> Iterator[DataFile]:
+        yield from itertools.islice(write_data_files(**kwargs), 1)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(compact_module, "_dataframe_to_data_files", disk_full_after_one)
+    with pytest.raises(OSError, match="No space left"):
+        compact(table, now=NOW)
+    table.refresh()
+    assert set(_live_files(table)) == files
+    assert len(table.snapshots()) == snapshots
+    assert set(data.rglob("*.parquet")) == on_disk
 
 
 def test_a_cancelled_compaction_commits_nothing_and_leaves_no_files(data_dir: DataDir) -> None:
